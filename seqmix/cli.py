@@ -1,0 +1,124 @@
+"""`seqmix train | data prepare | generate | eval`: the command line.
+
+Configuration and data errors are reported as one line naming the key or file, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from seqmix.configuration import ConfigError
+
+
+def _run_dir(path: str) -> Path:
+    """A run directory from a path to it or to its `checkpoints/` folder."""
+    run_dir = Path(path)
+    if run_dir.name == "checkpoints":
+        run_dir = run_dir.parent
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{path}: not a seqmix run directory (no config.yaml; expected the out_dir of `seqmix train`)")
+    return run_dir
+
+
+def _load_trained(path: str, overrides: list[str]):
+    from seqmix.train.config import load_train_config
+    from seqmix.train.trainer import Trainer
+
+    run_dir = _run_dir(path)
+    config = load_train_config(run_dir / "config.yaml", [f"out_dir={run_dir}", "mesh.data=-1", *overrides])
+    trainer = Trainer(config)
+    trainer.restore_latest()
+    return trainer
+
+
+def cmd_train(args) -> int:
+    from seqmix.train.config import load_train_config
+    from seqmix.train.trainer import train
+
+    config = load_train_config(args.config, args.overrides)
+    result = train(config, resume=args.resume)
+    print(f"\ntrained {result.step} steps -> {result.out_dir}")
+    if result.eval_loss is not None:
+        print(f"held-out loss {result.eval_loss:.4f} nats/token (unigram baseline {result.unigram_loss:.4f})")
+    if result.sample is not None:
+        print(f"\n--- sample ---\n{result.sample}\n--------------")
+    return 130 if result.interrupted else 0
+
+
+def cmd_data_prepare(args) -> int:
+    from seqmix.train.data import prepare_shakespeare
+
+    directory = prepare_shakespeare(args.cache_dir)
+    print(f"prepared {args.corpus} in {directory}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import jax
+
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ConfigError(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
+    trainer = _load_trained(args.checkpoint, [])
+    if args.seed is not None:
+        trainer.rng = jax.random.key(args.seed)
+    print(trainer.sample(args.prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    trainer = _load_trained(args.checkpoint, [f"eval_batches={args.batches}"] if args.batches else [])
+    result = trainer.evaluate()
+    if result is None:
+        raise ConfigError("data.eval_files: the run has no held-out documents to evaluate on")
+    print(f"step {trainer.step}: held-out loss {result['eval_loss']:.4f} nats/token, "
+          f"perplexity {result['eval_ppl']:.3f} over {int(result['eval_tokens'])} tokens")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seqmix", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model from a run config")
+    train.add_argument("config", help="run YAML, e.g. configs/runs/shakespeare.yaml")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 model.n_layers=4")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    train.set_defaults(func=cmd_train)
+
+    data = commands.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)
+    prepare = data.add_parser("prepare", help="download and prepare an embedded corpus")
+    prepare.add_argument("corpus", choices=["shakespeare"])
+    prepare.add_argument("--cache-dir", default=".cache/seqmix")
+    prepare.set_defaults(func=cmd_data_prepare)
+
+    gen = commands.add_parser("generate", help="continue a prompt with a trained model")
+    gen.add_argument("checkpoint", help="run directory (out_dir) or its checkpoints/ folder")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.set_defaults(func=cmd_generate)
+
+    ev = commands.add_parser("eval", help="held-out loss and perplexity of a trained model")
+    ev.add_argument("checkpoint", help="run directory (out_dir) or its checkpoints/ folder")
+    ev.add_argument("--batches", type=int, default=None, help="held-out batches (default: the run's eval_batches)")
+    ev.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from seqmix.train.data import DataError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError) as err:
+        print(f"seqmix: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

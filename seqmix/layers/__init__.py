@@ -1,0 +1,1 @@
+"""Building blocks shared by mixers and models: norms, MLPs, rotary embeddings."""

@@ -1,0 +1,23 @@
+"""Normalisation layers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm with a learned scale (`weight`, as in Llama), statistics in float32.
+
+    x [..., D] any float dtype -> same shape and dtype.
+    """
+
+    def __init__(self, dim: int, *, eps: float = 1e-6):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=("norm",), eager_sharding=False)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (normed * self.weight[...]).astype(x.dtype)

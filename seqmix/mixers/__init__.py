@@ -1,0 +1,6 @@
+"""Sequence mixers: one module per family, each registered by name (see `registry`)."""
+
+from seqmix.mixers.registry import MixerSpec, get_mixer, register_mixer, registered_mixers
+from seqmix.mixers import attention  # noqa: F401  (registers "attention")
+
+__all__ = ["MixerSpec", "get_mixer", "register_mixer", "registered_mixers"]

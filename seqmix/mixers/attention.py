@@ -1,0 +1,122 @@
+"""Causal softmax attention: multi-head or grouped-query, global or sliding-window, with RoPE.
+
+Masks come from array indices and `segment_ids`: a query attends to keys of its own segment
+(never across a packing boundary, never to padding) at or before it, and with a window W to the
+W most recent of those (itself included). Decoding appends to a KV cache of fixed capacity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from seqmix.configuration import require
+from seqmix.layers.linear import projection
+from seqmix.layers.rotary import apply_rotary
+from seqmix.mixers.registry import register_mixer
+
+
+@dataclasses.dataclass
+class AttentionConfig:
+    sliding_window: int | None = None  # None: global attention; W: each query sees W tokens
+
+    def validate(self, path: str) -> None:
+        require(self.sliding_window is None or self.sliding_window > 0, path, "sliding_window",
+                f"must be positive, got {self.sliding_window}")
+
+
+@struct.dataclass
+class KVCache:
+    """Keys/values of the tokens seen so far. k, v [B, S, H_kv, D]; lengths [B] int32 (filled slots)."""
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+
+
+def attention_mask(q_index, k_index, *, q_segment=None, k_segment=None, window=None):
+    """Boolean [B, Tq, Tk] mask from absolute indices q_index [B, Tq], k_index [B, Tk] (int32).
+
+    Segments [B, T] (0 = padding) restrict keys to the query's own non-padding segment.
+    """
+    q_idx, k_idx = q_index[:, :, None], k_index[:, None, :]
+    mask = k_idx <= q_idx
+    if window is not None:
+        mask &= q_idx - k_idx < window
+    if q_segment is not None:
+        mask &= (q_segment[:, :, None] == k_segment[:, None, :]) & (k_segment[:, None, :] != 0)
+    return mask
+
+
+def softmax_attention(q, k, v, mask, scale):
+    """q [B, Tq, H, D], k/v [B, Tk, H_kv, D], mask [B, Tq, Tk] -> [B, Tq, H, D] in q's dtype.
+
+    Grouped-query heads share a key/value head (query head h uses kv head h // (H / H_kv)).
+    Logits and softmax are float32; a query with no visible key (padding) gets uniform weights
+    from the finite mask value instead of NaN from an all -inf row.
+    """
+    batch, q_len, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, dim)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", weights, v, preferred_element_type=jnp.float32)
+    return out.reshape(batch, q_len, heads, dim).astype(q.dtype)
+
+
+@register_mixer("attention", AttentionConfig)
+class Attention(nnx.Module):
+    """Llama-style self-attention (q_proj, k_proj, v_proj, o_proj), x [B, T, D] -> [B, T, D]."""
+
+    def __init__(self, model_config, config: AttentionConfig, *, rngs: nnx.Rngs):
+        d_model, heads, kv_heads = model_config.d_model, model_config.n_heads, model_config.kv_heads
+        self.head_dim = model_config.dim_per_head
+        self.rope_theta = model_config.rope_theta
+        self.window = config.sliding_window
+        std, out_std = model_config.init_std, model_config.init_std / (2 * model_config.n_layers) ** 0.5
+        self.q_proj = projection(d_model, heads * self.head_dim, ("embed", "heads"), std=std, rngs=rngs)
+        self.k_proj = projection(d_model, kv_heads * self.head_dim, ("embed", "kv_heads"), std=std, rngs=rngs)
+        self.v_proj = projection(d_model, kv_heads * self.head_dim, ("embed", "kv_heads"), std=std, rngs=rngs)
+        self.o_proj = projection(heads * self.head_dim, d_model, ("heads", "embed"), std=out_std, rngs=rngs)
+
+    def _heads(self, x):
+        return x.reshape(*x.shape[:2], -1, self.head_dim)
+
+    def __call__(self, x, *, segment_ids=None, positions=None, cache: KVCache | None = None):
+        """x [B, T, D]; segment_ids, positions [B, T] int32. Returns (y [B, T, D], cache).
+
+        Without a cache, attends within x (training, scoring). With a cache, the T new tokens
+        are appended after each row's `lengths` and attend to everything cached so far.
+        """
+        batch, length, _ = x.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        q = apply_rotary(self._heads(self.q_proj(x)), positions, self.rope_theta)
+        k = apply_rotary(self._heads(self.k_proj(x)), positions, self.rope_theta)
+        v = self._heads(self.v_proj(x))
+        scale = self.head_dim ** -0.5
+        if cache is None:
+            index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+            mask = attention_mask(index, index, q_segment=segment_ids, k_segment=segment_ids, window=self.window)
+            out = softmax_attention(q, k, v, mask, scale)
+        else:
+            write = jax.vmap(lambda buf, new, start: jax.lax.dynamic_update_slice_in_dim(buf, new, start, axis=0))
+            cache = KVCache(
+                k=write(cache.k, k.astype(cache.k.dtype), cache.lengths),
+                v=write(cache.v, v.astype(cache.v.dtype), cache.lengths),
+                lengths=cache.lengths + length,
+            )
+            q_index = cache.lengths[:, None] - length + jnp.arange(length, dtype=jnp.int32)
+            k_index = jnp.broadcast_to(jnp.arange(cache.k.shape[1], dtype=jnp.int32), (batch, cache.k.shape[1]))
+            mask = attention_mask(q_index, k_index, window=self.window)
+            out = softmax_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask, scale)
+        return self.o_proj(out.reshape(batch, length, -1)), cache
+
+    def init_cache(self, batch: int, max_len: int, dtype) -> KVCache:
+        """An empty cache for `max_len` tokens per row."""
+        shape = (batch, max_len, self.k_proj.out_features // self.head_dim, self.head_dim)
+        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))

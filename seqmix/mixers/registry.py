@@ -1,0 +1,47 @@
+"""Registry of sequence mixers by name, so a model's layer pattern can name them.
+
+A mixer is an `nnx.Module` constructed as `Mixer(model_config, mixer_config, rngs=...)` with
+`__call__(x, *, segment_ids=None, positions=None, cache=None) -> (y, cache)` and
+`init_cache(batch, max_len, dtype)`. Its options live in a dataclass (`config_cls`) whose fields
+a model config may set per layer kind (`model.mixers.<kind>.<field>`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from seqmix.configuration import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerSpec:
+    name: str
+    module_cls: type
+    config_cls: type
+
+
+_MIXERS: dict[str, MixerSpec] = {}
+
+
+def register_mixer(name: str, config_cls: type) -> Callable[[type], type]:
+    """Class decorator registering an `nnx.Module` mixer under `name` with its config dataclass."""
+
+    def decorator(module_cls: type) -> type:
+        if name in _MIXERS and _MIXERS[name].module_cls is not module_cls:
+            raise ValueError(f"a mixer named {name!r} is already registered ({_MIXERS[name].module_cls})")
+        _MIXERS[name] = MixerSpec(name, module_cls, config_cls)
+        return module_cls
+
+    return decorator
+
+
+def get_mixer(name: str, path: str = "mixer") -> MixerSpec:
+    if name not in _MIXERS:
+        raise ConfigError(f"{path}: unknown mixer {name!r} (registered: {', '.join(sorted(_MIXERS))})")
+    return _MIXERS[name]
+
+
+def registered_mixers() -> list[str]:
+    return sorted(_MIXERS)
+

@@ -1,0 +1,1 @@
+"""Language-model assembly from mixers, generation and checkpoint import/export."""

@@ -1,0 +1,79 @@
+"""Architecture config of a language model: sizes plus a per-layer pattern of mixers."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from seqmix.configuration import build, require
+from seqmix.mixers import get_mixer
+from seqmix.mixers.registry import MixerSpec
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """A decoder-only LM: embed -> n_layers x (norm, mixer, residual, norm, SwiGLU, residual) -> norm -> head.
+
+    `layer_pattern` names a layer kind per layer and is repeated to fill `n_layers`. A kind is
+    either a key of `mixers` (`{type: <registered mixer>, <option>: ...}`) or directly the name
+    of a registered mixer with default options, e.g.
+    `layer_pattern: [local, local, local, global]` with
+    `mixers: {local: {type: attention, sliding_window: 64}, global: {type: attention}}`.
+    """
+
+    vocab_size: int = 256
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: as many as n_heads (multi-head attention)
+    head_dim: int | None = None  # None: d_model // n_heads
+    mlp_hidden: int | None = None  # None: 8/3 * d_model rounded up to a multiple of 64
+    layer_pattern: list[str] = dataclasses.field(default_factory=lambda: ["attention"])
+    mixers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def mlp_width(self) -> int:
+        return self.mlp_hidden or -(-(8 * self.d_model // 3) // 64) * 64
+
+    def layer_kinds(self) -> list[str]:
+        """The layer kind of each of the n_layers layers."""
+        return [self.layer_pattern[i % len(self.layer_pattern)] for i in range(self.n_layers)]
+
+    def mixer(self, kind: str, path: str = "model") -> tuple[MixerSpec, Any]:
+        """The registered mixer of a layer kind and its built options dataclass."""
+        options = dict(self.mixers.get(kind, {}))
+        mixer_name = options.pop("type", kind)
+        where = f"{path}.mixers.{kind}" if kind in self.mixers else f"{path}.layer_pattern"
+        spec = get_mixer(mixer_name, f"{where}.type" if kind in self.mixers else where)
+        return spec, build(spec.config_cls, options, where)
+
+    def validate(self, path: str) -> None:
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads"):
+            require(getattr(self, key) > 0, path, key, f"must be positive, got {getattr(self, key)}")
+        require(self.head_dim is not None or self.d_model % self.n_heads == 0, path, "d_model",
+                f"{self.d_model} is not divisible by n_heads={self.n_heads} (or set head_dim)")
+        require(self.kv_heads > 0 and self.n_heads % self.kv_heads == 0, path, "n_kv_heads",
+                f"{self.n_kv_heads} must be positive and divide n_heads={self.n_heads}")
+        require(self.dim_per_head % 2 == 0, path, "head_dim", f"{self.dim_per_head} must be even for rotary embeddings")
+        require(self.mlp_width > 0, path, "mlp_hidden", f"must be positive, got {self.mlp_hidden}")
+        require(len(self.layer_pattern) > 0, path, "layer_pattern", "must name at least one layer kind")
+        require(self.n_layers % len(self.layer_pattern) == 0, path, "n_layers",
+                f"{self.n_layers} is not a multiple of the layer_pattern length {len(self.layer_pattern)}")
+        require(self.rope_theta > 0, path, "rope_theta", "must be positive")
+        require(self.norm_eps > 0, path, "norm_eps", "must be positive")
+        for kind in self.layer_pattern:
+            self.mixer(kind, path)
+        unused = sorted(set(self.mixers) - set(self.layer_pattern))
+        require(not unused, path, f"mixers.{unused[0] if unused else ''}", "is not used by layer_pattern")

@@ -1,0 +1,93 @@
+"""Decoder-only language model assembled from registered mixers (Llama parameter names)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from seqmix.layers.mlp import SwiGLU
+from seqmix.layers.norms import RMSNorm
+from seqmix.layers.partitioning import logical
+from seqmix.models.config import ModelConfig
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Position of each token within its segment: [B, T] int32, restarting at 0 at each segment start."""
+    index = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+
+
+class Block(nnx.Module):
+    """x + mixer(norm(x)), then + SwiGLU(norm(.)). The mixer is chosen by the layer kind."""
+
+    def __init__(self, config: ModelConfig, kind: str, *, rngs: nnx.Rngs):
+        spec, mixer_config = config.mixer(kind)
+        out_std = config.init_std / (2 * config.n_layers) ** 0.5
+        self.input_layernorm = RMSNorm(config.d_model, eps=config.norm_eps)
+        self.self_attn = spec.module_cls(config, mixer_config, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mlp = SwiGLU(config.d_model, config.mlp_width, std=config.init_std, out_std=out_std, rngs=rngs)
+
+    def __call__(self, x, *, segment_ids=None, positions=None, cache=None):
+        h, cache = self.self_attn(self.input_layernorm(x), segment_ids=segment_ids, positions=positions, cache=cache)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class LanguageModel(nnx.Module):
+    """tokens [B, T] int32 -> logits [B, T, vocab_size] float32.
+
+    Parameters are float32; the model computes in the dtype of its parameters, so the trainer
+    gets bfloat16 compute by casting a copy of them (see `seqmix.train.trainer`).
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.embed_tokens = nnx.Embed(
+            config.vocab_size, config.d_model, param_dtype=jnp.float32,
+            embedding_init=logical(nnx.initializers.normal(config.init_std), "vocab", "embed"), rngs=rngs,
+        )
+        self.layers = nnx.List([Block(config, kind, rngs=rngs) for kind in config.layer_kinds()])
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
+        self.lm_head = None if config.tie_embeddings else nnx.Linear(
+            config.d_model, config.vocab_size, use_bias=False, dtype=None, param_dtype=jnp.float32,
+            kernel_init=logical(nnx.initializers.normal(config.init_std), "embed", "vocab"), rngs=rngs,
+        )
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        x = self.norm(x)
+        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> jax.Array:
+        """Training/scoring forward. segment_ids [B, T] (0 = padding) keep packed documents apart;
+        positions [B, T] default to the index within each segment (or within the row)."""
+        if positions is None and segment_ids is not None:
+            positions = positions_from_segments(segment_ids)
+        x = self.embed_tokens(tokens)
+        for layer in self.layers:
+            x, _ = layer(x, segment_ids=segment_ids, positions=positions)
+        return self._logits(x)
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> list[Any]:
+        """Per-layer decoding caches for rows of up to `max_len` tokens (prompt + generated)."""
+        return [layer.self_attn.init_cache(batch, max_len, dtype) for layer in self.layers]
+
+    def extend(self, tokens: jax.Array, cache: list[Any]) -> tuple[jax.Array, list[Any]]:
+        """Appends tokens [B, T] to every row's cached context: prefill (T = prompt length) or a
+        decode step (T = 1). Returns (logits [B, T, vocab] float32, the updated cache)."""
+        lengths = cache[0].lengths  # every layer has seen the same tokens
+        positions = lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+        x = self.embed_tokens(tokens)
+        new_cache = []
+        for layer, layer_cache in zip(self.layers, cache):
+            x, layer_cache = layer(x, positions=positions, cache=layer_cache)
+            new_cache.append(layer_cache)
+        return self._logits(x), new_cache
+

@@ -1,0 +1,1 @@
+"""Training: config, data pipelines, optimizers, checkpoints, sharding and the train loop."""

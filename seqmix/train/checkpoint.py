@@ -1,0 +1,143 @@
+"""Checkpoints of one run: train state, grain iterator state and run metadata, saved by orbax.
+
+A checkpoint is the orbax step directory `<directory>/<step>/` holding three items: `state`
+(the pytree of arrays, sharded), `data` (the grain iterator's state, one JSON file per process)
+and `metadata` (a JSON dict: step, rng key data, counters, the resolved config ...).
+
+Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it to `<step>` only once every
+item is committed; an interrupted save therefore leaves a temporary directory that is never listed
+as a step (the next `Checkpointer` on the directory removes it before its first save).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import grain.checkpoint
+import orbax.checkpoint as ocp
+
+logger = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    """Async, keep-N orbax checkpoints of one run: train state + grain iterator state + metadata.
+
+    `save` returns once the arrays are copied to host memory (the train step may then donate
+    them) and writes in the background; a second `save` first waits for the one in flight, and an
+    error of a background save is raised by the next `save`, `wait` or `close`.
+
+    Saving at a step that already has a checkpoint does nothing, unless `force=True` or `restore`
+    found that checkpoint unreadable: then the old checkpoint at that step is deleted first and the
+    new one written (the older steps remain the fallback meanwhile). Beyond the `keep` newest
+    steps, a checkpoint is deleted only once its successor is complete.
+    """
+
+    def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True):
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        self.directory = Path(directory).resolve()
+        # max_to_keep never deletes a checkpoint before its successor is complete: orbax picks the
+        # steps to drop when a save starts, but deletes them in `CheckpointManager._finalize`
+        # only after joining the commit (for async saves, the background thread that also renames
+        # the temporary directory into place; for sync saves, `save` itself). A failed commit
+        # raises out of that join, before the deletion.
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True,
+            ),
+        )
+        self._unreadable_steps: set[int] = set()
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_iterator: Any = None,
+        metadata: dict | None = None,
+        *,
+        force: bool = False,
+    ) -> None:
+        """Starts saving `state` (a pytree of jax.Arrays), the iterator's state and `metadata`.
+
+        `data_iterator` is a grain `DatasetIterator`; its state is read before `save` returns, so
+        it may be advanced right away. `metadata` must be JSON-able; it is copied here, so the
+        caller may mutate it while the save is in flight.
+        """
+        # A JSON round trip both copies the dict (orbax serializes it in the background thread)
+        # and fails here, in the caller, on a value that JSON cannot hold.
+        metadata = json.loads(json.dumps(metadata or {}))
+        if step in self._manager.all_steps():
+            if not (force or step in self._unreadable_steps):
+                logger.info("step %d already has a checkpoint in %s; skipped", step, self.directory)
+                return
+            self._manager.wait_until_finished()
+            self._manager.delete(step)
+        items = {"state": ocp.args.StandardSave(state), "metadata": ocp.args.JsonSave(metadata)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        # force=True bypasses orbax's own policy, which skips any step <= its latest step; after
+        # a fallback restore the run must be able to save steps below an unreadable newer one.
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._unreadable_steps.discard(step)
+
+    def restore(
+        self, abstract_state: Any, data_iterator: Any = None, *, step: int | None = None
+    ) -> tuple[int, Any, dict] | None:
+        """Restores the newest readable checkpoint (or exactly `step`); None if there is none.
+
+        `abstract_state` is a pytree of `jax.ShapeDtypeStruct` whose `.sharding` says where each
+        restored array goes, whatever mesh the checkpoint was saved from. `data_iterator`, if
+        given, is set to the saved iterator state in place. A checkpoint that fails to restore is
+        reported with a warning and the previous step is tried; if none can be restored, a
+        RuntimeError names the directory and every failure, and the iterator is left unchanged.
+        Returns `(step, state, metadata)`.
+        """
+        self._manager.wait_until_finished()  # a step still being written is listed already
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        if step is not None:
+            if step not in steps:
+                raise FileNotFoundError(
+                    f"no checkpoint for step {step} in {self.directory} (steps: {sorted(steps)})"
+                )
+            steps = [step]
+        if not steps:
+            return None
+        items = {"state": ocp.args.StandardRestore(abstract_state), "metadata": ocp.args.JsonRestore()}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            data_state = data_iterator.get_state()
+        failures = []
+        for i, candidate in enumerate(steps):
+            path = self.directory / str(candidate)
+            try:
+                restored = self._manager.restore(candidate, args=ocp.args.Composite(**items))
+            except Exception as err:  # any unreadable item makes the whole checkpoint unusable
+                failure = f"{path}: {type(err).__name__}: {err}"
+                logger.warning("cannot restore checkpoint %s, skipping it", failure)
+                failures.append(failure)
+                continue
+            self._unreadable_steps.update(steps[:i])
+            return candidate, restored["state"], dict(restored["metadata"])
+        if data_iterator is not None:
+            data_iterator.set_state(data_state)
+        raise RuntimeError(
+            f"no checkpoint in {self.directory} could be restored:\n" + "\n".join(failures)
+        )
+
+    def latest_step(self) -> int | None:
+        """The newest step in the directory (including a save still in flight), or None."""
+        return max(self._manager.all_steps(), default=None)
+
+    def wait(self) -> None:
+        """Blocks until the save in flight, if any, is written and older checkpoints pruned."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for the save in flight and releases orbax's threads."""
+        self._manager.close()

@@ -1,0 +1,153 @@
+"""The config of a training run: model, data, optimizer, checkpoints, mesh and the loop itself.
+
+A run YAML (`configs/runs/*.yaml`) may give `model` as a mapping or as the path of a model YAML
+(`configs/models/*.yaml`, relative to the run file or to the working directory). Command-line
+overrides (`optim.lr=3e-4 model.n_layers=4`) apply after that path is resolved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+from seqmix.configuration import ConfigError, apply_overrides, build, load_yaml, require
+from seqmix.models.config import ModelConfig
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the text comes from and how it is cut into packed rows.
+
+    `corpus: shakespeare` uses the embedded corpus (prepared once into `cache_dir`); otherwise
+    `train_files` / `eval_files` list text (.txt), JSON lines (.jsonl, field `text_field`) or
+    parquet (.parquet, column `text_field`) files or glob patterns.
+    """
+
+    corpus: Literal["shakespeare", "files"] = "shakespeare"
+    train_files: list[str] = dataclasses.field(default_factory=list)
+    eval_files: list[str] = dataclasses.field(default_factory=list)
+    text_field: str = "text"
+    tokenizer: str = "byte"  # "byte" or the path of a Hugging Face tokenizer.json
+    seq_len: int = 256
+    batch_size: int = 16
+    shuffle_seed: int = 0
+    cache_dir: str = ".cache/seqmix"
+
+    def validate(self, path: str) -> None:
+        require(self.seq_len > 1, path, "seq_len", f"must be at least 2, got {self.seq_len}")
+        require(self.batch_size > 0, path, "batch_size", f"must be positive, got {self.batch_size}")
+        if self.corpus == "files":
+            require(bool(self.train_files), path, "train_files", "must list at least one file when corpus is 'files'")
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule.
+
+    Schedules (all with `warmup_steps` of linear warmup from 0): `cosine` to `min_lr_ratio * lr`;
+    `linear` decay to `min_lr_ratio * lr`; `wsd` (warmup-stable-decay) holds `lr` and decays
+    linearly over the last `decay_fraction` of the steps; `rex` decays as (1 - p) / (1 - p/2) in
+    the post-warmup progress p; `constant`.
+    `muon` orthogonalises the updates of 2-D hidden weight matrices and uses AdamW for the rest
+    (embeddings, head, norms).
+    """
+
+    name: Literal["adamw", "muon"] = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global-norm clipping threshold; 0 disables
+    schedule: Literal["cosine", "linear", "wsd", "rex", "constant"] = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
+
+    def validate(self, path: str) -> None:
+        require(self.lr > 0, path, "lr", f"must be positive, got {self.lr}")
+        require(self.weight_decay >= 0, path, "weight_decay", "must be non-negative")
+        require(0 <= self.b1 < 1, path, "b1", "must be in [0, 1)")
+        require(0 <= self.b2 < 1, path, "b2", "must be in [0, 1)")
+        require(self.grad_clip >= 0, path, "grad_clip", "must be non-negative")
+        require(self.warmup_steps >= 0, path, "warmup_steps", "must be non-negative")
+        require(0 <= self.min_lr_ratio <= 1, path, "min_lr_ratio", "must be in [0, 1]")
+        require(0 < self.decay_fraction <= 1, path, "decay_fraction", "must be in (0, 1]")
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    every_steps: int = 200
+    keep: int = 3
+    async_save: bool = True
+
+    def validate(self, path: str) -> None:
+        require(self.every_steps > 0, path, "every_steps", "must be positive")
+        require(self.keep >= 1, path, "keep", "must be at least 1")
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    """Device mesh axis sizes; -1 fills the axis with the devices the others leave."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    sequence: int = 1
+
+    def validate(self, path: str) -> None:
+        sizes = dataclasses.asdict(self)
+        for key, size in sizes.items():
+            require(size == -1 or size > 0, path, key, f"must be positive or -1, got {size}")
+        require(sum(size == -1 for size in sizes.values()) <= 1, path, "data", "at most one axis may be -1")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    steps: int = 1000
+    grad_accum: int = 1  # micro-batches per optimizer step; data.batch_size is the micro-batch
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # parameters stay float32
+    eval_every: int = 200
+    eval_batches: int = 8
+    log_every: int = 10
+    seed: int = 0
+    out_dir: str = "runs/default"
+    max_nonfinite_steps: int = 5  # stop after this many consecutive non-finite losses
+    sample_prompt: str = "ROMEO:"
+    sample_tokens: int = 200
+
+    def validate(self, path: str) -> None:
+        for key in ("steps", "grad_accum", "eval_every", "eval_batches", "log_every", "max_nonfinite_steps"):
+            require(getattr(self, key) > 0, path, key, f"must be positive, got {getattr(self, key)}")
+        require(self.sample_tokens >= 0, path, "sample_tokens", "must be non-negative")
+        require(self.optim.warmup_steps <= self.steps, path, "optim.warmup_steps",
+                f"{self.optim.warmup_steps} exceeds steps={self.steps}")
+        if self.data.tokenizer == "byte":
+            require(self.model.vocab_size >= 256, path, "model.vocab_size",
+                    f"{self.model.vocab_size} is smaller than the byte tokenizer's 256 symbols")
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Reads a run YAML (or the defaults when `path` is None), applies overrides, validates."""
+    mapping: dict[str, Any] = load_yaml(path) if path is not None else {}
+    model = mapping.get("model")
+    if isinstance(model, str):
+        mapping["model"] = load_yaml(_resolve_relative(model, path))
+    apply_overrides(mapping, list(overrides))
+    return build(TrainConfig, mapping)
+
+
+def _resolve_relative(reference: str, config_path: str | Path | None) -> Path:
+    candidates = [Path(reference)]
+    if config_path is not None:
+        candidates.insert(0, Path(config_path).parent / reference)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"model: model config {reference!r} not found (looked in {', '.join(map(str, candidates))})")

@@ -1,0 +1,101 @@
+"""Token streams -> packed, batched rows for next-token prediction, as a grain pipeline.
+
+Each document is tokenized and cut into pieces of at most `seq_len + 1` tokens that overlap by
+one token (piece k covers tokens [k*seq_len, (k+1)*seq_len]), so that every next-token pair of a
+document is a target exactly once. A piece gives `inputs = piece[:-1]`, `targets = piece[1:]`;
+grain's first-fit packing puts several short pieces into one row, told apart by segment ids.
+"""
+
+from __future__ import annotations
+
+import grain
+import numpy as np
+
+from seqmix.train.data.errors import DataError
+from seqmix.train.data.tokenizer import Tokenizer
+
+
+class _Pieces:
+    """Random-access source of pieces: element i is {"inputs", "targets"}, int32 [len_i - 1]."""
+
+    def __init__(self, tokens: np.ndarray, starts: np.ndarray, stops: np.ndarray):
+        self._tokens, self._starts, self._stops = tokens, starts, stops
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        piece = self._tokens[self._starts[index]:self._stops[index]]
+        return {"inputs": piece[:-1], "targets": piece[1:]}
+
+
+def _cut_pieces(documents: list[str], tokenizer: Tokenizer, seq_len: int) -> _Pieces:
+    streams = [tokenizer.encode(doc) for doc in documents]
+    if not any(len(stream) >= 2 for stream in streams):
+        raise DataError("no document has the 2 tokens needed for one training example")
+    offsets = np.cumsum([0] + [len(s) for s in streams])
+    starts, stops = [], []
+    for offset, stream in zip(offsets, streams):
+        # Pieces start every seq_len tokens while at least 2 tokens (one input, one target) remain.
+        local = np.arange(0, len(stream) - 1, seq_len)
+        starts.append(offset + local)
+        stops.append(offset + np.minimum(local + seq_len + 1, len(stream)))
+    tokens = np.concatenate(streams).astype(np.int32)
+    return _Pieces(tokens, np.concatenate(starts), np.concatenate(stops))
+
+
+def _rename(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    # inputs and targets have equal lengths, so their segment ids and positions are the same.
+    return {"inputs": batch["inputs"], "targets": batch["targets"],
+            "segment_ids": batch["inputs_segment_ids"], "positions": batch["inputs_positions"]}
+
+
+def make_dataset(documents: list[str], tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
+                 seed: int, shuffle: bool = True, repeat: bool = True, process_index: int = 0,
+                 process_count: int = 1) -> grain.IterDataset:
+    """Packed batches of next-token examples from `documents`.
+
+    Yields dicts of int32 numpy arrays, each of shape [batch_size, seq_len]:
+      inputs, targets: token ids, targets[b, t] the token after inputs[b, t]; 0 at padding.
+      segment_ids: 1, 2, ... for the pieces packed in a row, 0 at padding.
+      positions: index of the token within its piece, restarting at 0 with each segment.
+    Pieces are shuffled with `seed`, differently each epoch (`shuffle`); `repeat` makes the stream
+    infinite, otherwise it ends after one epoch (the last incomplete batch dropped). Process
+    `process_index` of `process_count` reads every `process_count`-th piece of the (shuffled,
+    repeated) stream, so processes read disjoint pieces that together cover each epoch once.
+    The iterator's `get_state()` / `set_state()` resume exactly; iteration is deterministic.
+    """
+    if seq_len < 1 or batch_size < 1:
+        raise ValueError(f"seq_len and batch_size must be positive, got {seq_len}, {batch_size}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    ds = grain.MapDataset.source(_cut_pieces(documents, tokenizer, seq_len))
+    if shuffle:
+        ds = ds.shuffle(seed)
+    if repeat:
+        ds = ds.repeat()
+    ds = ds[process_index::process_count]
+    # Reading a piece is a slice of one array: prefetch threads would cost more than they save.
+    packed = grain.experimental.FirstFitPackIterDataset(
+        ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)),
+        length_struct={"inputs": seq_len, "targets": seq_len},
+        num_packing_bins=batch_size,
+        shuffle_bins=False,
+    )
+    return packed.batch(batch_size, drop_remainder=True).map(_rename)
+
+
+def unigram_entropy(documents: list[str], tokenizer: Tokenizer) -> float:
+    """Entropy (nats/token) of the token frequencies of `documents`.
+
+    It is the cross-entropy of the best model that ignores context, on these documents: the
+    baseline a trained model must beat.
+    """
+    counts = np.zeros(tokenizer.vocab_size, np.int64)
+    for doc in documents:
+        counts += np.bincount(tokenizer.encode(doc), minlength=tokenizer.vocab_size)
+    total = counts.sum()
+    if total == 0:
+        raise DataError("the documents have no tokens")
+    p = counts[counts > 0] / total
+    return float(-(p * np.log(p)).sum())

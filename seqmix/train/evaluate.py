@@ -1,0 +1,29 @@
+"""Held-out loss and perplexity."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
+
+
+def to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Assembles each process's rows into global arrays laid out by `sharding`."""
+    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[key])) for key in BATCH_KEYS}
+
+
+def held_out_loss(eval_step, state, batches, sharding: NamedSharding, max_batches: int) -> dict[str, float]:
+    """Mean token cross-entropy (nats) and perplexity over up to `max_batches` batches."""
+    total, count = 0.0, 0.0
+    for batch in itertools.islice(batches, max_batches):
+        loss_sum, tokens = eval_step(state, to_global(batch, sharding))
+        total, count = total + float(loss_sum), count + float(tokens)
+    if count == 0:
+        raise ValueError("the held-out set produced no tokens to evaluate")
+    loss = total / count
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_tokens": count}

@@ -1,0 +1,57 @@
+"""From a DataConfig to tokenizer, documents and batch iterators for one process."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from seqmix.train.config import DataConfig
+from seqmix.train.data import DataError, load_tokenizer, make_dataset, prepare_shakespeare, read_documents
+
+
+@dataclasses.dataclass
+class Corpus:
+    tokenizer: object
+    train_documents: list[str]
+    eval_documents: list[str]
+
+
+def load_corpus(config: DataConfig) -> Corpus:
+    """Reads (preparing the embedded corpus on first use) the training and held-out documents."""
+    tokenizer = load_tokenizer(config.tokenizer)
+    if config.corpus == "shakespeare":
+        directory = prepare_shakespeare(config.cache_dir)
+        train_files, eval_files = [str(directory / "train.jsonl")], [str(directory / "valid.jsonl")]
+    else:
+        train_files, eval_files = config.train_files, config.eval_files
+    train = read_documents(train_files, config.text_field)
+    held_out = read_documents(eval_files, config.text_field) if eval_files else []
+    return Corpus(tokenizer, train, held_out)
+
+
+def local_batch_size(config: DataConfig) -> int:
+    """Rows each process loads per micro-batch: data.batch_size is the global batch."""
+    if config.batch_size % jax.process_count():
+        raise DataError(f"data.batch_size={config.batch_size} is not divisible by {jax.process_count()} processes")
+    return config.batch_size // jax.process_count()
+
+
+def train_iterator(config: DataConfig, corpus: Corpus, seed: int):
+    """Endless, shuffled, packed batches (dicts of [B_local, T] int32 arrays); checkpointable."""
+    dataset = make_dataset(
+        corpus.train_documents, corpus.tokenizer, seq_len=config.seq_len, batch_size=local_batch_size(config),
+        seed=seed, shuffle=True, repeat=True,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    )
+    return iter(dataset)
+
+
+def eval_iterator(config: DataConfig, corpus: Corpus):
+    """One ordered pass over the held-out documents in packed batches."""
+    dataset = make_dataset(
+        corpus.eval_documents, corpus.tokenizer, seq_len=config.seq_len, batch_size=local_batch_size(config),
+        seed=0, shuffle=False, repeat=False,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    )
+    return iter(dataset)

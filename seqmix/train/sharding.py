@@ -1,0 +1,87 @@
+"""Device mesh and the logical-axis rules that place every parameter and activation on it.
+
+Parameters are annotated with logical axis names (`seqmix.layers.partitioning`); this table
+is the single place that says which mesh axes each logical axis is split over (MaxText's
+pattern). FSDP splits the model dimension of every weight, tensor parallelism splits heads,
+MLP width and vocabulary; the batch is split over data and fsdp together.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from seqmix.configuration import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+
+LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "length": ("sequence",),
+    "embed": ("fsdp",),
+    "vocab": ("tensor",),
+    "mlp": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "norm": (),
+}
+
+
+def make_mesh(config, devices=None) -> Mesh:
+    """A mesh with axes (data, fsdp, tensor, sequence) sized by a MeshConfig (-1 fills)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {axis: getattr(config, axis) for axis in MESH_AXES}
+    known = math.prod(size for size in sizes.values() if size != -1)
+    fill = [axis for axis, size in sizes.items() if size == -1]
+    if fill:
+        if len(devices) % known:
+            raise ConfigError(f"mesh.{fill[0]}: the other axes ({known} devices) do not divide {len(devices)} devices")
+        sizes[fill[0]] = len(devices) // known
+    if math.prod(sizes.values()) != len(devices):
+        raise ConfigError(
+            f"mesh: axis sizes {sizes} use {math.prod(sizes.values())} devices but {len(devices)} are available"
+        )
+    grid = np.asarray(devices).reshape(tuple(sizes[axis] for axis in MESH_AXES))
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(names, shape, mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec for an array of `shape` whose dimensions carry logical `names`.
+
+    A dimension stays replicated where its size is not divisible by the mesh axes it maps to
+    (e.g. 2 kv heads on a tensor axis of 4), so any model runs on any mesh.
+    """
+    spec = []
+    for name, dim in zip(names, shape):
+        axes = tuple(axis for axis in LOGICAL_AXIS_RULES.get(name, ()) if mesh.shape[axis] > 1) if name else ()
+        size = math.prod(mesh.shape[axis] for axis in axes)
+        spec.append(None if not axes or dim % size else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def _variable_sharding(variable: nnx.Variable, mesh: Mesh) -> NamedSharding:
+    names = variable.get_metadata().get("out_sharding")
+    return NamedSharding(mesh, logical_to_spec(names, variable.shape, mesh) if names else PartitionSpec())
+
+
+def state_shardings(state: nnx.State, mesh: Mesh):
+    """NamedShardings (same tree as `state`, Variables replaced) from each Variable's logical axes."""
+    return jax.tree.map(
+        lambda v: v.replace(_variable_sharding(v, mesh)), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+
+
+def batch_sharding(mesh: Mesh, leading_dims: int = 0) -> NamedSharding:
+    """Sharding of a [*leading, B, T] batch array: B over (data, fsdp), T over sequence."""
+    batch_axes = tuple(axis for axis in LOGICAL_AXIS_RULES["batch"] if mesh.shape[axis] > 1) or None
+    length_axes = tuple(axis for axis in LOGICAL_AXIS_RULES["length"] if mesh.shape[axis] > 1) or None
+    return NamedSharding(mesh, PartitionSpec(*([None] * leading_dims), batch_axes, length_axes))
+
+
+def describe(mesh: Mesh) -> str:
+    return " x ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
+

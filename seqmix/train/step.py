@@ -1,0 +1,79 @@
+"""The jitted train and eval steps: pure functions of (state, batch)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from seqmix.train.loss import cross_entropy_sum
+from seqmix.train.sharding import batch_sharding
+from seqmix.train.state import TrainState
+
+COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+def _batch_loss(model_graphdef, params, rest, batch, compute_dtype):
+    """(sum of token losses, token count) of one micro-batch [B, T], computed in compute_dtype."""
+    if compute_dtype is not None:
+        # Master weights stay float32; the cast is differentiated through, so gradients
+        # come back float32 while every matmul runs in the compute dtype.
+        params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
+    model = nnx.merge(model_graphdef, params, rest)
+    logits = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+    return cross_entropy_sum(logits, batch["targets"], batch["segment_ids"] != 0)
+
+
+def make_train_step(train_state: TrainState, mesh: Mesh, compute_dtype: str):
+    """Returns step(state, batch) -> (state, metrics), jitted with the state donated.
+
+    batch: dict of [A, B, T] int32 (A micro-batches accumulated into one update). Gradients of
+    the summed loss are accumulated and divided once by the total token count, so A
+    micro-batches of B rows give the same update as one batch of A*B rows. A step whose loss
+    or gradient norm is not finite leaves the state unchanged and reports finite=False.
+    """
+    graphdef, dtype = train_state.graphdef, COMPUTE_DTYPES[compute_dtype]
+
+    def step(state, batch):
+        model, optimizer = nnx.merge(graphdef, state)
+        model_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        grad_fn = jax.value_and_grad(
+            lambda p, micro: _batch_loss(model_graphdef, p, rest, micro, dtype), has_aux=True
+        )
+
+        def accumulate(carry, micro):
+            grad_sum, loss_sum, count = carry
+            (loss, tokens), grads = grad_fn(params, micro)
+            return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss, count + tokens), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grad_sum, loss_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), batch)
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grad_sum)
+        loss, grad_norm = loss_sum / count, optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        optimizer.update(model, grads)
+        updated = nnx.state((model, optimizer))
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": finite}
+
+    return jax.jit(
+        step,
+        in_shardings=(train_state.shardings, batch_sharding(mesh, leading_dims=1)),
+        out_shardings=(train_state.shardings, None),
+        donate_argnums=0,
+    )
+
+
+def make_eval_step(train_state: TrainState, mesh: Mesh, compute_dtype: str):
+    """Returns eval(state, batch [B, T]) -> (sum of token losses, token count), jitted."""
+    graphdef, dtype = train_state.graphdef, COMPUTE_DTYPES[compute_dtype]
+
+    def evaluate(state, batch):
+        model, _optimizer = nnx.merge(graphdef, state)
+        model_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        return _batch_loss(model_graphdef, params, rest, batch, dtype)
+
+    return jax.jit(evaluate, in_shardings=(train_state.shardings, batch_sharding(mesh)))

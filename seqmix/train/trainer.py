@@ -1,0 +1,241 @@
+"""The training loop: data -> jitted step -> metrics, evaluation, checkpoints, and a sample.
+
+A run directory holds `config.yaml` (the resolved config), `checkpoints/` (orbax),
+`metrics.jsonl` and, at the end, `loss.png`. `resume=True` continues from the newest complete
+checkpoint with the same next batch; SIGTERM/SIGINT save a checkpoint before the loop exits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import yaml
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from seqmix.configuration import ConfigError, build, to_dict
+from seqmix.models.generate import generate
+from seqmix.train.checkpoint import Checkpointer
+from seqmix.train.config import TrainConfig
+from seqmix.train.data import unigram_entropy
+from seqmix.train.evaluate import held_out_loss, to_global
+from seqmix.train.inputs import Corpus, eval_iterator, load_corpus, train_iterator
+from seqmix.train.metrics import MetricsLog, plot_loss
+from seqmix.train.optim import make_schedule
+from seqmix.train.sharding import batch_sharding, describe, make_mesh
+from seqmix.train.state import TrainState, create_train_state
+from seqmix.train.step import make_eval_step, make_train_step
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many consecutive non-finite losses)."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int  # optimizer steps completed
+    losses: dict[int, float]  # training loss of each step this invocation ran
+    eval_loss: float | None
+    unigram_loss: float
+    skipped_steps: int  # non-finite steps skipped in this invocation
+    interrupted: bool  # stopped by SIGTERM/SIGINT after saving a checkpoint
+    sample: str | None
+    out_dir: Path
+
+
+class _StopRequests:
+    """Turns SIGTERM/SIGINT into a flag the loop polls, so it can checkpoint before exiting."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _check_resumable(saved: dict, config: TrainConfig, checkpoint_dir: Path) -> None:
+    saved_config = build(TrainConfig, saved["config"])
+    for section in ("model", "data"):
+        if getattr(saved_config, section) != getattr(config, section):
+            raise ConfigError(
+                f"{section}: differs from the config the checkpoints in {checkpoint_dir} were trained with; "
+                f"resume with the same {section} settings or choose another out_dir"
+            )
+
+
+class Trainer:
+    """Builds everything a run needs from its config; `run()` trains to `config.steps`."""
+
+    def __init__(self, config: TrainConfig, *, mesh: Mesh | None = None, corpus: Corpus | None = None):
+        self.config = config
+        self.out_dir = Path(config.out_dir)
+        self.mesh = mesh if mesh is not None else make_mesh(config.mesh)
+        self.corpus = corpus if corpus is not None else load_corpus(config.data)
+        if self.corpus.tokenizer.vocab_size > config.model.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size: {config.model.vocab_size} is smaller than the tokenizer's "
+                f"{self.corpus.tokenizer.vocab_size} tokens ({config.data.tokenizer})"
+            )
+        self.train_state: TrainState = create_train_state(config, self.mesh)
+        self.train_step = make_train_step(self.train_state, self.mesh, config.compute_dtype)
+        self.eval_step = make_eval_step(self.train_state, self.mesh, config.compute_dtype)
+        self.schedule = make_schedule(config.optim, config.steps)
+        self.checkpointer = Checkpointer(
+            self.out_dir / "checkpoints", keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
+        )
+        self.data = train_iterator(config.data, self.corpus, config.seed)
+        self.rng = jax.random.key(config.seed)
+        self.step = 0
+
+    def restore_latest(self) -> None:
+        """Loads the newest complete checkpoint of out_dir (state, data position, RNG)."""
+        restored = self.checkpointer.restore(self.train_state.abstract(), self.data)
+        if restored is None:
+            raise ConfigError(f"out_dir: no checkpoint to resume from in {self.checkpointer.directory}")
+        step, state, metadata = restored
+        _check_resumable(metadata, self.config, self.checkpointer.directory)
+        self.train_state.state, self.step = state, step
+        self.rng = jax.random.wrap_key_data(np.asarray(metadata["rng"], np.uint32))
+        print(f"resumed from step {step} ({self.checkpointer.directory})", file=sys.stderr)
+
+    def _save(self, force: bool = False) -> None:
+        metadata = {
+            "step": self.step,
+            "config": to_dict(self.config),
+            "rng": np.asarray(jax.random.key_data(self.rng)).tolist(),
+            "mesh": dict(self.mesh.shape),
+        }
+        self.checkpointer.save(self.step, self.train_state.state, self.data, metadata, force=force)
+
+    def _next_batch(self):
+        micro_batches = [next(self.data) for _ in range(self.config.grad_accum)]
+        stacked = {key: np.stack([mb[key] for mb in micro_batches]) for key in micro_batches[0]}
+        return to_global(stacked, batch_sharding(self.mesh, leading_dims=1))
+
+    def evaluate(self) -> dict[str, float] | None:
+        if not self.corpus.eval_documents:
+            return None
+        return held_out_loss(
+            self.eval_step, self.train_state.state, eval_iterator(self.config.data, self.corpus),
+            batch_sharding(self.mesh), self.config.eval_batches,
+        )
+
+    def sample(self, prompt: str, max_new_tokens: int, temperature: float = 0.8, top_p: float = 0.95) -> str:
+        tokens = jax.numpy.asarray(self.corpus.tokenizer.encode(prompt), jax.numpy.int32)[None]
+        out = generate(
+            self.train_state.model(), tokens, max_new_tokens, rng=jax.random.fold_in(self.rng, self.step),
+            temperature=temperature, top_p=top_p,
+        )
+        return self.corpus.tokenizer.decode(np.asarray(out[0]))
+
+    def run(self, *, resume: bool = False) -> TrainResult:
+        config = self.config
+        existing = self.checkpointer.latest_step()
+        if existing is not None and not resume:
+            raise ConfigError(
+                f"out_dir: {self.out_dir} already holds checkpoints (latest step {existing}); "
+                "pass --resume to continue that run or choose another out_dir"
+            )
+        if resume and existing is not None:
+            self.restore_latest()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        unigram = unigram_entropy(self.corpus.train_documents, self.corpus.tokenizer)
+        log = MetricsLog(self.out_dir / "metrics.jsonl")
+        print(
+            f"seqmix: {jax.device_count()} device(s), mesh {describe(self.mesh)}, "
+            f"{_count_params(self.train_state)/1e6:.2f}M parameters, unigram baseline {unigram:.3f} nats/token",
+            file=sys.stderr,
+        )
+        losses, skipped, consecutive_bad, eval_loss = {}, 0, 0, None
+        start_step = self.step
+        tokens_since, time_since = 0.0, time.perf_counter()
+        bar = tqdm(total=config.steps, initial=self.step, disable=not sys.stderr.isatty(), unit="step")
+        try:
+            with _StopRequests() as stop:
+                while self.step < config.steps and stop.signal is None:
+                    self.train_state.state, metrics = self.train_step(self.train_state.state, self._next_batch())
+                    self.step += 1
+                    loss, finite = float(metrics["loss"]), bool(metrics["finite"])
+                    tokens_since += float(metrics["tokens"])
+                    if not finite:
+                        skipped, consecutive_bad = skipped + 1, consecutive_bad + 1
+                        log.write({"kind": "nonfinite", "step": self.step, "loss": loss})
+                        print(f"step {self.step}: non-finite loss {loss}; update skipped", file=sys.stderr)
+                        if consecutive_bad >= config.max_nonfinite_steps:
+                            raise TrainingError(
+                                f"{consecutive_bad} consecutive non-finite steps (up to step {self.step}); "
+                                f"stopping. The last good state is in {self.checkpointer.directory}"
+                            )
+                        continue
+                    consecutive_bad = 0
+                    losses[self.step] = loss
+                    if self.step % config.log_every == 0 or self.step == config.steps:
+                        elapsed = time.perf_counter() - time_since
+                        record = {
+                            "kind": "train", "step": self.step, "loss": loss,
+                            "lr": float(self.schedule(self.step - 1)), "grad_norm": float(metrics["grad_norm"]),
+                            "tokens_per_s": tokens_since / max(elapsed, 1e-9),
+                        }
+                        log.write(record)
+                        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                        if bar.disable:
+                            print(f"step {self.step}/{config.steps} loss {loss:.4f} "
+                                  f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s", file=sys.stderr)
+                        tokens_since, time_since = 0.0, time.perf_counter()
+                    bar.update(1)
+                    if self.step % config.eval_every == 0 or self.step == config.steps:
+                        result = self.evaluate()
+                        if result is not None:
+                            eval_loss = result["eval_loss"]
+                            log.write({"kind": "eval", "step": self.step, **result})
+                            print(f"step {self.step}: held-out loss {eval_loss:.4f} "
+                                  f"(perplexity {result['eval_ppl']:.2f})", file=sys.stderr)
+                    if self.step % config.checkpoint.every_steps == 0:
+                        self._save()
+                interrupted = stop.signal is not None
+            if self.step > start_step or interrupted:
+                self._save(force=True)
+            self.checkpointer.wait()
+        finally:
+            bar.close()
+            log.close()
+            self.checkpointer.close()
+        if interrupted:
+            print(f"stopped by signal {stop.signal} at step {self.step}; checkpoint saved in "
+                  f"{self.checkpointer.directory}", file=sys.stderr)
+        plot_loss(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png", baseline=unigram)
+        sample = None
+        if not interrupted and config.sample_tokens > 0:
+            sample = self.sample(config.sample_prompt, config.sample_tokens)
+        return TrainResult(self.step, losses, eval_loss, unigram, skipped, interrupted, sample, self.out_dir)
+
+
+def _count_params(train_state: TrainState) -> int:
+    model_state = train_state.state[0]
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(model_state))
+
+
+def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
+    """Trains a model as `config` says; see `Trainer`."""
+    return Trainer(config).run(resume=resume)
+
