@@ -44,7 +44,7 @@ def cmd_train(args) -> int:
         print(f"held-out loss {result.eval_loss:.4f} nats/token (unigram baseline {result.unigram_loss:.4f})")
     if result.sample is not None:
         print(f"\n--- sample ---\n{result.sample}\n--------------")
-    return 130 if result.interrupted else 0
+    return 0 if result.stop_signal is None else 128 + result.stop_signal
 
 
 def cmd_data_prepare(args) -> int:

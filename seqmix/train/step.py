@@ -31,13 +31,16 @@ def make_train_step(train_state: TrainState, mesh: Mesh, compute_dtype: str):
 
     batch: dict of [A, B, T] int32 (A micro-batches accumulated into one update). Gradients of
     the summed loss are accumulated and divided once by the total token count, so A
-    micro-batches of B rows give the same update as one batch of A*B rows. A step whose loss
-    or gradient norm is not finite leaves the state unchanged and reports finite=False.
+    micro-batches of B rows give the same update as one batch of A*B rows. A step whose loss,
+    gradient norm or updated parameters are not finite leaves the state unchanged and reports
+    finite=False.
     """
     graphdef, dtype = train_state.graphdef, COMPUTE_DTYPES[compute_dtype]
 
     def step(state, batch):
-        model, optimizer = nnx.merge(graphdef, state)
+        # copy: the optimizer updates the merged Variables in place, and `state` must keep
+        # the old values for a skipped (non-finite) step.
+        model, optimizer = nnx.merge(graphdef, state, copy=True)
         model_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         grad_fn = jax.value_and_grad(
             lambda p, micro: _batch_loss(model_graphdef, p, rest, micro, dtype), has_aux=True
@@ -52,9 +55,11 @@ def make_train_step(train_state: TrainState, mesh: Mesh, compute_dtype: str):
         (grad_sum, loss_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), batch)
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grad_sum)
-        loss, grad_norm = loss_sum / count, optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        loss, grad_norm = loss_sum / count, optax.tree.norm(grads)
         optimizer.update(model, grads)
+        # An update can overflow even from finite gradients (a huge learning rate), so the
+        # updated parameters are checked too.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(nnx.state(model, nnx.Param)))
         updated = nnx.state((model, optimizer))
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
         return new_state, {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": finite}

@@ -46,7 +46,7 @@ class TrainResult:
     eval_loss: float | None
     unigram_loss: float
     skipped_steps: int  # non-finite steps skipped in this invocation
-    interrupted: bool  # stopped by SIGTERM/SIGINT after saving a checkpoint
+    stop_signal: int | None  # SIGTERM/SIGINT that stopped the run (after saving a checkpoint)
     sample: str | None
     out_dir: Path
 
@@ -147,8 +147,11 @@ class Trainer:
         )
         return self.corpus.tokenizer.decode(np.asarray(out[0]))
 
-    def run(self, *, resume: bool = False) -> TrainResult:
+    def run(self, *, resume: bool = False, until: int | None = None) -> TrainResult:
+        """Trains from step 0 (or, with resume, from the newest checkpoint) to `until` (default
+        config.steps; the schedule always spans config.steps), then saves, evaluates, samples."""
         config = self.config
+        last_step = config.steps if until is None else min(until, config.steps)
         existing = self.checkpointer.latest_step()
         if existing is not None and not resume:
             raise ConfigError(
@@ -169,10 +172,10 @@ class Trainer:
         losses, skipped, consecutive_bad, eval_loss = {}, 0, 0, None
         start_step = self.step
         tokens_since, time_since = 0.0, time.perf_counter()
-        bar = tqdm(total=config.steps, initial=self.step, disable=not sys.stderr.isatty(), unit="step")
+        bar = tqdm(total=last_step, initial=self.step, disable=not sys.stderr.isatty(), unit="step")
         try:
             with _StopRequests() as stop:
-                while self.step < config.steps and stop.signal is None:
+                while self.step < last_step and stop.signal is None:
                     self.train_state.state, metrics = self.train_step(self.train_state.state, self._next_batch())
                     self.step += 1
                     loss, finite = float(metrics["loss"]), bool(metrics["finite"])
@@ -189,7 +192,7 @@ class Trainer:
                         continue
                     consecutive_bad = 0
                     losses[self.step] = loss
-                    if self.step % config.log_every == 0 or self.step == config.steps:
+                    if self.step % config.log_every == 0 or self.step == last_step:
                         elapsed = time.perf_counter() - time_since
                         record = {
                             "kind": "train", "step": self.step, "loss": loss,
@@ -203,7 +206,7 @@ class Trainer:
                                   f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s", file=sys.stderr)
                         tokens_since, time_since = 0.0, time.perf_counter()
                     bar.update(1)
-                    if self.step % config.eval_every == 0 or self.step == config.steps:
+                    if self.step % config.eval_every == 0 or self.step == last_step:
                         result = self.evaluate()
                         if result is not None:
                             eval_loss = result["eval_loss"]
@@ -212,22 +215,22 @@ class Trainer:
                                   f"(perplexity {result['eval_ppl']:.2f})", file=sys.stderr)
                     if self.step % config.checkpoint.every_steps == 0:
                         self._save()
-                interrupted = stop.signal is not None
-            if self.step > start_step or interrupted:
+                stop_signal = stop.signal
+            if self.step > start_step or stop_signal is not None:
                 self._save(force=True)
             self.checkpointer.wait()
         finally:
             bar.close()
             log.close()
             self.checkpointer.close()
-        if interrupted:
-            print(f"stopped by signal {stop.signal} at step {self.step}; checkpoint saved in "
+        if stop_signal is not None:
+            print(f"stopped by signal {stop_signal} at step {self.step}; checkpoint saved in "
                   f"{self.checkpointer.directory}", file=sys.stderr)
         plot_loss(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png", baseline=unigram)
         sample = None
-        if not interrupted and config.sample_tokens > 0:
+        if stop_signal is None and config.sample_tokens > 0:
             sample = self.sample(config.sample_prompt, config.sample_tokens)
-        return TrainResult(self.step, losses, eval_loss, unigram, skipped, interrupted, sample, self.out_dir)
+        return TrainResult(self.step, losses, eval_loss, unigram, skipped, stop_signal, sample, self.out_dir)
 
 
 def _count_params(train_state: TrainState) -> int:

@@ -1,0 +1,136 @@
+"""End to end: the trainer on the real Shakespeare corpus with a tiny model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from seqmix.cli import main
+from seqmix.train.checkpoint import Checkpointer
+from seqmix.train.config import DataConfig, load_train_config
+from seqmix.train.inputs import load_corpus
+from seqmix.train.trainer import Trainer, TrainingError
+
+SMOKE = "configs/runs/smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return load_corpus(DataConfig())
+
+
+def smoke_config(tmp_path, *overrides):
+    return load_train_config(SMOKE, [f"out_dir={tmp_path}", "mesh.data=1", *overrides])
+
+
+def single_device_trainer(config, corpus):
+    from seqmix.train.sharding import make_mesh
+
+    return Trainer(config, mesh=make_mesh(config.mesh, devices=jax.devices()[:1]), corpus=corpus)
+
+
+def test_loss_decreases_on_a_tiny_config(tmp_path, corpus):
+    config = smoke_config(tmp_path, "steps=40", "log_every=1", "eval_every=40", "optim.warmup_steps=5", "sample_tokens=20")
+    result = single_device_trainer(config, corpus).run()
+    losses = [result.losses[s] for s in sorted(result.losses)]
+    assert len(losses) == 40 and losses[0] > 5.0  # log(256) = 5.55 at initialisation
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.5
+    assert result.eval_loss < 3.6 and result.unigram_loss == pytest.approx(3.33, abs=0.05)
+    assert result.sample.startswith("ROMEO:") and len(result.sample) > len("ROMEO:")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 41))
+    assert any(r["kind"] == "eval" and r["eval_ppl"] > 1 for r in records)
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert Checkpointer(tmp_path / "checkpoints").latest_step() == 40
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, corpus):
+    """2N steps in one go vs N steps, a fresh process state restored from the checkpoint, N more."""
+    overrides = ("steps=12", "log_every=1", "eval_every=100", "sample_tokens=0", "checkpoint.every_steps=100")
+    whole = single_device_trainer(smoke_config(tmp_path / "whole", *overrides), corpus).run()
+
+    first = single_device_trainer(smoke_config(tmp_path / "split", *overrides), corpus)
+    first_half = first.run(until=6)
+    second = single_device_trainer(smoke_config(tmp_path / "split", *overrides), corpus)
+    second.restore_latest()
+    assert second.step == 6
+    replay = single_device_trainer(smoke_config(tmp_path / "replay", *overrides), corpus)
+    for _ in range(6):
+        next(replay.data)
+    expected_batch, resumed_batch = next(replay.data), next(second.data)
+    for key in expected_batch:
+        np.testing.assert_array_equal(resumed_batch[key], expected_batch[key])
+
+    resumed = single_device_trainer(smoke_config(tmp_path / "split", *overrides), corpus).run(resume=True)
+    split_losses = {**first_half.losses, **resumed.losses}
+    assert sorted(split_losses) == list(range(1, 13))
+    assert split_losses == whole.losses  # bit-identical on CPU
+
+
+def test_existing_checkpoints_need_resume(tmp_path, corpus):
+    config = smoke_config(tmp_path, "steps=5", "sample_tokens=0")
+    single_device_trainer(config, corpus).run()
+    with pytest.raises(Exception, match="--resume"):
+        single_device_trainer(config, corpus).run()
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, corpus):
+    config = smoke_config(tmp_path, "steps=20", "optim.lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0",
+                          "max_nonfinite_steps=3", "log_every=1")
+    trainer = single_device_trainer(config, corpus)
+    with pytest.raises(TrainingError, match="3 consecutive non-finite"):
+        trainer.run()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r["step"] for r in records if r["kind"] == "nonfinite"]
+    assert len(skipped) == 3 and skipped == list(range(skipped[0], skipped[0] + 3))
+    # A skipped update leaves the parameters as they were: still finite.
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(trainer.train_state.state))
+
+
+def test_sigterm_saves_a_restorable_checkpoint(tmp_path, corpus):
+    out = tmp_path / "run"
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "seqmix.cli", "train", SMOKE, f"out_dir={out}", "steps=100000",
+         "log_every=1", "eval_every=100000", "checkpoint.every_steps=100000"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, process.communicate()[0]
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, output
+    assert "stopped by signal" in output
+    saved = Checkpointer(out / "checkpoints").latest_step()
+    assert saved is not None and saved >= 3
+    trainer = single_device_trainer(load_train_config(out / "config.yaml", ["mesh.data=1"]), corpus)
+    trainer.restore_latest()
+    assert trainer.step == saved
+
+
+def test_cli_generate_eval_and_errors(tmp_path, corpus, capsys):
+    single_device_trainer(smoke_config(tmp_path, "steps=5", "sample_tokens=0"), corpus).run()
+    assert main(["generate", str(tmp_path / "checkpoints"), "--prompt", "KING", "--max-new-tokens", "12",
+                 "--temperature", "0"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("KING") and len(text.rstrip("\n").encode()) >= len("KING")
+    assert main(["eval", str(tmp_path), "--batches", "2"]) == 0
+    assert "held-out loss" in capsys.readouterr().out
+    assert main(["train", SMOKE, "optim.lrr=1"]) == 2
+    assert "optim.lrr: unknown key" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nowhere")]) == 2
+    assert "not a seqmix run directory" in capsys.readouterr().err
+    assert main(["train", SMOKE, "data.corpus=files", f"data.train_files=[{tmp_path}/none.txt]"]) == 2
+    assert "none.txt" in capsys.readouterr().err
