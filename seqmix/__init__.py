@@ -1,6 +1,15 @@
-"""seqmix: a JAX/Flax training framework for efficient sequence models."""
+"""seqmix: a JAX/Flax training framework for efficient sequence models.
 
-from seqmix.mixers import register_mixer
+Names are resolved lazily, so that `seqmix.pallas_kernels` imports with jax alone (no flax).
+"""
 
-__all__ = ["register_mixer"]
 __version__ = "0.1.0"
+__all__ = ["register_mixer"]
+
+
+def __getattr__(name: str):
+    if name == "register_mixer":
+        from seqmix.mixers import register_mixer
+
+        return register_mixer
+    raise AttributeError(f"module 'seqmix' has no attribute {name!r}")

@@ -12,7 +12,7 @@ from seqmix.train.config import TrainConfig, load_train_config
 def test_run_config_with_model_path_and_overrides():
     config = load_train_config("configs/runs/shakespeare.yaml", ["optim.lr=3e-4", "model.n_layers=8", "data.tokenizer=byte"])
     assert config.optim.lr == 3e-4 and config.model.n_layers == 8
-    assert config.model.d_model == 256  # from configs/models/transformer_small.yaml
+    assert config.model.d_model == 128  # from configs/models/transformer_small.yaml
     assert build(TrainConfig, to_dict(config)) == config
 
 
