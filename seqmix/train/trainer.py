@@ -141,6 +141,9 @@ class Trainer:
 
     def sample(self, prompt: str, max_new_tokens: int, temperature: float = 0.8, top_p: float = 0.95) -> str:
         tokens = jax.numpy.asarray(self.corpus.tokenizer.encode(prompt), jax.numpy.int32)[None]
+        if tokens.shape[1] + max_new_tokens > self.config.data.seq_len:
+            print(f"note: {tokens.shape[1] + max_new_tokens} tokens exceed the {self.config.data.seq_len}-token "
+                  "context the model was trained on; expect quality to drop past it", file=sys.stderr)
         out = generate(
             self.train_state.model(), tokens, max_new_tokens, rng=jax.random.fold_in(self.rng, self.step),
             temperature=temperature, top_p=top_p,

@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from seqmix.configuration import build
 from seqmix.models.config import ModelConfig
@@ -31,6 +33,19 @@ def test_positions_restart_at_each_segment():
     segment_ids = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
     expected = [[0, 1, 2, 0, 1, 0, 0, 1], [0, 1, 2, 3, 4, 5, 6, 7]]
     assert positions_from_segments(segment_ids).tolist() == expected
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.lists(st.integers(1, 6), min_size=1, max_size=5), min_size=1, max_size=3), st.integers(0, 4))
+def test_positions_from_segments_match_a_loop(rows_of_lengths, padding):
+    rows = [[seg for seg, n in enumerate(lengths, 1) for _ in range(n)] for lengths in rows_of_lengths]
+    width = max(map(len, rows)) + padding
+    segment_ids = np.array([row + [0] * (width - len(row)) for row in rows])
+    expected = np.zeros_like(segment_ids)
+    for b, row in enumerate(segment_ids):
+        for t in range(1, width):
+            expected[b, t] = expected[b, t - 1] + 1 if row[t] == row[t - 1] else 0
+    np.testing.assert_array_equal(positions_from_segments(jnp.asarray(segment_ids)), expected)
 
 
 def test_packed_row_equals_documents_run_separately():
