@@ -37,21 +37,20 @@ def local_batch_size(config: DataConfig) -> int:
     return config.batch_size // jax.process_count()
 
 
-def train_iterator(config: DataConfig, corpus: Corpus, seed: int):
-    """Endless, shuffled, packed batches (dicts of [B_local, T] int32 arrays); checkpointable."""
+def _packed_batches(config: DataConfig, corpus: Corpus, documents: list[str], *, seed: int, training: bool):
     dataset = make_dataset(
-        corpus.train_documents, corpus.tokenizer, seq_len=config.seq_len, batch_size=local_batch_size(config),
-        seed=seed, shuffle=True, repeat=True,
+        documents, corpus.tokenizer, seq_len=config.seq_len, batch_size=local_batch_size(config),
+        seed=seed, shuffle=training, repeat=training,
         process_index=jax.process_index(), process_count=jax.process_count(),
     )
     return iter(dataset)
+
+
+def train_iterator(config: DataConfig, corpus: Corpus, seed: int):
+    """Endless, shuffled, packed batches (dicts of [B_local, T] int32 arrays); checkpointable."""
+    return _packed_batches(config, corpus, corpus.train_documents, seed=seed, training=True)
 
 
 def eval_iterator(config: DataConfig, corpus: Corpus):
     """One ordered pass over the held-out documents in packed batches."""
-    dataset = make_dataset(
-        corpus.eval_documents, corpus.tokenizer, seq_len=config.seq_len, batch_size=local_batch_size(config),
-        seed=0, shuffle=False, repeat=False,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-    )
-    return iter(dataset)
+    return _packed_batches(config, corpus, corpus.eval_documents, seed=0, training=False)

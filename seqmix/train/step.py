@@ -59,7 +59,8 @@ def make_train_step(train_state: TrainState, mesh: Mesh, compute_dtype: str):
         optimizer.update(model, grads)
         # An update can overflow even from finite gradients (a huge learning rate), so the
         # updated parameters are checked too.
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(nnx.state(model, nnx.Param)))
+        param_norm = optax.tree.norm(nnx.state(model, nnx.Param))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
         updated = nnx.state((model, optimizer))
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
         return new_state, {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": finite}

@@ -117,14 +117,15 @@ class Trainer:
         self.rng = jax.random.wrap_key_data(np.asarray(metadata["rng"], np.uint32))
         print(f"resumed from step {step} ({self.checkpointer.directory})", file=sys.stderr)
 
-    def _save(self, force: bool = False) -> None:
+    def _save(self) -> None:
+        """Checkpoints the current step (a no-op when this step is already saved)."""
         metadata = {
             "step": self.step,
             "config": to_dict(self.config),
             "rng": np.asarray(jax.random.key_data(self.rng)).tolist(),
             "mesh": dict(self.mesh.shape),
         }
-        self.checkpointer.save(self.step, self.train_state.state, self.data, metadata, force=force)
+        self.checkpointer.save(self.step, self.train_state.state, self.data, metadata)
 
     def _next_batch(self):
         micro_batches = [next(self.data) for _ in range(self.config.grad_accum)]
@@ -220,7 +221,7 @@ class Trainer:
                         self._save()
                 stop_signal = stop.signal
             if self.step > start_step or stop_signal is not None:
-                self._save(force=True)
+                self._save()  # skipped by the checkpointer when the periodic save just wrote this step
             self.checkpointer.wait()
         finally:
             bar.close()
