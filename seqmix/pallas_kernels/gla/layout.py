@@ -1,0 +1,68 @@
+"""Inputs of the chunked paths, laid out once: masked, scaled, padded to whole chunks, head-major.
+
+Head-major `[B, H, T, D]` makes a (batch, head) pair's chunk a contiguous `[C, D]` tile, the block a
+Pallas kernel walks; on TPU it also puts (time, feature) in the two tiled dimensions.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from seqmix.pallas_kernels.segments import chunk_relative_groups, reset_groups
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ChunkedInputs:
+    """q, k [B,H,Tp,K] (q scaled); v [B,H,Tp,V]; log_gate [B,H,Tp,W] float32; groups [B,Tp,1] int32
+    relative to each chunk's incoming state (see `segments`). Tp = T rounded up to the chunk.
+    Padding tokens have zero q, k, v and gate, so they neither read nor change the state."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    log_gate: jax.Array
+    groups: jax.Array
+
+
+def matmul_dtype(dtype) -> jnp.dtype:
+    """bfloat16 inputs feed bfloat16 matmuls (float32 accumulation); anything else runs in float32."""
+    return jnp.dtype(jnp.bfloat16) if dtype == jnp.bfloat16 else jnp.dtype(jnp.float32)
+
+
+def to_chunks(q, k, v, log_gate, scale, segment_ids, chunk: int) -> ChunkedInputs:
+    batch, length = q.shape[:2]
+    valid, groups = reset_groups(segment_ids, batch, length)
+    padding = -length % chunk
+    real = valid[:, :, None, None]
+
+    def arrange(x, dtype):
+        x = jnp.where(real, x, jnp.zeros((), x.dtype)).astype(dtype)
+        return jnp.swapaxes(jnp.pad(x, ((0, 0), (0, padding), (0, 0), (0, 0))), 1, 2)
+
+    groups = jnp.pad(groups, ((0, 0), (0, padding)), mode="edge")
+    return ChunkedInputs(
+        q=arrange(q.astype(jnp.float32) * scale, q.dtype),
+        k=arrange(k, k.dtype),
+        v=arrange(v, v.dtype),
+        log_gate=arrange(log_gate, jnp.float32),
+        groups=chunk_relative_groups(groups, chunk)[:, :, None],
+    )
+
+
+def from_chunks(out, length: int, dtype):
+    """[B,H,Tp,V] float32 -> [B,T,H,V] in the inputs' dtype."""
+    return jnp.swapaxes(out[:, :, :length], 1, 2).astype(dtype)
+
+
+def state_in(initial_state, batch: int, heads: int, key_dim: int, value_dim: int):
+    """Public [B,H,K,V] (or None) -> the kernels' value-major float32 [B,H,V,K]."""
+    if initial_state is None:
+        return jnp.zeros((batch, heads, value_dim, key_dim), jnp.float32)
+    return jnp.swapaxes(initial_state.astype(jnp.float32), 2, 3)
+
+
+def state_out(state):
+    """Value-major [B,H,V,K] -> public [B,H,K,V]."""
+    return jnp.swapaxes(state, 2, 3)

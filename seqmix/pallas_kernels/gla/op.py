@@ -1,0 +1,92 @@
+"""`chunk_gla`: the one public op of the gated linear attention family, and its dispatch."""
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from seqmix.pallas_kernels import registry
+from seqmix.pallas_kernels.gla import chunk_math, pallas_gpu, pallas_tpu
+from seqmix.pallas_kernels.gla.reference import gla_reference
+from seqmix.pallas_kernels.gla.xla import gla_xla
+
+
+@dataclasses.dataclass(frozen=True)
+class GLACall:
+    """What an implementation needs to know to say whether it can run a call."""
+
+    key_dim: int
+    value_dim: int
+    gate_width: int
+    chunk_size: int
+    dtype: jnp.dtype
+
+
+def _always(call: GLACall) -> None:
+    return None
+
+
+IMPLEMENTATIONS = [
+    registry.Implementation("pallas_gpu", pallas_gpu.gla_pallas_gpu, pallas_gpu.supports, ("gpu",)),
+    registry.Implementation("pallas_tpu", pallas_tpu.gla_pallas_tpu, pallas_tpu.supports, ("tpu",)),
+    registry.Implementation("xla", gla_xla, _always, ("cpu", "gpu", "tpu")),
+    registry.Implementation("reference", gla_reference, _always, ()),
+]
+
+
+def _check(name, array, shape, what):
+    if array.shape != tuple(shape):
+        raise ValueError(f"chunk_gla: {name} must be {what} {tuple(shape)}, got {array.shape}")
+
+
+def chunk_gla(q, k, v, *, log_g=None, log_a=None, scale=None, initial_state=None, segment_ids=None,
+              output_final_state=False, chunk_size=64, impl="auto"):
+    """Gated linear attention over packed sequences, chunked.
+
+        S_t = diag(exp(log_g_t)) S_{t-1} + k_t v_t^T,    o_t = S_t^T (scale * q_t)
+
+    q, k [B,T,H,K] and v [B,T,H,V], bfloat16 or float32 (computed in float32);
+    log_g [B,T,H,K] per-key log decay (GLA, HGRN2) or log_a [B,T,H] one per head (RetNet,
+    Lightning, Mamba2/SSD), or neither (plain linear attention); natural logs, <= 0.
+    scale defaults to K ** -0.5. segment_ids [B,T] int (0 = padding): the state resets to zero where
+    a segment starts; padding neither reads nor changes it. initial_state [B,H,K,V] is the state
+    before each row's first segment. Any T; chunk_size (a multiple of 16) only changes the speed.
+    impl: "auto" (fastest native implementation), "xla", "pallas_gpu", "pallas_tpu" (interpreted
+    off their device) or "reference".
+    Returns o [B,T,H,V] in q's dtype, and final_state [B,H,K,V] float32 (the state at the end of
+    each row) when output_final_state.
+    """
+    if q.ndim != 4:
+        raise ValueError(f"chunk_gla: q must be [B,T,H,K], got shape {q.shape}")
+    batch, length, heads, key_dim = q.shape
+    _check("k", k, q.shape, "[B,T,H,K] like q")
+    if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"chunk_gla: v must be [B,T,H,V] with B,T,H of q {q.shape[:3]}, got {v.shape}")
+    value_dim = v.shape[-1]
+    for name, array in (("q", q), ("k", k), ("v", v)):
+        if not jnp.issubdtype(array.dtype, jnp.floating):
+            raise ValueError(f"chunk_gla: {name} must be floating point, got {array.dtype}")
+    if log_g is not None and log_a is not None:
+        raise ValueError("chunk_gla: pass log_g (per-key decay) or log_a (per-head decay), not both")
+    if log_g is not None:
+        _check("log_g", log_g, q.shape, "[B,T,H,K] like q")
+        log_gate = log_g.astype(jnp.float32)
+    elif log_a is not None:
+        _check("log_a", log_a, q.shape[:3], "[B,T,H]")
+        log_gate = log_a.astype(jnp.float32)[..., None]
+    else:
+        log_gate = jnp.zeros((batch, length, heads, 1), jnp.float32)
+    if initial_state is not None:
+        _check("initial_state", initial_state, (batch, heads, key_dim, value_dim), "[B,H,K,V]")
+    if segment_ids is not None:
+        _check("segment_ids", segment_ids, (batch, length), "[B,T]")
+        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(f"chunk_gla: segment_ids must be integers, got {segment_ids.dtype}")
+    if chunk_size <= 0 or chunk_size % chunk_math.SUB_BLOCK:
+        raise ValueError(f"chunk_gla: chunk_size must be a positive multiple of {chunk_math.SUB_BLOCK}, got {chunk_size}")
+    call = GLACall(key_dim, value_dim, log_gate.shape[-1], chunk_size, jnp.dtype(q.dtype))
+    implementation = registry.choose(IMPLEMENTATIONS, impl, call, "chunk_gla")
+    out, final_state = implementation.run(
+        q, k, v, log_gate=log_gate, scale=key_dim**-0.5 if scale is None else scale,
+        initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size,
+    )
+    return (out, final_state) if output_final_state else out

@@ -1,0 +1,69 @@
+"""The oracle: gated linear attention token by token (`lax.scan`, float32), and the decode step.
+
+    S_t = diag(exp(log_g_t)) S_{t-1} + k_t v_t^T        S [K, V]
+    o_t = S_t^T (scale * q_t)
+
+Packed rows: a padding token (segment id 0) leaves the state as it is and outputs zeros; the state
+is reset to zero where a new segment starts (a nonzero id differing from the previous nonzero id of
+the row); `initial_state` is the state before the row's first token. Written independently of the
+chunked paths' reset-group encoding, so tests compare two derivations of the same semantics.
+"""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def _recurrence(q, k, v, log_gate, state):
+    """float32 q, k [B,H,K], v [B,H,V], log_gate [B,H,W], state [B,H,K,V] -> (o [B,H,V], state)."""
+    state = jnp.exp(log_gate)[..., :, None] * state + k[..., :, None] * v[..., None, :]
+    out = jnp.einsum("bhk,bhkv->bhv", q, state, precision=lax.Precision.HIGHEST)
+    return out, state
+
+
+def gla_step(q, k, v, state, *, log_g=None, log_a=None, scale=None):
+    """One decode step for a batch of rows, with the semantics of `chunk_gla`.
+
+    q, k [B,H,K]; v [B,H,V]; state [B,H,K,V] float32; log_g [B,H,K] or log_a [B,H] (or neither).
+    Returns (o [B,H,V] in q.dtype, new state [B,H,K,V] float32).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if log_g is not None:
+        log_gate = log_g.astype(jnp.float32)
+    elif log_a is not None:
+        log_gate = log_a.astype(jnp.float32)[..., None]
+    else:
+        log_gate = jnp.zeros(q.shape[:-1] + (1,), jnp.float32)
+    f32 = lambda x: x.astype(jnp.float32)
+    out, state = _recurrence(f32(q) * scale, f32(k), f32(v), log_gate, state)
+    return out.astype(q.dtype), state
+
+
+def gla_reference(q, k, v, *, log_gate, scale, initial_state, segment_ids, chunk_size=None):
+    """q, k [B,T,H,K]; v [B,T,H,V]; log_gate [B,T,H,W] float32 (W = K or 1); initial_state
+    [B,H,K,V] or None; segment_ids [B,T] or None. Returns (o [B,T,H,V] in q.dtype, final_state
+    [B,H,K,V] float32). `chunk_size` is accepted for a uniform signature and ignored."""
+    del chunk_size
+    batch, length, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    if initial_state is None:
+        initial_state = jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32)
+    if segment_ids is None:
+        segment_ids = jnp.ones((batch, length), jnp.int32)
+    f32 = lambda x: jnp.swapaxes(x.astype(jnp.float32), 0, 1)  # time-major for the scan
+
+    def step(carry, token):
+        state, previous_id, seen = carry
+        q_t, k_t, v_t, gate_t, id_t = token
+        real = id_t != 0
+        starts = real & seen & (id_t != previous_id)
+        state = jnp.where(starts[:, None, None, None], 0.0, state)
+        out, advanced = _recurrence(q_t * scale, k_t, v_t, gate_t, state)
+        state = jnp.where(real[:, None, None, None], advanced, state)
+        out = jnp.where(real[:, None, None], out, 0.0)
+        return (state, jnp.where(real, id_t, previous_id), seen | real), out
+
+    carry = (initial_state.astype(jnp.float32), jnp.zeros((batch,), segment_ids.dtype), jnp.zeros((batch,), bool))
+    tokens = (f32(q), f32(k), f32(v), f32(log_gate), jnp.swapaxes(segment_ids, 0, 1))
+    (final_state, _, _), out = lax.scan(step, carry, tokens)
+    return jnp.swapaxes(out, 0, 1).astype(q.dtype), final_state

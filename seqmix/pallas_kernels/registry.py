@@ -1,0 +1,54 @@
+"""A kernel family's implementations behind one op: `supports()` predicates and "auto" dispatch.
+
+"auto" takes the first implementation, in the family's order of preference, that is native to the
+current backend and supports the call. Interpreted Pallas and the token-by-token reference are
+never chosen by "auto"; asking for one by name runs it (Pallas in interpret mode off its device).
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """One way to run a kernel family's op.
+
+    `supports(call)` returns None when the implementation can run `call` (a family-specific
+    description of shapes and options), else the reason it cannot, for the error message.
+    `native_backends` are the backends "auto" may pick it on.
+    """
+
+    name: str
+    run: Callable[..., Any]
+    supports: Callable[[Any], str | None]
+    native_backends: tuple[str, ...]
+
+
+def choose(implementations: list[Implementation], impl: str, call: Any, op_name: str) -> Implementation:
+    by_name = {candidate.name: candidate for candidate in implementations}
+    if impl != "auto":
+        if impl not in by_name:
+            raise ValueError(f"{op_name}: impl={impl!r} is not one of {['auto', *by_name]}")
+        chosen = by_name[impl]
+        reason = chosen.supports(call)
+        if reason is not None:
+            raise ValueError(f"{op_name}: impl={impl!r} cannot run this call: {reason}")
+        return chosen
+    backend = jax.default_backend()
+    reasons = []
+    for candidate in implementations:
+        if backend not in candidate.native_backends:
+            continue
+        reason = candidate.supports(call)
+        if reason is None:
+            return candidate
+        reasons.append(f"{candidate.name}: {reason}")
+    raise ValueError(f"{op_name}: no implementation supports this call on {backend} ({'; '.join(reasons)})")
+
+
+def interpret_off_device(device_platform: str) -> bool:
+    """True when a Pallas kernel for `device_platform` must run in interpret mode here."""
+    return jax.default_backend() != device_platform
