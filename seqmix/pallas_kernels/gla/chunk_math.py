@@ -50,33 +50,55 @@ def _causal(rows: int, cols: int):
     return lax.broadcasted_iota(jnp.int32, (rows, cols), 0) >= lax.broadcasted_iota(jnp.int32, (rows, cols), 1)
 
 
+def _eye(size: int):
+    return lax.broadcasted_iota(jnp.int32, (size, size), 0) == lax.broadcasted_iota(jnp.int32, (size, size), 1)
+
+
+def _strictly_causal(size: int):
+    return _causal(size, size) & ~_eye(size)
+
+
+def _self_scores(q, k):
+    """[C, C] with q_i.k_i on the diagonal. A token reads itself undecayed: keeping exp(G_i - G_i)
+    out of the graph keeps its gradient, +t and -t through G_i, from leaving rounding noise in dlog_g
+    that swamps the true, tiny gradient under strong decay."""
+    return jnp.where(_eye(q.shape[0]), jnp.sum(q * k, axis=1, keepdims=True), 0.0)
+
+
 def _as_row(column):
     """[C, 1] -> [1, C] without a transpose op (kernel-friendly: a masked sublane reduction)."""
-    size = column.shape[0]
-    eye = lax.broadcasted_iota(jnp.int32, (size, size), 0) == lax.broadcasted_iota(jnp.int32, (size, size), 1)
-    return jnp.sum(jnp.where(eye, column, jnp.zeros_like(column)), axis=0, keepdims=True)
+    return jnp.sum(jnp.where(_eye(column.shape[0]), column, jnp.zeros_like(column)), axis=0, keepdims=True)
+
+
+def _masked_sums(log_g, mask):
+    """out[i] = sum_j mask[i, j] log_g[j], [C, W] float32: a matmul for per-key gates, a masked row
+    sum for a scalar gate column (too narrow for a matmul tile). Kernels have no scans."""
+    if log_g.shape[1] == 1:
+        return jnp.sum(jnp.where(mask, _as_row(log_g), 0.0), axis=1, keepdims=True)
+    return matmul(mask.astype(jnp.float32), log_g, jnp.float32)
 
 
 def cumulative_gates(log_g):
-    """Inclusive prefix sums over the chunk, [C, W] -> [C, W] float32 (kernels have no scans).
-
-    Per-key gates use a lower-triangular matmul; a scalar gate column, too narrow for a matmul
-    tile, a masked row sum.
-    """
+    """G_i = sum_{j <= i} log_g_j over the chunk, [C, W] -> [C, W] float32."""
     size = log_g.shape[0]
-    if log_g.shape[1] == 1:
-        return jnp.sum(jnp.where(_causal(size, size), _as_row(log_g), 0.0), axis=1, keepdims=True)
-    return matmul(_causal(size, size).astype(jnp.float32), log_g, jnp.float32)
+    return _masked_sums(log_g, _causal(size, size))
+
+
+def _decay_to_chunk_end(log_g):
+    """sum_{s > j} log_g_s, i.e. G_last - G_j, summed directly rather than as that difference
+    (whose gradient would cancel large terms)."""
+    size = log_g.shape[0]
+    return _masked_sums(log_g, ~_causal(size, size))
 
 
 def _diagonal_block(q32, k32, v, gates, same_group, matmul_dtype):
     """Per-key decays taken elementwise on a masked [c, c, K] block, for one sub-block of queries
     against its own keys: no factorisation, so any gate magnitude is exact."""
     size = q32.shape[0]
-    mask = _causal(size, size) & same_group
+    mask = _strictly_causal(size) & same_group
     exponent = jnp.where(mask[:, :, None], gates[:, None, :] - gates[None, :, :], -jnp.inf)
     scores = jnp.sum(q32[:, None, :] * k32[None, :, :] * jnp.exp(exponent), axis=2)
-    return matmul(scores, v, matmul_dtype)
+    return matmul(scores + _self_scores(q32, k32), v, matmul_dtype)
 
 
 def intra_chunk(q, k, v, gates, groups, matmul_dtype):
@@ -89,9 +111,9 @@ def intra_chunk(q, k, v, gates, groups, matmul_dtype):
     same_group = groups == _as_row(groups)
     if gates.shape[1] == 1:
         # Scalar decay: one [C, C] decay matrix multiplies q k^T elementwise.
-        mask = _causal(size, size) & same_group
+        mask = _strictly_causal(size) & same_group
         decay = jnp.exp(jnp.where(mask, gates - _as_row(gates), -jnp.inf))
-        scores = matmul_nt(q, k, matmul_dtype) * decay
+        scores = matmul_nt(q, k, matmul_dtype) * jnp.where(_eye(size), 1.0, decay)
         return matmul(scores, v, matmul_dtype)
     q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
     if size <= SUB_BLOCK:
@@ -115,7 +137,26 @@ def intra_chunk(q, k, v, gates, groups, matmul_dtype):
     return jnp.concatenate(outputs, axis=0)
 
 
-def state_transition(k, v, log_g, gates, groups, matmul_dtype):
+# Largest decay of a chunk (nats, any key) for which `intra_chunk_factored` is safe: exp(-G) <= e^60
+# leaves float32 headroom (max ~e^88) for the |q| |k| factors. Typical gates decay a 64-token
+# chunk by a few nats; only gates near zero (log decay below about -1 per step) exceed it.
+FACTORED_SPAN_LIMIT = 60.0
+
+
+def intra_chunk_factored(q, k, v, gates, groups, matmul_dtype):
+    """`intra_chunk` for per-key gates as one masked matmul, exp(G_i - G_j) = exp(G_i) exp(-G_j).
+
+    Exact while the chunk decays by at most FACTORED_SPAN_LIMIT (exp(-G) overflows past ~88 nats);
+    the XLA path checks that and otherwise takes `intra_chunk`, whose exponentials are all <= 1.
+    """
+    size = q.shape[0]
+    mask = _strictly_causal(size) & (groups == _as_row(groups))
+    q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
+    scores = jnp.where(mask, matmul_nt(q32 * jnp.exp(gates), k32 * jnp.exp(-gates), matmul_dtype), 0.0)
+    return matmul(scores + _self_scores(q32, k32), v, matmul_dtype)
+
+
+def state_transition(k, v, log_g, groups, matmul_dtype):
     """The chunk's effect on the carried state: S_out = decay * S_in + update.
 
     Returns decay [1, W] (zero when a segment starts inside the chunk) and update [V, K]:
@@ -125,7 +166,7 @@ def state_transition(k, v, log_g, gates, groups, matmul_dtype):
     # (Reductions rather than a slice of the last row, which Triton cannot take.)
     last_gate = jnp.sum(log_g, axis=0, keepdims=True)
     last_group = jnp.max(groups, axis=0, keepdims=True)
-    weights = jnp.where(groups == last_group, jnp.exp(last_gate - gates), 0.0)
+    weights = jnp.where(groups == last_group, jnp.exp(_decay_to_chunk_end(log_g)), 0.0)
     update = matmul_tn(v, k.astype(jnp.float32) * weights, matmul_dtype)
     decay = jnp.where(last_group == 0, jnp.exp(last_gate), 0.0)
     return decay, update
@@ -141,7 +182,7 @@ def chunk_forward(q, k, v, log_g, groups, state, matmul_dtype):
     """One chunk, sequentially after the previous one: (o [C, V] float32, state_out [V, K] float32)."""
     gates = cumulative_gates(log_g)
     out = intra_chunk(q, k, v, gates, groups, matmul_dtype) + inter_chunk(q, gates, groups, state, matmul_dtype)
-    decay, update = state_transition(k, v, log_g, gates, groups, matmul_dtype)
+    decay, update = state_transition(k, v, log_g, groups, matmul_dtype)
     return out, decay * state + update
 
 

@@ -1,0 +1,95 @@
+"""Speed of the gated linear attention implementations against the reference and softmax attention.
+
+    python benchmarks/kernels.py                 # B=1, H=4, K=V=64, float32, T = 1k..16k
+    python benchmarks/kernels.py --gate head --lengths 1024 4096
+
+Prints one markdown table: per implementation and T, the median forward and forward+backward
+times, and each as a ratio to `reference` and to `jax.nn.dot_product_attention` (causal) on the
+same shape, all measured in the same run. Pallas kernels are timed only on their own device (here
+they would run in an interpreter, which says nothing about their speed).
+"""
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seqmix.pallas_kernels.gla import IMPLEMENTATIONS, chunk_gla
+
+
+def median_seconds(fn, *args, repeats: int, budget: float = 20.0) -> float:
+    jax.block_until_ready(fn(*args))  # compile and warm up
+    times = []
+    while len(times) < repeats and sum(times) < budget:
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def gla_fn(impl: str, gate: str, chunk_size: int):
+    def forward(q, k, v, log_g):
+        gates = {"key": dict(log_g=log_g), "head": dict(log_a=log_g[..., 0]), "none": {}}[gate]
+        return chunk_gla(q, k, v, **gates, impl=impl, chunk_size=chunk_size)
+    return forward
+
+
+def softmax_fn(q, k, v, log_g):
+    del log_g
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
+
+def timed(forward, inputs, repeats):
+    loss = lambda *args: jnp.sum(forward(*args).astype(jnp.float32))
+    fwd = jax.jit(forward)
+    fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+    return median_seconds(fwd, *inputs, repeats=repeats), median_seconds(fwd_bwd, *inputs, repeats=repeats)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=64, help="K = V")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--gate", default="key", choices=["key", "head", "none"],
+                        help="per-key log_g (GLA), per-head log_a (RetNet/SSD) or no decay")
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    backend = jax.default_backend()
+    impls = ["reference"] + [i.name for i in IMPLEMENTATIONS if backend in i.native_backends]
+    print(f"# chunk_gla on {jax.devices()[0].device_kind} ({backend}), jax {jax.__version__}: "
+          f"B={args.batch} H={args.heads} K=V={args.dim} {args.dtype}, gate={args.gate}, chunk={args.chunk_size}")
+    print("| impl | T | fwd ms | fwd+bwd ms | fwd vs reference | fwd+bwd vs reference | fwd vs softmax | fwd+bwd vs softmax |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    rng = np.random.default_rng(0)
+    dtype = jnp.dtype(args.dtype)
+    previous = {}
+    for length in args.lengths:
+        shape = (args.batch, length, args.heads, args.dim)
+        q, k, v = (jnp.asarray(rng.normal(size=shape), dtype) for _ in range(3))
+        log_g = jnp.asarray(np.log(rng.uniform(0.9, 1.0, size=shape)), jnp.float32)
+        inputs = (q, k, v, log_g)
+        rows = {"softmax": timed(softmax_fn, inputs, args.repeats)}
+        for impl in impls:
+            rows[impl] = timed(gla_fn(impl, args.gate, args.chunk_size), inputs, args.repeats)
+        for name, (fwd, fwd_bwd) in rows.items():
+            ref_fwd, ref_bwd = rows["reference"]
+            soft_fwd, soft_bwd = rows["softmax"]
+            growth = ""
+            if name in previous:
+                growth = f" (x{fwd_bwd / previous[name]:.2f} vs T/2)"
+            print(f"| {name} | {length} | {fwd * 1e3:.1f} | {fwd_bwd * 1e3:.1f}{growth} | {ref_fwd / fwd:.1f}x "
+                  f"| {ref_bwd / fwd_bwd:.1f}x | {soft_fwd / fwd:.2f}x | {soft_bwd / fwd_bwd:.2f}x |", flush=True)
+            previous[name] = fwd_bwd
+    print("Ratios are speed-ups: (time of reference or softmax) / (time of this row); > 1 means this row is faster.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""chunk_gla: every implementation against the token-by-token reference.
+
+Pallas kernels run in interpret mode here (TPU-semantics interpreter; the generic interpreter for
+the Triton-lowered GPU kernel), on small shapes; larger and longer cases run on the `xla` path.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from seqmix.pallas_kernels.gla import chunk_gla, gla_step
+
+IMPLS = ["xla", "pallas_tpu", "pallas_gpu"]
+GATES = ["key", "head", "none"]
+
+
+def relative_error(actual, expected):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return np.linalg.norm(actual - expected) / np.linalg.norm(expected)
+
+
+def packed_segments(rng, batch, length):
+    """Rows of several segments with padding between and after them (ids restart per row)."""
+    rows = []
+    for _ in range(batch):
+        ids, segment = [], 0
+        while len(ids) < length:
+            segment += 1
+            ids += [segment] * int(rng.integers(3, 20)) + [0] * int(rng.integers(0, 3))
+        rows.append(ids[:length])
+    return jnp.asarray(rows, jnp.int32)
+
+
+def make_inputs(seed, batch=2, length=45, heads=2, key_dim=16, value_dim=32, gate="key", dtype=jnp.float32,
+                log_decay=(-1.0, 0.0)):
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)
+    q, k = normal(batch, length, heads, key_dim), normal(batch, length, heads, key_dim)
+    v = normal(batch, length, heads, value_dim)
+    decay = jnp.asarray(rng.uniform(*log_decay, size=(batch, length, heads, key_dim)), jnp.float32)
+    gates = {"key": dict(log_g=decay), "head": dict(log_a=decay[..., 0]), "none": {}}[gate]
+    initial_state = jnp.asarray(rng.normal(size=(batch, heads, key_dim, value_dim)), jnp.float32)
+    return q, k, v, gates, initial_state, packed_segments(rng, batch, length)
+
+
+def run(impl, q, k, v, gates, initial_state=None, segment_ids=None, chunk_size=32, **kwargs):
+    return chunk_gla(q, k, v, **gates, initial_state=initial_state, segment_ids=segment_ids,
+                     output_final_state=True, chunk_size=chunk_size, impl=impl, **kwargs)
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_forward_and_final_state_match_reference(impl, gate):
+    q, k, v, gates, h0, segments = make_inputs(0, gate=gate)  # T=45: not a multiple of any chunk
+    expected_out, expected_state = run("reference", q, k, v, gates, h0, segments)
+    out, state = run(impl, q, k, v, gates, h0, segments)
+    assert relative_error(out, expected_out) < 1e-4
+    assert relative_error(state, expected_state) < 1e-4
+    assert np.all(np.asarray(out)[np.asarray(segments) == 0] == 0.0)  # padding reads nothing
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradients_match_reference(impl, gate):
+    q, k, v, gates, h0, segments = make_inputs(1, length=40, gate=gate)
+    rng = np.random.default_rng(2)
+    out_weights = jnp.asarray(rng.normal(size=v.shape), jnp.float32)
+    state_weights = jnp.asarray(rng.normal(size=h0.shape), jnp.float32)
+
+    def loss(impl, q, k, v, gates, h0):
+        out, state = run(impl, q, k, v, gates, h0, segments)
+        return jnp.sum(out * out_weights) + jnp.sum(state * state_weights)
+
+    expected = jax.grad(loss, argnums=(1, 2, 3, 4, 5))("reference", q, k, v, gates, h0)
+    actual = jax.grad(loss, argnums=(1, 2, 3, 4, 5))(impl, q, k, v, gates, h0)
+    names = ["dq", "dk", "dv", "dgate", "dh0"]
+    for name, a, e in zip(names, jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        assert relative_error(a, e) < 1e-4, name
+
+
+@pytest.mark.parametrize("chunk_size", [16, 64, 128])
+def test_xla_longer_rows_and_chunk_sizes(chunk_size):
+    q, k, v, gates, h0, segments = make_inputs(3, batch=3, length=203, heads=3, key_dim=32, value_dim=16)
+    expected = run("reference", q, k, v, gates, h0, segments)
+    actual = run("xla", q, k, v, gates, h0, segments, chunk_size=chunk_size)
+    for a, e in zip(actual, expected):
+        assert relative_error(a, e) < 1e-4
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_splitting_a_sequence_and_carrying_the_state_equals_the_whole(gate):
+    q, k, v, gates, h0, _ = make_inputs(4, length=100, gate=gate)
+    whole, whole_state = run("xla", q, k, v, gates, h0)
+    cut = 37
+    head = {name: g[:, :cut] for name, g in gates.items()}
+    tail = {name: g[:, cut:] for name, g in gates.items()}
+    first, state = run("xla", q[:, :cut], k[:, :cut], v[:, :cut], head, h0)
+    second, final = run("xla", q[:, cut:], k[:, cut:], v[:, cut:], tail, state)
+    assert relative_error(jnp.concatenate([first, second], axis=1), whole) < 1e-5
+    assert relative_error(final, whole_state) < 1e-5
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_decode_steps_equal_the_chunked_output(gate):
+    q, k, v, gates, h0, _ = make_inputs(5, length=30, gate=gate)
+    chunked, chunked_state = run("xla", q, k, v, gates, h0)
+    state, outs = h0, []
+    for t in range(q.shape[1]):
+        step_gates = {name: g[:, t] for name, g in gates.items()}
+        out, state = gla_step(q[:, t], k[:, t], v[:, t], state, **step_gates)
+        outs.append(out)
+    assert relative_error(jnp.stack(outs, axis=1), chunked) < 1e-5
+    assert relative_error(state, chunked_state) < 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("log_decay", [(-20.0, -20.0), (-60.0, 0.0), (0.0, 0.0), (-1e-6, 0.0)],
+                         ids=["minus20_per_step", "mixed_0_to_minus60", "zero", "near_zero"])
+def test_extreme_gates_stay_finite_and_exact(impl, log_decay):
+    """-20 nats per step over 256 steps decays a 64-token chunk by 1280 nats: any exp(-G) factor
+    overflows float32. Gates of exactly 0 are plain linear attention; states grow but stay exact."""
+    length = 256 if impl == "xla" else 64
+    q, k, v, gates, h0, segments = make_inputs(6, batch=1, length=length, gate="key", log_decay=log_decay)
+
+    def loss(impl, q, k, gates):
+        out, state = run(impl, q, k, v, gates, h0, segments, chunk_size=64)
+        return jnp.sum(out**2) + jnp.sum(state), (out, state)
+
+    (_, expected), expected_grads = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)("reference", q, k, gates)
+    (_, actual), grads = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)(impl, q, k, gates)
+    for a, e in zip(jax.tree.leaves((actual, grads)), jax.tree.leaves((expected, expected_grads))):
+        assert np.all(np.isfinite(np.asarray(a)))
+        assert relative_error(a, e) < 1e-4
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bfloat16_inputs(impl):
+    """bf16 q, k, v with float32 gates and accumulation: outputs within 1e-2 of the float32 reference."""
+    q, k, v, gates, h0, segments = make_inputs(7, gate="key")
+    out, state = run(impl, *(x.astype(jnp.bfloat16) for x in (q, k, v)), gates, h0, segments)
+    expected_out, expected_state = run("reference", q, k, v, gates, h0, segments)
+    assert out.dtype == jnp.bfloat16 and state.dtype == jnp.float32
+    assert relative_error(out, expected_out) < 1e-2
+    assert relative_error(state, expected_state) < 1e-2
+
+
+def test_auto_is_the_xla_path_on_cpu_and_never_an_interpreter():
+    q, k, v, gates, h0, segments = make_inputs(8)
+    auto = run("auto", q, k, v, gates, h0, segments)
+    xla = run("xla", q, k, v, gates, h0, segments)
+    for a, b in zip(auto, xla):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_default_scale_is_inverse_sqrt_key_dim():
+    q, k, v, gates, h0, segments = make_inputs(9)
+    default = run("xla", q, k, v, gates, h0, segments)[0]
+    explicit = run("xla", q * 2.0, k, v, gates, h0, segments, scale=q.shape[-1] ** -0.5 / 2.0)[0]
+    assert relative_error(explicit, default) < 1e-6
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(k=jnp.zeros((2, 45, 2, 8))), "k must be"),
+    (dict(v=jnp.zeros((2, 44, 2, 32))), "v must be"),
+    (dict(log_g=jnp.zeros((2, 45, 2, 8))), "log_g must be"),
+    (dict(log_a=jnp.zeros((2, 45))), "log_a must be"),
+    (dict(log_g=jnp.zeros((2, 45, 2, 16)), log_a=jnp.zeros((2, 45, 2))), "not both"),
+    (dict(initial_state=jnp.zeros((2, 2, 32, 16))), "initial_state must be"),
+    (dict(segment_ids=jnp.zeros((2, 45), jnp.float32)), "segment_ids must be integers"),
+    (dict(segment_ids=jnp.zeros((2, 44), jnp.int32)), "segment_ids must be"),
+    (dict(chunk_size=24), "chunk_size"),
+    (dict(impl="triton"), "impl='triton'"),
+])
+def test_bad_input_is_named(change, message):
+    q, k, v, _, _, _ = make_inputs(10)
+    args = dict(q=q, k=k, v=v) | change
+    with pytest.raises(ValueError, match=message):
+        chunk_gla(**args)
+
+
+def test_gpu_kernel_rejects_shapes_triton_cannot_tile():
+    q, k, v, gates, _, _ = make_inputs(11, key_dim=24)
+    with pytest.raises(ValueError, match="K=24"):
+        chunk_gla(q, k, v, **gates, impl="pallas_gpu")
