@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# On a CUDA machine: check the Pallas GPU kernel against the reference, then time it against the
+# XLA path, cuDNN attention and (when fla-core imports) flash-linear-attention. Under 8 minutes on
+# an H100. fla-core is pure Python: where the machine has no network, bring its wheel and point
+# FLA_WHEEL at it. Usage: bash benchmarks/gpu.sh [--lengths 2048 4096 ...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+if [[ -n "${FLA_WHEEL:-}" ]] && ! python -c "import fla" 2>/dev/null; then
+  python -m pip install --quiet --no-deps --target "${TMPDIR:-/tmp}/fla-site" "$FLA_WHEEL"
+  export PYTHONPATH="${TMPDIR:-/tmp}/fla-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout 480 python benchmarks/gpu.py "$@"
