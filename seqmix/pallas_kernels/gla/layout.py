@@ -66,3 +66,9 @@ def state_in(initial_state, batch: int, heads: int, key_dim: int, value_dim: int
 def state_out(state):
     """Value-major [B,H,V,K] -> public [B,H,K,V]."""
     return jnp.swapaxes(state, 2, 3)
+
+
+def kernel_dims(q, v, log_gate, chunk: int):
+    """(batch, heads, padded length, K, V, gate width, chunk count) of head-major kernel inputs."""
+    batch, heads, padded, key_dim = q.shape
+    return batch, heads, padded, key_dim, v.shape[-1], log_gate.shape[-1], padded // chunk

@@ -47,6 +47,12 @@ def _row_spec(padded, width):
     return pl.BlockSpec((None, None, padded, width), lambda b, h: (b, h, 0, 0))
 
 
+def _chunked_input_specs(padded, key_dim, value_dim, width):
+    """q, k, v, log_gate and the reset groups [B,Tp,1] (shared by all heads)."""
+    return [_row_spec(padded, key_dim), _row_spec(padded, key_dim), _row_spec(padded, value_dim),
+            _row_spec(padded, width), pl.BlockSpec((None, padded, 1), lambda b, h: (b, 0, 0))]
+
+
 def _state_spec(*shape):
     return pl.BlockSpec((None, None, *shape), lambda b, h: (b, h) + (0,) * len(shape))
 
@@ -69,14 +75,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, gate_ref, group_ref, state0_ref,
 
 
 def forward(q, k, v, log_gate, groups, state0, chunk):
-    batch, heads, padded, key_dim = q.shape
-    value_dim, width, chunks = v.shape[-1], log_gate.shape[-1], padded // chunk
+    batch, heads, padded, key_dim, value_dim, width, chunks = layout.kernel_dims(q, v, log_gate, chunk)
     kernel = functools.partial(_forward_kernel, matmul_dtype=layout.matmul_dtype(q.dtype))
     return pl.pallas_call(
         kernel,
         grid=(batch, heads),
-        in_specs=[_row_spec(padded, key_dim), _row_spec(padded, key_dim), _row_spec(padded, value_dim),
-                  _row_spec(padded, width), pl.BlockSpec((None, padded, 1), lambda b, h: (b, 0, 0)),
+        in_specs=[*_chunked_input_specs(padded, key_dim, value_dim, width),
                   _state_spec(value_dim, key_dim)],
         out_specs=[_row_spec(padded, value_dim), _state_spec(value_dim, key_dim),
                    _state_spec(chunks, value_dim, key_dim)],
@@ -107,14 +111,12 @@ def _backward_kernel(q_ref, k_ref, v_ref, gate_ref, group_ref, incoming_ref, d_o
 
 
 def backward(q, k, v, log_gate, groups, incoming, d_out, d_final, chunk):
-    batch, heads, padded, key_dim = q.shape
-    value_dim, width, chunks = v.shape[-1], log_gate.shape[-1], padded // chunk
+    batch, heads, padded, key_dim, value_dim, width, chunks = layout.kernel_dims(q, v, log_gate, chunk)
     kernel = functools.partial(_backward_kernel, matmul_dtype=layout.matmul_dtype(q.dtype))
     return pl.pallas_call(
         kernel,
         grid=(batch, heads),
-        in_specs=[_row_spec(padded, key_dim), _row_spec(padded, key_dim), _row_spec(padded, value_dim),
-                  _row_spec(padded, width), pl.BlockSpec((None, padded, 1), lambda b, h: (b, 0, 0)),
+        in_specs=[*_chunked_input_specs(padded, key_dim, value_dim, width),
                   _state_spec(chunks, value_dim, key_dim), _row_spec(padded, value_dim),
                   _state_spec(value_dim, key_dim)],
         out_specs=[_row_spec(padded, key_dim), _row_spec(padded, key_dim), _row_spec(padded, value_dim),

@@ -75,8 +75,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, gate_ref, group_ref, state0_ref,
 
 
 def forward(q, k, v, log_gate, groups, state0, chunk):
-    batch, heads, padded, key_dim = q.shape
-    value_dim, width, chunks = v.shape[-1], log_gate.shape[-1], padded // chunk
+    batch, heads, padded, key_dim, value_dim, width, chunks = layout.kernel_dims(q, v, log_gate, chunk)
     kernel = functools.partial(_forward_kernel, matmul_dtype=layout.matmul_dtype(q.dtype))
     return pl.pallas_call(
         kernel,
@@ -116,8 +115,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, gate_ref, group_ref, incoming_ref, d_o
 
 
 def backward(q, k, v, log_gate, groups, incoming, d_out, d_final, chunk):
-    batch, heads, padded, key_dim = q.shape
-    value_dim, width, chunks = v.shape[-1], log_gate.shape[-1], padded // chunk
+    batch, heads, padded, key_dim, value_dim, width, chunks = layout.kernel_dims(q, v, log_gate, chunk)
     kernel = functools.partial(_backward_kernel, matmul_dtype=layout.matmul_dtype(q.dtype))
     key_tile, value_tile, gate_tile = (_tile_spec(chunk, d, reverse=True) for d in (key_dim, value_dim, width))
     return pl.pallas_call(

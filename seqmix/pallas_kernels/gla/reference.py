@@ -9,7 +9,6 @@ the row); `initial_state` is the state before the row's first token. Written ind
 chunked paths' reset-group encoding, so tests compare two derivations of the same semantics.
 """
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
