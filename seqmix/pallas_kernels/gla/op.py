@@ -6,7 +6,7 @@ import jax.numpy as jnp
 
 from seqmix.pallas_kernels import registry
 from seqmix.pallas_kernels.gla import chunk_math, pallas_gpu, pallas_tpu
-from seqmix.pallas_kernels.gla.reference import gla_reference
+from seqmix.pallas_kernels.gla.reference import gla_reference, log_gate_of
 from seqmix.pallas_kernels.gla.xla import gla_xla
 
 
@@ -69,12 +69,9 @@ def chunk_gla(q, k, v, *, log_g=None, log_a=None, scale=None, initial_state=None
         raise ValueError("chunk_gla: pass log_g (per-key decay) or log_a (per-head decay), not both")
     if log_g is not None:
         _check("log_g", log_g, q.shape, "[B,T,H,K] like q")
-        log_gate = log_g.astype(jnp.float32)
-    elif log_a is not None:
+    if log_a is not None:
         _check("log_a", log_a, q.shape[:3], "[B,T,H]")
-        log_gate = log_a.astype(jnp.float32)[..., None]
-    else:
-        log_gate = jnp.zeros((batch, length, heads, 1), jnp.float32)
+    log_gate = log_gate_of(log_g, log_a, q.shape[:3])
     if initial_state is not None:
         _check("initial_state", initial_state, (batch, heads, key_dim, value_dim), "[B,H,K,V]")
     if segment_ids is not None:

@@ -20,6 +20,16 @@ def _recurrence(q, k, v, log_gate, state):
     return out, state
 
 
+def log_gate_of(log_g, log_a, leading_shape):
+    """The one float32 gate array [..., W] every implementation takes: per-key log_g (W = K),
+    per-head log_a (W = 1) or no decay (zeros, W = 1). leading_shape: q.shape[:-1]."""
+    if log_g is not None:
+        return log_g.astype(jnp.float32)
+    if log_a is not None:
+        return log_a.astype(jnp.float32)[..., None]
+    return jnp.zeros(tuple(leading_shape) + (1,), jnp.float32)
+
+
 def gla_step(q, k, v, state, *, log_g=None, log_a=None, scale=None):
     """One decode step for a batch of rows, with the semantics of `chunk_gla`.
 
@@ -27,14 +37,8 @@ def gla_step(q, k, v, state, *, log_g=None, log_a=None, scale=None):
     Returns (o [B,H,V] in q.dtype, new state [B,H,K,V] float32).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if log_g is not None:
-        log_gate = log_g.astype(jnp.float32)
-    elif log_a is not None:
-        log_gate = log_a.astype(jnp.float32)[..., None]
-    else:
-        log_gate = jnp.zeros(q.shape[:-1] + (1,), jnp.float32)
     f32 = lambda x: x.astype(jnp.float32)
-    out, state = _recurrence(f32(q) * scale, f32(k), f32(v), log_gate, state)
+    out, state = _recurrence(f32(q) * scale, f32(k), f32(v), log_gate_of(log_g, log_a, q.shape[:-1]), state)
     return out.astype(q.dtype), state
 
 
