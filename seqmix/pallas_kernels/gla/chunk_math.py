@@ -1,9 +1,10 @@
-"""The per-chunk algebra of gated linear attention, shared by the `xla` path and both Pallas kernels.
+"""The per-chunk algebra of gated linear attention, shared by both Pallas kernels.
 
 Everything here acts on one chunk of one (batch, head): plain jnp on 2-D blocks, no reshapes or
-transposes, so the same functions trace inside Pallas kernel bodies (Triton and Mosaic TPU) and,
-vmapped, in the XLA path. Backward kernels differentiate `chunk_forward` with `jax.vjp`, so the
-forward and backward passes share one definition of the math.
+transposes, so the same functions trace inside Pallas kernel bodies (Triton and Mosaic TPU).
+Backward kernels differentiate `chunk_forward` with `jax.vjp`, so the forward and backward passes
+share one definition of the math. (The `xla` path batches the same algebra over many chunks with
+its own, hand-written backward pass.)
 
 Shapes (C = chunk length, c = sub-block length, W = gate width, K or 1):
   q, k [C, K]; v [C, V]; log_g [C, W] float32 (log decay per step, <= 0);
@@ -135,25 +136,6 @@ def intra_chunk(q, k, v, gates, groups, matmul_dtype):
             out = out + matmul(earlier, v[:start], matmul_dtype)
         outputs.append(out)
     return jnp.concatenate(outputs, axis=0)
-
-
-# Largest decay of a chunk (nats, any key) for which `intra_chunk_factored` is safe: exp(-G) <= e^60
-# leaves float32 headroom (max ~e^88) for the |q| |k| factors. Typical gates decay a 64-token
-# chunk by a few nats; only gates near zero (log decay below about -1 per step) exceed it.
-FACTORED_SPAN_LIMIT = 60.0
-
-
-def intra_chunk_factored(q, k, v, gates, groups, matmul_dtype):
-    """`intra_chunk` for per-key gates as one masked matmul, exp(G_i - G_j) = exp(G_i) exp(-G_j).
-
-    Exact while the chunk decays by at most FACTORED_SPAN_LIMIT (exp(-G) overflows past ~88 nats);
-    the XLA path checks that and otherwise takes `intra_chunk`, whose exponentials are all <= 1.
-    """
-    size = q.shape[0]
-    mask = _strictly_causal(size) & (groups == _as_row(groups))
-    q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
-    scores = jnp.where(mask, matmul_nt(q32 * jnp.exp(gates), k32 * jnp.exp(-gates), matmul_dtype), 0.0)
-    return matmul(scores + _self_scores(q32, k32), v, matmul_dtype)
 
 
 def state_transition(k, v, log_g, groups, matmul_dtype):

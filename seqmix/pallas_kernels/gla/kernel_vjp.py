@@ -12,6 +12,7 @@ The scale, masking and padding outside the kernels are differentiated by JAX.
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from seqmix.pallas_kernels.gla import layout
 
@@ -42,9 +43,9 @@ def kernel_implementation(forward, backward, tile):
     def run(q, k, v, *, log_gate, scale, initial_state, segment_ids, chunk_size):
         batch, length, heads, key_dim = q.shape
         chunk = tile(chunk_size)
-        x = layout.to_chunks(q, k, v, log_gate, scale, segment_ids, chunk)
+        x = layout.head_major(layout.to_chunks(q, k, v, log_gate, scale, segment_ids, chunk))
         state0 = layout.state_in(initial_state, batch, heads, key_dim, v.shape[-1])
         out, final = chunked(x.q, x.k, x.v, x.log_gate, x.groups, state0, chunk)
-        return layout.from_chunks(out, length, q.dtype), layout.state_out(final)
+        return layout.from_chunks(jnp.swapaxes(out, 1, 2), length, q.dtype), layout.state_out(final)
 
     return run

@@ -1,8 +1,4 @@
-"""Inputs of the chunked paths, laid out once: masked, scaled, padded to whole chunks, head-major.
-
-Head-major `[B, H, T, D]` makes a (batch, head) pair's chunk a contiguous `[C, D]` tile, the block a
-Pallas kernel walks; on TPU it also puts (time, feature) in the two tiled dimensions.
-"""
+"""Inputs of the chunked paths, laid out once: masked, scaled, padded to whole chunks."""
 
 import dataclasses
 
@@ -15,9 +11,10 @@ from seqmix.pallas_kernels.segments import chunk_relative_groups, reset_groups
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ChunkedInputs:
-    """q, k [B,H,Tp,K] (q scaled); v [B,H,Tp,V]; log_gate [B,H,Tp,W] float32; groups [B,Tp,1] int32
-    relative to each chunk's incoming state (see `segments`). Tp = T rounded up to the chunk.
-    Padding tokens have zero q, k, v and gate, so they neither read nor change the state."""
+    """q, k [B,Tp,H,K] (q scaled); v [B,Tp,H,V]; log_gate [B,Tp,H,W] float32; groups [B,Tp,1] int32
+    relative to each chunk's incoming state (see `segments`). Tp: T padded to whole chunks.
+    Padding tokens have zero q, k, v and gate, so they neither read nor change the state.
+    Time-major as given; `head_major` makes the kernels' [B,H,Tp,D] of it."""
 
     q: jax.Array
     k: jax.Array
@@ -31,15 +28,16 @@ def matmul_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(jnp.bfloat16) if dtype == jnp.bfloat16 else jnp.dtype(jnp.float32)
 
 
-def to_chunks(q, k, v, log_gate, scale, segment_ids, chunk: int) -> ChunkedInputs:
+def to_chunks(q, k, v, log_gate, scale, segment_ids, chunk: int, padded_length: int | None = None) -> ChunkedInputs:
+    """padded_length: a multiple of `chunk`, at least T (default: T rounded up to the chunk)."""
     batch, length = q.shape[:2]
     valid, groups = reset_groups(segment_ids, batch, length)
-    padding = -length % chunk
+    padding = (-length % chunk) if padded_length is None else padded_length - length
     real = valid[:, :, None, None]
 
     def arrange(x, dtype):
         x = jnp.where(real, x, jnp.zeros((), x.dtype)).astype(dtype)
-        return jnp.swapaxes(jnp.pad(x, ((0, 0), (0, padding), (0, 0), (0, 0))), 1, 2)
+        return jnp.pad(x, ((0, 0), (0, padding), (0, 0), (0, 0)))
 
     groups = jnp.pad(groups, ((0, 0), (0, padding)), mode="edge")
     return ChunkedInputs(
@@ -51,9 +49,16 @@ def to_chunks(q, k, v, log_gate, scale, segment_ids, chunk: int) -> ChunkedInput
     )
 
 
+def head_major(x: ChunkedInputs) -> ChunkedInputs:
+    """[B,Tp,H,D] -> [B,H,Tp,D]: a (batch, head) pair's chunk becomes a contiguous [C, D] tile, the
+    block a Pallas kernel walks; on TPU it also puts (time, feature) in the two tiled dimensions."""
+    swap = lambda a: jnp.swapaxes(a, 1, 2)
+    return ChunkedInputs(q=swap(x.q), k=swap(x.k), v=swap(x.v), log_gate=swap(x.log_gate), groups=x.groups)
+
+
 def from_chunks(out, length: int, dtype):
-    """[B,H,Tp,V] float32 -> [B,T,H,V] in the inputs' dtype."""
-    return jnp.swapaxes(out[:, :, :length], 1, 2).astype(dtype)
+    """[B,Tp,H,V] float32 -> [B,T,H,V] in the inputs' dtype."""
+    return out[:, :length].astype(dtype)
 
 
 def state_in(initial_state, batch: int, heads: int, key_dim: int, value_dim: int):

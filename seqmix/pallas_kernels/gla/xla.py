@@ -1,6 +1,26 @@
-"""Chunked gated linear attention in plain jnp: every chunk's own part at once, then a scan over
-chunk states. O(T C (K + V)) work with T/C sequential steps; JAX differentiates it."""
+"""Chunked gated linear attention in plain jnp, with its backward pass written out.
 
+The sequence is swept in blocks of a few chunks, carrying the state from block to block. Inside a
+block, every chunk's own part and its effect on the carried state are batched matmuls over the
+block's chunks; only an elementwise recurrence over chunk states runs in sequence (T/C steps each
+way). Work is O(T C (K + V) + T K V); memory beyond inputs, outputs and one state per chunk is
+O(block).
+
+Inside a block, arrays are chunk-major, [N,B,H,C,D] (N = the block's chunks): the batch axes of
+every matmul lead and each chunk's [C,D] tile is contiguous, so inputs are transposed once, by
+plain copies, and everything after works in place. q, k [N,B,H,C,K]; v, out [N,B,H,C,V]; log_g
+[N,B,H,C,W] float32 (W = K per key or 1 per head); groups [N,B,1,C,1] int32 (see `segments`);
+states [B,H,K,V] float32, one per chunk [N,B,H,K,V].
+
+The backward pass is written out because JAX's autodiff of this form, on CPU, spends more time
+around the matmuls than in them: it differentiates prefix sums through quadratic `reduce_window`s,
+keeps every intermediate of the elementwise decay algebra, and linearises the `lax.cond` between
+the two intra-chunk forms by materialising both branches' residuals. The rules below recompute the
+cheap elementwise terms, give each matmul's cotangent one batched dot, and reuse the chunk states
+saved by the forward sweep.
+"""
+
+import dataclasses
 import functools
 
 import jax
@@ -9,87 +29,406 @@ from jax import lax
 
 from seqmix.pallas_kernels.gla import chunk_math, layout
 
+CHUNK_AXIS = 3
 
-def _over_chunks(fn, *args):
-    for _ in range(3):  # N, H, B
-        fn = jax.vmap(fn)
-    return fn(*args)
-
-
-def _intra_exact(q, k, v, gates, groups, dtype):
-    return _over_chunks(lambda *a: chunk_math.intra_chunk(*a, dtype), q, k, v, gates, groups)
+# Largest decay of a chunk (nats, any key) for which the factored intra-chunk form is exact:
+# exp(-G) <= e^60 leaves float32 headroom (max ~e^88) for the |q| |k| factors. Typical gates decay
+# a 64-token chunk by a few nats; only gates below about -1 per step exceed it.
+FACTORED_SPAN_LIMIT = 60.0
 
 
-def _intra_factored(q, k, v, gates, groups, dtype):
-    return _over_chunks(lambda *a: chunk_math.intra_chunk_factored(*a, dtype), q, k, v, gates, groups)
+def _dot(spec, a, b, matmul_dtype):
+    precision = lax.Precision.HIGHEST if matmul_dtype == jnp.float32 else lax.Precision.DEFAULT
+    return jnp.einsum(spec, a.astype(matmul_dtype), b.astype(matmul_dtype),
+                      precision=precision, preferred_element_type=jnp.float32)
 
 
-def _factored_is_safe(gates):
-    return -jnp.min(gates[..., -1, :]) <= chunk_math.FACTORED_SPAN_LIMIT
+def _mm(a, b, matmul_dtype):  # [..., M, K] x [..., K, N]
+    return _dot("...mk,...kn->...mn", a, b, matmul_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _intra_per_key(q, k, v, gates, groups, dtype):
-    """Intra-chunk outputs [B,H,N,C,V] for per-key gates, from [B,H,N,C,*] tiles.
+def _mm_nt(a, b, matmul_dtype):  # [..., M, K] x [..., N, K]^T
+    return _dot("...mk,...nk->...mn", a, b, matmul_dtype)
 
-    One masked matmul per chunk when every chunk's decay allows it (the common case), else the
-    sub-blocked form whose exponentials never exceed 1. The choice is a `lax.cond` on data; its
-    VJP is written out so that reverse mode keeps only the inputs and recomputes the taken branch:
-    JAX's own cond linearisation materialises both branches' residuals, which on CPU cost more
-    than the whole forward pass.
+
+def _mm_tn(a, b, matmul_dtype):  # [..., K, M]^T x [..., K, N]
+    """XLA on CPU runs a dot contracting both operands' rows on a slow generic path; the explicit
+    transpose fuses into the op producing `a` and the dot takes the fast one (2x here)."""
+    return _mm(jnp.swapaxes(a, -1, -2), b, matmul_dtype)
+
+
+def _prefix_sums(x, reverse=False):
+    """Inclusive prefix sums along the chunk axis.
+
+    `associative_scan`, as `jnp.cumsum` lowers on CPU to a `reduce_window` quadratic in the chunk
+    length. The barriers keep its input and output materialised: left to fuse, XLA re-evaluates
+    the producer of the input (exps, products) inside each of the scan's log2(C) levels, and the
+    scan's levels inside every consumer, which made the backward pass 1.5x slower.
     """
-    def branch(intra):
-        return lambda *tiles: intra(*tiles, groups, dtype)
-
-    return lax.cond(_factored_is_safe(gates), branch(_intra_factored), branch(_intra_exact), q, k, v, gates)
+    summed = lax.associative_scan(jnp.add, lax.optimization_barrier(x), axis=CHUNK_AXIS, reverse=reverse)
+    return lax.optimization_barrier(summed)
 
 
-def _intra_per_key_forward(q, k, v, gates, groups, dtype):
-    return _intra_per_key(q, k, v, gates, groups, dtype), (q, k, v, gates, groups)
+def _shift(x, step: int):
+    """Moves entries `step` places along the chunk axis (later if > 0), filling with zeros."""
+    size = x.shape[CHUNK_AXIS]
+    kept = lax.slice_in_dim(x, 0, size - step, axis=CHUNK_AXIS) if step > 0 else \
+        lax.slice_in_dim(x, -step, size, axis=CHUNK_AXIS)
+    pad = [(0, 0)] * x.ndim
+    pad[CHUNK_AXIS] = (step, 0) if step > 0 else (0, -step)
+    return jnp.pad(kept, pad)
 
 
-def _intra_per_key_backward(dtype, residuals, d_out):
-    q, k, v, gates, groups = residuals
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Gates:
+    """A chunk's log decays, each summed directly (never as a difference of sums, whose gradient
+    cancels large terms): to_here G_i = sum_{s<=i} log_g_s, to_end E_j = sum_{s>j} log_g_s, and
+    total [N,B,H,1,W]."""
 
-    def pullback(intra):
-        def run(*tiles):
-            _, vjp = jax.vjp(lambda *a: intra(*a, groups, dtype), *tiles)
-            return vjp(d_out)
-        return run
-
-    grads = lax.cond(_factored_is_safe(gates), pullback(_intra_factored), pullback(_intra_exact), q, k, v, gates)
-    return (*grads, None)
+    to_here: jax.Array
+    to_end: jax.Array
+    total: jax.Array
 
 
-_intra_per_key.defvjp(_intra_per_key_forward, _intra_per_key_backward)
+def _gates(log_g):
+    return _Gates(
+        to_here=_prefix_sums(log_g),
+        to_end=_shift(_prefix_sums(log_g, reverse=True), -1),
+        total=jnp.sum(log_g, axis=CHUNK_AXIS, keepdims=True),
+    )
+
+
+def _gate_cotangent(d_to_here, d_to_end, d_total):
+    """d log_g from the cotangents of `_Gates`' three sums."""
+    return _prefix_sums(d_to_here, reverse=True) + _shift(_prefix_sums(d_to_end), 1) + d_total
+
+
+def _to_width(x, width: int):
+    """A per-key cotangent [..., K] summed to the gate's width (1 for a per-head gate)."""
+    return jnp.sum(x, axis=-1, keepdims=True) if width == 1 else x
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Masks:
+    """Who reads whom. earlier [N,B,1,C,C]: j < i in the same segment; reads_state [N,B,1,C,1]: the
+    token sees the carried-in state; writes_state: its segment is still open at the chunk end;
+    keeps_state [N,B,1,1,1]: the carried-in state survives the chunk."""
+
+    earlier: jax.Array
+    reads_state: jax.Array
+    writes_state: jax.Array
+    keeps_state: jax.Array
+
+
+def _masks(groups):
+    size = groups.shape[CHUNK_AXIS]
+    later = lax.broadcasted_iota(jnp.int32, (size, size), 0) > lax.broadcasted_iota(jnp.int32, (size, size), 1)
+    token_groups = groups[:, :, 0, :, 0]
+    same = token_groups[:, :, :, None] == token_groups[:, :, None, :]
+    last_group = jnp.max(groups, axis=CHUNK_AXIS, keepdims=True)  # groups never decrease along a row
+    return _Masks(
+        earlier=(later & same)[:, :, None],
+        reads_state=groups == 0,
+        writes_state=groups == last_group,
+        keeps_state=last_group == 0,
+    )
+
+
+# --- The intra-chunk part: o_i = sum_{j <= i, same segment} exp(G_i - G_j) (q_i.k_j) v_j -----------
+# Three forms, each a forward (q, k, v, G, masks, dtype) -> o and a backward (..., d_o) ->
+# (dq, dk, dv, dG), all float32. A token reads itself undecayed, outside the gates' graph: its
+# exp(G_i - G_i) would send +t and -t to G_i, whose rounding noise swamps the true gate gradient
+# under strong decay.
+
+def _eye(size: int):
+    return lax.broadcasted_iota(jnp.int32, (size, size), 0) == lax.broadcasted_iota(jnp.int32, (size, size), 1)
+
+
+def _self_products(q, k):
+    """q_i.k_i as a [..., C, 1] column."""
+    return jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32), axis=-1, keepdims=True)
+
+
+def _head_decay(to_here, masks):
+    """A per-head gate's [C,C] decay exp(G_i - G_j), masked before the exp (exact for any gate),
+    with 1 on the diagonal."""
+    exponent = jnp.where(masks.earlier, to_here - jnp.swapaxes(to_here, -1, -2), -jnp.inf)
+    return jnp.where(_eye(to_here.shape[-2]), 1.0, jnp.exp(exponent))
+
+
+def _intra_per_head(q, k, v, to_here, masks, dtype):
+    scores = _mm_nt(q, k, dtype) * _head_decay(to_here, masks)
+    return _mm(scores, v, dtype)
+
+
+def _intra_per_head_backward(q, k, v, to_here, masks, d_out, dtype):
+    decay = _head_decay(to_here, masks)
+    products = _mm_nt(q, k, dtype)
+    dv = _mm_tn(products * decay, d_out, dtype)
+    d_products = _mm_nt(d_out, v, dtype) * decay
+    dq = _mm(d_products, k, dtype)
+    dk = _mm_tn(d_products, q, dtype)
+    d_exponent = jnp.where(masks.earlier, d_products * products, 0.0)
+    d_gate = jnp.sum(d_exponent, axis=-1) - jnp.sum(d_exponent, axis=-2)
+    return dq, dk, dv, d_gate[..., None]
+
+
+def _factored(q, k, to_here):
+    """exp(G_i - G_j) = exp(G_i) exp(-G_j): the decays folded into q and k."""
+    return q.astype(jnp.float32) * jnp.exp(to_here), k.astype(jnp.float32) * jnp.exp(-to_here)
+
+
+def _factored_scores(q, k, q_decayed, k_grown, masks, dtype):
+    scores = jnp.where(masks.earlier, _mm_nt(q_decayed, k_grown, dtype), 0.0)
+    return jnp.where(_eye(scores.shape[-1]), _self_products(q, k), scores)
+
+
+def _intra_factored(q, k, v, to_here, masks, dtype):
+    """Per-key decays as one masked matmul per chunk. Exact while no chunk decays by more than
+    FACTORED_SPAN_LIMIT nats (exp(-G) overflows float32 past ~88)."""
+    scores = _factored_scores(q, k, *_factored(q, k, to_here), masks, dtype)
+    return _mm(scores, v, dtype)
+
+
+def _intra_factored_backward(q, k, v, to_here, masks, d_out, dtype):
+    q_decayed, k_grown = _factored(q, k, to_here)
+    dv = _mm_tn(_factored_scores(q, k, q_decayed, k_grown, masks, dtype), d_out, dtype)
+    d_scores = _mm_nt(d_out, v, dtype)
+    d_self = jnp.diagonal(d_scores, axis1=-2, axis2=-1)[..., None]
+    d_scores = jnp.where(masks.earlier, d_scores, 0.0)
+    dq_decayed = _mm(d_scores, k_grown, dtype)
+    dk_grown = _mm_tn(d_scores, q_decayed, dtype)
+    dq = dq_decayed * jnp.exp(to_here) + d_self * k.astype(jnp.float32)
+    dk = dk_grown * jnp.exp(-to_here) + d_self * q.astype(jnp.float32)
+    return dq, dk, dv, dq_decayed * q_decayed - dk_grown * k_grown
+
+
+def _exact_chunks(q, k, v, to_here, earlier, dtype):
+    """Per-key decays for any gate magnitude, every exponential <= 1, in 16-token sub-blocks.
+
+    Queries of sub-block I read the earlier sub-blocks' keys factored around R_I, the gate at the
+    last token before I: exp(G_i - R_I) exp(R_I - G_j), both factors <= 1. A sub-block's own
+    pairs take exp(G_i - G_j) elementwise on a masked [c, c, K] block.
+    """
+    chunk, key_dim = q.shape[-2:]
+    size = chunk_math.SUB_BLOCK
+    blocks = chunk // size
+
+    def by_block(x):  # [..., C, D] -> [..., C/c, c, D]
+        return x.reshape(x.shape[:-2] + (blocks, size, x.shape[-1]))
+
+    q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
+    gate = by_block(to_here)
+    block_ends = gate[..., -1, :]
+    reference = jnp.concatenate([jnp.zeros_like(block_ends[..., :1, :]), block_ends[..., :-1, :]], axis=-2)
+    q_decayed = by_block(q32) * jnp.exp(gate - reference[..., None, :])
+    key_block = lax.broadcasted_iota(jnp.int32, (blocks, chunk, 1), 1) // size
+    before = key_block < lax.broadcasted_iota(jnp.int32, (blocks, chunk, 1), 0)  # key j before sub-block I
+    k_decayed = k32[..., None, :, :] * jnp.exp(
+        jnp.where(before, reference[..., :, None, :] - to_here[..., None, :, :], -jnp.inf))
+    earlier_blocks = _mm_nt(q_decayed, k_decayed, dtype).reshape(q.shape[:-2] + (chunk, chunk))
+    out = _mm(jnp.where(earlier, earlier_blocks, 0.0), v, dtype)
+
+    block_mask = earlier.reshape(earlier.shape[:-2] + (blocks, size, blocks, size))
+    block_mask = jnp.diagonal(block_mask, axis1=-4, axis2=-2)  # [..., c, c, C/c]
+    block_mask = jnp.moveaxis(block_mask, -1, -3)[..., None]  # [..., C/c, c, c, 1]
+    exponent = jnp.where(block_mask, gate[..., :, None, :] - gate[..., None, :, :], -jnp.inf)
+    own = jnp.sum(by_block(q32)[..., :, None, :] * by_block(k32)[..., None, :, :] * jnp.exp(exponent), axis=-1)
+    own = jnp.where(_eye(size), _self_products(by_block(q32), by_block(k32)), own)
+    return out + _mm(own, by_block(v), dtype).reshape(out.shape)
+
+
+def _intra_exact(q, k, v, to_here, masks, dtype):
+    """`_exact_chunks` one chunk at a time: batched, its [c, c, K] blocks would take 16x the
+    block's inputs, memory XLA sets aside (and the OS faults in, see below) on every call, even
+    while the factored form runs."""
+    return lax.map(lambda chunk: _exact_chunks(*chunk, dtype), (q, k, v, to_here, masks.earlier))
+
+
+def _intra_exact_backward(q, k, v, to_here, masks, d_out, dtype):
+    def chunk_backward(chunk):
+        *inputs, earlier, d_chunk = chunk
+        _, pullback = jax.vjp(lambda *a: _exact_chunks(*a, earlier, dtype), *inputs)
+        return tuple(g.astype(jnp.float32) for g in pullback(d_chunk))
+
+    return lax.map(chunk_backward, (q, k, v, to_here, masks.earlier, d_out))
+
+
+# --- The whole chunked pass, forward and backward, for one intra-chunk form ------------------------
+
+def _state_terms(q, k, gates, masks):
+    """(queries reading the carried state, q_i exp(G_i); keys written into it, k_j exp(E_j); the
+    state's decay over the chunk [N,B,H,1,W]), each zero where a segment boundary cuts the path."""
+    q_read = jnp.where(masks.reads_state, q.astype(jnp.float32) * jnp.exp(gates.to_here), 0.0)
+    k_written = jnp.where(masks.writes_state, k.astype(jnp.float32) * jnp.exp(gates.to_end), 0.0)
+    return q_read, k_written, jnp.where(masks.keeps_state, jnp.exp(gates.total), 0.0)
+
+
+def _as_row_scale(decay):
+    """[..., 1, W] -> [..., W, 1], scaling the rows (keys) of [K,V] states."""
+    return jnp.swapaxes(decay, -1, -2)
+
+
+def _linear_step(carry, chunk):
+    """carry' = decay * carry + term, emitting the carry it was given."""
+    decay, term = chunk
+    return decay * carry + term, carry
+
+
+def _chunk_major(a, chunk: int):
+    """[B,Tp,H,D] -> [N,B,H,C,D]."""
+    batch, padded = a.shape[:2]
+    return a.reshape((batch, padded // chunk, chunk) + a.shape[2:]).transpose(1, 0, 3, 2, 4)
+
+
+def _time_major(a):
+    """[N,B,H,C,D] -> [B,Tp,H,D]."""
+    chunks, batch, heads, chunk, dim = a.shape
+    return a.transpose(1, 0, 3, 2, 4).reshape(batch, chunks * chunk, heads, dim)
+
+
+def _forward(intra, q, k, v, log_g, groups, state0, chunk, dtype):
+    """One block of time-major inputs (see `_chunked`) and its incoming state -> (out [B,L,H,V]
+    float32, outgoing state, the state entering each of its chunks [N,B,H,K,V])."""
+    q, k, v, log_g, groups = (_chunk_major(a, chunk) for a in (q, k, v, log_g, groups))
+    gates, masks = _gates(log_g), _masks(groups)
+    q_read, k_written, decay = _state_terms(q, k, gates, masks)
+    update = _mm_tn(k_written, v, dtype)
+    final, incoming = lax.scan(_linear_step, state0, (_as_row_scale(decay), update))
+    out = intra(q, k, v, gates.to_here, masks, dtype)
+    out = out + _mm(q_read, incoming, dtype)
+    return _time_major(out), final, incoming
+
+
+def _backward(intra_backward, q, k, v, log_g, groups, incoming, d_out, d_final, chunk, dtype):
+    """Cotangents of `_forward`'s inputs (time-major, and the incoming state) from those of its
+    outputs."""
+    q, k, v, log_g, groups, d_out = (_chunk_major(a, chunk) for a in (q, k, v, log_g, groups, d_out))
+    width = log_g.shape[-1]
+    gates, masks = _gates(log_g), _masks(groups)
+    q_read, k_written, decay = _state_terms(q, k, gates, masks)
+
+    # d(state leaving chunk n) = d(state entering chunk n + 1): a reverse sweep.
+    read_back = _mm_tn(q_read, d_out, dtype)
+    d_state0, d_outgoing = lax.scan(_linear_step, d_final, (_as_row_scale(decay), read_back), reverse=True)
+
+    dq, dk, dv, d_to_here = intra_backward(q, k, v, gates.to_here, masks, d_out, dtype)
+    dq_read = _mm_nt(d_out, incoming, dtype)
+    dk_written = _mm_nt(v, d_outgoing, dtype)
+    dv = dv + _mm(k_written, d_outgoing, dtype)
+    dq = dq + jnp.where(masks.reads_state, dq_read * jnp.exp(gates.to_here), 0.0)
+    dk = dk + jnp.where(masks.writes_state, dk_written * jnp.exp(gates.to_end), 0.0)
+    d_decay = jnp.sum(d_outgoing * incoming, axis=-1)[..., None, :]  # [N,B,H,1,K]
+    d_log_g = _gate_cotangent(
+        d_to_here + _to_width(dq_read * q_read, width),
+        _to_width(dk_written * k_written, width),
+        _to_width(d_decay, width) * decay,
+    )
+    grads = (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_log_g)
+    return (*(_time_major(g) for g in grads), d_state0)
+
+
+def _by_intra_form(run_factored, run_exact, run_per_head, log_g, chunk, operands):
+    """Runs `run_*(*operands)` for the intra-chunk form a block's gates allow: per-key gates take
+    one masked matmul per chunk while none of the block's chunks decays by more than
+    FACTORED_SPAN_LIMIT nats (the common case), else the exact sub-blocked form."""
+    if log_g.shape[-1] == 1:
+        return run_per_head(*operands)
+    chunk_totals = jnp.sum(log_g.reshape((log_g.shape[0], -1, chunk) + log_g.shape[2:]), axis=2)
+    safe = -jnp.min(chunk_totals) <= FACTORED_SPAN_LIMIT
+    return lax.cond(safe, run_factored, run_exact, *operands)
+
+
+# --- The sweep over blocks of chunks ---------------------------------------------------------------
+# On CPU the blocks are small: their working set stays in cache, and the pass allocates O(block)
+# temporaries rather than O(T). XLA's CPU runtime maps large temporary buffers afresh on every call,
+# and the page faults of a whole-sequence working set cost a third of the time at T = 4k.
+# Accelerators take the whole sequence as one block.
+
+_CPU_BLOCK_ELEMENTS = 2**17  # elements of one [N, B, H, C, D] block array
+
+
+def _block_chunks(batch: int, heads: int, chunks: int, chunk: int, dim: int) -> int:
+    """Chunks per block: about _CPU_BLOCK_ELEMENTS per block array on CPU, blocks of equal size."""
+    if jax.default_backend() != "cpu":
+        return chunks
+    target = max(1, min(chunks, _CPU_BLOCK_ELEMENTS // (batch * heads * chunk * dim)))
+    blocks = -(-chunks // target)
+    return -(-chunks // blocks)
+
+
+def _take(a, index, length):
+    return lax.dynamic_slice_in_dim(a, index * length, length, axis=1)
+
+
+def _joined(blocks):
+    """Per-block results stacked by a scan, [blocks, B, L, ...] -> [B, blocks * L, ...]."""
+    return jnp.moveaxis(blocks, 0, 1).reshape((blocks.shape[1], -1) + blocks.shape[3:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _chunked(q, k, v, log_g, groups, state0, chunk, block, dtype):
+    """Time-major `layout.ChunkedInputs` fields (groups [B,Tp,1,1]), Tp a multiple of chunk * block,
+    and state0 [B,H,K,V] float32 -> (out [B,Tp,H,V] float32, final state [B,H,K,V] float32)."""
+    out, final, _ = _sweep_forward(q, k, v, log_g, groups, state0, chunk, block, dtype)
+    return out, final
+
+
+def _sweep_forward(q, k, v, log_g, groups, state0, chunk, block, dtype):
+    length = chunk * block
+
+    def run(intra):
+        return lambda *operands: _forward(intra, *operands, chunk, dtype)
+
+    def step(state, index):
+        inputs = tuple(_take(a, index, length) for a in (q, k, v, log_g, groups))
+        out, state, incoming = _by_intra_form(
+            run(_intra_factored), run(_intra_exact), run(_intra_per_head), inputs[3], chunk, (*inputs, state))
+        return state, (out, incoming)
+
+    final, (out, incoming) = lax.scan(step, state0, jnp.arange(q.shape[1] // length))
+    return _joined(out), final, incoming  # incoming [blocks, block, B, H, K, V]
+
+
+def _chunked_forward(q, k, v, log_g, groups, state0, chunk, block, dtype):
+    out, final, incoming = _sweep_forward(q, k, v, log_g, groups, state0, chunk, block, dtype)
+    return (out, final), (q, k, v, log_g, groups, incoming)
+
+
+def _chunked_backward(chunk, block, dtype, residuals, cotangents):
+    q, k, v, log_g, groups, incoming = residuals
+    d_out, d_final = cotangents
+    length = chunk * block
+
+    def run(intra_backward):
+        return lambda *operands: _backward(intra_backward, *operands, chunk, dtype)
+
+    def step(d_state, index_and_incoming):
+        index, incoming_block = index_and_incoming
+        inputs = tuple(_take(a, index, length) for a in (q, k, v, log_g, groups))
+        *grads, d_state = _by_intra_form(
+            run(_intra_factored_backward), run(_intra_exact_backward), run(_intra_per_head_backward), inputs[3],
+            chunk, (*inputs, incoming_block, _take(d_out, index, length), d_state))
+        return d_state, tuple(grads)
+
+    d_state0, grads = lax.scan(step, d_final, (jnp.arange(q.shape[1] // length), incoming), reverse=True)
+    return (*map(_joined, grads), None, d_state0)
+
+
+_chunked.defvjp(_chunked_forward, _chunked_backward)
 
 
 def gla_xla(q, k, v, *, log_gate, scale, initial_state, segment_ids, chunk_size):
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
-    x = layout.to_chunks(q, k, v, log_gate, scale, segment_ids, chunk_size)
-    dtype = layout.matmul_dtype(q.dtype)
-    chunks = x.q.shape[2] // chunk_size
-
-    def by_chunk(a):  # [B,H,Tp,D] -> [B,H,N,C,D]
-        return a.reshape(a.shape[:2] + (chunks, chunk_size, a.shape[-1]))
-
-    q_c, k_c, v_c, g_c = map(by_chunk, (x.q, x.k, x.v, x.log_gate))
-    groups = jnp.broadcast_to(x.groups.reshape(batch, 1, chunks, chunk_size, 1), (batch, heads, chunks, chunk_size, 1))
-    gates = jnp.cumsum(g_c, axis=3)
-    if gates.shape[-1] == 1:  # a scalar decay's [C, C] decay matrix is exact as it is
-        intra = _intra_exact(q_c, k_c, v_c, gates, groups, dtype)
-    else:
-        intra = _intra_per_key(q_c, k_c, v_c, gates, groups, dtype)
-    decay, update = _over_chunks(lambda *a: chunk_math.state_transition(*a, dtype), k_c, v_c, g_c, groups)
-
-    def carry(state, transition):
-        chunk_decay, chunk_update = transition
-        return chunk_decay * state + chunk_update, state
-
-    state0 = layout.state_in(initial_state, batch, heads, key_dim, value_dim)
-    final, incoming = lax.scan(carry, state0, (jnp.moveaxis(decay, 2, 0), jnp.moveaxis(update, 2, 0)))
-    incoming = jnp.moveaxis(incoming, 0, 2)
-    inter = _over_chunks(lambda *a: chunk_math.inter_chunk(*a, dtype), q_c, gates, groups, incoming)
-    out = (intra + inter).reshape(batch, heads, chunks * chunk_size, value_dim)
-    return layout.from_chunks(out, length, q.dtype), layout.state_out(final)
+    chunks = -(-length // chunk_size)
+    block = _block_chunks(batch, heads, chunks, chunk_size, max(key_dim, value_dim))
+    padded = -(-chunks // block) * block * chunk_size
+    x = layout.to_chunks(q, k, v, log_gate, scale, segment_ids, chunk_size, padded)
+    state0 = (jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32) if initial_state is None
+              else initial_state.astype(jnp.float32))
+    out, final = _chunked(x.q, x.k, x.v, x.log_gate, x.groups[..., None], state0, chunk_size, block,
+                          layout.matmul_dtype(q.dtype))
+    return layout.from_chunks(out, length, q.dtype), final
