@@ -1,6 +1,6 @@
 """The glue shared by the two Pallas kernels: layout in and out, and the custom VJP.
 
-A backend provides two pallas_call builders over `layout.ChunkedInputs`-shaped arrays:
+A backend provides two pallas_call builders over head-major inputs (`layout.head_major`):
   forward(q, k, v, log_gate, groups, state0, chunk) -> (out [B,H,Tp,V] in q's dtype,
       final [B,H,V,K] f32, incoming [B,H,N,V,K] f32: the state entering every chunk, kept for the
       backward pass so it needs no second sequential sweep to rebuild them);
