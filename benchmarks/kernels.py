@@ -1,7 +1,8 @@
-"""Speed of the gated linear attention implementations against the reference and softmax attention.
+"""Speed of the chunked-scan implementations against the reference and softmax attention.
 
-    python benchmarks/kernels.py                 # B=1, H=4, K=V=64, float32, T = 1k..16k
+    python benchmarks/kernels.py                 # chunk_gla, B=1, H=4, K=V=64, float32, T = 1k..16k
     python benchmarks/kernels.py --gate head --lengths 1024 4096
+    python benchmarks/kernels.py --family delta  # chunk_delta_rule (--gate head: gated, none: plain)
 
 Prints one markdown table: per implementation and T, the median forward and forward+backward
 times, and each as a ratio to `reference` and to `jax.nn.dot_product_attention` (causal) on the
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqmix.pallas_kernels.gla import IMPLEMENTATIONS, chunk_gla
+from seqmix.pallas_kernels import delta, gla
 
 
 def median_seconds(fn, *args, repeats: int, budget: float = 20.0) -> float:
@@ -31,21 +32,34 @@ def median_seconds(fn, *args, repeats: int, budget: float = 20.0) -> float:
 
 
 def gla_fn(impl: str, gate: str, chunk_size: int):
-    def forward(q, k, v, log_g):
+    def forward(q, k, v, log_g, beta):
+        del beta
         gates = {"key": dict(log_g=log_g), "head": dict(log_a=log_g[..., 0]), "none": {}}[gate]
-        return chunk_gla(q, k, v, **gates, impl=impl, chunk_size=chunk_size)
+        return gla.chunk_gla(q, k, v, **gates, impl=impl, chunk_size=chunk_size)
     return forward
 
 
-def softmax_fn(q, k, v, log_g):
-    del log_g
+def delta_fn(impl: str, gate: str, chunk_size: int):
+    def forward(q, k, v, log_g, beta):
+        gates = {"head": dict(log_a=log_g[..., 0]), "none": {}}[gate]
+        k = k / jnp.linalg.norm(k.astype(jnp.float32), axis=-1, keepdims=True).astype(k.dtype)
+        return delta.chunk_delta_rule(q, k, v, beta, **gates, impl=impl, chunk_size=chunk_size)
+    return forward
+
+
+FAMILIES = {"gla": (gla_fn, gla.IMPLEMENTATIONS, "chunk_gla"),
+            "delta": (delta_fn, delta.IMPLEMENTATIONS, "chunk_delta_rule")}
+
+
+def softmax_fn(q, k, v, log_g, beta):
+    del log_g, beta
     return jax.nn.dot_product_attention(q, k, v, is_causal=True)
 
 
 def timed(forward, inputs, repeats):
     loss = lambda *args: jnp.sum(forward(*args).astype(jnp.float32))
     fwd = jax.jit(forward)
-    fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+    fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
     return median_seconds(fwd, *inputs, repeats=repeats), median_seconds(fwd_bwd, *inputs, repeats=repeats)
 
 
@@ -56,16 +70,22 @@ def main():
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--dim", type=int, default=64, help="K = V")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--gate", default="key", choices=["key", "head", "none"],
-                        help="per-key log_g (GLA), per-head log_a (RetNet/SSD) or no decay")
+    parser.add_argument("--family", default="gla", choices=list(FAMILIES))
+    parser.add_argument("--gate", default=None, choices=["key", "head", "none"],
+                        help="per-key log_g (GLA; the gla default), per-head log_a (RetNet/SSD, Gated "
+                             "DeltaNet; the delta default) or no decay (linear attention, DeltaNet)")
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    make_fn, implementations, op_name = FAMILIES[args.family]
+    gate = args.gate or {"gla": "key", "delta": "head"}[args.family]
+    if args.family == "delta" and gate == "key":
+        parser.error("the delta rule has per-head gates only: --gate head or none")
 
     backend = jax.default_backend()
-    impls = ["reference"] + [i.name for i in IMPLEMENTATIONS if backend in i.native_backends]
-    print(f"# chunk_gla on {jax.devices()[0].device_kind} ({backend}), jax {jax.__version__}: "
-          f"B={args.batch} H={args.heads} K=V={args.dim} {args.dtype}, gate={args.gate}, chunk={args.chunk_size}")
+    impls = ["reference"] + [i.name for i in implementations if backend in i.native_backends]
+    print(f"# {op_name} on {jax.devices()[0].device_kind} ({backend}), jax {jax.__version__}: "
+          f"B={args.batch} H={args.heads} K=V={args.dim} {args.dtype}, gate={gate}, chunk={args.chunk_size}")
     print("| impl | T | fwd ms | fwd+bwd ms | fwd vs reference | fwd+bwd vs reference | fwd vs softmax | fwd+bwd vs softmax |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     rng = np.random.default_rng(0)
@@ -75,10 +95,11 @@ def main():
         shape = (args.batch, length, args.heads, args.dim)
         q, k, v = (jnp.asarray(rng.normal(size=shape), dtype) for _ in range(3))
         log_g = jnp.asarray(np.log(rng.uniform(0.9, 1.0, size=shape)), jnp.float32)
-        inputs = (q, k, v, log_g)
+        beta = jnp.asarray(rng.uniform(0.0, 1.0, size=shape[:3]), jnp.float32)
+        inputs = (q, k, v, log_g, beta)
         rows = {"softmax": timed(softmax_fn, inputs, args.repeats)}
         for impl in impls:
-            rows[impl] = timed(gla_fn(impl, args.gate, args.chunk_size), inputs, args.repeats)
+            rows[impl] = timed(make_fn(impl, gate, args.chunk_size), inputs, args.repeats)
         for name, (fwd, fwd_bwd) in rows.items():
             ref_fwd, ref_bwd = rows["reference"]
             soft_fwd, soft_bwd = rows["softmax"]

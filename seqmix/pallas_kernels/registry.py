@@ -27,6 +27,11 @@ class Implementation:
     native_backends: tuple[str, ...]
 
 
+def always(call: Any) -> None:
+    """`supports` of an implementation that runs every call (the reference, plain XLA paths)."""
+    return None
+
+
 def choose(implementations: list[Implementation], impl: str, call: Any, op_name: str) -> Implementation:
     by_name = {candidate.name: candidate for candidate in implementations}
     if impl != "auto":

@@ -35,3 +35,53 @@ def chunk_relative_groups(groups, chunk: int):
     by_chunk = groups.reshape(batch, length // chunk, chunk)
     incoming = jnp.pad(by_chunk[:, :-1, -1], ((0, 0), (1, 0)))
     return (by_chunk - incoming[:, :, None]).reshape(batch, length)
+
+
+def zero_padded(x, valid, padded_length: int, dtype=None):
+    """[B,T,...] -> [B,padded_length,...] in `dtype` (default x's): padding tokens (valid False) and
+    the appended tail are zero, so they neither read nor change a state."""
+    x = jnp.where(valid.reshape(valid.shape + (1,) * (x.ndim - 2)), x, jnp.zeros((), x.dtype))
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (0, padded_length - x.shape[1])
+    return jnp.pad(x.astype(dtype or x.dtype), pad)
+
+
+def padded_groups(groups, padded_length: int, chunk: int):
+    """Reset groups [B,T] extended to [B,padded_length] (the tail joins the last segment) and made
+    relative to each chunk's incoming state, [B,padded_length,1] int32."""
+    groups = jnp.pad(groups, ((0, 0), (0, padded_length - groups.shape[1])), mode="edge")
+    return chunk_relative_groups(groups, chunk)[:, :, None]
+
+
+def scan_packed_rows(recurrence, initial_state, tokens, segment_ids):
+    """The token-by-token semantics of packed rows, for the reference implementations.
+
+    Runs `recurrence(state, token) -> (out, state)` along time: the state resets to zero where a
+    segment starts (a nonzero id differing from the row's previous nonzero id), and a padding token
+    (id 0) outputs zeros and leaves the state as it is. Written without the reset-group encoding, so
+    that tests compare two derivations of the same rules.
+
+    initial_state [B,...]; tokens: a tuple of time-major [T,B,...] arrays; segment_ids [B,T] or None.
+    Returns (outputs [T,B,...], final state [B,...]).
+    """
+    length, batch = tokens[0].shape[:2]
+    if segment_ids is None:
+        segment_ids = jnp.ones((batch, length), jnp.int32)
+
+    def per_row(flag, x):
+        return flag.reshape(flag.shape + (1,) * (x.ndim - 1))
+
+    def step(carry, token):
+        state, previous_id, seen = carry
+        *inputs, id_t = token
+        real = id_t != 0
+        starts = real & seen & (id_t != previous_id)
+        state = jnp.where(per_row(starts, state), 0.0, state)
+        out, advanced = recurrence(state, tuple(inputs))
+        state = jnp.where(per_row(real, state), advanced, state)
+        out = jnp.where(per_row(real, out), out, 0.0)
+        return (state, jnp.where(real, id_t, previous_id), seen | real), out
+
+    carry = (initial_state, jnp.zeros((batch,), segment_ids.dtype), jnp.zeros((batch,), bool))
+    (final_state, _, _), outputs = lax.scan(step, carry, (*tokens, jnp.swapaxes(segment_ids, 0, 1)))
+    return outputs, final_state

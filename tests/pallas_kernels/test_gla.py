@@ -12,25 +12,10 @@ import pytest
 from seqmix.pallas_kernels.gla import chunk_gla, gla_step
 from seqmix.pallas_kernels.gla import xla as gla_xla_module
 
+from kernel_checks import packed_segments, relative_error
+
 IMPLS = ["xla", "pallas_tpu", "pallas_gpu"]
 GATES = ["key", "head", "none"]
-
-
-def relative_error(actual, expected):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return np.linalg.norm(actual - expected) / np.linalg.norm(expected)
-
-
-def packed_segments(rng, batch, length):
-    """Rows of several segments with padding between and after them (ids restart per row)."""
-    rows = []
-    for _ in range(batch):
-        ids, segment = [], 0
-        while len(ids) < length:
-            segment += 1
-            ids += [segment] * int(rng.integers(3, 20)) + [0] * int(rng.integers(0, 3))
-        rows.append(ids[:length])
-    return jnp.asarray(rows, jnp.int32)
 
 
 def make_inputs(seed, batch=2, length=45, heads=2, key_dim=16, value_dim=32, gate="key", dtype=jnp.float32,

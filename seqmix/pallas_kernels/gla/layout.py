@@ -5,7 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from seqmix.pallas_kernels.segments import chunk_relative_groups, reset_groups
+from seqmix.pallas_kernels.segments import padded_groups, reset_groups, zero_padded
 
 
 @jax.tree_util.register_dataclass
@@ -31,21 +31,14 @@ def matmul_dtype(dtype) -> jnp.dtype:
 def to_chunks(q, k, v, log_gate, scale, segment_ids, chunk: int, padded_length: int | None = None) -> ChunkedInputs:
     """padded_length: a multiple of `chunk`, at least T (default: T rounded up to the chunk)."""
     batch, length = q.shape[:2]
+    padded_length = length + (-length % chunk) if padded_length is None else padded_length
     valid, groups = reset_groups(segment_ids, batch, length)
-    padding = (-length % chunk) if padded_length is None else padded_length - length
-    real = valid[:, :, None, None]
-
-    def arrange(x, dtype):
-        x = jnp.where(real, x, jnp.zeros((), x.dtype)).astype(dtype)
-        return jnp.pad(x, ((0, 0), (0, padding), (0, 0), (0, 0)))
-
-    groups = jnp.pad(groups, ((0, 0), (0, padding)), mode="edge")
     return ChunkedInputs(
-        q=arrange(q.astype(jnp.float32) * scale, q.dtype),
-        k=arrange(k, k.dtype),
-        v=arrange(v, v.dtype),
-        log_gate=arrange(log_gate, jnp.float32),
-        groups=chunk_relative_groups(groups, chunk)[:, :, None],
+        q=zero_padded(q.astype(jnp.float32) * scale, valid, padded_length, q.dtype),
+        k=zero_padded(k, valid, padded_length),
+        v=zero_padded(v, valid, padded_length),
+        log_gate=zero_padded(log_gate, valid, padded_length, jnp.float32),
+        groups=padded_groups(groups, padded_length, chunk),
     )
 
 

@@ -4,7 +4,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from seqmix.pallas_kernels import registry
+from seqmix.pallas_kernels import checks, registry
 from seqmix.pallas_kernels.gla import chunk_math, pallas_gpu, pallas_tpu
 from seqmix.pallas_kernels.gla.reference import gla_reference, log_gate_of
 from seqmix.pallas_kernels.gla.xla import gla_xla
@@ -21,21 +21,12 @@ class GLACall:
     dtype: jnp.dtype
 
 
-def _always(call: GLACall) -> None:
-    return None
-
-
 IMPLEMENTATIONS = [
     registry.Implementation("pallas_gpu", pallas_gpu.gla_pallas_gpu, pallas_gpu.supports, ("gpu",)),
     registry.Implementation("pallas_tpu", pallas_tpu.gla_pallas_tpu, pallas_tpu.supports, ("tpu",)),
-    registry.Implementation("xla", gla_xla, _always, ("cpu", "gpu", "tpu")),
-    registry.Implementation("reference", gla_reference, _always, ()),
+    registry.Implementation("xla", gla_xla, registry.always, ("cpu", "gpu", "tpu")),
+    registry.Implementation("reference", gla_reference, registry.always, ()),
 ]
-
-
-def _check(name, array, shape, what):
-    if array.shape != tuple(shape):
-        raise ValueError(f"chunk_gla: {name} must be {what} {tuple(shape)}, got {array.shape}")
 
 
 def chunk_gla(q, k, v, *, log_g=None, log_a=None, scale=None, initial_state=None, segment_ids=None,
@@ -55,33 +46,21 @@ def chunk_gla(q, k, v, *, log_g=None, log_a=None, scale=None, initial_state=None
     Returns o [B,T,H,V] in q's dtype, and final_state [B,H,K,V] float32 (the state at the end of
     each row) when output_final_state.
     """
-    if q.ndim != 4:
-        raise ValueError(f"chunk_gla: q must be [B,T,H,K], got shape {q.shape}")
+    op = "chunk_gla"
+    checks.queries_keys_values(op, q, k, v)
     batch, length, heads, key_dim = q.shape
-    _check("k", k, q.shape, "[B,T,H,K] like q")
-    if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"chunk_gla: v must be [B,T,H,V] with B,T,H of q {q.shape[:3]}, got {v.shape}")
     value_dim = v.shape[-1]
-    for name, array in (("q", q), ("k", k), ("v", v)):
-        if not jnp.issubdtype(array.dtype, jnp.floating):
-            raise ValueError(f"chunk_gla: {name} must be floating point, got {array.dtype}")
     if log_g is not None and log_a is not None:
         raise ValueError("chunk_gla: pass log_g (per-key decay) or log_a (per-head decay), not both")
     if log_g is not None:
-        _check("log_g", log_g, q.shape, "[B,T,H,K] like q")
+        checks.shape(op, "log_g", log_g, q.shape, "[B,T,H,K] like q")
     if log_a is not None:
-        _check("log_a", log_a, q.shape[:3], "[B,T,H]")
+        checks.shape(op, "log_a", log_a, q.shape[:3], "[B,T,H]")
     log_gate = log_gate_of(log_g, log_a, q.shape[:3])
-    if initial_state is not None:
-        _check("initial_state", initial_state, (batch, heads, key_dim, value_dim), "[B,H,K,V]")
-    if segment_ids is not None:
-        _check("segment_ids", segment_ids, (batch, length), "[B,T]")
-        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-            raise ValueError(f"chunk_gla: segment_ids must be integers, got {segment_ids.dtype}")
-    if chunk_size <= 0 or chunk_size % chunk_math.SUB_BLOCK:
-        raise ValueError(f"chunk_gla: chunk_size must be a positive multiple of {chunk_math.SUB_BLOCK}, got {chunk_size}")
+    checks.state_and_segments(op, initial_state, segment_ids, batch, length, heads, key_dim, value_dim)
+    checks.chunk_size(op, chunk_size, chunk_math.SUB_BLOCK)
     call = GLACall(key_dim, value_dim, log_gate.shape[-1], chunk_size, jnp.dtype(q.dtype))
-    implementation = registry.choose(IMPLEMENTATIONS, impl, call, "chunk_gla")
+    implementation = registry.choose(IMPLEMENTATIONS, impl, call, op)
     out, final_state = implementation.run(
         q, k, v, log_gate=log_gate, scale=key_dim**-0.5 if scale is None else scale,
         initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size,

@@ -3,14 +3,15 @@
     S_t = diag(exp(log_g_t)) S_{t-1} + k_t v_t^T        S [K, V]
     o_t = S_t^T (scale * q_t)
 
-Packed rows: a padding token (segment id 0) leaves the state as it is and outputs zeros; the state
-is reset to zero where a new segment starts (a nonzero id differing from the previous nonzero id of
-the row); `initial_state` is the state before the row's first token. Written independently of the
-chunked paths' reset-group encoding, so tests compare two derivations of the same semantics.
+Packed rows follow `segments.scan_packed_rows`: padding leaves the state as it is and outputs
+zeros, the state resets where a segment starts; `initial_state` is the state before the row's
+first token.
 """
 
 import jax.numpy as jnp
 from jax import lax
+
+from seqmix.pallas_kernels.segments import scan_packed_rows
 
 
 def _recurrence(q, k, v, log_gate, state):
@@ -51,22 +52,12 @@ def gla_reference(q, k, v, *, log_gate, scale, initial_state, segment_ids, chunk
     value_dim = v.shape[-1]
     if initial_state is None:
         initial_state = jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32)
-    if segment_ids is None:
-        segment_ids = jnp.ones((batch, length), jnp.int32)
     f32 = lambda x: jnp.swapaxes(x.astype(jnp.float32), 0, 1)  # time-major for the scan
 
-    def step(carry, token):
-        state, previous_id, seen = carry
-        q_t, k_t, v_t, gate_t, id_t = token
-        real = id_t != 0
-        starts = real & seen & (id_t != previous_id)
-        state = jnp.where(starts[:, None, None, None], 0.0, state)
-        out, advanced = _recurrence(q_t * scale, k_t, v_t, gate_t, state)
-        state = jnp.where(real[:, None, None, None], advanced, state)
-        out = jnp.where(real[:, None, None], out, 0.0)
-        return (state, jnp.where(real, id_t, previous_id), seen | real), out
+    def recurrence(state, token):
+        q_t, k_t, v_t, gate_t = token
+        return _recurrence(q_t * scale, k_t, v_t, gate_t, state)
 
-    carry = (initial_state.astype(jnp.float32), jnp.zeros((batch,), segment_ids.dtype), jnp.zeros((batch,), bool))
-    tokens = (f32(q), f32(k), f32(v), f32(log_gate), jnp.swapaxes(segment_ids, 0, 1))
-    (final_state, _, _), out = lax.scan(step, carry, tokens)
+    out, final_state = scan_packed_rows(recurrence, initial_state.astype(jnp.float32),
+                                        (f32(q), f32(k), f32(v), f32(log_gate)), segment_ids)
     return jnp.swapaxes(out, 0, 1).astype(q.dtype), final_state

@@ -6,11 +6,9 @@ block's chunks; only an elementwise recurrence over chunk states runs in sequenc
 way). Work is O(T C (K + V) + T K V); memory beyond inputs, outputs and one state per chunk is
 O(block).
 
-Inside a block, arrays are chunk-major, [N,B,H,C,D] (N = the block's chunks): the batch axes of
-every matmul lead and each chunk's [C,D] tile is contiguous, so inputs are transposed once, by
-plain copies, and everything after works in place. q, k [N,B,H,C,K]; v, out [N,B,H,C,V]; log_g
-[N,B,H,C,W] float32 (W = K per key or 1 per head); groups [N,B,1,C,1] int32 (see `segments`);
-states [B,H,K,V] float32, one per chunk [N,B,H,K,V].
+Inside a block, arrays are chunk-major (see `chunked`; N = the block's chunks): q, k [N,B,H,C,K];
+v, out [N,B,H,C,V]; log_g [N,B,H,C,W] float32 (W = K per key or 1 per head); groups [N,B,1,C,1]
+int32 (see `segments`); states [B,H,K,V] float32, one per chunk [N,B,H,K,V].
 
 The backward pass is written out because JAX's autodiff of this form, on CPU, spends more time
 around the matmuls than in them: it differentiates prefix sums through quadratic `reduce_window`s,
@@ -27,56 +25,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from seqmix.pallas_kernels import chunked
 from seqmix.pallas_kernels.gla import chunk_math, layout
 
-CHUNK_AXIS = 3
 
 # Largest decay of a chunk (nats, any key) for which the factored intra-chunk form is exact:
 # exp(-G) <= e^60 leaves float32 headroom (max ~e^88) for the |q| |k| factors. Typical gates decay
 # a 64-token chunk by a few nats; only gates below about -1 per step exceed it.
 FACTORED_SPAN_LIMIT = 60.0
-
-
-def _dot(spec, a, b, matmul_dtype):
-    precision = lax.Precision.HIGHEST if matmul_dtype == jnp.float32 else lax.Precision.DEFAULT
-    return jnp.einsum(spec, a.astype(matmul_dtype), b.astype(matmul_dtype),
-                      precision=precision, preferred_element_type=jnp.float32)
-
-
-def _mm(a, b, matmul_dtype):  # [..., M, K] x [..., K, N]
-    return _dot("...mk,...kn->...mn", a, b, matmul_dtype)
-
-
-def _mm_nt(a, b, matmul_dtype):  # [..., M, K] x [..., N, K]^T
-    return _dot("...mk,...nk->...mn", a, b, matmul_dtype)
-
-
-def _mm_tn(a, b, matmul_dtype):  # [..., K, M]^T x [..., K, N]
-    """XLA on CPU runs a dot contracting both operands' rows on a slow generic path; the explicit
-    transpose fuses into the op producing `a` and the dot takes the fast one (2x here)."""
-    return _mm(jnp.swapaxes(a, -1, -2), b, matmul_dtype)
-
-
-def _prefix_sums(x, reverse=False):
-    """Inclusive prefix sums along the chunk axis.
-
-    `associative_scan`, as `jnp.cumsum` lowers on CPU to a `reduce_window` quadratic in the chunk
-    length. The barriers keep its input and output materialised: left to fuse, XLA re-evaluates
-    the producer of the input (exps, products) inside each of the scan's log2(C) levels, and the
-    scan's levels inside every consumer, which made the backward pass 1.5x slower.
-    """
-    summed = lax.associative_scan(jnp.add, lax.optimization_barrier(x), axis=CHUNK_AXIS, reverse=reverse)
-    return lax.optimization_barrier(summed)
-
-
-def _shift(x, step: int):
-    """Moves entries `step` places along the chunk axis (later if > 0), filling with zeros."""
-    size = x.shape[CHUNK_AXIS]
-    kept = lax.slice_in_dim(x, 0, size - step, axis=CHUNK_AXIS) if step > 0 else \
-        lax.slice_in_dim(x, -step, size, axis=CHUNK_AXIS)
-    pad = [(0, 0)] * x.ndim
-    pad[CHUNK_AXIS] = (step, 0) if step > 0 else (0, -step)
-    return jnp.pad(kept, pad)
 
 
 @jax.tree_util.register_dataclass
@@ -93,15 +49,15 @@ class _Gates:
 
 def _gates(log_g):
     return _Gates(
-        to_here=_prefix_sums(log_g),
-        to_end=_shift(_prefix_sums(log_g, reverse=True), -1),
-        total=jnp.sum(log_g, axis=CHUNK_AXIS, keepdims=True),
+        to_here=chunked.prefix_sums(log_g),
+        to_end=chunked.shift(chunked.prefix_sums(log_g, reverse=True), -1),
+        total=jnp.sum(log_g, axis=chunked.CHUNK_AXIS, keepdims=True),
     )
 
 
 def _gate_cotangent(d_to_here, d_to_end, d_total):
     """d log_g from the cotangents of `_Gates`' three sums."""
-    return _prefix_sums(d_to_here, reverse=True) + _shift(_prefix_sums(d_to_end), 1) + d_total
+    return chunked.prefix_sums(d_to_here, reverse=True) + chunked.shift(chunked.prefix_sums(d_to_end), 1) + d_total
 
 
 def _to_width(x, width: int):
@@ -109,42 +65,11 @@ def _to_width(x, width: int):
     return jnp.sum(x, axis=-1, keepdims=True) if width == 1 else x
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class _Masks:
-    """Who reads whom. earlier [N,B,1,C,C]: j < i in the same segment; reads_state [N,B,1,C,1]: the
-    token sees the carried-in state; writes_state: its segment is still open at the chunk end;
-    keeps_state [N,B,1,1,1]: the carried-in state survives the chunk."""
-
-    earlier: jax.Array
-    reads_state: jax.Array
-    writes_state: jax.Array
-    keeps_state: jax.Array
-
-
-def _masks(groups):
-    size = groups.shape[CHUNK_AXIS]
-    later = lax.broadcasted_iota(jnp.int32, (size, size), 0) > lax.broadcasted_iota(jnp.int32, (size, size), 1)
-    token_groups = groups[:, :, 0, :, 0]
-    same = token_groups[:, :, :, None] == token_groups[:, :, None, :]
-    last_group = jnp.max(groups, axis=CHUNK_AXIS, keepdims=True)  # groups never decrease along a row
-    return _Masks(
-        earlier=(later & same)[:, :, None],
-        reads_state=groups == 0,
-        writes_state=groups == last_group,
-        keeps_state=last_group == 0,
-    )
-
-
 # --- The intra-chunk part: o_i = sum_{j <= i, same segment} exp(G_i - G_j) (q_i.k_j) v_j -----------
 # Three forms, each a forward (q, k, v, G, masks, dtype) -> o and a backward (..., d_o) ->
 # (dq, dk, dv, dG), all float32. A token reads itself undecayed, outside the gates' graph: its
 # exp(G_i - G_i) would send +t and -t to G_i, whose rounding noise swamps the true gate gradient
 # under strong decay.
-
-def _eye(size: int):
-    return lax.broadcasted_iota(jnp.int32, (size, size), 0) == lax.broadcasted_iota(jnp.int32, (size, size), 1)
-
 
 def _self_products(q, k):
     """q_i.k_i as a [..., C, 1] column."""
@@ -155,21 +80,21 @@ def _head_decay(to_here, masks):
     """A per-head gate's [C,C] decay exp(G_i - G_j), masked before the exp (exact for any gate),
     with 1 on the diagonal."""
     exponent = jnp.where(masks.earlier, to_here - jnp.swapaxes(to_here, -1, -2), -jnp.inf)
-    return jnp.where(_eye(to_here.shape[-2]), 1.0, jnp.exp(exponent))
+    return jnp.where(chunked.eye(to_here.shape[-2]), 1.0, jnp.exp(exponent))
 
 
 def _intra_per_head(q, k, v, to_here, masks, dtype):
-    scores = _mm_nt(q, k, dtype) * _head_decay(to_here, masks)
-    return _mm(scores, v, dtype)
+    scores = chunked.mm_nt(q, k, dtype) * _head_decay(to_here, masks)
+    return chunked.mm(scores, v, dtype)
 
 
 def _intra_per_head_backward(q, k, v, to_here, masks, d_out, dtype):
     decay = _head_decay(to_here, masks)
-    products = _mm_nt(q, k, dtype)
-    dv = _mm_tn(products * decay, d_out, dtype)
-    d_products = _mm_nt(d_out, v, dtype) * decay
-    dq = _mm(d_products, k, dtype)
-    dk = _mm_tn(d_products, q, dtype)
+    products = chunked.mm_nt(q, k, dtype)
+    dv = chunked.mm_tn(products * decay, d_out, dtype)
+    d_products = chunked.mm_nt(d_out, v, dtype) * decay
+    dq = chunked.mm(d_products, k, dtype)
+    dk = chunked.mm_tn(d_products, q, dtype)
     d_exponent = jnp.where(masks.earlier, d_products * products, 0.0)
     d_gate = jnp.sum(d_exponent, axis=-1) - jnp.sum(d_exponent, axis=-2)
     return dq, dk, dv, d_gate[..., None]
@@ -181,25 +106,25 @@ def _factored(q, k, to_here):
 
 
 def _factored_scores(q, k, q_decayed, k_grown, masks, dtype):
-    scores = jnp.where(masks.earlier, _mm_nt(q_decayed, k_grown, dtype), 0.0)
-    return jnp.where(_eye(scores.shape[-1]), _self_products(q, k), scores)
+    scores = jnp.where(masks.earlier, chunked.mm_nt(q_decayed, k_grown, dtype), 0.0)
+    return jnp.where(chunked.eye(scores.shape[-1]), _self_products(q, k), scores)
 
 
 def _intra_factored(q, k, v, to_here, masks, dtype):
     """Per-key decays as one masked matmul per chunk. Exact while no chunk decays by more than
     FACTORED_SPAN_LIMIT nats (exp(-G) overflows float32 past ~88)."""
     scores = _factored_scores(q, k, *_factored(q, k, to_here), masks, dtype)
-    return _mm(scores, v, dtype)
+    return chunked.mm(scores, v, dtype)
 
 
 def _intra_factored_backward(q, k, v, to_here, masks, d_out, dtype):
     q_decayed, k_grown = _factored(q, k, to_here)
-    dv = _mm_tn(_factored_scores(q, k, q_decayed, k_grown, masks, dtype), d_out, dtype)
-    d_scores = _mm_nt(d_out, v, dtype)
+    dv = chunked.mm_tn(_factored_scores(q, k, q_decayed, k_grown, masks, dtype), d_out, dtype)
+    d_scores = chunked.mm_nt(d_out, v, dtype)
     d_self = jnp.diagonal(d_scores, axis1=-2, axis2=-1)[..., None]
     d_scores = jnp.where(masks.earlier, d_scores, 0.0)
-    dq_decayed = _mm(d_scores, k_grown, dtype)
-    dk_grown = _mm_tn(d_scores, q_decayed, dtype)
+    dq_decayed = chunked.mm(d_scores, k_grown, dtype)
+    dk_grown = chunked.mm_tn(d_scores, q_decayed, dtype)
     dq = dq_decayed * jnp.exp(to_here) + d_self * k.astype(jnp.float32)
     dk = dk_grown * jnp.exp(-to_here) + d_self * q.astype(jnp.float32)
     return dq, dk, dv, dq_decayed * q_decayed - dk_grown * k_grown
@@ -228,16 +153,16 @@ def _exact_chunks(q, k, v, to_here, earlier, dtype):
     before = key_block < lax.broadcasted_iota(jnp.int32, (blocks, chunk, 1), 0)  # key j before sub-block I
     k_decayed = k32[..., None, :, :] * jnp.exp(
         jnp.where(before, reference[..., :, None, :] - to_here[..., None, :, :], -jnp.inf))
-    earlier_blocks = _mm_nt(q_decayed, k_decayed, dtype).reshape(q.shape[:-2] + (chunk, chunk))
-    out = _mm(jnp.where(earlier, earlier_blocks, 0.0), v, dtype)
+    earlier_blocks = chunked.mm_nt(q_decayed, k_decayed, dtype).reshape(q.shape[:-2] + (chunk, chunk))
+    out = chunked.mm(jnp.where(earlier, earlier_blocks, 0.0), v, dtype)
 
     block_mask = earlier.reshape(earlier.shape[:-2] + (blocks, size, blocks, size))
     block_mask = jnp.diagonal(block_mask, axis1=-4, axis2=-2)  # [..., c, c, C/c]
     block_mask = jnp.moveaxis(block_mask, -1, -3)[..., None]  # [..., C/c, c, c, 1]
     exponent = jnp.where(block_mask, gate[..., :, None, :] - gate[..., None, :, :], -jnp.inf)
     own = jnp.sum(by_block(q32)[..., :, None, :] * by_block(k32)[..., None, :, :] * jnp.exp(exponent), axis=-1)
-    own = jnp.where(_eye(size), _self_products(by_block(q32), by_block(k32)), own)
-    return out + _mm(own, by_block(v), dtype).reshape(out.shape)
+    own = jnp.where(chunked.eye(size), _self_products(by_block(q32), by_block(k32)), own)
+    return out + chunked.mm(own, by_block(v), dtype).reshape(out.shape)
 
 
 def _intra_exact(q, k, v, to_here, masks, dtype):
@@ -277,47 +202,35 @@ def _linear_step(carry, chunk):
     return decay * carry + term, carry
 
 
-def _chunk_major(a, chunk: int):
-    """[B,Tp,H,D] -> [N,B,H,C,D]."""
-    batch, padded = a.shape[:2]
-    return a.reshape((batch, padded // chunk, chunk) + a.shape[2:]).transpose(1, 0, 3, 2, 4)
-
-
-def _time_major(a):
-    """[N,B,H,C,D] -> [B,Tp,H,D]."""
-    chunks, batch, heads, chunk, dim = a.shape
-    return a.transpose(1, 0, 3, 2, 4).reshape(batch, chunks * chunk, heads, dim)
-
-
 def _forward(intra, q, k, v, log_g, groups, state0, chunk, dtype):
-    """One block of time-major inputs (see `_chunked`) and its incoming state -> (out [B,L,H,V]
+    """One block of time-major inputs (see `_swept`) and its incoming state -> (out [B,L,H,V]
     float32, outgoing state, the state entering each of its chunks [N,B,H,K,V])."""
-    q, k, v, log_g, groups = (_chunk_major(a, chunk) for a in (q, k, v, log_g, groups))
-    gates, masks = _gates(log_g), _masks(groups)
+    q, k, v, log_g, groups = (chunked.chunk_major(a, chunk) for a in (q, k, v, log_g, groups))
+    gates, masks = _gates(log_g), chunked.segment_masks(groups)
     q_read, k_written, decay = _state_terms(q, k, gates, masks)
-    update = _mm_tn(k_written, v, dtype)
+    update = chunked.mm_tn(k_written, v, dtype)
     final, incoming = lax.scan(_linear_step, state0, (_as_row_scale(decay), update))
     out = intra(q, k, v, gates.to_here, masks, dtype)
-    out = out + _mm(q_read, incoming, dtype)
-    return _time_major(out), final, incoming
+    out = out + chunked.mm(q_read, incoming, dtype)
+    return chunked.time_major(out), final, incoming
 
 
 def _backward(intra_backward, q, k, v, log_g, groups, incoming, d_out, d_final, chunk, dtype):
     """Cotangents of `_forward`'s inputs (time-major, and the incoming state) from those of its
     outputs."""
-    q, k, v, log_g, groups, d_out = (_chunk_major(a, chunk) for a in (q, k, v, log_g, groups, d_out))
+    q, k, v, log_g, groups, d_out = (chunked.chunk_major(a, chunk) for a in (q, k, v, log_g, groups, d_out))
     width = log_g.shape[-1]
-    gates, masks = _gates(log_g), _masks(groups)
+    gates, masks = _gates(log_g), chunked.segment_masks(groups)
     q_read, k_written, decay = _state_terms(q, k, gates, masks)
 
     # d(state leaving chunk n) = d(state entering chunk n + 1): a reverse sweep.
-    read_back = _mm_tn(q_read, d_out, dtype)
+    read_back = chunked.mm_tn(q_read, d_out, dtype)
     d_state0, d_outgoing = lax.scan(_linear_step, d_final, (_as_row_scale(decay), read_back), reverse=True)
 
     dq, dk, dv, d_to_here = intra_backward(q, k, v, gates.to_here, masks, d_out, dtype)
-    dq_read = _mm_nt(d_out, incoming, dtype)
-    dk_written = _mm_nt(v, d_outgoing, dtype)
-    dv = dv + _mm(k_written, d_outgoing, dtype)
+    dq_read = chunked.mm_nt(d_out, incoming, dtype)
+    dk_written = chunked.mm_nt(v, d_outgoing, dtype)
+    dv = dv + chunked.mm(k_written, d_outgoing, dtype)
     dq = dq + jnp.where(masks.reads_state, dq_read * jnp.exp(gates.to_here), 0.0)
     dk = dk + jnp.where(masks.writes_state, dk_written * jnp.exp(gates.to_end), 0.0)
     d_decay = jnp.sum(d_outgoing * incoming, axis=-1)[..., None, :]  # [N,B,H,1,K]
@@ -327,7 +240,7 @@ def _backward(intra_backward, q, k, v, log_g, groups, incoming, d_out, d_final, 
         _to_width(d_decay, width) * decay,
     )
     grads = (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_log_g)
-    return (*(_time_major(g) for g in grads), d_state0)
+    return (*(chunked.time_major(g) for g in grads), d_state0)
 
 
 def _by_intra_form(run_factored, run_exact, run_per_head, log_g, chunk, operands):
@@ -369,7 +282,7 @@ def _joined(blocks):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _chunked(q, k, v, log_g, groups, state0, chunk, block, dtype):
+def _swept(q, k, v, log_g, groups, state0, chunk, block, dtype):
     """Time-major `layout.ChunkedInputs` fields (groups [B,Tp,1,1]), Tp a multiple of chunk * block,
     and state0 [B,H,K,V] float32 -> (out [B,Tp,H,V] float32, final state [B,H,K,V] float32)."""
     out, final, _ = _sweep_forward(q, k, v, log_g, groups, state0, chunk, block, dtype)
@@ -392,12 +305,12 @@ def _sweep_forward(q, k, v, log_g, groups, state0, chunk, block, dtype):
     return _joined(out), final, incoming  # incoming [blocks, block, B, H, K, V]
 
 
-def _chunked_forward(q, k, v, log_g, groups, state0, chunk, block, dtype):
+def _swept_forward(q, k, v, log_g, groups, state0, chunk, block, dtype):
     out, final, incoming = _sweep_forward(q, k, v, log_g, groups, state0, chunk, block, dtype)
     return (out, final), (q, k, v, log_g, groups, incoming)
 
 
-def _chunked_backward(chunk, block, dtype, residuals, cotangents):
+def _swept_backward(chunk, block, dtype, residuals, cotangents):
     q, k, v, log_g, groups, incoming = residuals
     d_out, d_final = cotangents
     length = chunk * block
@@ -417,7 +330,7 @@ def _chunked_backward(chunk, block, dtype, residuals, cotangents):
     return (*map(_joined, grads), None, d_state0)
 
 
-_chunked.defvjp(_chunked_forward, _chunked_backward)
+_swept.defvjp(_swept_forward, _swept_backward)
 
 
 def gla_xla(q, k, v, *, log_gate, scale, initial_state, segment_ids, chunk_size):
@@ -429,6 +342,6 @@ def gla_xla(q, k, v, *, log_gate, scale, initial_state, segment_ids, chunk_size)
     x = layout.to_chunks(q, k, v, log_gate, scale, segment_ids, chunk_size, padded)
     state0 = (jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32) if initial_state is None
               else initial_state.astype(jnp.float32))
-    out, final = _chunked(x.q, x.k, x.v, x.log_gate, x.groups[..., None], state0, chunk_size, block,
+    out, final = _swept(x.q, x.k, x.v, x.log_gate, x.groups[..., None], state0, chunk_size, block,
                           layout.matmul_dtype(q.dtype))
     return layout.from_chunks(out, length, q.dtype), final

@@ -1,0 +1,63 @@
+"""`chunk_delta_rule`: the one public op of the delta-rule family, and its dispatch."""
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from seqmix.pallas_kernels import checks, registry
+from seqmix.pallas_kernels.delta.reference import delta_reference
+from seqmix.pallas_kernels.delta.xla import delta_xla
+
+CHUNK_MULTIPLE = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class DeltaCall:
+    """What an implementation needs to know to say whether it can run a call."""
+
+    key_dim: int
+    value_dim: int
+    chunk_size: int
+    dtype: jnp.dtype
+
+
+IMPLEMENTATIONS = [
+    registry.Implementation("xla", delta_xla, registry.always, ("cpu", "gpu", "tpu")),
+    registry.Implementation("reference", delta_reference, registry.always, ()),
+]
+
+
+def chunk_delta_rule(q, k, v, beta, *, log_a=None, scale=None, initial_state=None, segment_ids=None,
+                     output_final_state=False, chunk_size=64, impl="auto"):
+    """The delta rule (DeltaNet) or, with log_a, the gated delta rule (Gated DeltaNet), chunked.
+
+        S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,    o_t = S_t^T (scale * q_t)
+
+    q, k [B,T,H,K] (k L2-normalised by the caller) and v [B,T,H,V], bfloat16 or float32 (computed
+    in float32); beta [B,T,H] in (0, 1), or (0, 2) to allow negative eigenvalues; log_a [B,T,H]
+    natural-log decay a_t = exp(log_a_t) <= 1 (None: a_t = 1). scale defaults to K ** -0.5.
+    segment_ids [B,T] int (0 = padding): the state resets to zero where a segment starts; padding
+    neither reads nor changes it. initial_state [B,H,K,V] is the state before each row's first
+    segment. Any T; chunk_size (a multiple of 16) only changes the speed.
+    impl: "auto" (fastest native implementation), "xla" or "reference".
+    Returns o [B,T,H,V] in q's dtype, and final_state [B,H,K,V] float32 (the state at the end of
+    each row) when output_final_state.
+    """
+    op = "chunk_delta_rule"
+    checks.queries_keys_values(op, q, k, v)
+    batch, length, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    checks.shape(op, "beta", beta, q.shape[:3], "[B,T,H]")
+    if log_a is not None:
+        checks.shape(op, "log_a", log_a, q.shape[:3], "[B,T,H]")
+    checks.state_and_segments(op, initial_state, segment_ids, batch, length, heads, key_dim, value_dim)
+    checks.chunk_size(op, chunk_size, CHUNK_MULTIPLE)
+    call = DeltaCall(key_dim, value_dim, chunk_size, jnp.dtype(q.dtype))
+    implementation = registry.choose(IMPLEMENTATIONS, impl, call, op)
+    out, final_state = implementation.run(
+        q, k, v, beta.astype(jnp.float32),
+        log_a=jnp.zeros(beta.shape, jnp.float32) if log_a is None else log_a.astype(jnp.float32),
+        scale=key_dim**-0.5 if scale is None else scale,
+        initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size,
+    )
+    return (out, final_state) if output_final_state else out

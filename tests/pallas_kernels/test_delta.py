@@ -1,0 +1,155 @@
+"""chunk_delta_rule: every implementation against the token-by-token reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from seqmix.pallas_kernels.delta import chunk_delta_rule, delta_step
+
+from kernel_checks import packed_segments, relative_error
+
+IMPLS = ["xla"]
+GATES = ["gated", "plain"]
+
+
+def make_inputs(seed, batch=2, length=45, heads=2, key_dim=16, value_dim=32, gate="gated", dtype=jnp.float32,
+                beta_range=(0.0, 1.0), log_decay=(-1.0, 0.0)):
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: rng.normal(size=shape)
+    q = jnp.asarray(normal(batch, length, heads, key_dim), dtype)
+    k = normal(batch, length, heads, key_dim)
+    k = jnp.asarray(k / np.linalg.norm(k, axis=-1, keepdims=True), dtype)
+    v = jnp.asarray(normal(batch, length, heads, value_dim), dtype)
+    beta = jnp.asarray(rng.uniform(*beta_range, size=(batch, length, heads)), jnp.float32)
+    log_a = jnp.asarray(rng.uniform(*log_decay, size=(batch, length, heads)), jnp.float32)
+    gates = {"gated": dict(log_a=log_a), "plain": {}}[gate]
+    initial_state = jnp.asarray(normal(batch, heads, key_dim, value_dim), jnp.float32)
+    return q, k, v, beta, gates, initial_state, packed_segments(rng, batch, length)
+
+
+def run(impl, q, k, v, beta, gates, initial_state=None, segment_ids=None, chunk_size=16, **kwargs):
+    return chunk_delta_rule(q, k, v, beta, **gates, initial_state=initial_state, segment_ids=segment_ids,
+                            output_final_state=True, chunk_size=chunk_size, impl=impl, **kwargs)
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_forward_and_final_state_match_reference(impl, gate):
+    q, k, v, beta, gates, h0, segments = make_inputs(0, gate=gate)  # T=45: not a multiple of any chunk
+    expected_out, expected_state = run("reference", q, k, v, beta, gates, h0, segments)
+    out, state = run(impl, q, k, v, beta, gates, h0, segments)
+    assert relative_error(out, expected_out) < 1e-4
+    assert relative_error(state, expected_state) < 1e-4
+    assert np.all(np.asarray(out)[np.asarray(segments) == 0] == 0.0)  # padding reads nothing
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradients_match_reference(impl, gate):
+    q, k, v, beta, gates, h0, segments = make_inputs(1, length=40, gate=gate)
+    rng = np.random.default_rng(2)
+    out_weights = jnp.asarray(rng.normal(size=v.shape), jnp.float32)
+    state_weights = jnp.asarray(rng.normal(size=h0.shape), jnp.float32)
+
+    def loss(impl, q, k, v, beta, gates, h0):
+        out, state = run(impl, q, k, v, beta, gates, h0, segments)
+        return jnp.sum(out * out_weights) + jnp.sum(state * state_weights)
+
+    expected = jax.grad(loss, argnums=(1, 2, 3, 4, 5, 6))("reference", q, k, v, beta, gates, h0)
+    actual = jax.grad(loss, argnums=(1, 2, 3, 4, 5, 6))(impl, q, k, v, beta, gates, h0)
+    names = ["dq", "dk", "dv", "dbeta", "dlog_a", "dh0"] if gates else ["dq", "dk", "dv", "dbeta", "dh0"]
+    for name, a, e in zip(names, jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        assert relative_error(a, e) < 1e-4, name
+
+
+@pytest.mark.parametrize("chunk_size", [16, 64, 128])
+def test_xla_longer_rows_and_chunk_sizes(chunk_size):
+    q, k, v, beta, gates, h0, segments = make_inputs(3, batch=3, length=203, heads=3, key_dim=32, value_dim=16)
+    expected = run("reference", q, k, v, beta, gates, h0, segments)
+    actual = run("xla", q, k, v, beta, gates, h0, segments, chunk_size=chunk_size)
+    for a, e in zip(actual, expected):
+        assert relative_error(a, e) < 1e-4
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_splitting_a_sequence_and_carrying_the_state_equals_the_whole(gate):
+    q, k, v, beta, gates, h0, _ = make_inputs(4, length=100, gate=gate)
+    whole, whole_state = run("xla", q, k, v, beta, gates, h0)
+    cut = 37
+    head = {name: g[:, :cut] for name, g in gates.items()}
+    tail = {name: g[:, cut:] for name, g in gates.items()}
+    first, state = run("xla", q[:, :cut], k[:, :cut], v[:, :cut], beta[:, :cut], head, h0)
+    second, final = run("xla", q[:, cut:], k[:, cut:], v[:, cut:], beta[:, cut:], tail, state)
+    assert relative_error(jnp.concatenate([first, second], axis=1), whole) < 1e-5
+    assert relative_error(final, whole_state) < 1e-5
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_decode_steps_equal_the_chunked_output(gate):
+    q, k, v, beta, gates, h0, _ = make_inputs(5, length=30, gate=gate)
+    chunked, chunked_state = run("xla", q, k, v, beta, gates, h0)
+    state, outs = h0, []
+    for t in range(q.shape[1]):
+        step_gates = {name: g[:, t] for name, g in gates.items()}
+        out, state = delta_step(q[:, t], k[:, t], v[:, t], beta[:, t], state, **step_gates)
+        outs.append(out)
+    assert relative_error(jnp.stack(outs, axis=1), chunked) < 1e-5
+    assert relative_error(state, chunked_state) < 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("beta_range, log_decay", [((1.9, 2.0), (-0.01, 0.0)), ((0.0, 1.0), (-20.0, -20.0)),
+                                                   ((0.0, 2.0), (-60.0, 0.0))],
+                         ids=["beta_near_2", "minus20_per_step", "mixed"])
+def test_extreme_betas_and_decays_stay_finite_and_exact(impl, beta_range, log_decay):
+    """beta near 2 makes each factor I - beta k k^T a reflection (eigenvalue -1): the state neither
+    decays nor grows, and the chunk's triangular system has entries near 2. -20 nats per step
+    underflows every cross-token decay."""
+    q, k, v, beta, gates, h0, segments = make_inputs(6, batch=1, length=256, beta_range=beta_range,
+                                                     log_decay=log_decay)
+
+    def loss(impl, q, k, beta, gates):
+        out, state = run(impl, q, k, v, beta, gates, h0, segments, chunk_size=64)
+        return jnp.sum(out**2) + jnp.sum(state), (out, state)
+
+    grad = jax.value_and_grad(loss, argnums=(1, 2, 3, 4), has_aux=True)
+    (_, expected), expected_grads = grad("reference", q, k, beta, gates)
+    (_, actual), grads = grad(impl, q, k, beta, gates)
+    for a, e in zip(jax.tree.leaves((actual, grads)), jax.tree.leaves((expected, expected_grads))):
+        assert np.all(np.isfinite(np.asarray(a)))
+        assert relative_error(a, e) < 1e-4
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bfloat16_inputs(impl):
+    """bf16 q, k, v with float32 beta, gates and accumulation: within 1e-2 of the float32 reference."""
+    q, k, v, beta, gates, h0, segments = make_inputs(7)
+    out, state = run(impl, *(x.astype(jnp.bfloat16) for x in (q, k, v)), beta, gates, h0, segments)
+    expected_out, expected_state = run("reference", q, k, v, beta, gates, h0, segments)
+    assert out.dtype == jnp.bfloat16 and state.dtype == jnp.float32
+    assert relative_error(out, expected_out) < 1e-2
+    assert relative_error(state, expected_state) < 1e-2
+
+
+def test_auto_is_the_xla_path_on_cpu():
+    q, k, v, beta, gates, h0, segments = make_inputs(8)
+    for a, b in zip(run("auto", q, k, v, beta, gates, h0, segments), run("xla", q, k, v, beta, gates, h0, segments)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(k=jnp.zeros((2, 45, 2, 8))), "k must be"),
+    (dict(v=jnp.zeros((2, 44, 2, 32))), "v must be"),
+    (dict(beta=jnp.zeros((2, 45))), "beta must be"),
+    (dict(log_a=jnp.zeros((2, 45, 2, 16))), "log_a must be"),
+    (dict(initial_state=jnp.zeros((2, 2, 32, 16))), "initial_state must be"),
+    (dict(segment_ids=jnp.zeros((2, 45), jnp.float32)), "segment_ids must be integers"),
+    (dict(chunk_size=24), "chunk_size"),
+    (dict(impl="pallas"), "impl='pallas'"),
+])
+def test_bad_input_is_named(change, message):
+    q, k, v, beta, _, _, _ = make_inputs(10)
+    args = dict(q=q, k=k, v=v, beta=beta) | change
+    with pytest.raises(ValueError, match=message):
+        chunk_delta_rule(**args)
