@@ -70,6 +70,31 @@ def shift(x, step: int):
     return jnp.pad(kept, pad)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Gates:
+    """A chunk's log decays from log_g [N,B,H,C,W], each summed directly (never as a difference of
+    sums, whose gradient cancels large terms): to_here G_i = sum_{s<=i} log_g_s, to_end
+    E_j = sum_{s>j} log_g_s, and total [N,B,H,1,W]."""
+
+    to_here: jax.Array
+    to_end: jax.Array
+    total: jax.Array
+
+
+def gates(log_g) -> Gates:
+    return Gates(
+        to_here=prefix_sums(log_g),
+        to_end=shift(prefix_sums(log_g, reverse=True), -1),
+        total=jnp.sum(log_g, axis=CHUNK_AXIS, keepdims=True),
+    )
+
+
+def gate_cotangent(d_to_here, d_to_end, d_total):
+    """d log_g from the cotangents of `Gates`' three sums."""
+    return prefix_sums(d_to_here, reverse=True) + shift(prefix_sums(d_to_end), 1) + d_total
+
+
 def eye(size: int):
     return lax.broadcasted_iota(jnp.int32, (size, size), 0) == lax.broadcasted_iota(jnp.int32, (size, size), 1)
 
@@ -100,3 +125,58 @@ def segment_masks(groups) -> SegmentMasks:
         writes_state=groups == last_group,
         keeps_state=last_group == 0,
     )
+
+
+# --- Sweeping the sequence in blocks of chunks ------------------------------------------------------
+# On CPU the blocks are small: their working set stays in cache, and a pass allocates O(block)
+# temporaries rather than O(T). XLA's CPU runtime maps large temporary buffers afresh on every call,
+# and the page faults of a whole-sequence working set cost a third of the GLA time at T = 4k.
+# Accelerators take the whole sequence as one block.
+
+_CPU_BLOCK_ELEMENTS = 2**17  # elements of one [N, B, H, C, D] block array
+
+
+def block_chunks(batch: int, heads: int, chunks: int, chunk: int, dim: int) -> int:
+    """Chunks per block: about _CPU_BLOCK_ELEMENTS per block array on CPU, blocks of equal size."""
+    if jax.default_backend() != "cpu":
+        return chunks
+    target = max(1, min(chunks, _CPU_BLOCK_ELEMENTS // (batch * heads * chunk * dim)))
+    blocks = -(-chunks // target)
+    return -(-chunks // blocks)
+
+
+def _take(a, index, length):
+    return lax.dynamic_slice_in_dim(a, index * length, length, axis=1)
+
+
+def _joined(blocks):
+    """Per-block results stacked by a scan, [blocks, B, L, ...] -> [B, blocks * L, ...]."""
+    return jnp.moveaxis(blocks, 0, 1).reshape((blocks.shape[1], -1) + blocks.shape[3:])
+
+
+def sweep_forward(block_forward, inputs, state0, length: int):
+    """Runs `block_forward(block_inputs, state) -> (out [B,L,...], state, residuals)` over the
+    consecutive `length`-token blocks of time-major `inputs` (a tuple of [B,Tp,...]), carrying the
+    state. Returns (out [B,Tp,...], final state, residuals stacked per block)."""
+
+    def step(state, index):
+        out, state, residuals = block_forward(tuple(_take(a, index, length) for a in inputs), state)
+        return state, (out, residuals)
+
+    final, (out, residuals) = lax.scan(step, state0, jnp.arange(inputs[0].shape[1] // length))
+    return _joined(out), final, residuals
+
+
+def sweep_backward(block_backward, inputs, residuals, d_out, d_final, length: int):
+    """The reverse of `sweep_forward`: `block_backward(block_inputs, block_residuals, d_out_block,
+    d_state) -> (grads, a tuple of [B,L,...], d_state entering the block)`, last block first.
+    Returns (grads [B,Tp,...], d_state0)."""
+
+    def step(d_state, index_and_residuals):
+        index, block_residuals = index_and_residuals
+        block_inputs = tuple(_take(a, index, length) for a in inputs)
+        grads, d_state = block_backward(block_inputs, block_residuals, _take(d_out, index, length), d_state)
+        return d_state, grads
+
+    d_state0, grads = lax.scan(step, d_final, (jnp.arange(inputs[0].shape[1] // length), residuals), reverse=True)
+    return tuple(map(_joined, grads)), d_state0

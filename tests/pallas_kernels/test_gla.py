@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from seqmix.pallas_kernels.gla import chunk_gla, gla_step
-from seqmix.pallas_kernels.gla import xla as gla_xla_module
+from seqmix.pallas_kernels import chunked
 
 from kernel_checks import packed_segments, relative_error
 
@@ -80,7 +80,7 @@ def test_xla_sweeps_blocks_of_chunks(monkeypatch, gate):
     boundaries, and gates mild in the first half of T but decaying ~100 nats per chunk in the
     second, so blocks take different intra-chunk forms: values and gradients match the reference."""
     chunk_elements = 2 * 2 * 16 * 32  # B * H * C * max(K, V)
-    monkeypatch.setattr(gla_xla_module, "_CPU_BLOCK_ELEMENTS", 3 * chunk_elements)
+    monkeypatch.setattr(chunked, "_CPU_BLOCK_ELEMENTS", 3 * chunk_elements)
     q, k, v, gates, h0, segments = make_inputs(12, length=150, gate=gate)
     rng = np.random.default_rng(13)
     late = (np.arange(150) >= 75)[None, :, None, None]
@@ -115,13 +115,13 @@ def test_splitting_a_sequence_and_carrying_the_state_equals_the_whole(gate):
 @pytest.mark.parametrize("gate", GATES)
 def test_decode_steps_equal_the_chunked_output(gate):
     q, k, v, gates, h0, _ = make_inputs(5, length=30, gate=gate)
-    chunked, chunked_state = run("xla", q, k, v, gates, h0)
+    chunked_out, chunked_state = run("xla", q, k, v, gates, h0)
     state, outs = h0, []
     for t in range(q.shape[1]):
         step_gates = {name: g[:, t] for name, g in gates.items()}
         out, state = gla_step(q[:, t], k[:, t], v[:, t], state, **step_gates)
         outs.append(out)
-    assert relative_error(jnp.stack(outs, axis=1), chunked) < 1e-5
+    assert relative_error(jnp.stack(outs, axis=1), chunked_out) < 1e-5
     assert relative_error(state, chunked_state) < 1e-5
 
 

@@ -1,4 +1,4 @@
-"""The (gated) delta rule, chunked in plain jnp (differentiated by JAX).
+"""The (gated) delta rule, chunked in plain jnp, with its backward pass written out.
 
 Per chunk, with G_i the inclusive sum of log_a inside the chunk and S the state entering it, the
 value token t writes is U_t = beta_t (v_t - a_t S_{t-1}^T k_t). Unrolled inside the chunk:
@@ -12,12 +12,19 @@ gives U = values - weights @ S with S left open; then
     o_t = exp(G_t) S^T q_t + sum_{j<=t} exp(G_t - G_j) (q_t.k_j) U_j
     S'  = exp(G_C) S + sum_j exp(G_C - G_j) k_j U_j^T
 
-Everything but the carry of S is batched over all chunks; the sequential part is two [C,K]-by-
-[K,V] products per chunk. The triangular solve is forward substitution (LAPACK trsm on CPU), in
-float32; never the Neumann series of M, whose powers overflow. Segments cut M, the reads of S and
-the writes into S' exactly as in the GLA family (`chunked.segment_masks`).
+Everything but the carry of S is batched over a block's chunks (the sequence is swept in blocks,
+`chunked.sweep_forward`); the sequential part is two [C,K]-by-[K,V] products per chunk. The
+triangular solve is forward substitution (LAPACK trsm on CPU), in float32; never the Neumann series
+of M, whose powers overflow. Its backward pass is one more solve, with the transposed system.
+Segments cut M, the reads of S and the writes into S' as in the GLA family
+(`chunked.segment_masks`). Arrays are chunk-major (see `chunked`): q, k [N,B,H,C,K], v [N,B,H,C,V],
+beta and log_a [N,B,H,C,1], groups [N,B,1,C,1], states [B,H,K,V], all float32.
 """
 
+import dataclasses
+import functools
+
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -25,46 +32,169 @@ from seqmix.pallas_kernels import chunked
 from seqmix.pallas_kernels.segments import padded_groups, reset_groups, zero_padded
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Terms:
+    """A chunk's precomputed terms, chunk-major ([N,B,H,...]): decay exp(G_i - G_j) [C,C] (1 on
+    the diagonal, 0 across segments); system I + L, L_ij = beta_i exp(G_i - G_j) (k_i.k_j) for
+    j < i; k_read [C,K] (keys whose prediction reads the carried state, exp(G_i) k_i); solved =
+    [values | weights] [C,V+K]; q_read [C,K] (queries reading the carried state, exp(G_i) q_i);
+    k_written [C,K] (keys written into it, exp(E_j) k_j); chunk_decay [1,1]."""
+
+    gates: chunked.Gates
+    masks: chunked.SegmentMasks
+    decay: jax.Array
+    system: jax.Array
+    k_read: jax.Array
+    solved: jax.Array
+    q_read: jax.Array
+    k_written: jax.Array
+    chunk_decay: jax.Array
+
+
+def _terms(q, k, v, beta, log_a, groups) -> _Terms:
+    gates, masks = chunked.gates(log_a), chunked.segment_masks(groups)
+    size = q.shape[chunked.CHUNK_AXIS]
+    # exp(G_i - G_j) masked before the exp: every exponential is <= 1. The diagonal's exp(0) = 1
+    # stays out of the graph: its gradient, +x and -x through G_i, would leave rounding noise
+    # larger than the true d log_a under strong decay.
+    exponent = jnp.where(masks.earlier, gates.to_here - jnp.swapaxes(gates.to_here, -1, -2), -jnp.inf)
+    decay = jnp.where(chunked.eye(size), 1.0, jnp.exp(exponent))
+    system = jnp.where(masks.earlier, beta * decay * chunked.mm_nt(k, k), 0.0) + chunked.eye(size)
+    k_read = jnp.where(masks.reads_state, jnp.exp(gates.to_here) * k, 0.0)
+    solved = lax.linalg.triangular_solve(system, beta * jnp.concatenate([v, k_read], axis=-1),
+                                         left_side=True, lower=True, unit_diagonal=True)
+    return _Terms(
+        gates=gates, masks=masks, decay=decay, system=system, k_read=k_read, solved=solved,
+        q_read=jnp.where(masks.reads_state, jnp.exp(gates.to_here) * q, 0.0),
+        k_written=jnp.where(masks.writes_state, jnp.exp(gates.to_end) * k, 0.0),
+        chunk_decay=jnp.where(masks.keeps_state, jnp.exp(gates.total), 0.0),
+    )
+
+
+def _scores(q, k, terms):
+    """exp(G_i - G_j) (q_i.k_j) for j <= i in the same segment, [C,C]."""
+    up_to = terms.masks.earlier | chunked.eye(q.shape[chunked.CHUNK_AXIS])
+    return jnp.where(up_to, terms.decay * chunked.mm_nt(q, k), 0.0)
+
+
+def _forward(q, k, v, beta, log_a, groups, state0):
+    """Chunk-major float32 inputs -> (out [N,B,H,C,V], final state, the state entering each chunk
+    [N,B,H,K,V], the values each chunk writes U [N,B,H,C,V])."""
+    terms = _terms(q, k, v, beta, log_a, groups)
+    value_dim = v.shape[-1]
+
+    def step(state, chunk):
+        solved, k_written, chunk_decay = chunk
+        written = solved[..., :value_dim] - chunked.mm(solved[..., value_dim:], state)
+        return chunk_decay * state + chunked.mm_tn(k_written, written), (state, written)
+
+    final, (incoming, written) = lax.scan(step, state0, (terms.solved, terms.k_written, terms.chunk_decay))
+    out = chunked.mm(_scores(q, k, terms), written) + chunked.mm(terms.q_read, incoming)
+    return out, final, incoming, written
+
+
+def _backward(q, k, v, beta, log_a, groups, incoming, written, d_out, d_final):
+    """Chunk-major cotangents of `_forward`'s inputs (and of the incoming state) from those of its
+    outputs."""
+    terms = _terms(q, k, v, beta, log_a, groups)
+    masks, value_dim = terms.masks, v.shape[-1]
+    weights = terms.solved[..., value_dim:]
+
+    # The carried state, backwards: U_n = values_n - weights_n S_n, S_n+1 = decay_n S_n + K_n^T U_n.
+    read_back = chunked.mm_tn(terms.q_read, d_out)
+    d_written_by_out = chunked.mm_tn(_scores(q, k, terms), d_out)
+
+    def step(d_next, chunk):
+        weights, k_written, chunk_decay, read_back, d_written = chunk
+        d_written = d_written + chunked.mm(k_written, d_next)
+        return chunk_decay * d_next + read_back - chunked.mm_tn(weights, d_written), (d_next, d_written)
+
+    d_state0, (d_outgoing, d_written) = lax.scan(
+        step, d_final, (weights, terms.k_written, terms.chunk_decay, read_back, d_written_by_out), reverse=True)
+
+    # The triangular solve: solved = A^-1 Y with Y = beta [V | k_read]; dY = A^-T d_solved.
+    d_solved = jnp.concatenate([d_written, -chunked.mm_nt(d_written, incoming)], axis=-1)
+    d_rhs = lax.linalg.triangular_solve(terms.system, d_solved, left_side=True, lower=True,
+                                        transpose_a=True, unit_diagonal=True)
+    d_lower = jnp.where(masks.earlier, -chunked.mm_nt(d_rhs, terms.solved), 0.0)
+    rhs = jnp.concatenate([v, terms.k_read], axis=-1)
+    d_beta = jnp.sum(d_rhs * rhs, axis=-1, keepdims=True)
+    dv = beta * d_rhs[..., :value_dim]
+    d_k_read = beta * d_rhs[..., value_dim:]
+
+    # L_ij = beta_i D_ij (k_i.k_j) and the scores P_ij = D_ij (q_i.k_j).
+    key_products = chunked.mm_nt(k, k)
+    d_beta = d_beta + jnp.sum(d_lower * terms.decay * key_products, axis=-1, keepdims=True)
+    d_key_products = d_lower * beta * terms.decay
+    d_scores = chunked.mm_nt(d_out, written)
+    d_query_products = jnp.where(masks.earlier | chunked.eye(q.shape[-2]), d_scores * terms.decay, 0.0)
+    d_decay = jnp.where(masks.earlier, d_lower * beta * key_products + d_scores * chunked.mm_nt(q, k), 0.0)
+    d_exponent = d_decay * terms.decay
+    d_to_here = (jnp.sum(d_exponent, axis=-1) - jnp.sum(d_exponent, axis=-2))[..., None]
+
+    dq_read = chunked.mm_nt(d_out, incoming)
+    d_k_written = chunked.mm_nt(written, d_outgoing)
+    exp_here = jnp.exp(terms.gates.to_here)
+    dq = chunked.mm(d_query_products, k) + jnp.where(masks.reads_state, exp_here * dq_read, 0.0)
+    dk = (chunked.mm(d_key_products, k) + chunked.mm_tn(d_key_products, k) + chunked.mm_tn(d_query_products, q)
+          + jnp.where(masks.reads_state, exp_here * d_k_read, 0.0)
+          + jnp.where(masks.writes_state, jnp.exp(terms.gates.to_end) * d_k_written, 0.0))
+    d_to_here = d_to_here + jnp.sum(dq_read * terms.q_read + d_k_read * terms.k_read, axis=-1, keepdims=True)
+    d_total = jnp.sum(d_outgoing * incoming, axis=(-2, -1), keepdims=True) * terms.chunk_decay
+    d_log_a = chunked.gate_cotangent(d_to_here, jnp.sum(d_k_written * terms.k_written, axis=-1, keepdims=True),
+                                     d_total)
+    return (dq, dk, dv, d_beta, d_log_a), d_state0
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _swept(q, k, v, beta, log_a, groups, state0, chunk, block):
+    """Time-major float32 q, k, v, beta, log_a [B,Tp,H,*] and groups [B,Tp,1,1], Tp a multiple of
+    chunk * block, state0 [B,H,K,V] -> (out [B,Tp,H,V], final state [B,H,K,V])."""
+    out, final, _ = _sweep_forward(q, k, v, beta, log_a, groups, state0, chunk, block)
+    return out, final
+
+
+def _sweep_forward(q, k, v, beta, log_a, groups, state0, chunk, block):
+    def block_forward(inputs, state):
+        out, state, incoming, written = _forward(*(chunked.chunk_major(a, chunk) for a in inputs), state)
+        return chunked.time_major(out), state, (incoming, written)
+
+    return chunked.sweep_forward(block_forward, (q, k, v, beta, log_a, groups), state0, chunk * block)
+
+
+def _swept_forward(q, k, v, beta, log_a, groups, state0, chunk, block):
+    out, final, states = _sweep_forward(q, k, v, beta, log_a, groups, state0, chunk, block)
+    return (out, final), ((q, k, v, beta, log_a, groups), states)
+
+
+def _swept_backward(chunk, block, residuals, cotangents):
+    inputs, states = residuals
+    d_out, d_final = cotangents
+
+    def block_backward(inputs, states, d_out, d_state):
+        inputs = tuple(chunked.chunk_major(a, chunk) for a in (*inputs, d_out))
+        grads, d_state = _backward(*inputs[:-1], *states, inputs[-1], d_state)
+        return tuple(map(chunked.time_major, grads)), d_state
+
+    grads, d_state0 = chunked.sweep_backward(block_backward, inputs, states, d_out, d_final, chunk * block)
+    return (*grads, None, d_state0)
+
+
+_swept.defvjp(_swept_forward, _swept_backward)
+
+
 def delta_xla(q, k, v, beta, *, log_a, scale, initial_state, segment_ids, chunk_size):
     batch, length, heads, key_dim = q.shape
     value_dim, out_dtype = v.shape[-1], q.dtype
-    padded = length + (-length % chunk_size)
+    chunks = -(-length // chunk_size)
+    block = chunked.block_chunks(batch, heads, chunks, chunk_size, key_dim + value_dim)
+    padded = -(-chunks // block) * block * chunk_size
     valid, groups = reset_groups(segment_ids, batch, length)
-
-    def chunks(x, dtype=jnp.float32):  # [B,T,H,D] -> [N,B,H,C,D], zero at padding
-        return chunked.chunk_major(zero_padded(x, valid, padded, dtype), chunk_size)
-
-    q, k, v = chunks(q.astype(jnp.float32) * scale), chunks(k), chunks(v)
-    beta, log_a = chunks(beta[..., None]), chunks(log_a[..., None])
-    masks = chunked.segment_masks(chunked.chunk_major(padded_groups(groups, padded, chunk_size)[..., None], chunk_size))
-
-    # Decays as sums of log_a, masked before the exp: every exponential is <= 1. The diagonal's
-    # exp(G_t - G_t) = 1 stays out of the graph: its gradient, +x and -x through G_t, leaves
-    # rounding noise larger than the true d log_a under strong decay.
-    to_here = chunked.prefix_sums(log_a)
-    to_end = chunked.shift(chunked.prefix_sums(log_a, reverse=True), -1)
-    total = jnp.sum(log_a, axis=chunked.CHUNK_AXIS, keepdims=True)
-    up_to = masks.earlier | chunked.eye(chunk_size)
-    decay = jnp.where(chunked.eye(chunk_size), 1.0,
-                      jnp.exp(jnp.where(masks.earlier, to_here - jnp.swapaxes(to_here, -1, -2), -jnp.inf)))
-
-    system = jnp.where(masks.earlier, beta * decay * chunked.mm_nt(k, k), 0.0) + chunked.eye(chunk_size)
-    reading_keys = jnp.where(masks.reads_state, jnp.exp(to_here) * k, 0.0)
-    solved = lax.linalg.triangular_solve(system, beta * jnp.concatenate([v, reading_keys], axis=-1),
-                                         left_side=True, lower=True, unit_diagonal=True)
-    values, weights = solved[..., :value_dim], solved[..., value_dim:]
-    k_written = jnp.where(masks.writes_state, jnp.exp(to_end) * k, 0.0)
-    chunk_decay = jnp.where(masks.keeps_state, jnp.exp(total), 0.0)
-
-    def step(state, chunk):
-        values, weights, k_written, chunk_decay = chunk
-        written = values - chunked.mm(weights, state)
-        return chunk_decay * state + chunked.mm_tn(k_written, written), (state, written)
-
+    padded_f32 = lambda x: zero_padded(x, valid, padded, jnp.float32)
     state0 = (jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32) if initial_state is None
               else initial_state.astype(jnp.float32))
-    final, (incoming, written) = lax.scan(step, state0, (values, weights, k_written, chunk_decay))
-    scores = jnp.where(up_to, decay * chunked.mm_nt(q, k), 0.0)
-    q_read = jnp.where(masks.reads_state, jnp.exp(to_here) * q, 0.0)
-    out = chunked.mm(scores, written) + chunked.mm(q_read, incoming)
-    return chunked.time_major(out)[:, :length].astype(out_dtype), final
+    out, final = _swept(padded_f32(q.astype(jnp.float32) * scale), padded_f32(k), padded_f32(v),
+                        padded_f32(beta[..., None]), padded_f32(log_a[..., None]),
+                        padded_groups(groups, padded, chunk_size)[..., None], state0, chunk_size, block)
+    return out[:, :length].astype(out_dtype), final

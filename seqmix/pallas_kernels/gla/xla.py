@@ -18,7 +18,6 @@ cheap elementwise terms, give each matmul's cotangent one batched dot, and reuse
 saved by the forward sweep.
 """
 
-import dataclasses
 import functools
 
 import jax
@@ -33,31 +32,6 @@ from seqmix.pallas_kernels.gla import chunk_math, layout
 # exp(-G) <= e^60 leaves float32 headroom (max ~e^88) for the |q| |k| factors. Typical gates decay
 # a 64-token chunk by a few nats; only gates below about -1 per step exceed it.
 FACTORED_SPAN_LIMIT = 60.0
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class _Gates:
-    """A chunk's log decays, each summed directly (never as a difference of sums, whose gradient
-    cancels large terms): to_here G_i = sum_{s<=i} log_g_s, to_end E_j = sum_{s>j} log_g_s, and
-    total [N,B,H,1,W]."""
-
-    to_here: jax.Array
-    to_end: jax.Array
-    total: jax.Array
-
-
-def _gates(log_g):
-    return _Gates(
-        to_here=chunked.prefix_sums(log_g),
-        to_end=chunked.shift(chunked.prefix_sums(log_g, reverse=True), -1),
-        total=jnp.sum(log_g, axis=chunked.CHUNK_AXIS, keepdims=True),
-    )
-
-
-def _gate_cotangent(d_to_here, d_to_end, d_total):
-    """d log_g from the cotangents of `_Gates`' three sums."""
-    return chunked.prefix_sums(d_to_here, reverse=True) + chunked.shift(chunked.prefix_sums(d_to_end), 1) + d_total
 
 
 def _to_width(x, width: int):
@@ -206,7 +180,7 @@ def _forward(intra, q, k, v, log_g, groups, state0, chunk, dtype):
     """One block of time-major inputs (see `_swept`) and its incoming state -> (out [B,L,H,V]
     float32, outgoing state, the state entering each of its chunks [N,B,H,K,V])."""
     q, k, v, log_g, groups = (chunked.chunk_major(a, chunk) for a in (q, k, v, log_g, groups))
-    gates, masks = _gates(log_g), chunked.segment_masks(groups)
+    gates, masks = chunked.gates(log_g), chunked.segment_masks(groups)
     q_read, k_written, decay = _state_terms(q, k, gates, masks)
     update = chunked.mm_tn(k_written, v, dtype)
     final, incoming = lax.scan(_linear_step, state0, (_as_row_scale(decay), update))
@@ -220,7 +194,7 @@ def _backward(intra_backward, q, k, v, log_g, groups, incoming, d_out, d_final, 
     outputs."""
     q, k, v, log_g, groups, d_out = (chunked.chunk_major(a, chunk) for a in (q, k, v, log_g, groups, d_out))
     width = log_g.shape[-1]
-    gates, masks = _gates(log_g), chunked.segment_masks(groups)
+    gates, masks = chunked.gates(log_g), chunked.segment_masks(groups)
     q_read, k_written, decay = _state_terms(q, k, gates, masks)
 
     # d(state leaving chunk n) = d(state entering chunk n + 1): a reverse sweep.
@@ -234,7 +208,7 @@ def _backward(intra_backward, q, k, v, log_g, groups, incoming, d_out, d_final, 
     dq = dq + jnp.where(masks.reads_state, dq_read * jnp.exp(gates.to_here), 0.0)
     dk = dk + jnp.where(masks.writes_state, dk_written * jnp.exp(gates.to_end), 0.0)
     d_decay = jnp.sum(d_outgoing * incoming, axis=-1)[..., None, :]  # [N,B,H,1,K]
-    d_log_g = _gate_cotangent(
+    d_log_g = chunked.gate_cotangent(
         d_to_here + _to_width(dq_read * q_read, width),
         _to_width(dk_written * k_written, width),
         _to_width(d_decay, width) * decay,
@@ -254,33 +228,6 @@ def _by_intra_form(run_factored, run_exact, run_per_head, log_g, chunk, operands
     return lax.cond(safe, run_factored, run_exact, *operands)
 
 
-# --- The sweep over blocks of chunks ---------------------------------------------------------------
-# On CPU the blocks are small: their working set stays in cache, and the pass allocates O(block)
-# temporaries rather than O(T). XLA's CPU runtime maps large temporary buffers afresh on every call,
-# and the page faults of a whole-sequence working set cost a third of the time at T = 4k.
-# Accelerators take the whole sequence as one block.
-
-_CPU_BLOCK_ELEMENTS = 2**17  # elements of one [N, B, H, C, D] block array
-
-
-def _block_chunks(batch: int, heads: int, chunks: int, chunk: int, dim: int) -> int:
-    """Chunks per block: about _CPU_BLOCK_ELEMENTS per block array on CPU, blocks of equal size."""
-    if jax.default_backend() != "cpu":
-        return chunks
-    target = max(1, min(chunks, _CPU_BLOCK_ELEMENTS // (batch * heads * chunk * dim)))
-    blocks = -(-chunks // target)
-    return -(-chunks // blocks)
-
-
-def _take(a, index, length):
-    return lax.dynamic_slice_in_dim(a, index * length, length, axis=1)
-
-
-def _joined(blocks):
-    """Per-block results stacked by a scan, [blocks, B, L, ...] -> [B, blocks * L, ...]."""
-    return jnp.moveaxis(blocks, 0, 1).reshape((blocks.shape[1], -1) + blocks.shape[3:])
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
 def _swept(q, k, v, log_g, groups, state0, chunk, block, dtype):
     """Time-major `layout.ChunkedInputs` fields (groups [B,Tp,1,1]), Tp a multiple of chunk * block,
@@ -290,19 +237,14 @@ def _swept(q, k, v, log_g, groups, state0, chunk, block, dtype):
 
 
 def _sweep_forward(q, k, v, log_g, groups, state0, chunk, block, dtype):
-    length = chunk * block
-
     def run(intra):
         return lambda *operands: _forward(intra, *operands, chunk, dtype)
 
-    def step(state, index):
-        inputs = tuple(_take(a, index, length) for a in (q, k, v, log_g, groups))
-        out, state, incoming = _by_intra_form(
-            run(_intra_factored), run(_intra_exact), run(_intra_per_head), inputs[3], chunk, (*inputs, state))
-        return state, (out, incoming)
+    def block_forward(inputs, state):
+        return _by_intra_form(run(_intra_factored), run(_intra_exact), run(_intra_per_head), inputs[3], chunk,
+                              (*inputs, state))
 
-    final, (out, incoming) = lax.scan(step, state0, jnp.arange(q.shape[1] // length))
-    return _joined(out), final, incoming  # incoming [blocks, block, B, H, K, V]
+    return chunked.sweep_forward(block_forward, (q, k, v, log_g, groups), state0, chunk * block)
 
 
 def _swept_forward(q, k, v, log_g, groups, state0, chunk, block, dtype):
@@ -311,23 +253,20 @@ def _swept_forward(q, k, v, log_g, groups, state0, chunk, block, dtype):
 
 
 def _swept_backward(chunk, block, dtype, residuals, cotangents):
-    q, k, v, log_g, groups, incoming = residuals
+    *inputs, incoming = residuals
     d_out, d_final = cotangents
-    length = chunk * block
 
     def run(intra_backward):
         return lambda *operands: _backward(intra_backward, *operands, chunk, dtype)
 
-    def step(d_state, index_and_incoming):
-        index, incoming_block = index_and_incoming
-        inputs = tuple(_take(a, index, length) for a in (q, k, v, log_g, groups))
+    def block_backward(inputs, incoming, d_out, d_state):
         *grads, d_state = _by_intra_form(
             run(_intra_factored_backward), run(_intra_exact_backward), run(_intra_per_head_backward), inputs[3],
-            chunk, (*inputs, incoming_block, _take(d_out, index, length), d_state))
-        return d_state, tuple(grads)
+            chunk, (*inputs, incoming, d_out, d_state))
+        return tuple(grads), d_state
 
-    d_state0, grads = lax.scan(step, d_final, (jnp.arange(q.shape[1] // length), incoming), reverse=True)
-    return (*map(_joined, grads), None, d_state0)
+    grads, d_state0 = chunked.sweep_backward(block_backward, inputs, incoming, d_out, d_final, chunk * block)
+    return (*grads, None, d_state0)
 
 
 _swept.defvjp(_swept_forward, _swept_backward)
@@ -337,7 +276,7 @@ def gla_xla(q, k, v, *, log_gate, scale, initial_state, segment_ids, chunk_size)
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     chunks = -(-length // chunk_size)
-    block = _block_chunks(batch, heads, chunks, chunk_size, max(key_dim, value_dim))
+    block = chunked.block_chunks(batch, heads, chunks, chunk_size, max(key_dim, value_dim))
     padded = -(-chunks // block) * block * chunk_size
     x = layout.to_chunks(q, k, v, log_gate, scale, segment_ids, chunk_size, padded)
     state0 = (jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32) if initial_state is None
