@@ -52,7 +52,8 @@ class _Terms:
     chunk_decay: jax.Array
 
 
-def _terms(q, k, v, beta, log_a, groups) -> _Terms:
+def _terms(q, k, v, beta, log_a, groups, solved=None) -> _Terms:
+    """The chunk's terms; `solved` (saved by the forward pass) spares the backward pass the solve."""
     gates, masks = chunked.gates(log_a), chunked.segment_masks(groups)
     size = q.shape[chunked.CHUNK_AXIS]
     # exp(G_i - G_j) masked before the exp: every exponential is <= 1. The diagonal's exp(0) = 1
@@ -62,8 +63,9 @@ def _terms(q, k, v, beta, log_a, groups) -> _Terms:
     decay = jnp.where(chunked.eye(size), 1.0, jnp.exp(exponent))
     system = jnp.where(masks.earlier, beta * decay * chunked.mm_nt(k, k), 0.0) + chunked.eye(size)
     k_read = jnp.where(masks.reads_state, jnp.exp(gates.to_here) * k, 0.0)
-    solved = lax.linalg.triangular_solve(system, beta * jnp.concatenate([v, k_read], axis=-1),
-                                         left_side=True, lower=True, unit_diagonal=True)
+    if solved is None:
+        solved = lax.linalg.triangular_solve(system, beta * jnp.concatenate([v, k_read], axis=-1),
+                                             left_side=True, lower=True, unit_diagonal=True)
     return _Terms(
         gates=gates, masks=masks, decay=decay, system=system, k_read=k_read, solved=solved,
         q_read=jnp.where(masks.reads_state, jnp.exp(gates.to_here) * q, 0.0),
@@ -79,8 +81,8 @@ def _scores(q, k, terms):
 
 
 def _forward(q, k, v, beta, log_a, groups, state0):
-    """Chunk-major float32 inputs -> (out [N,B,H,C,V], final state, the state entering each chunk
-    [N,B,H,K,V], the values each chunk writes U [N,B,H,C,V])."""
+    """Chunk-major float32 inputs -> (out [N,B,H,C,V], final state, residuals: the state entering
+    each chunk [N,B,H,K,V], the values each chunk writes U [N,B,H,C,V], the solved system)."""
     terms = _terms(q, k, v, beta, log_a, groups)
     value_dim = v.shape[-1]
 
@@ -91,13 +93,13 @@ def _forward(q, k, v, beta, log_a, groups, state0):
 
     final, (incoming, written) = lax.scan(step, state0, (terms.solved, terms.k_written, terms.chunk_decay))
     out = chunked.mm(_scores(q, k, terms), written) + chunked.mm(terms.q_read, incoming)
-    return out, final, incoming, written
+    return out, final, (incoming, written, terms.solved)
 
 
-def _backward(q, k, v, beta, log_a, groups, incoming, written, d_out, d_final):
+def _backward(q, k, v, beta, log_a, groups, incoming, written, solved, d_out, d_final):
     """Chunk-major cotangents of `_forward`'s inputs (and of the incoming state) from those of its
     outputs."""
-    terms = _terms(q, k, v, beta, log_a, groups)
+    terms = _terms(q, k, v, beta, log_a, groups, solved)
     masks, value_dim = terms.masks, v.shape[-1]
     weights = terms.solved[..., value_dim:]
 
@@ -157,8 +159,8 @@ def _swept(q, k, v, beta, log_a, groups, state0, chunk, block):
 
 def _sweep_forward(q, k, v, beta, log_a, groups, state0, chunk, block):
     def block_forward(inputs, state):
-        out, state, incoming, written = _forward(*(chunked.chunk_major(a, chunk) for a in inputs), state)
-        return chunked.time_major(out), state, (incoming, written)
+        out, state, residuals = _forward(*(chunked.chunk_major(a, chunk) for a in inputs), state)
+        return chunked.time_major(out), state, residuals
 
     return chunked.sweep_forward(block_forward, (q, k, v, beta, log_a, groups), state0, chunk * block)
 
