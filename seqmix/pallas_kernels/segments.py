@@ -53,6 +53,13 @@ def padded_groups(groups, padded_length: int, chunk: int):
     return chunk_relative_groups(groups, chunk)[:, :, None]
 
 
+def initial_state_or_zeros(initial_state, batch: int, heads: int, key_dim: int, value_dim: int):
+    """The state before each row's first segment, float32 [B,H,K,V]: zeros when none is given."""
+    if initial_state is None:
+        return jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32)
+    return initial_state.astype(jnp.float32)
+
+
 def scan_packed_rows(recurrence, initial_state, tokens, segment_ids):
     """The token-by-token semantics of packed rows, for the reference implementations.
 

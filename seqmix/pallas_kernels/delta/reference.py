@@ -12,7 +12,7 @@ for key k_t towards v_t by beta_t. Packed rows follow `segments.scan_packed_rows
 import jax.numpy as jnp
 from jax import lax
 
-from seqmix.pallas_kernels.segments import scan_packed_rows
+from seqmix.pallas_kernels.segments import initial_state_or_zeros, scan_packed_rows
 
 
 def _recurrence(q, k, v, beta, log_a, state):
@@ -43,8 +43,7 @@ def delta_reference(q, k, v, beta, *, log_a, scale, initial_state, segment_ids, 
     `chunk_size` is accepted for a uniform signature and ignored."""
     del chunk_size
     batch, _, heads, key_dim = q.shape
-    if initial_state is None:
-        initial_state = jnp.zeros((batch, heads, key_dim, v.shape[-1]), jnp.float32)
+    initial_state = initial_state_or_zeros(initial_state, batch, heads, key_dim, v.shape[-1])
     time_major = lambda x: jnp.swapaxes(x.astype(jnp.float32), 0, 1)
 
     def recurrence(state, token):
@@ -52,5 +51,5 @@ def delta_reference(q, k, v, beta, *, log_a, scale, initial_state, segment_ids, 
         return _recurrence(q_t * scale, k_t, v_t, beta_t, log_a_t, state)
 
     tokens = tuple(map(time_major, (q, k, v, beta, log_a)))
-    out, final_state = scan_packed_rows(recurrence, initial_state.astype(jnp.float32), tokens, segment_ids)
+    out, final_state = scan_packed_rows(recurrence, initial_state, tokens, segment_ids)
     return jnp.swapaxes(out, 0, 1).astype(q.dtype), final_state

@@ -29,21 +29,23 @@ import jax.numpy as jnp
 from jax import lax
 
 from seqmix.pallas_kernels import chunked
-from seqmix.pallas_kernels.segments import padded_groups, reset_groups, zero_padded
+from seqmix.pallas_kernels.segments import initial_state_or_zeros, padded_groups, reset_groups, zero_padded
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _Terms:
     """A chunk's precomputed terms, chunk-major ([N,B,H,...]): decay exp(G_i - G_j) [C,C] (1 on
-    the diagonal, 0 across segments); system I + L, L_ij = beta_i exp(G_i - G_j) (k_i.k_j) for
-    j < i; k_read [C,K] (keys whose prediction reads the carried state, exp(G_i) k_i); solved =
-    [values | weights] [C,V+K]; q_read [C,K] (queries reading the carried state, exp(G_i) q_i);
-    k_written [C,K] (keys written into it, exp(E_j) k_j); chunk_decay [1,1]."""
+    the diagonal, 0 across segments); key_products k_i.k_j [C,C]; system I + L with
+    L_ij = beta_i exp(G_i - G_j) (k_i.k_j) for j < i; k_read [C,K] (keys whose prediction reads the
+    carried state, exp(G_i) k_i); solved = [values | weights] [C,V+K]; q_read [C,K] (queries
+    reading the carried state, exp(G_i) q_i); k_written [C,K] (keys written into it,
+    exp(E_j) k_j); chunk_decay [1,1]."""
 
     gates: chunked.Gates
     masks: chunked.SegmentMasks
     decay: jax.Array
+    key_products: jax.Array
     system: jax.Array
     k_read: jax.Array
     solved: jax.Array
@@ -61,23 +63,24 @@ def _terms(q, k, v, beta, log_a, groups, solved=None) -> _Terms:
     # larger than the true d log_a under strong decay.
     exponent = jnp.where(masks.earlier, gates.to_here - jnp.swapaxes(gates.to_here, -1, -2), -jnp.inf)
     decay = jnp.where(chunked.eye(size), 1.0, jnp.exp(exponent))
-    system = jnp.where(masks.earlier, beta * decay * chunked.mm_nt(k, k), 0.0) + chunked.eye(size)
+    key_products = chunked.mm_nt(k, k)
+    system = jnp.where(masks.earlier, beta * decay * key_products, 0.0) + chunked.eye(size)
     k_read = jnp.where(masks.reads_state, jnp.exp(gates.to_here) * k, 0.0)
     if solved is None:
         solved = lax.linalg.triangular_solve(system, beta * jnp.concatenate([v, k_read], axis=-1),
                                              left_side=True, lower=True, unit_diagonal=True)
     return _Terms(
-        gates=gates, masks=masks, decay=decay, system=system, k_read=k_read, solved=solved,
+        gates=gates, masks=masks, decay=decay, key_products=key_products, system=system, k_read=k_read, solved=solved,
         q_read=jnp.where(masks.reads_state, jnp.exp(gates.to_here) * q, 0.0),
         k_written=jnp.where(masks.writes_state, jnp.exp(gates.to_end) * k, 0.0),
         chunk_decay=jnp.where(masks.keeps_state, jnp.exp(gates.total), 0.0),
     )
 
 
-def _scores(q, k, terms):
-    """exp(G_i - G_j) (q_i.k_j) for j <= i in the same segment, [C,C]."""
-    up_to = terms.masks.earlier | chunked.eye(q.shape[chunked.CHUNK_AXIS])
-    return jnp.where(up_to, terms.decay * chunked.mm_nt(q, k), 0.0)
+def _scores(query_products, terms):
+    """exp(G_i - G_j) (q_i.k_j) for j <= i in the same segment, [C,C], from q_i.k_j."""
+    up_to = terms.masks.earlier | chunked.eye(query_products.shape[-1])
+    return jnp.where(up_to, terms.decay * query_products, 0.0)
 
 
 def _forward(q, k, v, beta, log_a, groups, state0):
@@ -92,7 +95,7 @@ def _forward(q, k, v, beta, log_a, groups, state0):
         return chunk_decay * state + chunked.mm_tn(k_written, written), (state, written)
 
     final, (incoming, written) = lax.scan(step, state0, (terms.solved, terms.k_written, terms.chunk_decay))
-    out = chunked.mm(_scores(q, k, terms), written) + chunked.mm(terms.q_read, incoming)
+    out = chunked.mm(_scores(chunked.mm_nt(q, k), terms), written) + chunked.mm(terms.q_read, incoming)
     return out, final, (incoming, written, terms.solved)
 
 
@@ -105,7 +108,8 @@ def _backward(q, k, v, beta, log_a, groups, incoming, written, solved, d_out, d_
 
     # The carried state, backwards: U_n = values_n - weights_n S_n, S_n+1 = decay_n S_n + K_n^T U_n.
     read_back = chunked.mm_tn(terms.q_read, d_out)
-    d_written_by_out = chunked.mm_tn(_scores(q, k, terms), d_out)
+    query_products = chunked.mm_nt(q, k)
+    d_written_by_out = chunked.mm_tn(_scores(query_products, terms), d_out)
 
     def step(d_next, chunk):
         weights, k_written, chunk_decay, read_back, d_written = chunk
@@ -126,12 +130,12 @@ def _backward(q, k, v, beta, log_a, groups, incoming, written, solved, d_out, d_
     d_k_read = beta * d_rhs[..., value_dim:]
 
     # L_ij = beta_i D_ij (k_i.k_j) and the scores P_ij = D_ij (q_i.k_j).
-    key_products = chunked.mm_nt(k, k)
+    key_products = terms.key_products
     d_beta = d_beta + jnp.sum(d_lower * terms.decay * key_products, axis=-1, keepdims=True)
     d_key_products = d_lower * beta * terms.decay
     d_scores = chunked.mm_nt(d_out, written)
     d_query_products = jnp.where(masks.earlier | chunked.eye(q.shape[-2]), d_scores * terms.decay, 0.0)
-    d_decay = jnp.where(masks.earlier, d_lower * beta * key_products + d_scores * chunked.mm_nt(q, k), 0.0)
+    d_decay = jnp.where(masks.earlier, d_lower * beta * key_products + d_scores * query_products, 0.0)
     d_exponent = d_decay * terms.decay
     d_to_here = (jnp.sum(d_exponent, axis=-1) - jnp.sum(d_exponent, axis=-2))[..., None]
 
@@ -194,8 +198,7 @@ def delta_xla(q, k, v, beta, *, log_a, scale, initial_state, segment_ids, chunk_
     padded = -(-chunks // block) * block * chunk_size
     valid, groups = reset_groups(segment_ids, batch, length)
     padded_f32 = lambda x: zero_padded(x, valid, padded, jnp.float32)
-    state0 = (jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32) if initial_state is None
-              else initial_state.astype(jnp.float32))
+    state0 = initial_state_or_zeros(initial_state, batch, heads, key_dim, value_dim)
     out, final = _swept(padded_f32(q.astype(jnp.float32) * scale), padded_f32(k), padded_f32(v),
                         padded_f32(beta[..., None]), padded_f32(log_a[..., None]),
                         padded_groups(groups, padded, chunk_size)[..., None], state0, chunk_size, block)

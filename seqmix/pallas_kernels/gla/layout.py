@@ -5,7 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from seqmix.pallas_kernels.segments import padded_groups, reset_groups, zero_padded
+from seqmix.pallas_kernels.segments import initial_state_or_zeros, padded_groups, reset_groups, zero_padded
 
 
 @jax.tree_util.register_dataclass
@@ -56,9 +56,7 @@ def from_chunks(out, length: int, dtype):
 
 def state_in(initial_state, batch: int, heads: int, key_dim: int, value_dim: int):
     """Public [B,H,K,V] (or None) -> the kernels' value-major float32 [B,H,V,K]."""
-    if initial_state is None:
-        return jnp.zeros((batch, heads, value_dim, key_dim), jnp.float32)
-    return jnp.swapaxes(initial_state.astype(jnp.float32), 2, 3)
+    return jnp.swapaxes(initial_state_or_zeros(initial_state, batch, heads, key_dim, value_dim), 2, 3)
 
 
 def state_out(state):

@@ -11,7 +11,7 @@ first token.
 import jax.numpy as jnp
 from jax import lax
 
-from seqmix.pallas_kernels.segments import scan_packed_rows
+from seqmix.pallas_kernels.segments import initial_state_or_zeros, scan_packed_rows
 
 
 def _recurrence(q, k, v, log_gate, state):
@@ -48,16 +48,15 @@ def gla_reference(q, k, v, *, log_gate, scale, initial_state, segment_ids, chunk
     [B,H,K,V] or None; segment_ids [B,T] or None. Returns (o [B,T,H,V] in q.dtype, final_state
     [B,H,K,V] float32). `chunk_size` is accepted for a uniform signature and ignored."""
     del chunk_size
-    batch, length, heads, key_dim = q.shape
+    batch, _, heads, key_dim = q.shape
     value_dim = v.shape[-1]
-    if initial_state is None:
-        initial_state = jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32)
     f32 = lambda x: jnp.swapaxes(x.astype(jnp.float32), 0, 1)  # time-major for the scan
 
     def recurrence(state, token):
         q_t, k_t, v_t, gate_t = token
         return _recurrence(q_t * scale, k_t, v_t, gate_t, state)
 
-    out, final_state = scan_packed_rows(recurrence, initial_state.astype(jnp.float32),
+    state0 = initial_state_or_zeros(initial_state, batch, heads, key_dim, value_dim)
+    out, final_state = scan_packed_rows(recurrence, state0,
                                         (f32(q), f32(k), f32(v), f32(log_gate)), segment_ids)
     return jnp.swapaxes(out, 0, 1).astype(q.dtype), final_state

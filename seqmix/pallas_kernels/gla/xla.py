@@ -26,6 +26,7 @@ from jax import lax
 
 from seqmix.pallas_kernels import chunked
 from seqmix.pallas_kernels.gla import chunk_math, layout
+from seqmix.pallas_kernels.segments import initial_state_or_zeros
 
 
 # Largest decay of a chunk (nats, any key) for which the factored intra-chunk form is exact:
@@ -279,8 +280,7 @@ def gla_xla(q, k, v, *, log_gate, scale, initial_state, segment_ids, chunk_size)
     block = chunked.block_chunks(batch, heads, chunks, chunk_size, max(key_dim, value_dim))
     padded = -(-chunks // block) * block * chunk_size
     x = layout.to_chunks(q, k, v, log_gate, scale, segment_ids, chunk_size, padded)
-    state0 = (jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32) if initial_state is None
-              else initial_state.astype(jnp.float32))
+    state0 = initial_state_or_zeros(initial_state, batch, heads, key_dim, value_dim)
     out, final = _swept(x.q, x.k, x.v, x.log_gate, x.groups[..., None], state0, chunk_size, block,
                           layout.matmul_dtype(q.dtype))
     return layout.from_chunks(out, length, q.dtype), final
