@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# On a CUDA machine: check the Pallas GPU kernel against the reference, then time it against the
-# XLA path, cuDNN attention and (when fla-core imports) flash-linear-attention. Under 8 minutes on
-# an H100. fla-core is pure Python: where the machine has no network, bring its wheel and point
-# FLA_WHEEL at it. Usage: bash benchmarks/gpu.sh [--lengths 2048 4096 ...]
+# On a CUDA machine: check a family's Pallas GPU kernel against the reference, then time it against
+# the XLA path, cuDNN attention and (when fla-core imports) flash-linear-attention: chunk_gla (the
+# default, against fla's chunk_gla) or, with --family delta, chunk_delta_rule (against fla's
+# chunk_gated_delta_rule); stopped after 8 minutes. fla-core is pure Python: where the machine
+# has no network, bring its wheel and point FLA_WHEEL at it.
+# Usage: bash benchmarks/gpu.sh [--family gla|delta] [--lengths 2048 4096 ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export XLA_PYTHON_CLIENT_PREALLOCATE=false

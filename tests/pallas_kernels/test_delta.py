@@ -7,10 +7,11 @@ import pytest
 
 from seqmix.pallas_kernels import chunked
 from seqmix.pallas_kernels.delta import chunk_delta_rule, delta_step
+from seqmix.pallas_kernels.delta.chunk_math import unit_lower_inverse
 
 from kernel_checks import packed_segments, relative_error
 
-IMPLS = ["xla"]
+IMPLS = ["xla", "pallas_tpu", "pallas_gpu"]
 GATES = ["gated", "plain"]
 
 
@@ -64,7 +65,7 @@ def test_gradients_match_reference(impl, gate):
         assert relative_error(a, e) < 1e-4, name
 
 
-@pytest.mark.parametrize("chunk_size", [16, 64, 128])
+@pytest.mark.parametrize("chunk_size", [16, 48, 64, 128])  # 48: the inverse pads to 64
 def test_xla_longer_rows_and_chunk_sizes(chunk_size):
     q, k, v, beta, gates, h0, segments = make_inputs(3, batch=3, length=203, heads=3, key_dim=32, value_dim=16)
     expected = run("reference", q, k, v, beta, gates, h0, segments)
@@ -90,6 +91,19 @@ def test_xla_sweeps_blocks_of_chunks(monkeypatch, gate):
     actual_grads, actual = grad("xla", q, k, v, beta, gates, h0)
     for a, e in zip(jax.tree.leaves((actual, actual_grads)), jax.tree.leaves((expected, expected_grads))):
         assert relative_error(a, e) < 1e-4
+
+
+@pytest.mark.parametrize("size", [16, 48, 64])
+def test_block_doubling_inverts_unit_lower_triangular_systems(size):
+    """The Pallas kernels' (I + L)^-1 for a chunk's L_ij = beta_i (k_i.k_j), j < i, with beta near 2
+    (entries up to 2), including a chunk length that is no power of two."""
+    rng = np.random.default_rng(14)
+    keys = rng.normal(size=(size, 16))
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    lower = np.tril(rng.uniform(1.9, 2.0, size=(size, 1)) * (keys @ keys.T), -1)
+    expected = np.linalg.inv(np.eye(size) + lower)
+    actual = unit_lower_inverse(jnp.asarray(lower, jnp.float32))
+    assert relative_error(actual, expected) < 1e-5
 
 
 @pytest.mark.parametrize("gate", GATES)
@@ -173,3 +187,10 @@ def test_bad_input_is_named(change, message):
     args = dict(q=q, k=k, v=v, beta=beta) | change
     with pytest.raises(ValueError, match=message):
         chunk_delta_rule(**args)
+
+
+@pytest.mark.parametrize("key_dim, value_dim, message", [(24, 32, "K=24"), (16, 8, "V=8")])
+def test_gpu_kernel_rejects_shapes_triton_cannot_tile(key_dim, value_dim, message):
+    q, k, v, beta, gates, _, _ = make_inputs(11, key_dim=key_dim, value_dim=value_dim)
+    with pytest.raises(ValueError, match=message):
+        chunk_delta_rule(q, k, v, beta, **gates, impl="pallas_gpu")

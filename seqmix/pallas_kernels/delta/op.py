@@ -5,6 +5,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from seqmix.pallas_kernels import checks, registry
+from seqmix.pallas_kernels.delta import pallas_gpu, pallas_tpu
 from seqmix.pallas_kernels.delta.reference import delta_reference
 from seqmix.pallas_kernels.delta.xla import delta_xla
 
@@ -22,6 +23,8 @@ class DeltaCall:
 
 
 IMPLEMENTATIONS = [
+    registry.Implementation("pallas_gpu", pallas_gpu.delta_pallas_gpu, pallas_gpu.supports, ("gpu",)),
+    registry.Implementation("pallas_tpu", pallas_tpu.delta_pallas_tpu, pallas_tpu.supports, ("tpu",)),
     registry.Implementation("xla", delta_xla, registry.always, ("cpu", "gpu", "tpu")),
     registry.Implementation("reference", delta_reference, registry.always, ()),
 ]
@@ -39,7 +42,8 @@ def chunk_delta_rule(q, k, v, beta, *, log_a=None, scale=None, initial_state=Non
     segment_ids [B,T] int (0 = padding): the state resets to zero where a segment starts; padding
     neither reads nor changes it. initial_state [B,H,K,V] is the state before each row's first
     segment. Any T; chunk_size (a multiple of 16) only changes the speed.
-    impl: "auto" (fastest native implementation), "xla" or "reference".
+    impl: "auto" (fastest native implementation), "xla", "pallas_gpu", "pallas_tpu" (interpreted
+    off their device) or "reference".
     Returns o [B,T,H,V] in q's dtype, and final_state [B,H,K,V] float32 (the state at the end of
     each row) when output_final_state.
     """
@@ -55,7 +59,7 @@ def chunk_delta_rule(q, k, v, beta, *, log_a=None, scale=None, initial_state=Non
     call = DeltaCall(key_dim, value_dim, chunk_size, jnp.dtype(q.dtype))
     implementation = registry.choose(IMPLEMENTATIONS, impl, call, op)
     out, final_state = implementation.run(
-        q, k, v, beta.astype(jnp.float32),
+        q, k, v, beta=beta.astype(jnp.float32),
         log_a=jnp.zeros(beta.shape, jnp.float32) if log_a is None else log_a.astype(jnp.float32),
         scale=key_dim**-0.5 if scale is None else scale,
         initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size,

@@ -13,9 +13,13 @@ gives U = values - weights @ S with S left open; then
     S'  = exp(G_C) S + sum_j exp(G_C - G_j) k_j U_j^T
 
 Everything but the carry of S is batched over a block's chunks (the sequence is swept in blocks,
-`chunked.sweep_forward`); the sequential part is two [C,K]-by-[K,V] products per chunk. The
-triangular solve is forward substitution (LAPACK trsm on CPU), in float32; never the Neumann series
-of M, whose powers overflow. Its backward pass is one more solve, with the transposed system.
+`chunked.sweep_forward`); the sequential part is two [C,K]-by-[K,V] products per chunk. The system
+is solved through its inverse, built by block doubling (`_unit_lower_inverse`) in float32, never by
+the Neumann series of M, whose powers overflow; the backward pass multiplies by its transpose.
+Against LAPACK's trsm (one call per matrix, column-major operands that force layout copies around
+it) this halved the fwd+bwd time at T = 4k, and it keeps the pass in XLA's own ops: the threaded
+trsm ran 20x slower whenever another process held one of the cores. The forward pass keeps only
+the state entering each chunk; the backward pass recomputes the rest.
 Segments cut M, the reads of S and the writes into S' as in the GLA family
 (`chunked.segment_masks`). Arrays are chunk-major (see `chunked`): q, k [N,B,H,C,K], v [N,B,H,C,V],
 beta and log_a [N,B,H,C,1], groups [N,B,1,C,1], states [B,H,K,V], all float32.
@@ -36,9 +40,9 @@ from seqmix.pallas_kernels.segments import initial_state_or_zeros, padded_groups
 @dataclasses.dataclass(frozen=True)
 class _Terms:
     """A chunk's precomputed terms, chunk-major ([N,B,H,...]): decay exp(G_i - G_j) [C,C] (1 on
-    the diagonal, 0 across segments); key_products k_i.k_j [C,C]; system I + L with
-    L_ij = beta_i exp(G_i - G_j) (k_i.k_j) for j < i; k_read [C,K] (keys whose prediction reads the
-    carried state, exp(G_i) k_i); solved = [values | weights] [C,V+K]; q_read [C,K] (queries
+    the diagonal, 0 across segments); key_products k_i.k_j [C,C]; inverse (I + L)^-1 [C,C] with
+    L_ij = beta_i exp(G_i - G_j) (k_i.k_j) for j < i; k_read [C,K] (keys whose prediction reads
+    the carried state, exp(G_i) k_i); solved = [values | weights] [C,V+K]; q_read [C,K] (queries
     reading the carried state, exp(G_i) q_i); k_written [C,K] (keys written into it,
     exp(E_j) k_j); chunk_decay [1,1]."""
 
@@ -46,7 +50,7 @@ class _Terms:
     masks: chunked.SegmentMasks
     decay: jax.Array
     key_products: jax.Array
-    system: jax.Array
+    inverse: jax.Array
     k_read: jax.Array
     solved: jax.Array
     q_read: jax.Array
@@ -54,23 +58,64 @@ class _Terms:
     chunk_decay: jax.Array
 
 
-def _terms(q, k, v, beta, log_a, groups, solved=None) -> _Terms:
-    """The chunk's terms; `solved` (saved by the forward pass) spares the backward pass the solve."""
+FACTORED_SPAN_LIMIT = 60.0
+
+
+def _exact_decay(to_here, earlier):
+    """exp(G_i - G_j) [..., C, C] on `earlier`, masked before the exp: no exponential exceeds 1
+    however strong the decay. The diagonal's 1 stays out of the graph: its gradient, +x and -x
+    through G_i, would leave rounding noise larger than the true d log_a under strong decay."""
+    exponent = jnp.where(earlier, to_here - jnp.swapaxes(to_here, -1, -2), -jnp.inf)
+    return jnp.where(chunked.eye(to_here.shape[-2]), 1.0, jnp.exp(exponent))
+
+
+def _factored_decay(to_here, earlier):
+    """`_exact_decay` as exp(G_i) exp(-G_j): 2C exponentials per chunk instead of C^2. Exact while no
+    chunk decays by more than FACTORED_SPAN_LIMIT nats (exp(-G) overflows float32 past ~88)."""
+    grown = jnp.swapaxes(jnp.exp(-to_here), -1, -2)
+    return jnp.where(earlier, jnp.exp(to_here) * grown, 0.0) + chunked.eye(to_here.shape[-2])
+
+
+def _unit_lower_inverse(system):
+    """(I + L)^-1 of unit lower-triangular [..., C, C] float32 matrices by block doubling: if X_A
+    and X_B invert the diagonal blocks of [[A, 0], [O, B]], its inverse is [[X_A, 0], [-X_B O X_A, X_B]].
+    log2(C) levels of batched [w, w] products on the diagonal blocks' actual sub-blocks, C^3/3
+    multiply-adds in all; exact algebra, never powers of L. (The Pallas kernels' `chunk_math`
+    doubles on whole masked tiles instead, as kernels cannot slice a tile.) C that is not a power of
+    two is padded with identity rows, which leave the leading block's inverse as it is."""
+    size, batch = system.shape[-1], system.shape[:-2]
+    padded = 1 << (size - 1).bit_length()
+    if padded != size:
+        pad = [(0, 0)] * len(batch) + [(0, padded - size)] * 2
+        system = jnp.pad(system, pad) + jnp.diag(jnp.arange(padded) >= size).astype(system.dtype)
+    inverse = jnp.ones(batch + (padded, 1, 1), system.dtype)  # the 1x1 diagonal blocks, [.., blocks, w, w]
+    width = 1
+    while width < padded:
+        blocks = padded // (2 * width)
+        tiles = system.reshape(batch + (blocks, 2, width, blocks, 2, width))
+        # O of each diagonal 2w-block: block row 1, block column 0 of the block's own [2, w, 2, w] tiles.
+        lower_left = jnp.moveaxis(jnp.diagonal(tiles[..., :, 1, :, :, 0, :], axis1=-4, axis2=-2), -1, -3)
+        upper, lower = inverse[..., 0::2, :, :], inverse[..., 1::2, :, :]
+        corner = -chunked.mm(lower, chunked.mm(lower_left, upper))
+        inverse = jnp.concatenate([jnp.concatenate([upper, jnp.zeros_like(upper)], axis=-1),
+                                   jnp.concatenate([corner, lower], axis=-1)], axis=-2)
+        width *= 2
+    return inverse[..., 0, :size, :size]
+
+
+def _terms(q, k, v, beta, log_a, groups) -> _Terms:
     gates, masks = chunked.gates(log_a), chunked.segment_masks(groups)
     size = q.shape[chunked.CHUNK_AXIS]
-    # exp(G_i - G_j) masked before the exp: every exponential is <= 1. The diagonal's exp(0) = 1
-    # stays out of the graph: its gradient, +x and -x through G_i, would leave rounding noise
-    # larger than the true d log_a under strong decay.
-    exponent = jnp.where(masks.earlier, gates.to_here - jnp.swapaxes(gates.to_here, -1, -2), -jnp.inf)
-    decay = jnp.where(chunked.eye(size), 1.0, jnp.exp(exponent))
+    decay = lax.cond(jnp.min(gates.total) >= -FACTORED_SPAN_LIMIT, _factored_decay, _exact_decay,
+                     gates.to_here, masks.earlier)
     key_products = chunked.mm_nt(k, k)
     system = jnp.where(masks.earlier, beta * decay * key_products, 0.0) + chunked.eye(size)
+    inverse = _unit_lower_inverse(system)
     k_read = jnp.where(masks.reads_state, jnp.exp(gates.to_here) * k, 0.0)
-    if solved is None:
-        solved = lax.linalg.triangular_solve(system, beta * jnp.concatenate([v, k_read], axis=-1),
-                                             left_side=True, lower=True, unit_diagonal=True)
+    solved = chunked.mm(inverse, beta * jnp.concatenate([v, k_read], axis=-1))
     return _Terms(
-        gates=gates, masks=masks, decay=decay, key_products=key_products, system=system, k_read=k_read, solved=solved,
+        gates=gates, masks=masks, decay=decay, key_products=key_products, inverse=inverse,
+        k_read=k_read, solved=solved,
         q_read=jnp.where(masks.reads_state, jnp.exp(gates.to_here) * q, 0.0),
         k_written=jnp.where(masks.writes_state, jnp.exp(gates.to_end) * k, 0.0),
         chunk_decay=jnp.where(masks.keeps_state, jnp.exp(gates.total), 0.0),
@@ -84,8 +129,8 @@ def _scores(query_products, terms):
 
 
 def _forward(q, k, v, beta, log_a, groups, state0):
-    """Chunk-major float32 inputs -> (out [N,B,H,C,V], final state, residuals: the state entering
-    each chunk [N,B,H,K,V], the values each chunk writes U [N,B,H,C,V], the solved system)."""
+    """Chunk-major float32 inputs -> (out [N,B,H,C,V], final state, the state entering each chunk
+    [N,B,H,K,V])."""
     terms = _terms(q, k, v, beta, log_a, groups)
     value_dim = v.shape[-1]
 
@@ -96,15 +141,16 @@ def _forward(q, k, v, beta, log_a, groups, state0):
 
     final, (incoming, written) = lax.scan(step, state0, (terms.solved, terms.k_written, terms.chunk_decay))
     out = chunked.mm(_scores(chunked.mm_nt(q, k), terms), written) + chunked.mm(terms.q_read, incoming)
-    return out, final, (incoming, written, terms.solved)
+    return out, final, incoming
 
 
-def _backward(q, k, v, beta, log_a, groups, incoming, written, solved, d_out, d_final):
+def _backward(q, k, v, beta, log_a, groups, incoming, d_out, d_final):
     """Chunk-major cotangents of `_forward`'s inputs (and of the incoming state) from those of its
-    outputs."""
-    terms = _terms(q, k, v, beta, log_a, groups, solved)
+    outputs, given the state entering each chunk."""
+    terms = _terms(q, k, v, beta, log_a, groups)
     masks, value_dim = terms.masks, v.shape[-1]
     weights = terms.solved[..., value_dim:]
+    written = terms.solved[..., :value_dim] - chunked.mm(weights, incoming)
 
     # The carried state, backwards: U_n = values_n - weights_n S_n, S_n+1 = decay_n S_n + K_n^T U_n.
     read_back = chunked.mm_tn(terms.q_read, d_out)
@@ -119,10 +165,9 @@ def _backward(q, k, v, beta, log_a, groups, incoming, written, solved, d_out, d_
     d_state0, (d_outgoing, d_written) = lax.scan(
         step, d_final, (weights, terms.k_written, terms.chunk_decay, read_back, d_written_by_out), reverse=True)
 
-    # The triangular solve: solved = A^-1 Y with Y = beta [V | k_read]; dY = A^-T d_solved.
+    # The solve: solved = A^-1 Y with Y = beta [V | k_read]; dY = A^-T d_solved.
     d_solved = jnp.concatenate([d_written, -chunked.mm_nt(d_written, incoming)], axis=-1)
-    d_rhs = lax.linalg.triangular_solve(terms.system, d_solved, left_side=True, lower=True,
-                                        transpose_a=True, unit_diagonal=True)
+    d_rhs = chunked.mm_tn(terms.inverse, d_solved)
     d_lower = jnp.where(masks.earlier, -chunked.mm_nt(d_rhs, terms.solved), 0.0)
     rhs = jnp.concatenate([v, terms.k_read], axis=-1)
     d_beta = jnp.sum(d_rhs * rhs, axis=-1, keepdims=True)
@@ -143,7 +188,7 @@ def _backward(q, k, v, beta, log_a, groups, incoming, written, solved, d_out, d_
     d_k_written = chunked.mm_nt(written, d_outgoing)
     exp_here = jnp.exp(terms.gates.to_here)
     dq = chunked.mm(d_query_products, k) + jnp.where(masks.reads_state, exp_here * dq_read, 0.0)
-    dk = (chunked.mm(d_key_products, k) + chunked.mm_tn(d_key_products, k) + chunked.mm_tn(d_query_products, q)
+    dk = (chunked.mm(d_key_products + jnp.swapaxes(d_key_products, -1, -2), k) + chunked.mm_tn(d_query_products, q)
           + jnp.where(masks.reads_state, exp_here * d_k_read, 0.0)
           + jnp.where(masks.writes_state, jnp.exp(terms.gates.to_end) * d_k_written, 0.0))
     d_to_here = d_to_here + jnp.sum(dq_read * terms.q_read + d_k_read * terms.k_read, axis=-1, keepdims=True)
@@ -170,20 +215,20 @@ def _sweep_forward(q, k, v, beta, log_a, groups, state0, chunk, block):
 
 
 def _swept_forward(q, k, v, beta, log_a, groups, state0, chunk, block):
-    out, final, states = _sweep_forward(q, k, v, beta, log_a, groups, state0, chunk, block)
-    return (out, final), ((q, k, v, beta, log_a, groups), states)
+    out, final, incoming = _sweep_forward(q, k, v, beta, log_a, groups, state0, chunk, block)
+    return (out, final), ((q, k, v, beta, log_a, groups), incoming)
 
 
 def _swept_backward(chunk, block, residuals, cotangents):
-    inputs, states = residuals
+    inputs, incoming = residuals
     d_out, d_final = cotangents
 
-    def block_backward(inputs, states, d_out, d_state):
+    def block_backward(inputs, incoming, d_out, d_state):
         inputs = tuple(chunked.chunk_major(a, chunk) for a in (*inputs, d_out))
-        grads, d_state = _backward(*inputs[:-1], *states, inputs[-1], d_state)
+        grads, d_state = _backward(*inputs[:-1], incoming, inputs[-1], d_state)
         return tuple(map(chunked.time_major, grads)), d_state
 
-    grads, d_state0 = chunked.sweep_backward(block_backward, inputs, states, d_out, d_final, chunk * block)
+    grads, d_state0 = chunked.sweep_backward(block_backward, inputs, incoming, d_out, d_final, chunk * block)
     return (*grads, None, d_state0)
 
 

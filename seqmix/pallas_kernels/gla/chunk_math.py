@@ -1,10 +1,12 @@
 """The per-chunk algebra of gated linear attention, shared by both Pallas kernels.
 
-Everything here acts on one chunk of one (batch, head): plain jnp on 2-D blocks, no reshapes or
-transposes, so the same functions trace inside Pallas kernel bodies (Triton and Mosaic TPU).
+Everything here acts on one chunk of one (batch, head): plain jnp on 2-D blocks (`tile_math`), no
+reshapes or transposes, so the same functions trace inside Pallas kernel bodies (Triton and Mosaic
+TPU, through the shared `sweep_gpu` and `sweep_tpu`).
 Backward kernels differentiate `chunk_forward` with `jax.vjp`, so the forward and backward passes
-share one definition of the math. (The `xla` path batches the same algebra over many chunks with
-its own, hand-written backward pass.)
+share one definition of the math; it passes `tile_math.differentiable(matmul_dtype)`, so that the
+transposed matmuls take operands of one dtype, as Triton requires. (The `xla` path batches the same
+algebra over many chunks with its own, hand-written backward pass.)
 
 Shapes (C = chunk length, c = sub-block length, W = gate width, K or 1):
   q, k [C, K]; v [C, V]; log_g [C, W] float32 (log decay per step, <= 0);
@@ -20,83 +22,27 @@ overflows however negative the gates (an exp(-G) factored form would overflow at
 
 import jax
 import jax.numpy as jnp
-from jax import lax
+
+from seqmix.pallas_kernels.tile_math import (
+    as_row, cumulative_gates, decay_to_chunk_end, differentiable, eye, matmul, matmul_nt, matmul_tn,
+    strictly_causal,
+)
 
 SUB_BLOCK = 16
-
-
-def _dot(a, b, contract, matmul_dtype):
-    """a, b 2-D; float32 accumulation; float32 operands at full precision (no TF32/bf16 passes)."""
-    precision = lax.Precision.HIGHEST if matmul_dtype == jnp.float32 else lax.Precision.DEFAULT
-    return lax.dot_general(
-        a.astype(matmul_dtype), b.astype(matmul_dtype), (contract, ((), ())),
-        precision=precision, preferred_element_type=jnp.float32,
-    )
-
-
-def matmul(a, b, matmul_dtype):  # [M, K] @ [K, N]
-    return _dot(a, b, ((1,), (0,)), matmul_dtype)
-
-
-def matmul_nt(a, b, matmul_dtype):  # [M, K] @ [N, K]^T
-    return _dot(a, b, ((1,), (1,)), matmul_dtype)
-
-
-def matmul_tn(a, b, matmul_dtype):  # [K, M]^T @ [K, N]
-    return _dot(a, b, ((0,), (0,)), matmul_dtype)
-
-
-def _causal(rows: int, cols: int):
-    """[rows, cols] bool, True where row >= col."""
-    return lax.broadcasted_iota(jnp.int32, (rows, cols), 0) >= lax.broadcasted_iota(jnp.int32, (rows, cols), 1)
-
-
-def _eye(size: int):
-    return lax.broadcasted_iota(jnp.int32, (size, size), 0) == lax.broadcasted_iota(jnp.int32, (size, size), 1)
-
-
-def _strictly_causal(size: int):
-    return _causal(size, size) & ~_eye(size)
 
 
 def _self_scores(q, k):
     """[C, C] with q_i.k_i on the diagonal. A token reads itself undecayed: keeping exp(G_i - G_i)
     out of the graph keeps its gradient, +t and -t through G_i, from leaving rounding noise in dlog_g
     that swamps the true, tiny gradient under strong decay."""
-    return jnp.where(_eye(q.shape[0]), jnp.sum(q * k, axis=1, keepdims=True), 0.0)
-
-
-def _as_row(column):
-    """[C, 1] -> [1, C] without a transpose op (kernel-friendly: a masked sublane reduction)."""
-    return jnp.sum(jnp.where(_eye(column.shape[0]), column, jnp.zeros_like(column)), axis=0, keepdims=True)
-
-
-def _masked_sums(log_g, mask):
-    """out[i] = sum_j mask[i, j] log_g[j], [C, W] float32: a matmul for per-key gates, a masked row
-    sum for a scalar gate column (too narrow for a matmul tile). Kernels have no scans."""
-    if log_g.shape[1] == 1:
-        return jnp.sum(jnp.where(mask, _as_row(log_g), 0.0), axis=1, keepdims=True)
-    return matmul(mask.astype(jnp.float32), log_g, jnp.float32)
-
-
-def cumulative_gates(log_g):
-    """G_i = sum_{j <= i} log_g_j over the chunk, [C, W] -> [C, W] float32."""
-    size = log_g.shape[0]
-    return _masked_sums(log_g, _causal(size, size))
-
-
-def _decay_to_chunk_end(log_g):
-    """sum_{s > j} log_g_s, i.e. G_last - G_j, summed directly rather than as that difference
-    (whose gradient would cancel large terms)."""
-    size = log_g.shape[0]
-    return _masked_sums(log_g, ~_causal(size, size))
+    return jnp.where(eye(q.shape[0]), jnp.sum(q * k, axis=1, keepdims=True), 0.0)
 
 
 def _diagonal_block(q32, k32, v, gates, same_group, matmul_dtype):
     """Per-key decays taken elementwise on a masked [c, c, K] block, for one sub-block of queries
     against its own keys: no factorisation, so any gate magnitude is exact."""
     size = q32.shape[0]
-    mask = _strictly_causal(size) & same_group
+    mask = strictly_causal(size) & same_group
     exponent = jnp.where(mask[:, :, None], gates[:, None, :] - gates[None, :, :], -jnp.inf)
     scores = jnp.sum(q32[:, None, :] * k32[None, :, :] * jnp.exp(exponent), axis=2)
     return matmul(scores + _self_scores(q32, k32), v, matmul_dtype)
@@ -109,12 +55,12 @@ def intra_chunk(q, k, v, gates, groups, matmul_dtype):
     slices of its tiles, which the Triton lowering cannot do.
     """
     size = q.shape[0]
-    same_group = groups == _as_row(groups)
+    same_group = groups == as_row(groups)
     if gates.shape[1] == 1:
         # Scalar decay: one [C, C] decay matrix multiplies q k^T elementwise.
-        mask = _strictly_causal(size) & same_group
-        decay = jnp.exp(jnp.where(mask, gates - _as_row(gates), -jnp.inf))
-        scores = matmul_nt(q, k, matmul_dtype) * jnp.where(_eye(size), 1.0, decay)
+        mask = strictly_causal(size) & same_group
+        decay = jnp.exp(jnp.where(mask, gates - as_row(gates), -jnp.inf))
+        scores = matmul_nt(q, k, matmul_dtype) * jnp.where(eye(size), 1.0, decay)
         return matmul(scores, v, matmul_dtype)
     q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
     if size <= SUB_BLOCK:
@@ -148,7 +94,7 @@ def state_transition(k, v, log_g, groups, matmul_dtype):
     # (Reductions rather than a slice of the last row, which Triton cannot take.)
     last_gate = jnp.sum(log_g, axis=0, keepdims=True)
     last_group = jnp.max(groups, axis=0, keepdims=True)
-    weights = jnp.where(groups == last_group, jnp.exp(_decay_to_chunk_end(log_g)), 0.0)
+    weights = jnp.where(groups == last_group, jnp.exp(decay_to_chunk_end(log_g)), 0.0)
     update = matmul_tn(v, k.astype(jnp.float32) * weights, matmul_dtype)
     decay = jnp.where(last_group == 0, jnp.exp(last_gate), 0.0)
     return decay, update
@@ -169,9 +115,10 @@ def chunk_forward(q, k, v, log_g, groups, state, matmul_dtype):
 
 
 def chunk_backward(q, k, v, log_g, groups, state, d_out, d_state_out, matmul_dtype):
-    """Cotangents (dq, dk, dv, dlog_g, dstate_in) of `chunk_forward`, recomputing its forward."""
+    """Cotangents (dq, dk, dv, dlog_g, dstate_in) of `chunk_forward`, recomputing its forward.
+    (`differentiable`: its transposed matmuls take their cotangents in matmul_dtype.)"""
     def forward(q, k, v, log_g, state):
-        return chunk_forward(q, k, v, log_g, groups, state, matmul_dtype)
+        return chunk_forward(q, k, v, log_g, groups, state, differentiable(matmul_dtype))
 
     _, pullback = jax.vjp(forward, q, k, v, log_g, state)
     return pullback((d_out, d_state_out))

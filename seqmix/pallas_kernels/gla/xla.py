@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from seqmix.pallas_kernels import chunked
-from seqmix.pallas_kernels.gla import chunk_math, layout
+from seqmix.pallas_kernels import chunked, layout
+from seqmix.pallas_kernels.gla import chunk_math
 from seqmix.pallas_kernels.segments import initial_state_or_zeros
 
 
@@ -231,8 +231,9 @@ def _by_intra_form(run_factored, run_exact, run_per_head, log_g, chunk, operands
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
 def _swept(q, k, v, log_g, groups, state0, chunk, block, dtype):
-    """Time-major `layout.ChunkedInputs` fields (groups [B,Tp,1,1]), Tp a multiple of chunk * block,
-    and state0 [B,H,K,V] float32 -> (out [B,Tp,H,V] float32, final state [B,H,K,V] float32)."""
+    """Time-major `layout.ChunkedInputs` fields (log_g its one per-token input, groups [B,Tp,1,1]),
+    Tp a multiple of chunk * block, and state0 [B,H,K,V] float32 -> (out [B,Tp,H,V] float32, final
+    state [B,H,K,V] float32)."""
     out, final, _ = _sweep_forward(q, k, v, log_g, groups, state0, chunk, block, dtype)
     return out, final
 
@@ -279,8 +280,9 @@ def gla_xla(q, k, v, *, log_gate, scale, initial_state, segment_ids, chunk_size)
     chunks = -(-length // chunk_size)
     block = chunked.block_chunks(batch, heads, chunks, chunk_size, max(key_dim, value_dim))
     padded = -(-chunks // block) * block * chunk_size
-    x = layout.to_chunks(q, k, v, log_gate, scale, segment_ids, chunk_size, padded)
+    x = layout.to_chunks(q, k, v, (log_gate,), scale, segment_ids, chunk_size, padded)
     state0 = initial_state_or_zeros(initial_state, batch, heads, key_dim, value_dim)
-    out, final = _swept(x.q, x.k, x.v, x.log_gate, x.groups[..., None], state0, chunk_size, block,
+    (log_g,) = x.per_token
+    out, final = _swept(x.q, x.k, x.v, log_g, x.groups[..., None], state0, chunk_size, block,
                           layout.matmul_dtype(q.dtype))
     return layout.from_chunks(out, length, q.dtype), final

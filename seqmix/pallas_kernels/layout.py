@@ -1,4 +1,8 @@
-"""Inputs of the chunked paths, laid out once: masked, scaled, padded to whole chunks."""
+"""Inputs of the chunked paths, laid out once: masked, scaled, padded to whole chunks.
+
+Shared by the kernel families: besides q, k, v, a family has float32 per-token inputs (`per_token`:
+GLA's log gate; the delta rule's beta and log decay), laid out alike.
+"""
 
 import dataclasses
 
@@ -11,15 +15,16 @@ from seqmix.pallas_kernels.segments import initial_state_or_zeros, padded_groups
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ChunkedInputs:
-    """q, k [B,Tp,H,K] (q scaled); v [B,Tp,H,V]; log_gate [B,Tp,H,W] float32; groups [B,Tp,1] int32
-    relative to each chunk's incoming state (see `segments`). Tp: T padded to whole chunks.
-    Padding tokens have zero q, k, v and gate, so they neither read nor change the state.
+    """q, k [B,Tp,H,K] (q scaled); v [B,Tp,H,V]; per_token: the family's per-token inputs, a tuple
+    of float32 [B,Tp,H,W] (W = 1 for one value per head and token); groups [B,Tp,1] int32 relative
+    to each chunk's incoming state (see `segments`). Tp: T padded to whole chunks. Padding tokens
+    have zero q, k, v and per-token inputs, so they neither read nor change the state.
     Time-major as given; `head_major` makes the kernels' [B,H,Tp,D] of it."""
 
     q: jax.Array
     k: jax.Array
     v: jax.Array
-    log_gate: jax.Array
+    per_token: tuple[jax.Array, ...]
     groups: jax.Array
 
 
@@ -28,16 +33,18 @@ def matmul_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(jnp.bfloat16) if dtype == jnp.bfloat16 else jnp.dtype(jnp.float32)
 
 
-def to_chunks(q, k, v, log_gate, scale, segment_ids, chunk: int, padded_length: int | None = None) -> ChunkedInputs:
-    """padded_length: a multiple of `chunk`, at least T (default: T rounded up to the chunk)."""
+def to_chunks(q, k, v, per_token, scale, segment_ids, chunk: int, padded_length: int | None = None) -> ChunkedInputs:
+    """per_token: a tuple of [B,T,H,W] or [B,T,H] arrays (the latter get W = 1).
+    padded_length: a multiple of `chunk`, at least T (default: T rounded up to the chunk)."""
     batch, length = q.shape[:2]
     padded_length = length + (-length % chunk) if padded_length is None else padded_length
     valid, groups = reset_groups(segment_ids, batch, length)
+    as_columns = lambda x: x if x.ndim == 4 else x[..., None]
     return ChunkedInputs(
         q=zero_padded(q.astype(jnp.float32) * scale, valid, padded_length, q.dtype),
         k=zero_padded(k, valid, padded_length),
         v=zero_padded(v, valid, padded_length),
-        log_gate=zero_padded(log_gate, valid, padded_length, jnp.float32),
+        per_token=tuple(zero_padded(as_columns(x), valid, padded_length, jnp.float32) for x in per_token),
         groups=padded_groups(groups, padded_length, chunk),
     )
 
@@ -46,7 +53,8 @@ def head_major(x: ChunkedInputs) -> ChunkedInputs:
     """[B,Tp,H,D] -> [B,H,Tp,D]: a (batch, head) pair's chunk becomes a contiguous [C, D] tile, the
     block a Pallas kernel walks; on TPU it also puts (time, feature) in the two tiled dimensions."""
     swap = lambda a: jnp.swapaxes(a, 1, 2)
-    return ChunkedInputs(q=swap(x.q), k=swap(x.k), v=swap(x.v), log_gate=swap(x.log_gate), groups=x.groups)
+    return ChunkedInputs(q=swap(x.q), k=swap(x.k), v=swap(x.v), per_token=tuple(map(swap, x.per_token)),
+                         groups=x.groups)
 
 
 def from_chunks(out, length: int, dtype):
@@ -62,9 +70,3 @@ def state_in(initial_state, batch: int, heads: int, key_dim: int, value_dim: int
 def state_out(state):
     """Value-major [B,H,V,K] -> public [B,H,K,V]."""
     return jnp.swapaxes(state, 2, 3)
-
-
-def kernel_dims(q, v, log_gate, chunk: int):
-    """(batch, heads, padded length, K, V, gate width, chunk count) of head-major kernel inputs."""
-    batch, heads, padded, key_dim = q.shape
-    return batch, heads, padded, key_dim, v.shape[-1], log_gate.shape[-1], padded // chunk

@@ -1,0 +1,55 @@
+"""The glue around a family's Pallas kernels: layout in and out, and the custom VJP.
+
+A backend provides two pallas_call builders (`sweep_gpu`, `sweep_tpu`) over head-major inputs
+(`layout.head_major`), `tiles` = (q, k, v, *per_token):
+  forward(tiles, groups, state0, chunk) -> (out [B,H,Tp,V] in q's dtype, final [B,H,V,K] f32,
+      incoming [B,H,N,V,K] f32: the state entering every chunk, kept for the backward pass so it
+      needs no second sequential sweep to rebuild them);
+  backward(tiles, groups, incoming, d_out, d_final, chunk) -> (d_tiles, dstate0), a reverse sweep
+      over chunks carrying dS.
+The scale, masking and padding outside the kernels are differentiated by JAX.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from seqmix.pallas_kernels import layout
+
+
+def kernel_implementation(forward, backward, tile, per_token: tuple[str, ...]):
+    """An implementation with the family op's signature from a backend's forward and backward builders.
+
+    tile(chunk_size) gives the chunk length the kernels walk. per_token names the family's float32
+    per-token inputs ([B,T,H,W] or [B,T,H]) as the op passes them, by keyword, in the order its chunk
+    math takes them: ("log_gate",) for GLA, ("beta", "log_a") for the delta rule.
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+    def chunked(tiles, groups, state0, chunk):
+        out, final, _ = forward(tiles, groups, state0, chunk)
+        return out, final
+
+    def chunked_forward(tiles, groups, state0, chunk):
+        out, final, incoming = forward(tiles, groups, state0, chunk)
+        return (out, final), (tiles, groups, incoming)
+
+    def chunked_backward(chunk, residuals, cotangents):
+        tiles, groups, incoming = residuals
+        d_out, d_final = cotangents
+        d_tiles, d_state0 = backward(tiles, groups, incoming, d_out, d_final, chunk)
+        return d_tiles, None, d_state0
+
+    chunked.defvjp(chunked_forward, chunked_backward)
+
+    def run(q, k, v, *, scale, initial_state, segment_ids, chunk_size, **per_token_inputs):
+        batch, length, heads, key_dim = q.shape
+        chunk = tile(chunk_size)
+        x = layout.head_major(layout.to_chunks(q, k, v, tuple(per_token_inputs[name] for name in per_token), scale,
+                                               segment_ids, chunk))
+        state0 = layout.state_in(initial_state, batch, heads, key_dim, v.shape[-1])
+        out, final = chunked((x.q, x.k, x.v, *x.per_token), x.groups, state0, chunk)
+        return layout.from_chunks(jnp.swapaxes(out, 1, 2), length, q.dtype), layout.state_out(final)
+
+    return run

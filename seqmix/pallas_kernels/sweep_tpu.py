@@ -1,0 +1,153 @@
+"""A family's chunk math as Pallas Mosaic TPU kernels: a forward sweep and a reverse backward sweep.
+
+Grid (B, H, N): the two leading axes are independent ("parallel", split across TensorCores), the
+chunk axis is a sequential ("arbitrary") sweep whose carried state lives in a VMEM scratch buffer.
+Each grid step holds one chunk's [C, D] tiles; C and the feature dims are the tiled (sublane,
+lane) dimensions thanks to the head-major layout. The backward kernel sweeps the chunks in reverse
+(its index maps read chunk N-1-n), carrying dS. Off a TPU it runs in the TPU-semantics interpreter.
+
+A family's chunk math provides, on one chunk's tiles (see `gla.chunk_math`, `delta.chunk_math`):
+  chunk_forward(q, k, v, *per_token, groups, state, matmul_dtype) -> (out [C,V] f32, state [V,K] f32)
+  chunk_backward(q, k, v, *per_token, groups, state, d_out, d_state, matmul_dtype)
+      -> (dq, dk, dv, *d_per_token, d_state entering the chunk)
+Inputs are head-major (`layout.head_major`): `tiles` = (q, k, v, *per_token), each [B,H,Tp,D];
+groups [B,Tp,1]; states value-major [B,H,V,K] float32.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from seqmix.pallas_kernels import layout, registry
+
+
+def supports(call) -> str | None:
+    if call.chunk_size % 8:
+        return f"chunk_size {call.chunk_size} is not a multiple of 8 (TPU sublane tiling)"
+    return None
+
+
+def _params(**kwargs):
+    interpret = pltpu.InterpretParams() if registry.interpret_off_device("tpu") else False
+    compiler_params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+    return dict(interpret=interpret, compiler_params=compiler_params, **kwargs)
+
+
+def _chunk_at(n, reverse):
+    """The chunk a grid step reads: n, or N-1-n for the reverse sweep."""
+    return pl.num_programs(2) - 1 - n if reverse else n
+
+
+def _tile_spec(chunk, width, reverse=False):
+    """[B,H,Tp,width] arrays, one chunk per grid step."""
+    return pl.BlockSpec((None, None, chunk, width), lambda b, h, n: (b, h, _chunk_at(n, reverse), 0))
+
+
+def _group_spec(chunk, reverse=False):
+    """groups [B,Tp,1], shared by all heads."""
+    return pl.BlockSpec((None, chunk, 1), lambda b, h, n: (b, _chunk_at(n, reverse), 0))
+
+
+def _state_spec(value_dim, key_dim):
+    """A (batch, head)'s [V, K] state, the same block at every grid step."""
+    return pl.BlockSpec((None, None, value_dim, key_dim), lambda b, h, n: (b, h, 0, 0))
+
+
+def _chunk_state_spec(value_dim, key_dim, reverse=False):
+    """[B,H,N,V,K]: the state entering the grid step's chunk."""
+    return pl.BlockSpec((None, None, None, value_dim, key_dim), lambda b, h, n: (b, h, _chunk_at(n, reverse), 0, 0))
+
+
+def _dims(tiles, chunk):
+    """(batch, heads, chunk count, K, V) of head-major tiles."""
+    batch, heads, padded, key_dim = tiles[0].shape
+    return batch, heads, padded // chunk, key_dim, tiles[2].shape[-1]
+
+
+def _forward_kernel(*refs, chunk_forward, tile_count, matmul_dtype):
+    tile_refs = refs[:tile_count]
+    group_ref, state0_ref, out_ref, final_ref, incoming_ref, state_ref = refs[tile_count:]
+    chunk_index = pl.program_id(2)
+
+    @pl.when(chunk_index == 0)
+    def _():
+        state_ref[...] = state0_ref[...]
+
+    incoming_ref[...] = state_ref[...]
+    out, state = chunk_forward(*(ref[...] for ref in tile_refs), group_ref[...], state_ref[...], matmul_dtype)
+    out_ref[...] = out.astype(out_ref.dtype)
+    state_ref[...] = state
+
+    @pl.when(chunk_index == pl.num_programs(2) - 1)
+    def _():
+        final_ref[...] = state
+
+
+def _backward_kernel(*refs, chunk_backward, tile_count, matmul_dtype):
+    tile_refs = refs[:tile_count]
+    group_ref, incoming_ref, d_out_ref, d_final_ref = refs[tile_count:tile_count + 4]
+    d_tile_refs = refs[tile_count + 4:2 * tile_count + 4]
+    d_state0_ref, d_state_ref = refs[2 * tile_count + 4:]
+    step = pl.program_id(2)
+
+    @pl.when(step == 0)
+    def _():
+        d_state_ref[...] = d_final_ref[...]
+
+    *d_tiles, d_state = chunk_backward(
+        *(ref[...] for ref in tile_refs), group_ref[...], incoming_ref[...], d_out_ref[...].astype(jnp.float32),
+        d_state_ref[...], matmul_dtype)
+    for ref, gradient in zip(d_tile_refs, d_tiles, strict=True):
+        ref[...] = gradient.astype(ref.dtype)
+    d_state_ref[...] = d_state
+
+    @pl.when(step == pl.num_programs(2) - 1)
+    def _():
+        d_state0_ref[...] = d_state
+
+
+def builders(chunk_math, name: str):
+    """(forward, backward) pallas_call builders for `kernel_vjp` from a family's chunk math module."""
+
+    def forward(tiles, groups, state0, chunk):
+        batch, heads, chunks, key_dim, value_dim = _dims(tiles, chunk)
+        q = tiles[0]
+        kernel = functools.partial(_forward_kernel, chunk_forward=chunk_math.chunk_forward, tile_count=len(tiles),
+                                   matmul_dtype=layout.matmul_dtype(q.dtype))
+        return pl.pallas_call(
+            kernel,
+            grid=(batch, heads, chunks),
+            in_specs=[*(_tile_spec(chunk, a.shape[-1]) for a in tiles), _group_spec(chunk),
+                      _state_spec(value_dim, key_dim)],
+            out_specs=[_tile_spec(chunk, value_dim), _state_spec(value_dim, key_dim),
+                       _chunk_state_spec(value_dim, key_dim)],
+            out_shape=[jax.ShapeDtypeStruct((*q.shape[:3], value_dim), q.dtype),
+                       jax.ShapeDtypeStruct((batch, heads, value_dim, key_dim), jnp.float32),
+                       jax.ShapeDtypeStruct((batch, heads, chunks, value_dim, key_dim), jnp.float32)],
+            scratch_shapes=[pltpu.VMEM((value_dim, key_dim), jnp.float32)],
+            **_params(name=f"{name}_forward_tpu"),
+        )(*tiles, groups, state0)
+
+    def backward(tiles, groups, incoming, d_out, d_final, chunk):
+        batch, heads, chunks, key_dim, value_dim = _dims(tiles, chunk)
+        kernel = functools.partial(_backward_kernel, chunk_backward=chunk_math.chunk_backward,
+                                   tile_count=len(tiles), matmul_dtype=layout.matmul_dtype(tiles[0].dtype))
+        tile_specs = [_tile_spec(chunk, a.shape[-1], reverse=True) for a in tiles]
+        *d_tiles, d_state0 = pl.pallas_call(
+            kernel,
+            grid=(batch, heads, chunks),
+            in_specs=[*tile_specs, _group_spec(chunk, reverse=True),
+                      _chunk_state_spec(value_dim, key_dim, reverse=True), _tile_spec(chunk, value_dim, reverse=True),
+                      _state_spec(value_dim, key_dim)],
+            out_specs=[*tile_specs, _state_spec(value_dim, key_dim)],
+            out_shape=[*(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in tiles),
+                       jax.ShapeDtypeStruct((batch, heads, value_dim, key_dim), jnp.float32)],
+            scratch_shapes=[pltpu.VMEM((value_dim, key_dim), jnp.float32)],
+            **_params(name=f"{name}_backward_tpu"),
+        )(*tiles, groups, incoming, d_out, d_final)
+        return tuple(d_tiles), d_state0
+
+    return forward, backward

@@ -1,0 +1,128 @@
+"""2-D tile algebra for the bodies of Pallas kernels (Triton and Mosaic TPU), shared by the families'
+chunk math.
+
+Everything here acts on one chunk of one (batch, head): [C, D] tiles, [C, 1] columns and [C, C]
+masks, plain jnp with no reshapes, transposes or slices of a tile (the Triton lowering has none),
+no scans and no `lax.linalg`. Matmuls accumulate in float32; float32 operands run at full precision.
+Math that a kernel differentiates with `jax.vjp` passes `differentiable(matmul_dtype)` as its
+matmul_dtype, so that its transposed matmuls also take operands of one dtype.
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+class _Differentiable(NamedTuple):
+    dtype: jnp.dtype
+
+
+def differentiable(matmul_dtype):
+    """The matmul_dtype for math that a kernel body differentiates (`jax.vjp`): the matmuls get a
+    custom VJP that casts their float32 cotangent to matmul_dtype before its two dots (float32
+    accumulation). jax's own transpose of a bfloat16 matmul would multiply the float32 cotangent by
+    a bfloat16 operand, which the Triton lowering rejects ("a and b must have the same element
+    type"). Only inside a differentiated function: a custom VJP left undifferentiated in a kernel
+    body does not lower to Triton (no rule for custom_vjp_call), so forward kernels pass the dtype."""
+    return _Differentiable(jnp.dtype(matmul_dtype))
+
+
+def _dot_operands(a, b, contract, matmul_dtype):
+    """a, b 2-D, both cast to matmul_dtype; float32 accumulation; float32 operands at full precision
+    (no TF32/bf16 passes). Both operands share one dtype, which the Triton lowering requires."""
+    precision = lax.Precision.HIGHEST if matmul_dtype == jnp.float32 else lax.Precision.DEFAULT
+    return lax.dot_general(
+        a.astype(matmul_dtype), b.astype(matmul_dtype), (contract, ((), ())),
+        precision=precision, preferred_element_type=jnp.float32,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dot_with_vjp(a, b, contract, matmul_dtype):
+    return _dot_operands(a, b, contract, matmul_dtype)
+
+
+def _dot_with_vjp_forward(a, b, contract, matmul_dtype):
+    return _dot_operands(a, b, contract, matmul_dtype), (a, b)
+
+
+def _dot_with_vjp_backward(contract, matmul_dtype, residuals, g):
+    """The two transposed dots, with the float32 cotangent g cast to matmul_dtype."""
+    a, b = residuals
+    g = g.astype(matmul_dtype)
+    dot = functools.partial(_dot_operands, matmul_dtype=matmul_dtype)
+    if contract == ((1,), (0,)):  # a b: da = g b^T, db = a^T g
+        da, db = dot(g, b, ((1,), (1,))), dot(a, g, ((0,), (0,)))
+    elif contract == ((1,), (1,)):  # a b^T: da = g b, db = g^T a
+        da, db = dot(g, b, ((1,), (0,))), dot(g, a, ((0,), (0,)))
+    else:  # a^T b: da = b g^T, db = a g
+        da, db = dot(b, g, ((1,), (1,))), dot(a, g, ((1,), (0,)))
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+_dot_with_vjp.defvjp(_dot_with_vjp_forward, _dot_with_vjp_backward)
+
+
+def _dot(a, b, contract, matmul_dtype):
+    if isinstance(matmul_dtype, _Differentiable):
+        return _dot_with_vjp(a, b, contract, matmul_dtype.dtype)
+    return _dot_operands(a, b, contract, jnp.dtype(matmul_dtype))
+
+
+def matmul(a, b, matmul_dtype=jnp.float32):  # [M, K] @ [K, N]
+    return _dot(a, b, ((1,), (0,)), matmul_dtype)
+
+
+def matmul_nt(a, b, matmul_dtype=jnp.float32):  # [M, K] @ [N, K]^T
+    return _dot(a, b, ((1,), (1,)), matmul_dtype)
+
+
+def matmul_tn(a, b, matmul_dtype=jnp.float32):  # [K, M]^T @ [K, N]
+    return _dot(a, b, ((0,), (0,)), matmul_dtype)
+
+
+def causal(rows: int, cols: int):
+    """[rows, cols] bool, True where row >= col."""
+    return lax.broadcasted_iota(jnp.int32, (rows, cols), 0) >= lax.broadcasted_iota(jnp.int32, (rows, cols), 1)
+
+
+def eye(size: int):
+    return lax.broadcasted_iota(jnp.int32, (size, size), 0) == lax.broadcasted_iota(jnp.int32, (size, size), 1)
+
+
+def strictly_causal(size: int):
+    return causal(size, size) & ~eye(size)
+
+
+def as_row(column):
+    """[C, 1] -> [1, C] without a transpose op (kernel-friendly: a masked sublane reduction)."""
+    return jnp.sum(jnp.where(eye(column.shape[0]), column, jnp.zeros_like(column)), axis=0, keepdims=True)
+
+
+def as_column(row):
+    """[1, C] -> [C, 1] without a transpose op (a masked lane reduction)."""
+    return jnp.sum(jnp.where(eye(row.shape[1]), row, jnp.zeros_like(row)), axis=1, keepdims=True)
+
+
+def masked_sums(x, mask):
+    """out[i] = sum_j mask[i, j] x[j] for x [C, W] float32 and mask [C, C] bool: a matmul for a wide
+    x, a masked row sum for a column (too narrow for a matmul tile). Kernels have no scans."""
+    if x.shape[1] == 1:
+        return jnp.sum(jnp.where(mask, as_row(x), 0.0), axis=1, keepdims=True)
+    return matmul(mask.astype(jnp.float32), x)
+
+
+def cumulative_gates(log_g):
+    """G_i = sum_{j <= i} log_g_j over the chunk, [C, W] -> [C, W] float32."""
+    size = log_g.shape[0]
+    return masked_sums(log_g, causal(size, size))
+
+
+def decay_to_chunk_end(log_g):
+    """sum_{s > j} log_g_s, i.e. G_last - G_j, summed directly rather than as that difference
+    (whose gradient would cancel large terms). [C, W] -> [C, W] float32."""
+    size = log_g.shape[0]
+    return masked_sums(log_g, ~causal(size, size))

@@ -1,0 +1,59 @@
+"""The Pallas kernels lower for their devices, forward and backward, checked on CPU: lowering only
+(no compile, no device), a few seconds.
+
+The other tests run the kernels in interpreters, which accept what the device lowerings reject: a
+matmul of a float32 by a bfloat16 operand, say, which jax's own transpose of a bfloat16 matmul with
+float32 accumulation gives and the Triton lowering refuses ("a and b must have the same element
+type"). The GPU kernels lower to Triton for an abstract H100, the TPU kernels to Mosaic (which does
+not reject mixed dtypes itself; its lowering is checked all the same).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from seqmix.pallas_kernels import registry
+from seqmix.pallas_kernels.delta import chunk_delta_rule
+from seqmix.pallas_kernels.gla import chunk_gla
+
+from kernel_checks import packed_segments
+
+H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+PLATFORMS = {"pallas_gpu": "cuda", "pallas_tpu": "tpu"}
+OPS = {
+    "gla_key_gates": lambda q, k, v, gate, **kw: chunk_gla(q, k, v, log_g=gate, **kw),
+    "gla_head_gates": lambda q, k, v, gate, **kw: chunk_gla(q, k, v, log_a=gate[..., 0], **kw),
+    "delta": lambda q, k, v, gate, **kw: chunk_delta_rule(q, k, v, jnp.exp(gate[..., 0]), log_a=gate[..., 0], **kw),
+}
+
+
+@pytest.fixture(autouse=True)
+def on_device(monkeypatch):
+    """Lower the kernels themselves, not their CPU interpreters."""
+    monkeypatch.setattr(registry, "interpret_off_device", lambda platform: False)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("impl", list(PLATFORMS))
+@pytest.mark.parametrize("op", list(OPS))
+def test_forward_and_backward_lower(op, impl, dtype):
+    rng = np.random.default_rng(0)
+    batch, length, heads, key_dim, value_dim = 1, 64, 1, 16, 32
+    q, k = (jnp.asarray(rng.normal(size=(batch, length, heads, key_dim)), dtype) for _ in range(2))
+    v = jnp.asarray(rng.normal(size=(batch, length, heads, value_dim)), dtype)
+    gate = jnp.asarray(-rng.uniform(size=(batch, length, heads, key_dim)), jnp.float32)
+    state = jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32)
+    segments = packed_segments(rng, batch, length)
+
+    def loss(q, k, v, gate, state):
+        out, final_state = OPS[op](q, k, v, gate, initial_state=state, segment_ids=segments,
+                                   output_final_state=True, chunk_size=32, impl=impl)
+        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(final_state)
+
+    # The abstract H100 stands in for the GPU the Triton lowering asks about; the TPU lowering asks nothing.
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=H100)):
+        lowered = jax.jit(jax.value_and_grad(loss, argnums=range(5))).trace(q, k, v, gate, state).lower(
+            lowering_platforms=(PLATFORMS[impl],))
+    kernels = {"pallas_gpu": "__gpu$xla.gpu.triton", "pallas_tpu": "tpu_custom_call"}[impl]
+    assert lowered.as_text().count(kernels) == 2  # the forward kernel and the backward kernel
