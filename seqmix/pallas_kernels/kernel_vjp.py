@@ -8,6 +8,14 @@ A backend provides two pallas_call builders (`sweep_gpu`, `sweep_tpu`) over head
   backward(tiles, groups, incoming, d_out, d_final, chunk) -> (d_tiles, dstate0), a reverse sweep
       over chunks carrying dS.
 The scale, masking and padding outside the kernels are differentiated by JAX.
+
+The sweeps run a family's chunk math, which provides, on one chunk's tiles (see `gla.chunk_math`,
+`delta.chunk_math`):
+  chunk_forward(q, k, v, *per_token, groups, state, matmul_dtype) -> (out [C,V] f32, state [V,K] f32)
+  chunk_backward(q, k, v, *per_token, groups, state, d_out, d_state, matmul_dtype)
+      -> (dq, dk, dv, *d_per_token, d_state entering the chunk)
+Inputs are head-major (`layout.head_major`): `tiles` = (q, k, v, *per_token), each [B,H,Tp,D];
+groups [B,Tp,1]; states value-major [B,H,V,K] float32.
 """
 
 import functools

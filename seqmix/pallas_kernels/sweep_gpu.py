@@ -14,12 +14,7 @@ Triton tiles need power-of-two sizes of at least 16, which `supports` checks of 
 picks C. Off a GPU it runs in the generic Pallas interpreter, which matches the Triton lowering's
 semantics (whole-block loads and stores, no memory spaces).
 
-A family's chunk math provides, on one chunk's tiles (see `gla.chunk_math`, `delta.chunk_math`):
-  chunk_forward(q, k, v, *per_token, groups, state, matmul_dtype) -> (out [C,V] f32, state [V,K] f32)
-  chunk_backward(q, k, v, *per_token, groups, state, d_out, d_state, matmul_dtype)
-      -> (dq, dk, dv, *d_per_token, d_state entering the chunk)
-Inputs are head-major (`layout.head_major`): `tiles` = (q, k, v, *per_token), each [B,H,Tp,D];
-groups [B,Tp,1]; states value-major [B,H,V,K] float32.
+The sweeps run a family's chunk math, on the inputs and states described in `kernel_vjp`.
 """
 
 import functools

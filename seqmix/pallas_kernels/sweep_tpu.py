@@ -6,12 +6,7 @@ Each grid step holds one chunk's [C, D] tiles; C and the feature dims are the ti
 lane) dimensions thanks to the head-major layout. The backward kernel sweeps the chunks in reverse
 (its index maps read chunk N-1-n), carrying dS. Off a TPU it runs in the TPU-semantics interpreter.
 
-A family's chunk math provides, on one chunk's tiles (see `gla.chunk_math`, `delta.chunk_math`):
-  chunk_forward(q, k, v, *per_token, groups, state, matmul_dtype) -> (out [C,V] f32, state [V,K] f32)
-  chunk_backward(q, k, v, *per_token, groups, state, d_out, d_state, matmul_dtype)
-      -> (dq, dk, dv, *d_per_token, d_state entering the chunk)
-Inputs are head-major (`layout.head_major`): `tiles` = (q, k, v, *per_token), each [B,H,Tp,D];
-groups [B,Tp,1]; states value-major [B,H,V,K] float32.
+The sweeps run a family's chunk math, on the inputs and states described in `kernel_vjp`.
 """
 
 import functools
