@@ -27,6 +27,16 @@ class Implementation:
     native_backends: tuple[str, ...]
 
 
+@dataclasses.dataclass(frozen=True)
+class KernelCall:
+    """What an implementation's `supports` is told of a call: the key and value widths and the
+    chunk length."""
+
+    key_dim: int
+    value_dim: int
+    chunk_size: int
+
+
 def always(call: Any) -> None:
     """`supports` of an implementation that runs every call (the reference, plain XLA paths)."""
     return None

@@ -1,5 +1,6 @@
 """Helpers shared by the kernel families' tests."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -19,3 +20,16 @@ def packed_segments(rng, batch, length):
             ids += [segment] * int(rng.integers(3, 20)) + [0] * int(rng.integers(0, 3))
         rows.append(ids[:length])
     return jnp.asarray(rows, jnp.int32)
+
+
+def assert_matches_reference(out, state, expected_out, expected_state, segment_ids):
+    """Output and final state within 1e-4 relative error of the reference's; padding reads nothing."""
+    assert relative_error(out, expected_out) < 1e-4
+    assert relative_error(state, expected_state) < 1e-4
+    assert np.all(np.asarray(out)[np.asarray(segment_ids) == 0] == 0.0)
+
+
+def assert_gradients_match(names, actual, expected):
+    """Each named gradient (pytrees flattened in order) within 1e-4 relative error of the reference's."""
+    for name, a, e in zip(names, jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        assert relative_error(a, e) < 1e-4, name

@@ -1,7 +1,5 @@
 """`chunk_delta_rule`: the one public op of the delta-rule family, and its dispatch."""
 
-import dataclasses
-
 import jax.numpy as jnp
 
 from seqmix.pallas_kernels import checks, registry
@@ -10,17 +8,6 @@ from seqmix.pallas_kernels.delta.reference import delta_reference
 from seqmix.pallas_kernels.delta.xla import delta_xla
 
 CHUNK_MULTIPLE = 16
-
-
-@dataclasses.dataclass(frozen=True)
-class DeltaCall:
-    """What an implementation needs to know to say whether it can run a call."""
-
-    key_dim: int
-    value_dim: int
-    chunk_size: int
-    dtype: jnp.dtype
-
 
 IMPLEMENTATIONS = [
     registry.Implementation("pallas_gpu", pallas_gpu.delta_pallas_gpu, pallas_gpu.supports, ("gpu",)),
@@ -56,7 +43,7 @@ def chunk_delta_rule(q, k, v, beta, *, log_a=None, scale=None, initial_state=Non
         checks.shape(op, "log_a", log_a, q.shape[:3], "[B,T,H]")
     checks.state_and_segments(op, initial_state, segment_ids, batch, length, heads, key_dim, value_dim)
     checks.chunk_size(op, chunk_size, CHUNK_MULTIPLE)
-    call = DeltaCall(key_dim, value_dim, chunk_size, jnp.dtype(q.dtype))
+    call = registry.KernelCall(key_dim, value_dim, chunk_size)
     implementation = registry.choose(IMPLEMENTATIONS, impl, call, op)
     out, final_state = implementation.run(
         q, k, v, beta=beta.astype(jnp.float32),

@@ -58,24 +58,6 @@ class _Terms:
     chunk_decay: jax.Array
 
 
-FACTORED_SPAN_LIMIT = 60.0
-
-
-def _exact_decay(to_here, earlier):
-    """exp(G_i - G_j) [..., C, C] on `earlier`, masked before the exp: no exponential exceeds 1
-    however strong the decay. The diagonal's 1 stays out of the graph: its gradient, +x and -x
-    through G_i, would leave rounding noise larger than the true d log_a under strong decay."""
-    exponent = jnp.where(earlier, to_here - jnp.swapaxes(to_here, -1, -2), -jnp.inf)
-    return jnp.where(chunked.eye(to_here.shape[-2]), 1.0, jnp.exp(exponent))
-
-
-def _factored_decay(to_here, earlier):
-    """`_exact_decay` as exp(G_i) exp(-G_j): 2C exponentials per chunk instead of C^2. Exact while no
-    chunk decays by more than FACTORED_SPAN_LIMIT nats (exp(-G) overflows float32 past ~88)."""
-    grown = jnp.swapaxes(jnp.exp(-to_here), -1, -2)
-    return jnp.where(earlier, jnp.exp(to_here) * grown, 0.0) + chunked.eye(to_here.shape[-2])
-
-
 def _unit_lower_inverse(system):
     """(I + L)^-1 of unit lower-triangular [..., C, C] float32 matrices by block doubling: if X_A
     and X_B invert the diagonal blocks of [[A, 0], [O, B]], its inverse is [[X_A, 0], [-X_B O X_A, X_B]].
@@ -106,8 +88,7 @@ def _unit_lower_inverse(system):
 def _terms(q, k, v, beta, log_a, groups) -> _Terms:
     gates, masks = chunked.gates(log_a), chunked.segment_masks(groups)
     size = q.shape[chunked.CHUNK_AXIS]
-    decay = lax.cond(jnp.min(gates.total) >= -FACTORED_SPAN_LIMIT, _factored_decay, _exact_decay,
-                     gates.to_here, masks.earlier)
+    decay = chunked.head_decay(gates.to_here, masks.earlier)
     key_products = chunked.mm_nt(k, k)
     system = jnp.where(masks.earlier, beta * decay * key_products, 0.0) + chunked.eye(size)
     inverse = _unit_lower_inverse(system)

@@ -1,24 +1,9 @@
 """`chunk_gla`: the one public op of the gated linear attention family, and its dispatch."""
 
-import dataclasses
-
-import jax.numpy as jnp
-
 from seqmix.pallas_kernels import checks, registry
 from seqmix.pallas_kernels.gla import chunk_math, pallas_gpu, pallas_tpu
 from seqmix.pallas_kernels.gla.reference import gla_reference, log_gate_of
 from seqmix.pallas_kernels.gla.xla import gla_xla
-
-
-@dataclasses.dataclass(frozen=True)
-class GLACall:
-    """What an implementation needs to know to say whether it can run a call."""
-
-    key_dim: int
-    value_dim: int
-    gate_width: int
-    chunk_size: int
-    dtype: jnp.dtype
 
 
 IMPLEMENTATIONS = [
@@ -59,7 +44,7 @@ def chunk_gla(q, k, v, *, log_g=None, log_a=None, scale=None, initial_state=None
     log_gate = log_gate_of(log_g, log_a, q.shape[:3])
     checks.state_and_segments(op, initial_state, segment_ids, batch, length, heads, key_dim, value_dim)
     checks.chunk_size(op, chunk_size, chunk_math.SUB_BLOCK)
-    call = GLACall(key_dim, value_dim, log_gate.shape[-1], chunk_size, jnp.dtype(q.dtype))
+    call = registry.KernelCall(key_dim, value_dim, chunk_size)
     implementation = registry.choose(IMPLEMENTATIONS, impl, call, op)
     out, final_state = implementation.run(
         q, k, v, log_gate=log_gate, scale=key_dim**-0.5 if scale is None else scale,

@@ -29,12 +29,6 @@ from seqmix.pallas_kernels.gla import chunk_math
 from seqmix.pallas_kernels.segments import initial_state_or_zeros
 
 
-# Largest decay of a chunk (nats, any key) for which the factored intra-chunk form is exact:
-# exp(-G) <= e^60 leaves float32 headroom (max ~e^88) for the |q| |k| factors. Typical gates decay
-# a 64-token chunk by a few nats; only gates below about -1 per step exceed it.
-FACTORED_SPAN_LIMIT = 60.0
-
-
 def _to_width(x, width: int):
     """A per-key cotangent [..., K] summed to the gate's width (1 for a per-head gate)."""
     return jnp.sum(x, axis=-1, keepdims=True) if width == 1 else x
@@ -51,20 +45,13 @@ def _self_products(q, k):
     return jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32), axis=-1, keepdims=True)
 
 
-def _head_decay(to_here, masks):
-    """A per-head gate's [C,C] decay exp(G_i - G_j), masked before the exp (exact for any gate),
-    with 1 on the diagonal."""
-    exponent = jnp.where(masks.earlier, to_here - jnp.swapaxes(to_here, -1, -2), -jnp.inf)
-    return jnp.where(chunked.eye(to_here.shape[-2]), 1.0, jnp.exp(exponent))
-
-
 def _intra_per_head(q, k, v, to_here, masks, dtype):
-    scores = chunked.mm_nt(q, k, dtype) * _head_decay(to_here, masks)
+    scores = chunked.mm_nt(q, k, dtype) * chunked.head_decay(to_here, masks.earlier)
     return chunked.mm(scores, v, dtype)
 
 
 def _intra_per_head_backward(q, k, v, to_here, masks, d_out, dtype):
-    decay = _head_decay(to_here, masks)
+    decay = chunked.head_decay(to_here, masks.earlier)
     products = chunked.mm_nt(q, k, dtype)
     dv = chunked.mm_tn(products * decay, d_out, dtype)
     d_products = chunked.mm_nt(d_out, v, dtype) * decay
@@ -87,7 +74,7 @@ def _factored_scores(q, k, q_decayed, k_grown, masks, dtype):
 
 def _intra_factored(q, k, v, to_here, masks, dtype):
     """Per-key decays as one masked matmul per chunk. Exact while no chunk decays by more than
-    FACTORED_SPAN_LIMIT nats (exp(-G) overflows float32 past ~88)."""
+    chunked.FACTORED_SPAN_LIMIT nats (exp(-G) overflows float32 past ~88)."""
     scores = _factored_scores(q, k, *_factored(q, k, to_here), masks, dtype)
     return chunked.mm(scores, v, dtype)
 
@@ -221,11 +208,11 @@ def _backward(intra_backward, q, k, v, log_g, groups, incoming, d_out, d_final, 
 def _by_intra_form(run_factored, run_exact, run_per_head, log_g, chunk, operands):
     """Runs `run_*(*operands)` for the intra-chunk form a block's gates allow: per-key gates take
     one masked matmul per chunk while none of the block's chunks decays by more than
-    FACTORED_SPAN_LIMIT nats (the common case), else the exact sub-blocked form."""
+    chunked.FACTORED_SPAN_LIMIT nats (the common case), else the exact sub-blocked form."""
     if log_g.shape[-1] == 1:
         return run_per_head(*operands)
     chunk_totals = jnp.sum(log_g.reshape((log_g.shape[0], -1, chunk) + log_g.shape[2:]), axis=2)
-    safe = -jnp.min(chunk_totals) <= FACTORED_SPAN_LIMIT
+    safe = -jnp.min(chunk_totals) <= chunked.FACTORED_SPAN_LIMIT
     return lax.cond(safe, run_factored, run_exact, *operands)
 
 
