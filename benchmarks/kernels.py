@@ -4,9 +4,10 @@
     python benchmarks/kernels.py --gate head --lengths 1024 4096
     python benchmarks/kernels.py --family delta  # chunk_delta_rule (--gate head: gated, none: plain)
 
-Prints one markdown table: per implementation and T, the median forward and forward+backward
-times, and each as a ratio to `reference` and to `jax.nn.dot_product_attention` (causal) on the
-same shape, all measured in the same run. Pallas kernels are timed only on their own device (here
+Prints one markdown table: per implementation and T, the forward and forward+backward times (the
+best of 3 rounds, each the median of 5 consecutive calls, the implementations taking turns), and
+each as a ratio to `reference` and to `jax.nn.dot_product_attention` (causal) on the same shape,
+all measured in the same run. Pallas kernels are timed only on their own device (here
 they would run in an interpreter, which says nothing about their speed).
 """
 
@@ -21,14 +22,29 @@ import numpy as np
 from seqmix.pallas_kernels import delta, gla
 
 
-def median_seconds(fn, *args, repeats: int, budget: float = 20.0) -> float:
-    jax.block_until_ready(fn(*args))  # compile and warm up
+def median_seconds(fn, *args, repeats: int, budget: float) -> float:
+    """Median of up to `repeats` consecutive calls (fewer once they have taken `budget` seconds)."""
     times = []
     while len(times) < repeats and sum(times) < budget:
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def measure(functions, inputs, rounds: int, repeats: int, budget: float = 20.0):
+    """{name: seconds} for jitted `functions`: the best of `rounds` round medians, the functions
+    taking turns round by round. This VM's speed drifts by 20-40% over tens of seconds; taking
+    turns measures every row in the same spells. Each turn is a run of consecutive calls, the
+    steady state of a training loop: calls interleaved one by one would make each pay the page
+    faults of re-mapping the buffers the previous one freed."""
+    for fn in functions.values():
+        jax.block_until_ready(fn(*inputs))  # compile and warm up
+    best = {name: float("inf") for name in functions}
+    for _ in range(rounds):
+        for name, fn in functions.items():
+            best[name] = min(best[name], median_seconds(fn, *inputs, repeats=repeats, budget=budget / rounds))
+    return best
 
 
 def gla_fn(impl: str, gate: str, chunk_size: int):
@@ -56,11 +72,10 @@ def softmax_fn(q, k, v, log_g, beta):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True)
 
 
-def timed(forward, inputs, repeats):
+def timed_pair(forward):
+    """The jitted forward and forward+backward (gradients of every input) of `forward`."""
     loss = lambda *args: jnp.sum(forward(*args).astype(jnp.float32))
-    fwd = jax.jit(forward)
-    fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
-    return median_seconds(fwd, *inputs, repeats=repeats), median_seconds(fwd_bwd, *inputs, repeats=repeats)
+    return jax.jit(forward), jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
 
 
 def main():
@@ -75,7 +90,8 @@ def main():
                         help="per-key log_g (GLA; the gla default), per-head log_a (RetNet/SSD, Gated "
                              "DeltaNet; the delta default) or no decay (linear attention, DeltaNet)")
     parser.add_argument("--chunk-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="consecutive calls per turn")
+    parser.add_argument("--rounds", type=int, default=3, help="turns each implementation takes")
     args = parser.parse_args()
     make_fn, implementations, op_name = FAMILIES[args.family]
     gate = args.gate or {"gla": "key", "delta": "head"}[args.family]
@@ -97,9 +113,11 @@ def main():
         log_g = jnp.asarray(np.log(rng.uniform(0.9, 1.0, size=shape)), jnp.float32)
         beta = jnp.asarray(rng.uniform(0.0, 1.0, size=shape[:3]), jnp.float32)
         inputs = (q, k, v, log_g, beta)
-        rows = {"softmax": timed(softmax_fn, inputs, args.repeats)}
-        for impl in impls:
-            rows[impl] = timed(make_fn(impl, gate, args.chunk_size), inputs, args.repeats)
+        pairs = {"softmax": timed_pair(softmax_fn)}
+        pairs.update((impl, timed_pair(make_fn(impl, gate, args.chunk_size))) for impl in impls)
+        seconds = measure({(name, pass_): fn for name, pair in pairs.items() for pass_, fn in enumerate(pair)},
+                          inputs, args.rounds, args.repeats)
+        rows = {name: (seconds[name, 0], seconds[name, 1]) for name in pairs}
         for name, (fwd, fwd_bwd) in rows.items():
             ref_fwd, ref_bwd = rows["reference"]
             soft_fwd, soft_bwd = rows["softmax"]

@@ -43,9 +43,11 @@ def mm_nt(a, b, matmul_dtype=jnp.float32):  # [..., M, K] x [..., N, K]^T
 
 
 def mm_tn(a, b, matmul_dtype=jnp.float32):  # [..., K, M]^T x [..., K, N]
-    """XLA on CPU runs a dot contracting both operands' rows on a slow generic path; the explicit
-    transpose fuses into the op producing `a` and the dot takes the fast one (2x here)."""
-    return mm(jnp.swapaxes(a, -1, -2), b, matmul_dtype)
+    """XLA on CPU runs a dot contracting both operands' rows on a slow generic path, so `a` is
+    transposed explicitly. The barrier keeps that transpose a plain copy: fused into the op
+    producing `a` (masks, exps) it became a scalar loop that cost the delta rule's backward pass a
+    fifth of its time."""
+    return mm(jnp.swapaxes(lax.optimization_barrier(a), -1, -2), b, matmul_dtype)
 
 
 def prefix_sums(x, reverse=False):
