@@ -1,11 +1,15 @@
 """Config loading: every error names the offending dotted key, before anything is compiled."""
 
 import dataclasses
+from pathlib import Path
 
+import jax
 import pytest
+from flax import nnx
 
-from seqmix.configuration import ConfigError, apply_overrides, build, to_dict
+from seqmix.configuration import ConfigError, apply_overrides, build, load_yaml, to_dict
 from seqmix.models.config import ModelConfig
+from seqmix.models.lm import LanguageModel
 from seqmix.train.config import TrainConfig, load_train_config
 
 
@@ -82,3 +86,11 @@ def test_layer_kinds_repeat_the_pattern():
     spec, options = config.mixer("a")
     assert spec.name == "attention" and options.sliding_window == 4
     assert dataclasses.replace(config, n_kv_heads=2).kv_heads == 2
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs/models").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_model_config_builds_a_model(path):
+    config = build(ModelConfig, load_yaml(path), str(path))
+    config.validate(str(path))
+    model = nnx.eval_shape(lambda: LanguageModel(config, rngs=nnx.Rngs(0)))
+    assert sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))) > 0

@@ -28,6 +28,7 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
     "norm": (),
+    "conv_width": (),
 }
 
 

@@ -40,7 +40,10 @@ from seqmix.pallas_kernels.segments import initial_state_or_zeros, padded_groups
 @dataclasses.dataclass(frozen=True)
 class _Terms:
     """A chunk's precomputed terms, chunk-major ([N,B,H,...]): decay exp(G_i - G_j) [C,C] (1 on
-    the diagonal, 0 across segments); key_products k_i.k_j [C,C]; inverse (I + L)^-1 [C,C] with
+    the diagonal, 0 above it and across segments); strict, the same with 0 on the diagonal, so
+    that multiplying by decay or strict also applies the masks "j <= i" or "j < i" in one
+    segment (materialised once: the masks rebuilt from the segment groups inside every consumer
+    cost 15% of the fwd+bwd time); key_products k_i.k_j [C,C]; inverse (I + L)^-1 [C,C] with
     L_ij = beta_i exp(G_i - G_j) (k_i.k_j) for j < i; k_read [C,K] (keys whose prediction reads
     the carried state, exp(G_i) k_i); solved = [values | weights] [C,V+K]; q_read [C,K] (queries
     reading the carried state, exp(G_i) q_i); k_written [C,K] (keys written into it,
@@ -49,6 +52,7 @@ class _Terms:
     gates: chunked.Gates
     masks: chunked.SegmentMasks
     decay: jax.Array
+    strict: jax.Array
     key_products: jax.Array
     inverse: jax.Array
     k_read: jax.Array
@@ -97,24 +101,20 @@ def _terms(q, k, v, beta, log_a, groups) -> _Terms:
     gates, masks = chunked.gates(log_a), chunked.segment_masks(groups)
     size = q.shape[chunked.CHUNK_AXIS]
     decay = chunked.head_decay(gates.to_here, masks.earlier)
+    strict = lax.optimization_barrier(decay - chunked.eye(size))
     key_products = chunked.mm_nt(k, k)
-    system = jnp.where(masks.earlier, beta * decay * key_products, 0.0) + chunked.eye(size)
+    system = beta * strict * key_products + chunked.eye(size)
     inverse = _unit_lower_inverse(system)
     k_read = jnp.where(masks.reads_state, jnp.exp(gates.to_here) * k, 0.0)
     solved = chunked.mm(inverse, beta * jnp.concatenate([v, k_read], axis=-1))
     return _Terms(
-        gates=gates, masks=masks, decay=decay, key_products=key_products, inverse=inverse,
+        gates=gates, masks=masks, decay=decay, strict=strict, key_products=key_products,
+        inverse=inverse,
         k_read=k_read, solved=solved,
         q_read=jnp.where(masks.reads_state, jnp.exp(gates.to_here) * q, 0.0),
         k_written=jnp.where(masks.writes_state, jnp.exp(gates.to_end) * k, 0.0),
         chunk_decay=jnp.where(masks.keeps_state, jnp.exp(gates.total), 0.0),
     )
-
-
-def _scores(query_products, terms):
-    """exp(G_i - G_j) (q_i.k_j) for j <= i in the same segment, [C,C], from q_i.k_j."""
-    up_to = terms.masks.earlier | chunked.eye(query_products.shape[-1])
-    return jnp.where(up_to, terms.decay * query_products, 0.0)
 
 
 def _forward(q, k, v, beta, log_a, groups, state0):
@@ -129,7 +129,7 @@ def _forward(q, k, v, beta, log_a, groups, state0):
         return chunk_decay * state + chunked.mm_tn(k_written, written), (state, written)
 
     final, (incoming, written) = lax.scan(step, state0, (terms.solved, terms.k_written, terms.chunk_decay))
-    out = chunked.mm(_scores(chunked.mm_nt(q, k), terms), written) + chunked.mm(terms.q_read, incoming)
+    out = chunked.mm(terms.decay * chunked.mm_nt(q, k), written) + chunked.mm(terms.q_read, incoming)
     return out, final, incoming
 
 
@@ -144,7 +144,7 @@ def _backward(q, k, v, beta, log_a, groups, incoming, d_out, d_final):
     # The carried state, backwards: U_n = values_n - weights_n S_n, S_n+1 = decay_n S_n + K_n^T U_n.
     read_back = chunked.mm_tn(terms.q_read, d_out)
     query_products = chunked.mm_nt(q, k)
-    d_written_by_out = chunked.mm_tn(_scores(query_products, terms), d_out)
+    d_written_by_out = chunked.mm_tn(terms.decay * query_products, d_out)
 
     def step(d_next, chunk):
         weights, k_written, chunk_decay, read_back, d_written = chunk
@@ -157,7 +157,7 @@ def _backward(q, k, v, beta, log_a, groups, incoming, d_out, d_final):
     # The solve: solved = A^-1 Y with Y = beta [V | k_read]; dY = A^-T d_solved.
     d_solved = jnp.concatenate([d_written, -chunked.mm_nt(d_written, incoming)], axis=-1)
     d_rhs = chunked.mm_tn(terms.inverse, d_solved)
-    d_lower = jnp.where(masks.earlier, -chunked.mm_nt(d_rhs, terms.solved), 0.0)
+    d_lower = -chunked.mm_nt(d_rhs, terms.solved)
     rhs = jnp.concatenate([v, terms.k_read], axis=-1)
     d_beta = jnp.sum(d_rhs * rhs, axis=-1, keepdims=True)
     dv = beta * d_rhs[..., :value_dim]
@@ -165,12 +165,11 @@ def _backward(q, k, v, beta, log_a, groups, incoming, d_out, d_final):
 
     # L_ij = beta_i D_ij (k_i.k_j) and the scores P_ij = D_ij (q_i.k_j).
     key_products = terms.key_products
-    d_beta = d_beta + jnp.sum(d_lower * terms.decay * key_products, axis=-1, keepdims=True)
-    d_key_products = d_lower * beta * terms.decay
+    d_beta = d_beta + jnp.sum(d_lower * terms.strict * key_products, axis=-1, keepdims=True)
+    d_key_products = d_lower * beta * terms.strict
     d_scores = chunked.mm_nt(d_out, written)
-    d_query_products = jnp.where(masks.earlier | chunked.eye(q.shape[-2]), d_scores * terms.decay, 0.0)
-    d_decay = jnp.where(masks.earlier, d_lower * beta * key_products + d_scores * query_products, 0.0)
-    d_exponent = d_decay * terms.decay
+    d_query_products = d_scores * terms.decay
+    d_exponent = (d_lower * beta * key_products + d_scores * query_products) * terms.strict
     d_to_here = (jnp.sum(d_exponent, axis=-1) - jnp.sum(d_exponent, axis=-2))[..., None]
 
     dq_read = chunked.mm_nt(d_out, incoming)
