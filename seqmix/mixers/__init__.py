@@ -1,6 +1,7 @@
 """Sequence mixers: one module per family, each registered by name (see `registry`)."""
 
 from seqmix.mixers.registry import MixerSpec, get_mixer, register_mixer, registered_mixers
-from seqmix.mixers import attention, delta_net, gla  # noqa: F401  (each registers its mixers)
+# Importing a mixer module registers its mixers.
+from seqmix.mixers import attention, delta_net, gla, linear_attention, mamba2, retnet  # noqa: F401
 
 __all__ = ["MixerSpec", "get_mixer", "register_mixer", "registered_mixers"]

@@ -14,7 +14,6 @@ chunked call and each decode step one `delta_step`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import ClassVar
 
 import jax
@@ -23,9 +22,9 @@ from flax import nnx
 
 from seqmix.configuration import require
 from seqmix.layers.linear import projection
-from seqmix.layers.norms import RMSNorm, l2_normalize
+from seqmix.layers.norms import l2_normalize
 from seqmix.layers.short_conv import ShortConvolution
-from seqmix.mixers.recurrent_cache import RecurrentCache, run_recurrence
+from seqmix.mixers.recurrent import RecurrentCache, RecurrentMixer, decay_parameters
 from seqmix.mixers.registry import register_mixer
 from seqmix.pallas_kernels.delta import chunk_delta_rule, delta_step
 
@@ -50,29 +49,18 @@ class GatedDeltaNetConfig(DeltaNetConfig):
     decays: ClassVar[bool] = True
 
 
-def _decay_parameters(heads: int, rngs: nnx.Rngs) -> tuple[nnx.Param, nnx.Param]:
-    """Mamba2's initialisation: A ~ U(1, 16), and dt_bias the inverse softplus of a time step
-    drawn log-uniformly in [1e-3, 1e-1], so early decays span short and long memories."""
-    a = jax.random.uniform(rngs.params(), (heads,), jnp.float32, 1.0, 16.0)
-    dt = jnp.exp(jax.random.uniform(rngs.params(), (heads,), jnp.float32, math.log(1e-3), math.log(1e-1)))
-    dt_bias = dt + jnp.log(-jnp.expm1(-dt))
-    as_param = lambda value: nnx.Param(value, out_sharding=("heads",), eager_sharding=False)
-    return as_param(jnp.log(a)), as_param(dt_bias)
-
-
 @register_mixer("deltanet", DeltaNetConfig)
 @register_mixer("gated_deltanet", GatedDeltaNetConfig)
-class DeltaNet(nnx.Module):
+class DeltaNet(RecurrentMixer):
     """x [B, T, D] -> [B, T, D]; n_heads heads of key dim head_dim and value dim expand_v * head_dim."""
 
     def __init__(self, model_config, config: DeltaNetConfig, *, rngs: nnx.Rngs):
-        d_model, heads = model_config.d_model, model_config.n_heads
-        self.key_dim = model_config.dim_per_head
-        self.value_dim = int(round(config.expand_v * self.key_dim))
-        self.heads = heads
-        self.decays, self.gated_output = config.decays, config.output_gate
+        d_model, heads, key_dim = model_config.d_model, model_config.n_heads, model_config.dim_per_head
+        self.init_state(heads, key_dim, int(round(config.expand_v * key_dim)))
+        self.init_output(model_config, self.value_dim, gated=config.output_gate, rngs=rngs)
+        self.decays = config.decays
         self.beta_scale = 2.0 if config.negative_eigenvalues else 1.0
-        std, out_std = model_config.init_std, model_config.init_std / (2 * model_config.n_layers) ** 0.5
+        std = model_config.init_std
         key_width, value_width = heads * self.key_dim, heads * self.value_dim
         self.q_proj = projection(d_model, key_width, ("embed", "heads"), std=std, rngs=rngs)
         self.k_proj = projection(d_model, key_width, ("embed", "heads"), std=std, rngs=rngs)
@@ -83,46 +71,30 @@ class DeltaNet(nnx.Module):
         self.v_conv = ShortConvolution(value_width, config.conv_width, rngs=rngs)
         if self.decays:
             self.a_proj = projection(d_model, heads, ("embed", "heads"), std=std, rngs=rngs)
-            self.A_log, self.dt_bias = _decay_parameters(heads, rngs)
-        if self.gated_output:
-            self.g_proj = projection(d_model, value_width, ("embed", "heads"), std=std, rngs=rngs)
-        self.o_norm = RMSNorm(self.value_dim, eps=model_config.norm_eps)
-        self.o_proj = projection(value_width, d_model, ("heads", "embed"), std=out_std, rngs=rngs)
-
-    def _heads(self, x):
-        return x.reshape(*x.shape[:2], self.heads, -1)
+            self.A_log, self.dt_bias = decay_parameters(heads, rngs)
 
     def __call__(self, x, *, segment_ids=None, positions=None, cache: RecurrentCache | None = None):
         """x [B, T, D]; segment_ids [B, T] (0 = padding) or None; positions unused (no position
         encoding: the recurrence is ordered). Returns (y [B, T, D], cache)."""
         del positions
-        batch, length, _ = x.shape
-        tails = (None, None, None) if cache is None else cache.conv_tails
-        convolved = [conv(proj(x), segment_ids=segment_ids, tail=tail) for conv, proj, tail in
-                     zip((self.q_conv, self.k_conv, self.v_conv), (self.q_proj, self.k_proj, self.v_proj), tails)]
-        (q, q_tail), (k, k_tail), (v, v_tail) = convolved
-        q, k = (l2_normalize(self._heads(a)).astype(x.dtype) for a in (q, k))
-        v = self._heads(v)
+        convs = (self.q_conv, self.k_conv, self.v_conv)
+        tails = (None,) * 3 if cache is None else cache.conv_tails
+        convolved = [conv(proj(x), segment_ids=segment_ids, tail=tail)
+                     for conv, proj, tail in zip(convs, (self.q_proj, self.k_proj, self.v_proj), tails)]
+        (q, _), (k, _), (v, _) = convolved
+        q, k = (l2_normalize(self.split_heads(a)).astype(x.dtype) for a in (q, k))
         beta = self.beta_scale * jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
         log_a = None
         if self.decays:
             step = jax.nn.softplus(self.a_proj(x).astype(jnp.float32) + self.dt_bias[...])
             log_a = -jnp.exp(self.A_log[...]) * step
-        out, state = run_recurrence(chunk_delta_rule, delta_step, dict(q=q, k=k, v=v, beta=beta, log_a=log_a),
-                                    None if cache is None else cache.state, segment_ids)
-        if cache is not None:
-            cache = RecurrentCache(state=state, conv_tails=(q_tail, k_tail, v_tail), lengths=cache.lengths + length)
-        out = self.o_norm(out)
-        if self.gated_output:
-            out = out * jax.nn.silu(self._heads(self.g_proj(x)))
-        return self.o_proj(out.reshape(batch, length, -1)), cache
+        out, cache = self.recur(chunk_delta_rule, delta_step,
+                                dict(q=q, k=k, v=self.split_heads(v), beta=beta, log_a=log_a),
+                                cache, segment_ids, conv_tails=tuple(tail for _, tail in convolved))
+        return self.output(out, x), cache
 
     def init_cache(self, batch: int, max_len: int, dtype) -> RecurrentCache:
-        """An empty cache; its size does not depend on max_len."""
-        del max_len
-        tail = lambda conv: jnp.zeros((batch, conv.width - 1, conv.weight.shape[1]), dtype)
-        return RecurrentCache(
-            state=jnp.zeros((batch, self.heads, self.key_dim, self.value_dim), jnp.float32),
-            conv_tails=(tail(self.q_conv), tail(self.k_conv), tail(self.v_conv)),
-            lengths=jnp.zeros((batch,), jnp.int32),
-        )
+        """An empty cache (state and the convolutions' tails); its size does not depend on max_len."""
+        tails = tuple(jnp.zeros((batch, conv.width - 1, conv.weight.shape[1]), dtype)
+                      for conv in (self.q_conv, self.k_conv, self.v_conv))
+        return super().init_cache(batch, max_len, dtype, conv_tails=tails)

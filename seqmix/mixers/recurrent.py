@@ -1,0 +1,93 @@
+"""What the linear (recurrent) mixers share: a constant-size decode cache, the choice between the
+chunked op and its decode step, and the output head (per-head RMSNorm, optional gate, projection).
+
+A linear mixer subclasses `RecurrentMixer`, sets its state's shape (`init_state`), builds its
+q/k/v (and gates) in `__call__`, hands them to `recur`, and the result to `output` (set up by
+`init_output`) or its own output head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from seqmix.layers.linear import projection
+from seqmix.layers.norms import RMSNorm
+
+
+@struct.dataclass
+class RecurrentCache:
+    """state [B, H, K, V] float32 (the recurrence after the tokens seen so far); conv_tails: the
+    last inputs of each short convolution, a tuple of [B, width-1, C] (empty without convolutions);
+    lengths [B] int32 (tokens seen per row). Nothing here grows with the number of tokens."""
+
+    state: jax.Array
+    conv_tails: tuple[jax.Array, ...]
+    lengths: jax.Array
+
+
+class RecurrentMixer(nnx.Module):
+    """Base of the linear mixers: `heads` heads with [key_dim, value_dim] states."""
+
+    def init_state(self, heads: int, key_dim: int, value_dim: int):
+        """The recurrence has `heads` states of [key_dim, value_dim]."""
+        self.heads, self.key_dim, self.value_dim = heads, key_dim, value_dim
+
+    def init_output(self, model_config, value_dim: int, *, gated: bool, rngs: nnx.Rngs):
+        """The usual output head over `self.heads` heads of value_dim outputs: o_norm (RMSNorm
+        over each head), g_proj when `gated` (y = RMSNorm(o) * silu(x W_g)), o_proj."""
+        d_model, width = model_config.d_model, self.heads * value_dim
+        out_std = model_config.init_std / (2 * model_config.n_layers) ** 0.5
+        gate = projection(d_model, width, ("embed", "heads"), std=model_config.init_std, rngs=rngs) if gated else None
+        self.g_proj = nnx.data(gate)  # a submodule or None, a pytree child either way
+        self.o_norm = RMSNorm(value_dim, eps=model_config.norm_eps)
+        self.o_proj = projection(width, d_model, ("heads", "embed"), std=out_std, rngs=rngs)
+
+    def split_heads(self, x):
+        """[B, T, H * d] -> [B, T, H, d]."""
+        return x.reshape(*x.shape[:2], self.heads, -1)
+
+    def recur(self, chunked, step, tokens: dict, cache: RecurrentCache | None, segment_ids, conv_tails=()):
+        """Runs the recurrence over new tokens, by the path that suits the call.
+
+        chunked: the chunked op (`chunk_gla`, `chunk_delta_rule`) taking `tokens` as keywords;
+        step: its decode step (`gla_step`, `delta_step`); tokens: keyword arrays [B, T, ...] (q,
+        k, v, gates, ...; None passes through). Without a cache (training, scoring): one chunked
+        call. With one: one decode step for a single unpadded token, otherwise a chunked call from
+        the cached state (prefill). Returns (o [B, T, H, V], the updated cache or None).
+        """
+        if cache is None:
+            return chunked(**tokens, segment_ids=segment_ids), None
+        if segment_ids is None and tokens["q"].shape[1] == 1:
+            out, state = step(**{name: None if x is None else x[:, 0] for name, x in tokens.items()}, state=cache.state)
+            out = out[:, None]
+        else:
+            out, state = chunked(**tokens, segment_ids=segment_ids, initial_state=cache.state, output_final_state=True)
+        return out, RecurrentCache(state=state, conv_tails=conv_tails, lengths=cache.lengths + out.shape[1])
+
+    def output(self, out, x):
+        """o [B, T, H, V] -> y [B, T, D], gated by x [B, T, D] when the mixer has g_proj."""
+        out = self.o_norm(out)
+        if self.g_proj is not None:
+            out = out * jax.nn.silu(self.split_heads(self.g_proj(x)))
+        return self.o_proj(out.reshape(*out.shape[:2], -1))
+
+    def init_cache(self, batch: int, max_len: int, dtype, conv_tails=()) -> RecurrentCache:
+        """An empty cache; its size does not depend on max_len."""
+        del max_len, dtype
+        return RecurrentCache(state=jnp.zeros((batch, self.heads, self.key_dim, self.value_dim), jnp.float32),
+                              conv_tails=conv_tails, lengths=jnp.zeros((batch,), jnp.int32))
+
+
+def decay_parameters(heads: int, rngs: nnx.Rngs) -> tuple[nnx.Param, nnx.Param]:
+    """(A_log, dt_bias) [H] of a Mamba2-style decay log a = -exp(A_log) softplus(. + dt_bias), in
+    Mamba2's initialisation: A ~ U(1, 16), and dt_bias the inverse softplus of a time step
+    drawn log-uniformly in [1e-3, 1e-1], so early decays span short and long memories."""
+    a = jax.random.uniform(rngs.params(), (heads,), jnp.float32, 1.0, 16.0)
+    dt = jnp.exp(jax.random.uniform(rngs.params(), (heads,), jnp.float32, math.log(1e-3), math.log(1e-1)))
+    dt_bias = dt + jnp.log(-jnp.expm1(-dt))
+    as_param = lambda value: nnx.Param(value, out_sharding=("heads",), eager_sharding=False)
+    return as_param(jnp.log(a)), as_param(dt_bias)
