@@ -2,6 +2,6 @@
 
 from seqmix.mixers.registry import MixerSpec, get_mixer, register_mixer, registered_mixers
 # Importing a mixer module registers its mixers.
-from seqmix.mixers import attention, delta_net, gla, linear_attention, mamba2, retnet  # noqa: F401
+from seqmix.mixers import attention, delta_net, gla, hgrn2, linear_attention, mamba2, retnet  # noqa: F401
 
 __all__ = ["MixerSpec", "get_mixer", "register_mixer", "registered_mixers"]

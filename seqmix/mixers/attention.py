@@ -2,7 +2,8 @@
 
 Masks come from array indices and `segment_ids`: a query attends to keys of its own segment
 (never across a packing boundary, never to padding) at or before it, and with a window W to the
-W most recent of those (itself included). Decoding appends to a KV cache of fixed capacity.
+W most recent of those (itself included). Decoding appends to a KV cache of fixed capacity:
+every token for global attention, a ring buffer of the last W for windowed attention.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class AttentionConfig:
 
 @struct.dataclass
 class KVCache:
-    """Keys/values of the tokens seen so far. k, v [B, S, H_kv, D]; lengths [B] int32 (filled slots)."""
+    """Keys/values of the tokens seen so far. k, v [B, S, H_kv, D] (S: max_len slots, or W in a
+    ring for a sliding window); lengths [B] int32 (tokens seen per row)."""
 
     k: jax.Array
     v: jax.Array
@@ -103,7 +105,7 @@ class Attention(nnx.Module):
             index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
             mask = attention_mask(index, index, q_segment=segment_ids, k_segment=segment_ids, window=self.window)
             out = softmax_attention(q, k, v, mask, scale)
-        else:
+        elif self.window is None:
             write = jax.vmap(lambda buf, new, start: jax.lax.dynamic_update_slice_in_dim(buf, new, start, axis=0))
             cache = KVCache(
                 k=write(cache.k, k.astype(cache.k.dtype), cache.lengths),
@@ -114,9 +116,37 @@ class Attention(nnx.Module):
             k_index = jnp.broadcast_to(jnp.arange(cache.k.shape[1], dtype=jnp.int32), (batch, cache.k.shape[1]))
             mask = attention_mask(q_index, k_index, window=self.window)
             out = softmax_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask, scale)
+        else:
+            out, cache = self._windowed_step(q, k, v, cache, scale)
+        return self.o_proj(out.reshape(batch, length, -1)), cache
+
+    def _windowed_step(self, q, k, v, cache: KVCache, scale):
+        """Sliding-window attention of T new tokens against a ring buffer of the last W keys and
+        values (slot p % W holds position p), which then takes the newest of them. Memory stays
+        W tokens per row however long the context grows."""
+        batch, length = q.shape[:2]
+        slots = cache.k.shape[1]
+        q_index = cache.lengths[:, None] + jnp.arange(length, dtype=jnp.int32)
+        # The position each slot holds: the latest p < lengths with p % W == slot (negative: empty).
+        slot = jnp.arange(slots, dtype=jnp.int32)
+        held = cache.lengths[:, None] - 1 - (cache.lengths[:, None] - 1 - slot) % slots
+        k_index = jnp.concatenate([jnp.where(held >= 0, held, jnp.iinfo(jnp.int32).max), q_index], axis=1)
+        mask = attention_mask(q_index, k_index, window=self.window)
+        keys = jnp.concatenate([cache.k.astype(q.dtype), k], axis=1)
+        values = jnp.concatenate([cache.v.astype(q.dtype), v], axis=1)
+        out = softmax_attention(q, keys, values, mask, scale)
+        kept = min(length, slots)  # only the newest W tokens can still be seen later
+        write = jax.vmap(lambda buf, new, at: buf.at[at].set(new))
+        at = q_index[:, -kept:] % slots
+        cache = KVCache(k=write(cache.k, k[:, -kept:].astype(cache.k.dtype), at),
+                        v=write(cache.v, v[:, -kept:].astype(cache.v.dtype), at),
+                        lengths=cache.lengths + length)
+        return out, cache
         return self.o_proj(out.reshape(batch, length, -1)), cache
 
     def init_cache(self, batch: int, max_len: int, dtype) -> KVCache:
-        """An empty cache for `max_len` tokens per row."""
-        shape = (batch, max_len, self.k_proj.out_features // self.head_dim, self.head_dim)
+        """An empty cache for `max_len` tokens per row: all of them for global attention, a ring
+        of the last `sliding_window` for windowed attention."""
+        slots = max_len if self.window is None else self.window
+        shape = (batch, slots, self.k_proj.out_features // self.head_dim, self.head_dim)
         return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))

@@ -21,6 +21,7 @@ CASES = {
     "gated_deltanet": {"layer_pattern": ["gated_deltanet"]},
     "gla": {"layer_pattern": ["gla"]},
     "retnet": {"layer_pattern": ["retnet"]},
+    "hgrn2": {"layer_pattern": ["hgrn2"]},
     "mamba2": {"layer_pattern": ["mixer"], "mixers": {"mixer": {"type": "mamba2", "state_dim": 8}}},
     "linear_attention_hedgehog": {"layer_pattern": ["mixer"],
                                   "mixers": {"mixer": {"type": "linear_attention", "feature_map": "hedgehog"}}},
@@ -39,6 +40,8 @@ VARIANTS = {
     **{f"linear_attention_{name}": {"layer_pattern": ["mixer"], "mixers": {"mixer": {
         "type": "linear_attention", "feature_map": name, "normalize": name != "identity"}}}
        for name in ("identity", "elu", "relu", "softmax")},
+    "sliding_window_hybrid": {"layer_pattern": ["gated_deltanet", "local"],
+                              "mixers": {"local": {"type": "attention", "sliding_window": 8}}},
 }
 
 
@@ -111,3 +114,18 @@ def test_gradients_reach_every_parameter_and_a_tiny_batch_is_overfit(case):
     for _ in range(80):
         last, _ = step(model, optimizer)
     assert float(first) > 3.5 and float(last) < 0.3, (float(first), float(last))
+
+
+def cache_bytes(model, max_len):
+    shapes = jax.eval_shape(lambda: model.init_cache(2, max_len))
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes))
+
+
+def test_decode_cache_does_not_grow_with_context_except_for_global_attention():
+    for constant in ("gated_deltanet", "mamba2", "sliding_window_hybrid"):
+        model = model_for(constant)
+        assert cache_bytes(model, 64) == cache_bytes(model, 65536), constant
+    hybrid = model_for("gated_deltanet_3to1_hybrid")  # one global attention layer in four
+    attention_layer = hybrid.layers[3].self_attn
+    per_token = 2 * 2 * attention_layer.k_proj.out_features * 4  # rows x (k, v) x width x float32
+    assert cache_bytes(hybrid, 1064) - cache_bytes(hybrid, 64) == 1000 * per_token

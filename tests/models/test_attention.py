@@ -109,3 +109,22 @@ def test_cached_decode_equals_full_forward(window):
         outputs.append(step)
     assert rel_err(jnp.concatenate(outputs, axis=1), full) < 1e-5
     assert np.array_equal(np.asarray(cache.lengths), [11, 11])
+
+
+def test_sliding_window_cache_is_a_ring_of_the_window():
+    """Chunks shorter and longer than the window, from an empty ring: outputs == full forward,
+    and the ring holds W slots whatever the context."""
+    layer = make_attention(window=5)
+    x = jax.random.normal(jax.random.key(7), (2, 23, 32))
+    full, _ = layer(x)
+    cache = layer.init_cache(2, 1000, jnp.float32)
+    assert cache.k.shape[1] == 5
+    outputs, start = [], 0
+    for stop in (2, 3, 10, 11, 12, 19, 23):
+        positions = jnp.broadcast_to(jnp.arange(start, stop), (2, stop - start))
+        out, cache = layer(x[:, start:stop], positions=positions, cache=cache)
+        outputs.append(out)
+        start = stop
+    assert rel_err(jnp.concatenate(outputs, axis=1), full) < 1e-5
+    assert cache.k.shape[1] == 5 and np.array_equal(np.asarray(cache.lengths), [23, 23])
+
