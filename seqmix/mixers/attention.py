@@ -114,7 +114,7 @@ class Attention(nnx.Module):
             )
             q_index = cache.lengths[:, None] - length + jnp.arange(length, dtype=jnp.int32)
             k_index = jnp.broadcast_to(jnp.arange(cache.k.shape[1], dtype=jnp.int32), (batch, cache.k.shape[1]))
-            mask = attention_mask(q_index, k_index, window=self.window)
+            mask = attention_mask(q_index, k_index)
             out = softmax_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask, scale)
         else:
             out, cache = self._windowed_step(q, k, v, cache, scale)
@@ -142,7 +142,6 @@ class Attention(nnx.Module):
                         v=write(cache.v, v[:, -kept:].astype(cache.v.dtype), at),
                         lengths=cache.lengths + length)
         return out, cache
-        return self.o_proj(out.reshape(batch, length, -1)), cache
 
     def init_cache(self, batch: int, max_len: int, dtype) -> KVCache:
         """An empty cache for `max_len` tokens per row: all of them for global attention, a ring
