@@ -3,7 +3,9 @@
 A mixer is an `nnx.Module` constructed as `Mixer(model_config, mixer_config, rngs=...)` with
 `__call__(x, *, segment_ids=None, positions=None, cache=None) -> (y, cache)` and
 `init_cache(batch, max_len, dtype)`. Its options live in a dataclass (`config_cls`) whose fields
-a model config may set per layer kind (`model.mixers.<kind>.<field>`).
+a model config may set per layer kind (`model.mixers.<kind>.<field>`). A mixer registered with
+`depth_aware=True` also gets `layer_index=` (0-based) to construct, for designs that vary with
+depth (Lightning's decays shrink from the first layer to the last).
 """
 
 from __future__ import annotations
@@ -19,18 +21,25 @@ class MixerSpec:
     name: str
     module_cls: type
     config_cls: type
+    depth_aware: bool = False
+
+    def build(self, model_config, mixer_config, layer_index: int, *, rngs):
+        """The mixer module of layer `layer_index` of a model."""
+        depth = {"layer_index": layer_index} if self.depth_aware else {}
+        return self.module_cls(model_config, mixer_config, **depth, rngs=rngs)
 
 
 _MIXERS: dict[str, MixerSpec] = {}
 
 
-def register_mixer(name: str, config_cls: type) -> Callable[[type], type]:
-    """Class decorator registering an `nnx.Module` mixer under `name` with its config dataclass."""
+def register_mixer(name: str, config_cls: type, *, depth_aware: bool = False) -> Callable[[type], type]:
+    """Class decorator registering an `nnx.Module` mixer under `name` with its config dataclass
+    (`depth_aware`: the constructor takes `layer_index`)."""
 
     def decorator(module_cls: type) -> type:
         if name in _MIXERS and _MIXERS[name].module_cls is not module_cls:
             raise ValueError(f"a mixer named {name!r} is already registered ({_MIXERS[name].module_cls})")
-        _MIXERS[name] = MixerSpec(name, module_cls, config_cls)
+        _MIXERS[name] = MixerSpec(name, module_cls, config_cls, depth_aware)
         return module_cls
 
     return decorator

@@ -26,11 +26,11 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
 class Block(nnx.Module):
     """x + mixer(norm(x)), then + SwiGLU(norm(.)). The mixer is chosen by the layer kind."""
 
-    def __init__(self, config: ModelConfig, kind: str, *, rngs: nnx.Rngs):
-        spec, mixer_config = config.mixer(kind)
+    def __init__(self, config: ModelConfig, layer_index: int, *, rngs: nnx.Rngs):
+        spec, mixer_config = config.mixer(config.layer_kinds()[layer_index])
         out_std = config.init_std / (2 * config.n_layers) ** 0.5
         self.input_layernorm = RMSNorm(config.d_model, eps=config.norm_eps)
-        self.self_attn = spec.module_cls(config, mixer_config, rngs=rngs)
+        self.self_attn = spec.build(config, mixer_config, layer_index, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.mlp = SwiGLU(config.d_model, config.mlp_width, std=config.init_std, out_std=out_std, rngs=rngs)
 
@@ -52,7 +52,7 @@ class LanguageModel(nnx.Module):
             config.vocab_size, config.d_model, param_dtype=jnp.float32,
             embedding_init=logical(nnx.initializers.normal(config.init_std), "vocab", "embed"), rngs=rngs,
         )
-        self.layers = nnx.List([Block(config, kind, rngs=rngs) for kind in config.layer_kinds()])
+        self.layers = nnx.List([Block(config, index, rngs=rngs) for index in range(config.n_layers)])
         self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nnx.Linear(
             config.d_model, config.vocab_size, use_bias=False, dtype=None, param_dtype=jnp.float32,
