@@ -63,7 +63,8 @@ def cmd_generate(args) -> int:
     trainer = _load_trained(args.checkpoint, [])
     if args.seed is not None:
         trainer.rng = jax.random.key(args.seed)
-    print(trainer.sample(args.prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p))
+    samples = trainer.sample(args.prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    print("\n\n".join(samples))
     return 0
 
 
@@ -95,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="continue a prompt with a trained model")
     gen.add_argument("checkpoint", help="run directory (out_dir) or its checkpoints/ folder")
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", required=True, action="append",
+                     help="repeat for several prompts (of any lengths), generated as one batch")
     gen.add_argument("--max-new-tokens", type=int, default=200)
     gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=0.95)

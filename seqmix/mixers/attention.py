@@ -3,12 +3,14 @@
 Masks come from array indices and `segment_ids`: a query attends to keys of its own segment
 (never across a packing boundary, never to padding) at or before it, and with a window W to the
 W most recent of those (itself included). Decoding appends to a KV cache of fixed capacity:
-every token for global attention, a ring buffer of the last W for windowed attention.
+every token for global attention, a ring buffer of the last W for windowed attention, each
+slot flagged real or padding so that left-padded prompts of different lengths share a batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -32,11 +34,20 @@ class AttentionConfig:
 @struct.dataclass
 class KVCache:
     """Keys/values of the tokens seen so far. k, v [B, S, H_kv, D] (S: max_len slots, or W in a
-    ring for a sliding window); lengths [B] int32 (tokens seen per row)."""
+    ring for a sliding window); valid [B, S] bool (the slot holds a real token, not padding or
+    nothing yet); lengths [B] int32 (tokens seen per row, padding included)."""
 
     k: jax.Array
     v: jax.Array
+    valid: jax.Array
     lengths: jax.Array
+
+
+def empty_kv_cache(batch: int, slots: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
+    """A cache of `slots` empty slots per row."""
+    shape = (batch, slots, kv_heads, head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), valid=jnp.zeros((batch, slots), bool),
+                   lengths=jnp.zeros((batch,), jnp.int32))
 
 
 def attention_mask(q_index, k_index, *, q_segment=None, k_segment=None, window=None):
@@ -70,6 +81,45 @@ def softmax_attention(q, k, v, mask, scale):
     return out.reshape(batch, q_len, heads, dim).astype(q.dtype)
 
 
+def cached_attention(q, k, v, real, cache: KVCache, scale):
+    """Global attention of T new tokens (q [B, T, H, D], k/v [B, T, H_kv, D], real [B, T] bool:
+    not padding) appended after each row's `lengths` cached tokens; every token stays cached.
+    Returns (out [B, T, H, D], the updated cache)."""
+    batch, length = q.shape[:2]
+    write = jax.vmap(lambda buf, new, start: jax.lax.dynamic_update_slice_in_dim(buf, new, start, axis=0))
+    cache = KVCache(k=write(cache.k, k.astype(cache.k.dtype), cache.lengths),
+                    v=write(cache.v, v.astype(cache.v.dtype), cache.lengths),
+                    valid=write(cache.valid, real, cache.lengths), lengths=cache.lengths + length)
+    q_index = cache.lengths[:, None] - length + jnp.arange(length, dtype=jnp.int32)
+    k_index = jnp.broadcast_to(jnp.arange(cache.k.shape[1], dtype=jnp.int32), cache.valid.shape)
+    mask = attention_mask(q_index, k_index) & cache.valid[:, None, :]
+    return softmax_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask, scale), cache
+
+
+def windowed_attention(q, k, v, real, cache: KVCache, scale, *, window: int):
+    """Sliding-window attention of T new tokens (shapes as `cached_attention`) against a ring
+    buffer of the last W = window keys and values (slot p % W holds position p), which then
+    takes the newest of them. Memory stays W tokens per row however long the context grows."""
+    length = q.shape[1]
+    slots = cache.k.shape[1]
+    q_index = cache.lengths[:, None] + jnp.arange(length, dtype=jnp.int32)
+    # The position each slot holds: the latest p < lengths with p % W == slot (negative: empty).
+    slot = jnp.arange(slots, dtype=jnp.int32)
+    held = cache.lengths[:, None] - 1 - (cache.lengths[:, None] - 1 - slot) % slots
+    k_index = jnp.concatenate([jnp.where(held >= 0, held, jnp.iinfo(jnp.int32).max), q_index], axis=1)
+    mask = attention_mask(q_index, k_index, window=window) & jnp.concatenate([cache.valid, real], axis=1)[:, None, :]
+    keys = jnp.concatenate([cache.k.astype(q.dtype), k], axis=1)
+    values = jnp.concatenate([cache.v.astype(q.dtype), v], axis=1)
+    out = softmax_attention(q, keys, values, mask, scale)
+    kept = min(length, slots)  # only the newest W tokens can still be seen later
+    write = jax.vmap(lambda buf, new, at: buf.at[at].set(new))
+    at = q_index[:, -kept:] % slots
+    cache = KVCache(k=write(cache.k, k[:, -kept:].astype(cache.k.dtype), at),
+                    v=write(cache.v, v[:, -kept:].astype(cache.v.dtype), at),
+                    valid=write(cache.valid, real[:, -kept:], at), lengths=cache.lengths + length)
+    return out, cache
+
+
 @register_mixer("attention", AttentionConfig)
 class Attention(nnx.Module):
     """Llama-style self-attention (q_proj, k_proj, v_proj, o_proj), x [B, T, D] -> [B, T, D]."""
@@ -92,7 +142,8 @@ class Attention(nnx.Module):
         """x [B, T, D]; segment_ids, positions [B, T] int32. Returns (y [B, T, D], cache).
 
         Without a cache, attends within x (training, scoring). With a cache, the T new tokens
-        are appended after each row's `lengths` and attend to everything cached so far.
+        are appended after each row's `lengths` and attend to everything cached so far; there
+        segment_ids only mark padding (0, e.g. left-padded prompts), which no token attends to.
         """
         batch, length, _ = x.shape
         if positions is None:
@@ -100,52 +151,24 @@ class Attention(nnx.Module):
         q = apply_rotary(self._heads(self.q_proj(x)), positions, self.rope_theta)
         k = apply_rotary(self._heads(self.k_proj(x)), positions, self.rope_theta)
         v = self._heads(self.v_proj(x))
+        out, cache = self.attend(q, k, v, segment_ids=segment_ids, cache=cache)
+        return self.o_proj(out.reshape(batch, length, -1)), cache
+
+    def attend(self, q, k, v, *, segment_ids, cache: KVCache | None):
+        """The attention of `__call__` on rotated q [B, T, H, D], k and v [B, T, H_kv, D].
+        Returns (out [B, T, H, D] in q's dtype, the updated cache or None)."""
+        batch, length = q.shape[:2]
         scale = self.head_dim ** -0.5
         if cache is None:
             index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
             mask = attention_mask(index, index, q_segment=segment_ids, k_segment=segment_ids, window=self.window)
-            out = softmax_attention(q, k, v, mask, scale)
-        elif self.window is None:
-            write = jax.vmap(lambda buf, new, start: jax.lax.dynamic_update_slice_in_dim(buf, new, start, axis=0))
-            cache = KVCache(
-                k=write(cache.k, k.astype(cache.k.dtype), cache.lengths),
-                v=write(cache.v, v.astype(cache.v.dtype), cache.lengths),
-                lengths=cache.lengths + length,
-            )
-            q_index = cache.lengths[:, None] - length + jnp.arange(length, dtype=jnp.int32)
-            k_index = jnp.broadcast_to(jnp.arange(cache.k.shape[1], dtype=jnp.int32), (batch, cache.k.shape[1]))
-            mask = attention_mask(q_index, k_index)
-            out = softmax_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask, scale)
-        else:
-            out, cache = self._windowed_step(q, k, v, cache, scale)
-        return self.o_proj(out.reshape(batch, length, -1)), cache
-
-    def _windowed_step(self, q, k, v, cache: KVCache, scale):
-        """Sliding-window attention of T new tokens against a ring buffer of the last W keys and
-        values (slot p % W holds position p), which then takes the newest of them. Memory stays
-        W tokens per row however long the context grows."""
-        batch, length = q.shape[:2]
-        slots = cache.k.shape[1]
-        q_index = cache.lengths[:, None] + jnp.arange(length, dtype=jnp.int32)
-        # The position each slot holds: the latest p < lengths with p % W == slot (negative: empty).
-        slot = jnp.arange(slots, dtype=jnp.int32)
-        held = cache.lengths[:, None] - 1 - (cache.lengths[:, None] - 1 - slot) % slots
-        k_index = jnp.concatenate([jnp.where(held >= 0, held, jnp.iinfo(jnp.int32).max), q_index], axis=1)
-        mask = attention_mask(q_index, k_index, window=self.window)
-        keys = jnp.concatenate([cache.k.astype(q.dtype), k], axis=1)
-        values = jnp.concatenate([cache.v.astype(q.dtype), v], axis=1)
-        out = softmax_attention(q, keys, values, mask, scale)
-        kept = min(length, slots)  # only the newest W tokens can still be seen later
-        write = jax.vmap(lambda buf, new, at: buf.at[at].set(new))
-        at = q_index[:, -kept:] % slots
-        cache = KVCache(k=write(cache.k, k[:, -kept:].astype(cache.k.dtype), at),
-                        v=write(cache.v, v[:, -kept:].astype(cache.v.dtype), at),
-                        lengths=cache.lengths + length)
-        return out, cache
+            return softmax_attention(q, k, v, mask, scale), None
+        real = jnp.ones((batch, length), bool) if segment_ids is None else segment_ids != 0
+        attend = cached_attention if self.window is None else functools.partial(windowed_attention, window=self.window)
+        return attend(q, k, v, real, cache, scale)
 
     def init_cache(self, batch: int, max_len: int, dtype) -> KVCache:
         """An empty cache for `max_len` tokens per row: all of them for global attention, a ring
         of the last `sliding_window` for windowed attention."""
         slots = max_len if self.window is None else self.window
-        shape = (batch, slots, self.k_proj.out_features // self.head_dim, self.head_dim)
-        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
+        return empty_kv_cache(batch, slots, self.k_proj.out_features // self.head_dim, self.head_dim, dtype)

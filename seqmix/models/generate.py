@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -24,19 +25,39 @@ def sample_token(logits: jax.Array, rng: jax.Array, temperature: float, top_p: f
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def generate(model: nnx.Module, prompt: jax.Array, max_new_tokens: int, *, rng: jax.Array,
+def left_pad(prompts) -> tuple[jax.Array, jax.Array]:
+    """Prompts of different lengths (a sequence of 1-D int sequences, or [B, P] when they share
+    one length) -> (tokens [B, P_max] int32, segment_ids [B, P_max] int32), each prompt aligned
+    to the right and preceded by padding (segment 0), so that every row's next token comes at
+    the same index."""
+    rows = [np.asarray(prompt, np.int32).reshape(-1) for prompt in prompts]
+    if not rows or min(len(row) for row in rows) == 0:
+        raise ValueError(f"generate needs at least one prompt, each of >= 1 token; got lengths {[len(r) for r in rows]}")
+    width = max(len(row) for row in rows)
+    tokens = np.zeros((len(rows), width), np.int32)
+    segment_ids = np.zeros((len(rows), width), np.int32)
+    for b, row in enumerate(rows):
+        tokens[b, width - len(row):] = row
+        segment_ids[b, width - len(row):] = 1
+    return jnp.asarray(tokens), jnp.asarray(segment_ids)
+
+
+def generate(model: nnx.Module, prompts, max_new_tokens: int, *, rng: jax.Array,
              temperature: float = 1.0, top_p: float = 1.0, cache_dtype=jnp.float32) -> jax.Array:
-    """Continues prompt [B, P] int32 by max_new_tokens tokens; returns [B, P + max_new_tokens]."""
-    if prompt.ndim != 2 or prompt.shape[1] == 0:
-        raise ValueError(f"prompt must be [batch, length] with length >= 1, got shape {prompt.shape}")
+    """Continues each prompt by max_new_tokens tokens; returns them, [B, max_new_tokens] int32.
+
+    prompts: a sequence of 1-D token sequences, of different lengths if need be (they are
+    left-padded, see `left_pad`; padding changes no row's result), or an int array [B, P].
+    """
+    tokens, segment_ids = left_pad(prompts)
     graphdef, state = nnx.split(model)
-    batch, prompt_len = prompt.shape
+    batch, prompt_len = tokens.shape
 
     @jax.jit
-    def prefill(state, tokens):
+    def prefill(state, tokens, segment_ids):
         model = nnx.merge(graphdef, state)
         cache = model.init_cache(batch, prompt_len + max_new_tokens, cache_dtype)
-        logits, cache = model.extend(tokens, cache)
+        logits, cache = model.extend(tokens, cache, segment_ids)
         return logits[:, -1], cache
 
     @jax.jit
@@ -44,11 +65,11 @@ def generate(model: nnx.Module, prompt: jax.Array, max_new_tokens: int, *, rng: 
         logits, cache = nnx.merge(graphdef, state).extend(token[:, None], cache)
         return logits[:, -1], cache
 
-    logits, cache = prefill(state, prompt)
-    tokens = []
+    logits, cache = prefill(state, tokens, segment_ids)
+    new_tokens = []
     for key in jax.random.split(rng, max_new_tokens):
         token = sample_token(logits, key, temperature, top_p)
-        tokens.append(token)
-        if len(tokens) < max_new_tokens:
+        new_tokens.append(token)
+        if len(new_tokens) < max_new_tokens:
             logits, cache = decode(state, token, cache)
-    return jnp.concatenate([prompt, jnp.stack(tokens, axis=1).astype(prompt.dtype)], axis=1) if tokens else prompt
+    return jnp.stack(new_tokens, axis=1) if new_tokens else jnp.zeros((batch, 0), jnp.int32)

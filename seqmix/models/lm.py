@@ -79,15 +79,19 @@ class LanguageModel(nnx.Module):
         """Per-layer decoding caches for rows of up to `max_len` tokens (prompt + generated)."""
         return [layer.self_attn.init_cache(batch, max_len, dtype) for layer in self.layers]
 
-    def extend(self, tokens: jax.Array, cache: list[Any]) -> tuple[jax.Array, list[Any]]:
+    def extend(self, tokens: jax.Array, cache: list[Any], segment_ids: jax.Array | None = None,
+               ) -> tuple[jax.Array, list[Any]]:
         """Appends tokens [B, T] to every row's cached context: prefill (T = prompt length) or a
-        decode step (T = 1). Returns (logits [B, T, vocab] float32, the updated cache)."""
+        decode step (T = 1). segment_ids [B, T] (optional) mark padding with 0, e.g. the left
+        padding of prompts of different lengths; no later token sees a padding token, and the
+        recurrent states skip them. Returns (logits [B, T, vocab] float32, the updated cache)."""
+        # Positions count padding too: they only enter through rotary embeddings, whose q.k
+        # depends on position differences alone, so a left-padded row scores as if unpadded.
         lengths = cache[0].lengths  # every layer has seen the same tokens
         positions = lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
         x = self.embed_tokens(tokens)
         new_cache = []
         for layer, layer_cache in zip(self.layers, cache):
-            x, layer_cache = layer(x, positions=positions, cache=layer_cache)
+            x, layer_cache = layer(x, segment_ids=segment_ids, positions=positions, cache=layer_cache)
             new_cache.append(layer_cache)
         return self._logits(x), new_cache
-

@@ -140,16 +140,18 @@ class Trainer:
             batch_sharding(self.mesh), self.config.eval_batches,
         )
 
-    def sample(self, prompt: str, max_new_tokens: int, temperature: float = 0.8, top_p: float = 0.95) -> str:
-        tokens = jax.numpy.asarray(self.corpus.tokenizer.encode(prompt), jax.numpy.int32)[None]
-        if tokens.shape[1] + max_new_tokens > self.config.data.seq_len:
-            print(f"note: {tokens.shape[1] + max_new_tokens} tokens exceed the {self.config.data.seq_len}-token "
+    def sample(self, prompts: list[str], max_new_tokens: int, temperature: float = 0.8,
+               top_p: float = 0.95) -> list[str]:
+        """Each prompt with its continuation, generated together in one batch."""
+        encoded = [self.corpus.tokenizer.encode(prompt) for prompt in prompts]
+        longest = max(len(tokens) for tokens in encoded) + max_new_tokens
+        if longest > self.config.data.seq_len:
+            print(f"note: {longest} tokens exceed the {self.config.data.seq_len}-token "
                   "context the model was trained on; expect quality to drop past it", file=sys.stderr)
-        out = generate(
-            self.train_state.model(), tokens, max_new_tokens, rng=jax.random.fold_in(self.rng, self.step),
-            temperature=temperature, top_p=top_p,
-        )
-        return self.corpus.tokenizer.decode(np.asarray(out[0]))
+        new_tokens = generate(self.train_state.model(), encoded, max_new_tokens,
+                              rng=jax.random.fold_in(self.rng, self.step), temperature=temperature, top_p=top_p)
+        return [self.corpus.tokenizer.decode(np.concatenate([np.asarray(tokens, np.int32), row]))
+                for tokens, row in zip(encoded, np.asarray(new_tokens))]
 
     def run(self, *, resume: bool = False, until: int | None = None) -> TrainResult:
         """Trains from step 0 (or, with resume, from the newest checkpoint) to `until` (default
@@ -233,7 +235,7 @@ class Trainer:
         plot_loss(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png", baseline=unigram)
         sample = None
         if stop_signal is None and config.sample_tokens > 0:
-            sample = self.sample(config.sample_prompt, config.sample_tokens)
+            sample = self.sample([config.sample_prompt], config.sample_tokens)[0]
         return TrainResult(self.step, losses, eval_loss, unigram, skipped, stop_signal, sample, self.out_dir)
 
 

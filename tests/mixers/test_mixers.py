@@ -12,6 +12,7 @@ from flax import nnx
 
 from seqmix.configuration import build
 from seqmix.models.config import ModelConfig
+from seqmix.models.generate import generate, left_pad
 from seqmix.models.lm import LanguageModel
 
 VOCAB = 64
@@ -42,6 +43,8 @@ VARIANTS = {
        for name in ("identity", "elu", "relu", "softmax")},
     "sliding_window_hybrid": {"layer_pattern": ["gated_deltanet", "local"],
                               "mixers": {"local": {"type": "attention", "sliding_window": 8}}},
+    "every_cache_kind": {"n_layers": 4, "layer_pattern": ["mamba2", "local", "gated_deltanet", "attention"],
+                         "mixers": {"local": {"type": "attention", "sliding_window": 4}}},
 }
 
 
@@ -56,7 +59,7 @@ def forward(model, tokens, segment_ids=None):
     return model(tokens, segment_ids=segment_ids)
 
 
-extend = nnx.jit(lambda model, tokens, cache: model.extend(tokens, cache))
+extend = nnx.jit(lambda model, tokens, cache, segment_ids=None: model.extend(tokens, cache, segment_ids))
 
 
 def tokens(seed, shape):
@@ -76,6 +79,25 @@ def test_decode_and_prefill_equal_the_chunked_forward(case):
         pieces.append(logits)
     assert rel_err(jnp.concatenate(pieces, axis=1), forward(model, batch)) < 1e-4
     assert cache[0].lengths.tolist() == [80, 80]
+
+
+def test_prompts_of_different_lengths_batched_with_left_padding_equal_each_alone():
+    """Short convolutions, a ring buffer, recurrent states and a global KV cache in one model: a
+    batch of prompts of lengths 9 and 3 (left-padded) gives each row the logits it gets alone,
+    for the prompt and a decode step after it, and `generate` continues the batch that way."""
+    model = model_for("every_cache_kind")
+    prompts = [tokens(10, (9,)), tokens(11, (3,))]
+    padded, segment_ids = left_pad(prompts)
+    batch_logits, cache = extend(model, padded, model.init_cache(2, 12), segment_ids)
+    greedy = jnp.argmax(batch_logits[:, -1], axis=-1)
+    step_logits, _ = extend(model, greedy[:, None], cache)
+    for row, prompt in enumerate(prompts):
+        alone, alone_cache = extend(model, prompt[None], model.init_cache(1, 12))
+        assert rel_err(batch_logits[row, -len(prompt):], alone[0]) < 1e-4, row
+        alone_step, _ = extend(model, greedy[row, None, None], alone_cache)
+        assert rel_err(step_logits[row], alone_step[0]) < 1e-4, row
+    continued = generate(model, prompts, 2, rng=jax.random.key(0), temperature=0.0)
+    assert np.array_equal(continued, jnp.stack([greedy, jnp.argmax(step_logits[:, -1], axis=-1)], axis=1))
 
 
 @pytest.mark.parametrize("case", CASES)
