@@ -16,8 +16,18 @@ from seqmix.train.config import TrainConfig, load_train_config
 def test_run_config_with_model_path_and_overrides():
     config = load_train_config("configs/runs/shakespeare.yaml", ["optim.lr=3e-4", "model.n_layers=8", "data.tokenizer=byte"])
     assert config.optim.lr == 3e-4 and config.model.n_layers == 8
-    assert config.model.d_model == 128  # from configs/models/transformer_small.yaml
+    assert config.model.d_model == 128  # from configs/models/hybrid_small.yaml
     assert build(TrainConfig, to_dict(config)) == config
+
+
+def test_a_model_file_override_swaps_the_model_before_its_fields_are_set():
+    config = load_train_config("configs/runs/shakespeare.yaml",
+                               ["model.n_layers=8", "model=../models/transformer_small.yaml"])
+    assert config.model.layer_pattern == ["attention"] and config.model.n_layers == 8
+    config = load_train_config("configs/runs/shakespeare.yaml", ["model=configs/models/gla_small.yaml"])
+    assert config.model.layer_pattern == ["gla"]
+    with pytest.raises(ConfigError, match="model config 'nowhere.yaml' not found"):
+        load_train_config("configs/runs/shakespeare.yaml", ["model=nowhere.yaml"])
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
-from seqmix.configuration import ConfigError, apply_overrides, build, load_yaml, require
+from seqmix.configuration import ConfigError, apply_overrides, build, load_yaml, parse_override, require
 from seqmix.models.config import ModelConfig
 
 
@@ -136,10 +136,14 @@ class TrainConfig:
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """Reads a run YAML (or the defaults when `path` is None), applies overrides, validates."""
     mapping: dict[str, Any] = load_yaml(path) if path is not None else {}
+    # `model=<file>` swaps the whole model config before `model.<field>=...` refine it.
+    whole_model = [text for text in overrides if parse_override(text)[0] == ["model"]]
+    for text in whole_model:
+        mapping["model"] = parse_override(text)[1]
     model = mapping.get("model")
     if isinstance(model, str):
         mapping["model"] = load_yaml(_resolve_relative(model, path))
-    apply_overrides(mapping, list(overrides))
+    apply_overrides(mapping, [text for text in overrides if text not in whole_model])
     return build(TrainConfig, mapping)
 
 

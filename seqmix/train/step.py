@@ -16,14 +16,21 @@ COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
 def _batch_loss(model_graphdef, params, rest, batch, compute_dtype):
-    """(sum of token losses, token count) of one micro-batch [B, T], computed in compute_dtype."""
+    """(training loss, (sum of token cross-entropies, token count)) of one micro-batch [B, T],
+    computed in compute_dtype. The training loss adds to the cross-entropy sum every `aux_loss`
+    the model sows (`nnx.Intermediate`, e.g. MoM's load balancing), each weighted by the token
+    count, so that dividing by the total count gives mean cross-entropy + the auxiliary losses."""
     if compute_dtype is not None:
         # Master weights stay float32; the cast is differentiated through, so gradients
         # come back float32 while every matmul runs in the compute dtype.
         params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
     model = nnx.merge(model_graphdef, params, rest)
-    logits = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
-    return cross_entropy_sum(logits, batch["targets"], batch["segment_ids"] != 0)
+    logits, sown = nnx.capture(model, nnx.Intermediate)(
+        batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+    cross_entropy, count = cross_entropy_sum(logits, batch["targets"], batch["segment_ids"] != 0)
+    aux = sum((jnp.sum(value.astype(jnp.float32)) for path, value in jax.tree_util.tree_leaves_with_path(sown)
+               if any(getattr(key, "key", None) == "aux_loss" for key in path)), jnp.float32(0.0))
+    return cross_entropy + aux * count, (cross_entropy, count)
 
 
 def make_train_step(train_state: TrainState, mesh: Mesh, compute_dtype: str):
@@ -47,15 +54,16 @@ def make_train_step(train_state: TrainState, mesh: Mesh, compute_dtype: str):
         )
 
         def accumulate(carry, micro):
-            grad_sum, loss_sum, count = carry
-            (loss, tokens), grads = grad_fn(params, micro)
-            return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss, count + tokens), None
+            grad_sum, loss_sum, ce_sum, count = carry
+            (loss, (cross_entropy, tokens)), grads = grad_fn(params, micro)
+            return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss, ce_sum + cross_entropy,
+                    count + tokens), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        (grad_sum, loss_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), batch)
+        (grad_sum, loss_sum, ce_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0, 0.0), batch)
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grad_sum)
-        loss, grad_norm = loss_sum / count, optax.tree.norm(grads)
+        loss, cross_entropy, grad_norm = loss_sum / count, ce_sum / count, optax.tree.norm(grads)
         optimizer.update(model, grads)
         # An update can overflow even from finite gradients (a huge learning rate), so the
         # updated parameters are checked too.
@@ -63,7 +71,11 @@ def make_train_step(train_state: TrainState, mesh: Mesh, compute_dtype: str):
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
         updated = nnx.state((model, optimizer))
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
-        return new_state, {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": finite}
+        # "loss" stays the cross-entropy, comparable across models; "aux_loss" is what the
+        # model's auxiliary losses added to the optimised total.
+        metrics = {"loss": cross_entropy, "aux_loss": loss - cross_entropy, "grad_norm": grad_norm, "tokens": count,
+                   "finite": finite}
+        return new_state, metrics
 
     return jax.jit(
         step,
@@ -80,6 +92,7 @@ def make_eval_step(train_state: TrainState, mesh: Mesh, compute_dtype: str):
     def evaluate(state, batch):
         model, _optimizer = nnx.merge(graphdef, state)
         model_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        return _batch_loss(model_graphdef, params, rest, batch, dtype)
+        _, (cross_entropy, count) = _batch_loss(model_graphdef, params, rest, batch, dtype)
+        return cross_entropy, count
 
     return jax.jit(evaluate, in_shardings=(train_state.shardings, batch_sharding(mesh)))

@@ -203,7 +203,7 @@ class Trainer:
                         record = {
                             "kind": "train", "step": self.step, "loss": loss,
                             "lr": float(self.schedule(self.step - 1)), "grad_norm": float(metrics["grad_norm"]),
-                            "tokens_per_s": tokens_since / max(elapsed, 1e-9),
+                            "aux_loss": float(metrics["aux_loss"]), "tokens_per_s": tokens_since / max(elapsed, 1e-9),
                         }
                         log.write(record)
                         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")

@@ -24,6 +24,10 @@ CASES = {
     "retnet": {"layer_pattern": ["retnet"]},
     "hgrn2": {"layer_pattern": ["hgrn2"]},
     "mamba2": {"layer_pattern": ["mixer"], "mixers": {"mixer": {"type": "mamba2", "state_dim": 8}}},
+    "lightning": {"layer_pattern": ["lightning"]},
+    "liger_attention": {"layer_pattern": ["mixer"], "mixers": {"mixer": {"type": "liger_attention", "window": 8}}},
+    "rwkv6": {"layer_pattern": ["rwkv6"]},
+    "mom": {"layer_pattern": ["mom"]},
     "linear_attention_hedgehog": {"layer_pattern": ["mixer"],
                                   "mixers": {"mixer": {"type": "linear_attention", "feature_map": "hedgehog"}}},
     "gated_deltanet_3to1_hybrid": {
@@ -43,8 +47,8 @@ VARIANTS = {
        for name in ("identity", "elu", "relu", "softmax")},
     "sliding_window_hybrid": {"layer_pattern": ["gated_deltanet", "local"],
                               "mixers": {"local": {"type": "attention", "sliding_window": 8}}},
-    "every_cache_kind": {"n_layers": 4, "layer_pattern": ["mamba2", "local", "gated_deltanet", "attention"],
-                         "mixers": {"local": {"type": "attention", "sliding_window": 4}}},
+    "every_cache_kind": {"n_layers": 4, "layer_pattern": ["mamba2", "liger", "rwkv6", "attention"],
+                         "mixers": {"liger": {"type": "liger_attention", "window": 4}}},
 }
 
 
@@ -82,7 +86,8 @@ def test_decode_and_prefill_equal_the_chunked_forward(case):
 
 
 def test_prompts_of_different_lengths_batched_with_left_padding_equal_each_alone():
-    """Short convolutions, a ring buffer, recurrent states and a global KV cache in one model: a
+    """Short convolutions (mamba2), a ring buffer next to a recurrent state (liger_attention), a
+    token-shift tail (rwkv6) and a global KV cache in one model: a
     batch of prompts of lengths 9 and 3 (left-padded) gives each row the logits it gets alone,
     for the prompt and a decode step after it, and `generate` continues the batch that way."""
     model = model_for("every_cache_kind")
@@ -144,10 +149,10 @@ def cache_bytes(model, max_len):
 
 
 def test_decode_cache_does_not_grow_with_context_except_for_global_attention():
-    for constant in ("gated_deltanet", "mamba2", "sliding_window_hybrid"):
+    for constant in [case for case in CASES if case != "gated_deltanet_3to1_hybrid"] + ["sliding_window_hybrid"]:
         model = model_for(constant)
         assert cache_bytes(model, 64) == cache_bytes(model, 65536), constant
     hybrid = model_for("gated_deltanet_3to1_hybrid")  # one global attention layer in four
     attention_layer = hybrid.layers[3].self_attn
-    per_token = 2 * 2 * attention_layer.k_proj.out_features * 4  # rows x (k, v) x width x float32
+    per_token = 2 * (2 * attention_layer.k_proj.out_features * 4 + 1)  # rows x ((k, v) x width x float32 + valid)
     assert cache_bytes(hybrid, 1064) - cache_bytes(hybrid, 64) == 1000 * per_token

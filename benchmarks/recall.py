@@ -1,0 +1,92 @@
+"""Multi-query associative recall (MQAR) accuracy of small models, one per mixer or hybrid.
+
+    python benchmarks/recall.py                        # every model, every setting (CPU: ~1 hour)
+    python benchmarks/recall.py --models attention gated_deltanet --settings 8x128
+
+Each model (2 layers, d_model 64, 2 heads, vocabulary 256) trains for a fixed budget of
+`--steps` AdamW steps on fresh MQAR batches (seqmix.train.data.recall) of one setting, then is
+scored on 1024 held-out rows: the fraction of recurring keys whose value it predicts. Settings
+grow harder with more pairs, longer rows, and (`@32`) a smaller model width, i.e. a smaller
+recurrent state. Prints one markdown table of accuracies.
+"""
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from seqmix.configuration import build
+from seqmix.models.config import ModelConfig
+from seqmix.models.lm import LanguageModel
+from seqmix.train.data.recall import mqar_batch
+from training import adamw_training
+
+VOCAB = 256
+
+MODELS = {
+    "attention": {"layer_pattern": ["attention"]},
+    "sliding_window(16)": {"layer_pattern": ["local"], "mixers": {"local": {"type": "attention", "sliding_window": 16}}},
+    "linear_attention": {"layer_pattern": ["linear_attention"]},
+    "retnet": {"layer_pattern": ["retnet"]},
+    "gla": {"layer_pattern": ["gla"]},
+    "hgrn2": {"layer_pattern": ["hgrn2"]},
+    "mamba2": {"layer_pattern": ["mamba2"]},
+    "deltanet": {"layer_pattern": ["deltanet"]},
+    "gated_deltanet": {"layer_pattern": ["gated_deltanet"]},
+    "gated_deltanet+attention": {"layer_pattern": ["gated_deltanet", "attention"]},
+}
+
+# name: (pairs, sequence length, d_model)
+SETTINGS = {"8x128": (8, 128, 64), "16x256": (16, 256, 64), "32x256": (32, 256, 64), "16x256@32": (16, 256, 32)}
+
+
+def train_and_score(model_options: dict, pairs: int, length: int, width: int, *, steps: int, batch: int,
+                    lr: float, seed: int) -> float:
+    """Trains a fresh model on MQAR(pairs, length) and returns its held-out accuracy."""
+    config = build(ModelConfig, {"vocab_size": VOCAB, "d_model": width, "n_layers": 2, "n_heads": 2,
+                                 "mlp_hidden": 2 * width, **model_options}, "model")
+    model = LanguageModel(config, rngs=nnx.Rngs(seed))
+    step, params, opt_state = adamw_training(model, optax.warmup_cosine_decay_schedule(0.0, lr, steps // 10, steps))
+    step = jax.jit(step, donate_argnums=(0, 1))
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        params, opt_state, _ = step(params, opt_state, *mqar_batch(rng, batch, length, pairs, VOCAB))
+    nnx.update(model, params)
+
+    @nnx.jit
+    def correct(model, inputs, targets, scored):
+        return jnp.sum((jnp.argmax(model(inputs), axis=-1) == targets) & scored)
+
+    held_out = np.random.default_rng(10_000 + seed)
+    hits = sum(int(correct(model, *mqar_batch(held_out, 256, length, pairs, VOCAB))) for _ in range(4))
+    return hits / (4 * 256 * pairs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    print(f"MQAR accuracy, {args.steps} steps x {args.batch} rows, AdamW lr {args.lr}, jax {jax.__version__} "
+          f"on {jax.devices()[0].device_kind}\n")
+    print("| model | " + " | ".join(args.settings) + " | seconds |")
+    print("|---|" + "---:|" * (len(args.settings) + 1))
+    for name in args.models:
+        start = time.perf_counter()
+        scores = [train_and_score(MODELS[name], *SETTINGS[setting], steps=args.steps, batch=args.batch,
+                                  lr=args.lr, seed=args.seed) for setting in args.settings]
+        cells = " | ".join(f"{100 * score:.1f}%" for score in scores)
+        print(f"| {name} | {cells} | {time.perf_counter() - start:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Training throughput and memory of small models against a transformer of the same sizes.
+
+    python benchmarks/throughput.py                          # T = 512 .. 8192
+    python benchmarks/throughput.py --lengths 256 --tokens 2048
+
+The models are configs/models/*_small.yaml (d_model 128, 4 layers, byte vocabulary). Each step
+trains on `--tokens` tokens (batch = tokens / T, at least 1 row) with AdamW. Per model and T the
+table gives training tokens/s (the best of 3 rounds, each the median of 3 steps, the models
+taking turns) and the peak memory of the compiled step (arguments + temporaries + outputs not
+aliased to the donated arguments, from XLA's buffer assignment), each also as a ratio to the
+transformer's in the same run.
+"""
+
+import argparse
+import pathlib
+
+import jax
+import numpy as np
+from flax import nnx
+
+from seqmix.configuration import build, load_yaml
+from seqmix.models.config import ModelConfig
+from seqmix.models.lm import LanguageModel
+from kernels import measure
+from training import adamw_training
+
+CONFIGS = pathlib.Path(__file__).parent.parent / "configs" / "models"
+MODELS = ["transformer_small", "gla_small", "gated_deltanet_small", "mamba2_small", "hybrid_small"]
+
+
+def compiled_step(name: str, length: int, tokens: int):
+    """(run: a zero-argument function doing one training step, peak bytes) for a model."""
+    config = build(ModelConfig, load_yaml(CONFIGS / f"{name}.yaml"), name)
+    step, params, opt_state = adamw_training(LanguageModel(config, rngs=nnx.Rngs(0)), 1e-3)
+    batch = max(1, tokens // length)
+    inputs = np.random.default_rng(0).integers(0, config.vocab_size, (batch, length + 1), dtype=np.int32)
+    args = (inputs[:, :-1], inputs[:, 1:], np.ones((batch, length), bool))
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, *args).compile()
+    memory = compiled.memory_analysis()
+    peak = (memory.argument_size_in_bytes + memory.temp_size_in_bytes + memory.output_size_in_bytes
+            - memory.alias_size_in_bytes)
+    state = [params, opt_state]
+
+    def run():
+        state[0], state[1], loss = compiled(state[0], state[1], *args)
+        return loss
+
+    return run, peak, batch * length
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--lengths", nargs="+", type=int, default=[512, 1024, 2048, 4096, 8192])
+    parser.add_argument("--tokens", type=int, default=8192, help="tokens per training step")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    print(f"Training throughput, {args.tokens} tokens per step, AdamW, float32, jax {jax.__version__} "
+          f"on {jax.devices()[0].device_kind}\n")
+    print("| model | T | batch | tokens/s | x transformer | peak MiB | x transformer |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for length in args.lengths:
+        steps = {name: compiled_step(name, length, args.tokens) for name in args.models}
+        seconds = measure({name: run for name, (run, _, _) in steps.items()}, (), rounds=args.rounds, repeats=3)
+        base = args.models[0]
+        for name, (_, peak, step_tokens) in steps.items():
+            speed, base_speed = step_tokens / seconds[name], steps[base][2] / seconds[base]
+            print(f"| {name} | {length} | {step_tokens // length} | {speed:,.0f} | {speed / base_speed:.2f} | "
+                  f"{peak / 2**20:,.0f} | {peak / steps[base][1]:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
