@@ -1,9 +1,9 @@
 """Multi-query associative recall (MQAR) accuracy of small models, one per mixer or hybrid.
 
-    python benchmarks/recall.py                        # every model, every setting (CPU: ~1 hour)
-    python benchmarks/recall.py --models attention gated_deltanet --settings 8x128
+    python benchmarks/recall.py                        # every model and setting (CPU: many hours)
+    python benchmarks/recall.py --models attention gated_deltanet --settings 4x64 8x128 --steps 1000
 
-Each model (2 layers, d_model 64, 2 heads, vocabulary 256) trains for a fixed budget of
+Each model (2 layers, d_model 64, 2 heads, vocabulary 64) trains for a fixed budget of
 `--steps` AdamW steps on fresh MQAR batches (seqmix.train.data.recall) of one setting, then is
 scored on 1024 held-out rows: the fraction of recurring keys whose value it predicts. Settings
 grow harder with more pairs, longer rows, and (`@32`) a smaller model width, i.e. a smaller
@@ -25,7 +25,7 @@ from seqmix.models.lm import LanguageModel
 from seqmix.train.data.recall import mqar_batch
 from training import adamw_training
 
-VOCAB = 256
+VOCAB = 64
 
 MODELS = {
     "attention": {"layer_pattern": ["attention"]},
@@ -37,11 +37,16 @@ MODELS = {
     "mamba2": {"layer_pattern": ["mamba2"]},
     "deltanet": {"layer_pattern": ["deltanet"]},
     "gated_deltanet": {"layer_pattern": ["gated_deltanet"]},
+    "rwkv6": {"layer_pattern": ["rwkv6"]},
+    "mom": {"layer_pattern": ["mom"]},
+    "lightning": {"layer_pattern": ["lightning"]},
+    "liger_attention(16)": {"layer_pattern": ["liger"], "mixers": {"liger": {"type": "liger_attention", "window": 16}}},
     "gated_deltanet+attention": {"layer_pattern": ["gated_deltanet", "attention"]},
 }
 
 # name: (pairs, sequence length, d_model)
-SETTINGS = {"8x128": (8, 128, 64), "16x256": (16, 256, 64), "32x256": (32, 256, 64), "16x256@32": (16, 256, 32)}
+SETTINGS = {"4x64": (4, 64, 64), "8x128": (8, 128, 64), "16x128": (16, 128, 64), "16x256": (16, 256, 64),
+            "8x128@32": (8, 128, 32)}
 
 
 def train_and_score(model_options: dict, pairs: int, length: int, width: int, *, steps: int, batch: int,
@@ -70,8 +75,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
