@@ -60,6 +60,8 @@ def cmd_generate(args) -> int:
 
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ConfigError(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
+    if not all(args.prompt):
+        raise ConfigError("--prompt: an empty prompt gives generation nothing to continue")
     trainer = _load_trained(args.checkpoint, [])
     if args.seed is not None:
         trainer.rng = jax.random.key(args.seed)

@@ -126,6 +126,12 @@ def test_cli_generate_eval_and_errors(tmp_path, corpus, capsys):
                  "--temperature", "0"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("KING") and len(text.rstrip("\n").encode()) >= len("KING")
+    assert main(["generate", str(tmp_path), "--prompt", "KING", "--prompt", "QUEEN MARGARET:", "--max-new-tokens",
+                 "12", "--temperature", "0"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("KING") and "\n\nQUEEN MARGARET:" in text
+    assert main(["generate", str(tmp_path), "--prompt", "KING", "--prompt", ""]) == 2
+    assert "--prompt: an empty prompt" in capsys.readouterr().err
     assert main(["eval", str(tmp_path), "--batches", "2"]) == 0
     assert "held-out loss" in capsys.readouterr().out
     assert main(["train", SMOKE, "optim.lrr=1"]) == 2
