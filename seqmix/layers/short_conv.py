@@ -35,6 +35,10 @@ class ShortConvolution(nnx.Module):
             out_sharding=("conv_width", "heads"), eager_sharding=False,
         )
 
+    def empty_tail(self, batch: int, dtype) -> jax.Array:
+        """The tail of rows with nothing before them: zeros [B, width-1, C]."""
+        return jnp.zeros((batch, self.width - 1, self.weight.shape[1]), dtype)
+
     def __call__(self, x, *, segment_ids=None, tail=None):
         """segment_ids [B, T] int (0 = padding) or None; tail [B, width-1, C] or None.
         Returns (y [B, T, C], new tail [B, width-1, C] in x's dtype)."""
@@ -43,7 +47,7 @@ class ShortConvolution(nnx.Module):
             x = jnp.where(segment_ids[..., None] != 0, x, 0)
         history = self.width - 1
         if tail is None:
-            tail = jnp.zeros((batch, history, channels), x.dtype)
+            tail = self.empty_tail(batch, x.dtype)
         seen = jnp.concatenate([tail.astype(x.dtype), x], axis=1)  # [B, history + T, C]
         if segment_ids is not None:
             # The cached tail continues the segment of the call's first token.

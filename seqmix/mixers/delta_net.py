@@ -95,6 +95,5 @@ class DeltaNet(RecurrentMixer):
 
     def init_cache(self, batch: int, max_len: int, dtype) -> RecurrentCache:
         """An empty cache (state and the convolutions' tails); its size does not depend on max_len."""
-        tails = tuple(jnp.zeros((batch, conv.width - 1, conv.weight.shape[1]), dtype)
-                      for conv in (self.q_conv, self.k_conv, self.v_conv))
+        tails = tuple(conv.empty_tail(batch, dtype) for conv in (self.q_conv, self.k_conv, self.v_conv))
         return super().init_cache(batch, max_len, dtype, conv_tails=tails)

@@ -80,5 +80,4 @@ class Mamba2(RecurrentMixer):
 
     def init_cache(self, batch: int, max_len: int, dtype) -> RecurrentCache:
         """An empty cache (state and the convolution's tail); its size does not depend on max_len."""
-        tail = jnp.zeros((batch, self.conv.width - 1, self.conv.weight.shape[1]), dtype)
-        return super().init_cache(batch, max_len, dtype, conv_tails=(tail,))
+        return super().init_cache(batch, max_len, dtype, conv_tails=(self.conv.empty_tail(batch, dtype),))

@@ -131,7 +131,6 @@ class MixtureOfMemories(RecurrentMixer):
         """An empty cache: the state [B, memories * H, K, V] float32 (memory-major) and the
         convolutions' tails; its size does not depend on max_len."""
         del max_len
-        tails = tuple(jnp.zeros((batch, conv.width - 1, conv.weight.shape[1]), dtype)
-                      for conv in (self.q_conv, self.k_conv, self.v_conv))
+        tails = tuple(conv.empty_tail(batch, dtype) for conv in (self.q_conv, self.k_conv, self.v_conv))
         state = jnp.zeros((batch, self.memories * self.heads, self.key_dim, self.value_dim), jnp.float32)
         return RecurrentCache(state=state, conv_tails=tails, lengths=jnp.zeros((batch,), jnp.int32))

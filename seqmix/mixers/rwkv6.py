@@ -26,13 +26,13 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax import lax
 
 from seqmix.configuration import require
 from seqmix.layers.linear import projection
 from seqmix.mixers.recurrent import RecurrentCache, RecurrentMixer
 from seqmix.mixers.registry import register_mixer
 from seqmix.pallas_kernels.gla import chunk_gla, gla_step
+from seqmix.pallas_kernels.segments import last_real_tokens
 
 BRANCHES = ("r", "k", "v", "w", "g")  # the inputs ddlerp mixes, in the order of mu and mix_up
 
@@ -54,10 +54,8 @@ def previous_tokens(segment_ids, batch: int, length: int):
     before t in the row, -1 when none; same [B, T] bool: t is real and `previous` is in its
     segment; last [B, 1] int32: the row's last real token, -1 when none).
     """
-    position = jnp.arange(length, dtype=jnp.int32)
     real = jnp.ones((batch, length), bool) if segment_ids is None else segment_ids != 0
-    last_real = lax.cummax(jnp.where(real, position, -1), axis=1)
-    previous = jnp.pad(last_real[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    last_real, previous = last_real_tokens(real)
     same = real & (previous >= 0)
     if segment_ids is not None:
         same &= take(segment_ids, previous) == segment_ids

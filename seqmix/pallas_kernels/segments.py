@@ -11,15 +11,20 @@ import jax.numpy as jnp
 from jax import lax
 
 
+def last_real_tokens(valid):
+    """valid [B, T] bool -> (last [B, T] int32: the index of the last real token at or before t,
+    previous [B, T] int32: the last one strictly before t), -1 where there is none."""
+    position = jnp.arange(valid.shape[1], dtype=jnp.int32)
+    last = lax.cummax(jnp.where(valid, position, -1), axis=1)
+    return last, jnp.pad(last[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+
+
 def reset_groups(segment_ids, batch: int, length: int):
     """(valid [B,T] bool, groups [B,T] int32) for `segment_ids [B,T]` or None (one segment per row)."""
     if segment_ids is None:
         return jnp.ones((batch, length), bool), jnp.zeros((batch, length), jnp.int32)
     valid = segment_ids != 0
-    position = jnp.arange(length, dtype=jnp.int32)
-    # Index of the last real token strictly before t (-1 when none), via a running max.
-    last_real = lax.cummax(jnp.where(valid, position, -1), axis=1)
-    previous_real = jnp.pad(last_real[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    _, previous_real = last_real_tokens(valid)
     previous_id = jnp.take_along_axis(segment_ids, jnp.maximum(previous_real, 0), axis=1)
     starts = valid & (previous_real >= 0) & (segment_ids != previous_id)
     return valid, jnp.cumsum(starts, axis=1, dtype=jnp.int32)

@@ -137,13 +137,17 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     """Reads a run YAML (or the defaults when `path` is None), applies overrides, validates."""
     mapping: dict[str, Any] = load_yaml(path) if path is not None else {}
     # `model=<file>` swaps the whole model config before `model.<field>=...` refine it.
-    whole_model = [text for text in overrides if parse_override(text)[0] == ["model"]]
-    for text in whole_model:
-        mapping["model"] = parse_override(text)[1]
+    refinements = []
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys == ["model"]:
+            mapping["model"] = value
+        else:
+            refinements.append(text)
     model = mapping.get("model")
     if isinstance(model, str):
         mapping["model"] = load_yaml(_resolve_relative(model, path))
-    apply_overrides(mapping, [text for text in overrides if text not in whole_model])
+    apply_overrides(mapping, refinements)
     return build(TrainConfig, mapping)
 
 
