@@ -30,9 +30,12 @@ CASES = {
     "mom": {"layer_pattern": ["mom"]},
     "linear_attention_hedgehog": {"layer_pattern": ["mixer"],
                                   "mixers": {"mixer": {"type": "linear_attention", "feature_map": "hedgehog"}}},
+    "gated_conv": {"layer_pattern": ["gated_conv"]},
     "gated_deltanet_3to1_hybrid": {
         "n_layers": 4, "layer_pattern": ["gated_deltanet", "gated_deltanet", "gated_deltanet", "attention"]},
+    "gated_conv_attention": {"layer_pattern": ["gated_conv", "attention"]},  # Zoology's MQAR layout
 }
+GLOBAL_ATTENTION_CASES = ("gated_deltanet_3to1_hybrid", "gated_conv_attention")
 
 
 def rel_err(a, b):
@@ -149,7 +152,7 @@ def cache_bytes(model, max_len):
 
 
 def test_decode_cache_does_not_grow_with_context_except_for_global_attention():
-    for constant in [case for case in CASES if case != "gated_deltanet_3to1_hybrid"] + ["sliding_window_hybrid"]:
+    for constant in [case for case in CASES if case not in GLOBAL_ATTENTION_CASES] + ["sliding_window_hybrid"]:
         model = model_for(constant)
         assert cache_bytes(model, 64) == cache_bytes(model, 65536), constant
     hybrid = model_for("gated_deltanet_3to1_hybrid")  # one global attention layer in four
