@@ -4,7 +4,7 @@ Names are resolved lazily, so that `seqmix.pallas_kernels` imports with jax alon
 """
 
 __version__ = "0.1.0"
-__all__ = ["register_mixer"]
+__all__ = ["from_pretrained", "register_mixer"]
 
 
 def __getattr__(name: str):
@@ -12,4 +12,8 @@ def __getattr__(name: str):
         from seqmix.mixers import register_mixer
 
         return register_mixer
+    if name == "from_pretrained":
+        from seqmix.models.hf import from_pretrained
+
+        return from_pretrained
     raise AttributeError(f"module 'seqmix' has no attribute {name!r}")

@@ -1,20 +1,57 @@
-"""Rotary position embeddings (RoPE), in the half-split layout of Llama/Hugging Face."""
+"""Rotary position embeddings (RoPE), in the half-split layout of Llama/Hugging Face, with
+Llama-3's frequency-dependent scaling for long contexts."""
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 
+from seqmix.configuration import require
 
-def apply_rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotates pairs (x[..., i], x[..., i + D/2]) by angle position * theta^(-2i/D).
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3's RoPE scaling (Hugging Face `rope_type: llama3`): wavelengths longer than
+    original_max_position_embeddings / low_freq_factor are stretched by `factor`, those shorter
+    than original_max_position_embeddings / high_freq_factor kept, the band between interpolated."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def validate(self, path: str) -> None:
+        require(self.factor > 0, path, "factor", f"must be positive, got {self.factor}")
+        require(0 < self.low_freq_factor < self.high_freq_factor, path, "high_freq_factor",
+                f"must exceed low_freq_factor > 0, got {self.low_freq_factor} and {self.high_freq_factor}")
+        require(self.original_max_position_embeddings > 0, path, "original_max_position_embeddings",
+                f"must be positive, got {self.original_max_position_embeddings}")
+
+
+def rotary_frequencies(dim: int, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
+    """The angular frequencies [dim / 2] float32 of channel pairs: theta^(-2i/dim), then scaled."""
+    half = dim // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if scaling is None:
+        return inv_freq
+    wavelength = 2 * math.pi / inv_freq
+    context = scaling.original_max_position_embeddings
+    # 0 where the wavelength is long (stretch fully), 1 where it is short (keep), linear between.
+    keep = jnp.clip((context / wavelength - scaling.low_freq_factor)
+                    / (scaling.high_freq_factor - scaling.low_freq_factor), 0.0, 1.0)
+    return (1 - keep) * inv_freq / scaling.factor + keep * inv_freq
+
+
+def apply_rotary(x: jax.Array, positions: jax.Array, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
+    """Rotates pairs (x[..., i], x[..., i + D/2]) by angle position * frequency_i.
 
     x [B, T, H, D], positions [B, T] int -> [B, T, H, D] in x's dtype. Angles are computed in
     float32: positions reach 1e5+ and bfloat16 angles would lose the low-frequency channels.
     """
-    half = x.shape[-1] // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # [B, T, 1, D/2]
+    angles = positions.astype(jnp.float32)[:, :, None, None] * rotary_frequencies(x.shape[-1], theta, scaling)
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

@@ -25,6 +25,7 @@ from seqmix.mixers.registry import register_mixer
 @dataclasses.dataclass
 class AttentionConfig:
     sliding_window: int | None = None  # None: global attention; W: each query sees W tokens
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
 
     def validate(self, path: str) -> None:
         require(self.sliding_window is None or self.sliding_window > 0, path, "sliding_window",
@@ -127,12 +128,13 @@ class Attention(nnx.Module):
     def __init__(self, model_config, config: AttentionConfig, *, rngs: nnx.Rngs):
         d_model, heads, kv_heads = model_config.d_model, model_config.n_heads, model_config.kv_heads
         self.head_dim = model_config.dim_per_head
-        self.rope_theta = model_config.rope_theta
+        self.rope_theta, self.rope_scaling = model_config.rope_theta, model_config.rope_scaling
         self.window = config.sliding_window
         std, out_std = model_config.init_std, model_config.init_std / (2 * model_config.n_layers) ** 0.5
-        self.q_proj = projection(d_model, heads * self.head_dim, ("embed", "heads"), std=std, rngs=rngs)
-        self.k_proj = projection(d_model, kv_heads * self.head_dim, ("embed", "kv_heads"), std=std, rngs=rngs)
-        self.v_proj = projection(d_model, kv_heads * self.head_dim, ("embed", "kv_heads"), std=std, rngs=rngs)
+        input_projection = functools.partial(projection, d_model, std=std, rngs=rngs, bias=config.qkv_bias)
+        self.q_proj = input_projection(heads * self.head_dim, ("embed", "heads"))
+        self.k_proj = input_projection(kv_heads * self.head_dim, ("embed", "kv_heads"))
+        self.v_proj = input_projection(kv_heads * self.head_dim, ("embed", "kv_heads"))
         self.o_proj = projection(heads * self.head_dim, d_model, ("heads", "embed"), std=out_std, rngs=rngs)
 
     def _heads(self, x):
@@ -148,8 +150,8 @@ class Attention(nnx.Module):
         batch, length, _ = x.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        q = apply_rotary(self._heads(self.q_proj(x)), positions, self.rope_theta)
-        k = apply_rotary(self._heads(self.k_proj(x)), positions, self.rope_theta)
+        q = apply_rotary(self._heads(self.q_proj(x)), positions, self.rope_theta, self.rope_scaling)
+        k = apply_rotary(self._heads(self.k_proj(x)), positions, self.rope_theta, self.rope_scaling)
         v = self._heads(self.v_proj(x))
         out, cache = self.attend(q, k, v, segment_ids=segment_ids, cache=cache)
         return self.o_proj(out.reshape(batch, length, -1)), cache

@@ -79,7 +79,8 @@ class LigerAttention(Attention, RecurrentMixer):
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         q, k, v = (self._heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         window_out, window_cache = self.attend(
-            apply_rotary(q, positions, self.rope_theta), apply_rotary(k, positions, self.rope_theta), v,
+            apply_rotary(q, positions, self.rope_theta, self.rope_scaling),
+            apply_rotary(k, positions, self.rope_theta, self.rope_scaling), v,
             segment_ids=segment_ids, cache=None if cache is None else cache.window)
         to_query_heads = lambda a: jnp.repeat(a, self.heads // a.shape[2], axis=2)
         phi = functools.partial(feature_maps.apply_fixed, "softmax")

@@ -43,7 +43,7 @@ class MultiScaleRetention(RecurrentMixer):
         d_model, heads, head_dim = model_config.d_model, model_config.n_heads, model_config.dim_per_head
         self.init_state(heads, head_dim, int(round(config.expand_v * head_dim)))
         self.init_output(model_config, self.value_dim, gated=True, rngs=rngs)
-        self.rope_theta = model_config.rope_theta
+        self.rope_theta, self.rope_scaling = model_config.rope_theta, model_config.rope_scaling
         std = model_config.init_std
         self.q_proj = projection(d_model, heads * head_dim, ("embed", "heads"), std=std, rngs=rngs)
         self.k_proj = projection(d_model, heads * head_dim, ("embed", "heads"), std=std, rngs=rngs)
@@ -55,8 +55,8 @@ class MultiScaleRetention(RecurrentMixer):
         batch, length, _ = x.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        q = apply_rotary(self.split_heads(self.q_proj(x)), positions, self.rope_theta)
-        k = apply_rotary(self.split_heads(self.k_proj(x)), positions, self.rope_theta)
+        q = apply_rotary(self.split_heads(self.q_proj(x)), positions, self.rope_theta, self.rope_scaling)
+        k = apply_rotary(self.split_heads(self.k_proj(x)), positions, self.rope_theta, self.rope_scaling)
         v = self.split_heads(self.v_proj(x))
         log_a = jnp.broadcast_to(retention_log_decays(self.heads), (batch, length, self.heads))
         out, cache = self.recur(chunk_gla, gla_step, dict(q=q, k=k, v=v, log_a=log_a), cache, segment_ids)

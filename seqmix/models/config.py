@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 from seqmix.configuration import build, require
+from seqmix.layers.rotary import RopeScaling
 from seqmix.mixers import get_mixer
 from seqmix.mixers.registry import MixerSpec
 
@@ -31,6 +32,7 @@ class ModelConfig:
     layer_pattern: list[str] = dataclasses.field(default_factory=lambda: ["attention"])
     mixers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None  # Llama-3's long-context RoPE scaling
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
     init_std: float = 0.02
