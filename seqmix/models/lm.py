@@ -59,21 +59,34 @@ class LanguageModel(nnx.Module):
             kernel_init=logical(nnx.initializers.normal(config.init_std), "embed", "vocab"), rngs=rngs,
         )
 
+    def head_kernel(self) -> jax.Array:
+        """The output projection [D, vocab] (the embedding's transpose when they are tied)."""
+        return self.embed_tokens.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
+
     def _logits(self, x: jax.Array) -> jax.Array:
         x = self.norm(x)
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
         return logits.astype(jnp.float32)
 
-    def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
+    def features(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None) -> jax.Array:
-        """Training/scoring forward. segment_ids [B, T] (0 = padding) keep packed documents apart;
-        positions [B, T] default to the index within each segment (or within the row)."""
+        """The final normalised hidden states [B, T, D] that the head turns into logits: what a
+        loss that never materialises [B, T, vocab] starts from (`train.loss.chunked_cross_entropy_sum`)."""
+        return self.norm(self._hidden(tokens, segment_ids, positions))
+
+    def _hidden(self, tokens, segment_ids, positions):
         if positions is None and segment_ids is not None:
             positions = positions_from_segments(segment_ids)
         x = self.embed_tokens(tokens)
         for layer in self.layers:
             x, _ = layer(x, segment_ids=segment_ids, positions=positions)
-        return self._logits(x)
+        return x
+
+    def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> jax.Array:
+        """Training/scoring forward. segment_ids [B, T] (0 = padding) keep packed documents apart;
+        positions [B, T] default to the index within each segment (or within the row)."""
+        return self._logits(self._hidden(tokens, segment_ids, positions))
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> list[Any]:
         """Per-layer decoding caches for rows of up to `max_len` tokens (prompt + generated)."""

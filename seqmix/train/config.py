@@ -113,6 +113,8 @@ class TrainConfig:
     steps: int = 1000
     grad_accum: int = 1  # micro-batches per optimizer step; data.batch_size is the micro-batch
     compute_dtype: Literal["float32", "bfloat16"] = "float32"  # parameters stay float32
+    # > 0: the loss over blocks of this many tokens, never the whole [B, T, vocab] logits (large vocabularies)
+    loss_chunk_tokens: int = 0
     eval_every: int = 200
     eval_batches: int = 8
     log_every: int = 10
@@ -126,6 +128,7 @@ class TrainConfig:
         for key in ("steps", "grad_accum", "eval_every", "eval_batches", "log_every", "max_nonfinite_steps"):
             require(getattr(self, key) > 0, path, key, f"must be positive, got {getattr(self, key)}")
         require(self.sample_tokens >= 0, path, "sample_tokens", "must be non-negative")
+        require(self.loss_chunk_tokens >= 0, path, "loss_chunk_tokens", "must be non-negative (0: the plain loss)")
         require(self.optim.warmup_steps <= self.steps, path, "optim.warmup_steps",
                 f"{self.optim.warmup_steps} exceeds steps={self.steps}")
         if self.data.tokenizer == "byte":

@@ -1,4 +1,5 @@
-"""Next-token cross-entropy over packed rows."""
+"""Next-token cross-entropy over packed rows, from logits or, for large vocabularies, from the
+final hidden states and the head in blocks of tokens."""
 
 from __future__ import annotations
 
@@ -17,3 +18,35 @@ def cross_entropy_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) ->
     token_loss = -jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     mask = mask.astype(jnp.float32)
     return jnp.sum(token_loss * mask), jnp.sum(mask)
+
+
+def chunked_cross_entropy_sum(features: jax.Array, head: jax.Array, targets: jax.Array, mask: jax.Array, *,
+                              chunk_tokens: int) -> tuple[jax.Array, jax.Array]:
+    """`cross_entropy_sum(features @ head, targets, mask)` without the [B, T, V] logits.
+
+    features [B, T, D] (the model's `features`, in the compute dtype), head [D, V] (its
+    `head_kernel()`, same dtype), targets [B, T] int, mask [B, T] bool. The tokens are taken in
+    blocks of `chunk_tokens`; each block's [chunk_tokens, V] logits live only inside its step of
+    the scan, and the backward pass recomputes them (jax.checkpoint) instead of storing them, so
+    memory holds one block's logits however long the batch (as in Cut Cross-Entropy / fused
+    linear cross-entropy). Same value and gradients as the plain loss, up to float32 rounding.
+    """
+    dim = features.shape[-1]
+    flat_mask = mask.reshape(-1).astype(jnp.float32)
+    tokens = flat_mask.shape[0]
+    blocks = -(-tokens // chunk_tokens)
+    pad = blocks * chunk_tokens - tokens
+    blocked = lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(blocks, chunk_tokens, *x.shape[1:])
+
+    @jax.checkpoint
+    def block_loss(head, x, target, weight):
+        logits = (x @ head).astype(jnp.float32)
+        picked = jnp.take_along_axis(logits, target[:, None], axis=-1)[:, 0]
+        return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * weight)
+
+    def accumulate(total, block):
+        return total + block_loss(head, *block), None
+
+    total, _ = jax.lax.scan(accumulate, jnp.float32(0.0), (
+        blocked(features.reshape(-1, dim)), blocked(targets.reshape(-1).astype(jnp.int32)), blocked(flat_mask)))
+    return total, jnp.sum(flat_mask)

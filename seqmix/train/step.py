@@ -8,39 +8,47 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from seqmix.train.loss import cross_entropy_sum
+from seqmix.train.loss import chunked_cross_entropy_sum, cross_entropy_sum
 from seqmix.train.sharding import batch_sharding
 from seqmix.train.state import TrainState
 
 COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
-def _batch_loss(model_graphdef, params, rest, batch, compute_dtype):
+def _batch_loss(model_graphdef, params, rest, batch, compute_dtype, loss_chunk_tokens=0):
     """(training loss, (sum of token cross-entropies, token count)) of one micro-batch [B, T],
     computed in compute_dtype. The training loss adds to the cross-entropy sum every `aux_loss`
     the model sows (`nnx.Intermediate`, e.g. MoM's load balancing), each weighted by the token
-    count, so that dividing by the total count gives mean cross-entropy + the auxiliary losses."""
+    count, so that dividing by the total count gives mean cross-entropy + the auxiliary losses.
+    loss_chunk_tokens > 0 computes the cross-entropy in blocks of that many tokens from the
+    final hidden states, never holding the [B, T, vocab] logits (large vocabularies)."""
     if compute_dtype is not None:
         # Master weights stay float32; the cast is differentiated through, so gradients
         # come back float32 while every matmul runs in the compute dtype.
         params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
     model = nnx.merge(model_graphdef, params, rest)
-    logits, sown = nnx.capture(model, nnx.Intermediate)(
+    scored = batch["segment_ids"] != 0
+    forward = model.features if loss_chunk_tokens else model
+    outputs, sown = nnx.capture(forward, nnx.Intermediate)(
         batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
-    cross_entropy, count = cross_entropy_sum(logits, batch["targets"], batch["segment_ids"] != 0)
+    if loss_chunk_tokens:
+        cross_entropy, count = chunked_cross_entropy_sum(outputs, model.head_kernel(), batch["targets"], scored,
+                                                         chunk_tokens=loss_chunk_tokens)
+    else:
+        cross_entropy, count = cross_entropy_sum(outputs, batch["targets"], scored)
     aux = sum((jnp.sum(value.astype(jnp.float32)) for path, value in jax.tree_util.tree_leaves_with_path(sown)
                if any(getattr(key, "key", None) == "aux_loss" for key in path)), jnp.float32(0.0))
     return cross_entropy + aux * count, (cross_entropy, count)
 
 
-def make_train_step(train_state: TrainState, mesh: Mesh, compute_dtype: str):
+def make_train_step(train_state: TrainState, mesh: Mesh, compute_dtype: str, loss_chunk_tokens: int = 0):
     """Returns step(state, batch) -> (state, metrics), jitted with the state donated.
 
     batch: dict of [A, B, T] int32 (A micro-batches accumulated into one update). Gradients of
     the summed loss are accumulated and divided once by the total token count, so A
     micro-batches of B rows give the same update as one batch of A*B rows. A step whose loss,
     gradient norm or updated parameters are not finite leaves the state unchanged and reports
-    finite=False.
+    finite=False. loss_chunk_tokens > 0: the cross-entropy in blocks (see `_batch_loss`).
     """
     graphdef, dtype = train_state.graphdef, COMPUTE_DTYPES[compute_dtype]
 
@@ -50,7 +58,7 @@ def make_train_step(train_state: TrainState, mesh: Mesh, compute_dtype: str):
         model, optimizer = nnx.merge(graphdef, state, copy=True)
         model_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         grad_fn = jax.value_and_grad(
-            lambda p, micro: _batch_loss(model_graphdef, p, rest, micro, dtype), has_aux=True
+            lambda p, micro: _batch_loss(model_graphdef, p, rest, micro, dtype, loss_chunk_tokens), has_aux=True
         )
 
         def accumulate(carry, micro):
@@ -85,14 +93,14 @@ def make_train_step(train_state: TrainState, mesh: Mesh, compute_dtype: str):
     )
 
 
-def make_eval_step(train_state: TrainState, mesh: Mesh, compute_dtype: str):
+def make_eval_step(train_state: TrainState, mesh: Mesh, compute_dtype: str, loss_chunk_tokens: int = 0):
     """Returns eval(state, batch [B, T]) -> (sum of token losses, token count), jitted."""
     graphdef, dtype = train_state.graphdef, COMPUTE_DTYPES[compute_dtype]
 
     def evaluate(state, batch):
         model, _optimizer = nnx.merge(graphdef, state)
         model_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        _, (cross_entropy, count) = _batch_loss(model_graphdef, params, rest, batch, dtype)
+        _, (cross_entropy, count) = _batch_loss(model_graphdef, params, rest, batch, dtype, loss_chunk_tokens)
         return cross_entropy, count
 
     return jax.jit(evaluate, in_shardings=(train_state.shardings, batch_sharding(mesh)))

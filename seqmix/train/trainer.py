@@ -96,8 +96,8 @@ class Trainer:
                 f"{self.corpus.tokenizer.vocab_size} tokens ({config.data.tokenizer})"
             )
         self.train_state: TrainState = create_train_state(config, self.mesh)
-        self.train_step = make_train_step(self.train_state, self.mesh, config.compute_dtype)
-        self.eval_step = make_eval_step(self.train_state, self.mesh, config.compute_dtype)
+        self.train_step = make_train_step(self.train_state, self.mesh, config.compute_dtype, config.loss_chunk_tokens)
+        self.eval_step = make_eval_step(self.train_state, self.mesh, config.compute_dtype, config.loss_chunk_tokens)
         self.schedule = make_schedule(config.optim, config.steps)
         self.checkpointer = Checkpointer(
             self.out_dir / "checkpoints", keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
