@@ -5,6 +5,7 @@ parameters of an attention layer load unchanged; decoding a left-padded batch fr
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from seqmix.configuration import build
@@ -21,8 +22,9 @@ def rel_err(a, b):
     return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
-def liger(seed=0):
-    return LigerAttention(MODEL, build(LigerAttentionConfig, {"window": WINDOW}, "mixer"), rngs=nnx.Rngs(seed))
+def liger(seed=0, **options):
+    return LigerAttention(MODEL, build(LigerAttentionConfig, {"window": WINDOW, **options}, "mixer"),
+                          rngs=nnx.Rngs(seed))
 
 
 def softmax(x):
@@ -30,9 +32,10 @@ def softmax(x):
     return e / e.sum(-1, keepdims=True)
 
 
-def expected_heads(mixer, x, segment_ids):
-    """0.5 * gated recurrence + 0.5 * windowed softmax [B, T, H, D] per segment, from x [B, T, D];
-    zero at padding. Positions restart at each segment."""
+def expected_heads(mixer, x, segment_ids, recurrence="gla", window=WINDOW):
+    """0.5 * gated recurrence + 0.5 * windowed softmax [B, T, H, D] per segment, from x [B, T, D]
+    (the recurrence alone when window is None); zero at padding. Positions restart at each segment.
+    recurrence "gla": gate sigmoid(k)^(1/16), key softmax(k); "hgrn2": gate sigmoid(k), key 1 - gate."""
     q, k, v = (np.asarray(mixer._heads(p(x)), np.float64) for p in (mixer.q_proj, mixer.k_proj, mixer.v_proj))
     segment_ids = np.asarray(segment_ids)
     positions = np.zeros(segment_ids.shape, np.int32)
@@ -41,7 +44,8 @@ def expected_heads(mixer, x, segment_ids):
             positions[b, t] = positions[b, t - 1] + 1 if row[t] == row[t - 1] else 0
     rotate = lambda a: np.asarray(apply_rotary(jnp.asarray(a, jnp.float32), jnp.asarray(positions), MODEL.rope_theta))
     q_rot, k_rot = rotate(q), rotate(k)
-    gate = np.exp(np.log(1 / (1 + np.exp(-k))) / 16)
+    sigmoid = 1 / (1 + np.exp(-k))
+    gate, key = (sigmoid ** (1 / 16), softmax(k)) if recurrence == "gla" else (sigmoid, 1 - sigmoid)
     out = np.zeros(q.shape)
     heads, group, dim = q.shape[2], q.shape[2] // k.shape[2], q.shape[3]
     for b, row in enumerate(segment_ids):
@@ -51,20 +55,26 @@ def expected_heads(mixer, x, segment_ids):
                 kv = h // group
                 state = np.zeros((dim, dim))
                 for i, t in enumerate(tokens):
-                    state = gate[b, t, kv][:, None] * state + np.outer(softmax(k[b, t, kv]), v[b, t, kv])
-                    seen = tokens[max(0, i - WINDOW + 1): i + 1]
+                    state = gate[b, t, kv][:, None] * state + np.outer(key[b, t, kv], v[b, t, kv])
+                    recurrent = softmax(q[b, t, h]) @ state
+                    if window is None:
+                        out[b, t, h] = recurrent
+                        continue
+                    seen = tokens[max(0, i - window + 1): i + 1]
                     weights = softmax(k_rot[b, seen, kv] @ q_rot[b, t, h] / np.sqrt(dim))
-                    out[b, t, h] = 0.5 * softmax(q[b, t, h]) @ state + 0.5 * weights @ v[b, seen, kv]
+                    out[b, t, h] = 0.5 * recurrent + 0.5 * weights @ v[b, seen, kv]
     return jnp.asarray(out, jnp.float32), jnp.asarray(positions)
 
 
-def test_output_is_the_mean_of_a_gated_recurrence_and_a_sliding_window_softmax():
-    mixer = liger()
+@pytest.mark.parametrize("recurrence, window", [("gla", WINDOW), ("gla", None), ("hgrn2", None), ("hgrn2", WINDOW)])
+def test_output_is_the_mean_of_a_gated_recurrence_and_a_sliding_window_softmax(recurrence, window):
+    """Liger attention (gla, W), Liger-GLA (gla, no window), Liger-HGRN2 (hgrn2, no window)."""
+    mixer = liger(recurrence=recurrence, window=window)
     x = jax.random.normal(jax.random.key(1), (3, 14, 32))
     segment_ids = jnp.array([[1] * 6 + [2] * 5 + [0] * 3,  # two documents and padding
                              [1] * 14,
                              [0] * 3 + [1] * 11])
-    heads, positions = expected_heads(mixer, x, segment_ids)
+    heads, positions = expected_heads(mixer, x, segment_ids, recurrence, window)
     expected = mixer.o_proj(heads.reshape(3, 14, -1))
     out, _ = mixer(x, segment_ids=segment_ids, positions=positions)
     real = np.asarray(segment_ids) != 0

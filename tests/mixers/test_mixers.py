@@ -50,6 +50,8 @@ VARIANTS = {
        for name in ("identity", "elu", "relu", "softmax")},
     "sliding_window_hybrid": {"layer_pattern": ["gated_deltanet", "local"],
                               "mixers": {"local": {"type": "attention", "sliding_window": 8}}},
+    **{f"liger_{name}": {"layer_pattern": ["mixer"], "mixers": {"mixer": {
+        "type": "liger_attention", "window": None, "recurrence": name}}} for name in ("gla", "hgrn2")},
     "every_cache_kind": {"n_layers": 4, "layer_pattern": ["mamba2", "liger", "rwkv6", "attention"],
                          "mixers": {"liger": {"type": "liger_attention", "window": 4}}},
 }
