@@ -72,6 +72,14 @@ def cmd_generate(args) -> int:
 
 def cmd_eval(args) -> int:
     trainer = _load_trained(args.checkpoint, [f"eval_batches={args.batches}"] if args.batches else [])
+    if args.choices:
+        from seqmix.train.multiple_choice import evaluate_choices, load_choice_tasks
+
+        for path in args.choices:
+            result = evaluate_choices(trainer.train_state.model(), trainer.corpus.tokenizer, load_choice_tasks(path))
+            print(f"{path}: acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f} "
+                  f"over {result['examples']} examples")
+        return 0
     result = trainer.evaluate()
     if result is None:
         raise ConfigError("data.eval_files: the run has no held-out documents to evaluate on")
@@ -106,9 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=cmd_generate)
 
-    ev = commands.add_parser("eval", help="held-out loss and perplexity of a trained model")
+    ev = commands.add_parser("eval", help="held-out loss and perplexity, or multiple-choice accuracy, of a trained model")
     ev.add_argument("checkpoint", help="run directory (out_dir) or its checkpoints/ folder")
     ev.add_argument("--batches", type=int, default=None, help="held-out batches (default: the run's eval_batches)")
+    ev.add_argument("--choices", action="append", metavar="TASK.jsonl",
+                    help="score a multiple-choice task (JSON lines: context, choices, gold) instead; repeatable")
     ev.set_defaults(func=cmd_eval)
     return parser
 

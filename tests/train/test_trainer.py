@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -134,6 +135,13 @@ def test_cli_generate_eval_and_errors(tmp_path, corpus, capsys):
     assert "--prompt: an empty prompt" in capsys.readouterr().err
     assert main(["eval", str(tmp_path), "--batches", "2"]) == 0
     assert "held-out loss" in capsys.readouterr().out
+    task = tmp_path / "task.jsonl"
+    task.write_text('{"context": "KING HENRY", "choices": [":", " V."], "gold": 0}\n')
+    assert main(["eval", str(tmp_path), "--choices", str(task)]) == 0
+    assert re.search(r"task.jsonl: acc [01]\.0000, acc_norm [01]\.0000 over 1 examples", capsys.readouterr().out)
+    task.write_text('{"context": "KING", "choices": [":"], "gold": 0}\n')
+    assert main(["eval", str(tmp_path), "--choices", str(task)]) == 2
+    assert "task.jsonl:1: 'choices' must be a list of at least 2" in capsys.readouterr().err
     assert main(["train", SMOKE, "optim.lrr=1"]) == 2
     assert "optim.lrr: unknown key" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "nowhere")]) == 2

@@ -1,0 +1,86 @@
+"""Log-likelihood multiple-choice evaluation on local JSON-lines tasks, in the form PiQA, ARC and
+HellaSwag reduce to: one object per line with `context` (str), `choices` (list of str) and `gold`
+(index of the right choice). A choice's score is the summed log-probability of its tokens after
+the context; `acc` picks the highest score, `acc_norm` the highest per byte of the choice (as
+lm-evaluation-harness does, so long choices are not penalised for their length).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from seqmix.train.data.errors import DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class ChoiceExample:
+    context: str
+    choices: tuple[str, ...]
+    gold: int
+
+
+def load_choice_tasks(path: str | Path) -> list[ChoiceExample]:
+    """The examples of a JSON-lines file; a malformed line is refused with its file and line."""
+    examples = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: not JSON ({err.msg})") from err
+        context, choices, gold = (record.get(key) for key in ("context", "choices", "gold"))
+        if not isinstance(context, str):
+            raise DataError(f"{where}: 'context' must be a string, got {context!r}")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+            raise DataError(f"{where}: 'choices' must be a list of at least 2 non-empty strings, got {choices!r}")
+        if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
+            raise DataError(f"{where}: 'gold' must be an index into the {len(choices)} choices, got {gold!r}")
+        examples.append(ChoiceExample(context, tuple(choices), gold))
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    return examples
+
+
+def choice_log_likelihoods(model, tokenizer, context: str, choices: tuple[str, ...], *, bucket: int = 64
+                           ) -> np.ndarray:
+    """[C] float64: log p(choice tokens | context tokens) under `model` (tokens [B, T] -> logits),
+    the choices scored as one right-padded batch whose length is rounded up to `bucket` (fewer
+    compilations). The context keeps at least one token, so the first choice token is predicted."""
+    context_ids = tokenizer.encode(context)
+    rows = [np.concatenate([context_ids, tokenizer.encode(choice)]) for choice in choices]
+    length = -(-max(len(row) for row in rows) // bucket) * bucket
+    tokens = np.zeros((len(rows), length), np.int32)
+    scored = np.zeros((len(rows), length), bool)  # scored[t]: token t + 1 belongs to the choice
+    for i, row in enumerate(rows):
+        tokens[i, :len(row)] = row
+        scored[i, max(len(context_ids), 1) - 1:len(row) - 1] = True
+    log_probs = _next_token_log_probs(model, jnp.asarray(tokens))
+    return np.asarray(jnp.sum(jnp.where(scored, log_probs, 0.0), axis=-1), np.float64)
+
+
+@nnx.jit
+def _next_token_log_probs(model, tokens):
+    """[B, T]: log p(token t + 1 | tokens <= t), float32, 0 in the last column."""
+    log_probs = jax.nn.log_softmax(model(tokens)[:, :-1].astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
+    return jnp.pad(picked, ((0, 0), (0, 1)))
+
+
+def evaluate_choices(model, tokenizer, examples: list[ChoiceExample]) -> dict[str, float]:
+    """{"acc", "acc_norm", "examples"} of `model` on the examples."""
+    hits = hits_norm = 0
+    for example in examples:
+        scores = choice_log_likelihoods(model, tokenizer, example.context, example.choices)
+        lengths = np.array([len(choice.encode("utf-8")) for choice in example.choices])
+        hits += int(np.argmax(scores) == example.gold)
+        hits_norm += int(np.argmax(scores / lengths) == example.gold)
+    return {"acc": hits / len(examples), "acc_norm": hits_norm / len(examples), "examples": len(examples)}
