@@ -19,12 +19,13 @@ from seqmix.models.config import ModelConfig
 class DataConfig:
     """Where the text comes from and how it is cut into packed rows.
 
-    `corpus: shakespeare` uses the embedded corpus (prepared once into `cache_dir`); otherwise
+    `corpus: shakespeare` uses the embedded corpus (prepared once into `cache_dir`); `files`:
     `train_files` / `eval_files` list text (.txt), JSON lines (.jsonl, field `text_field`) or
-    parquet (.parquet, column `text_field`) files or glob patterns.
+    parquet (.parquet, column `text_field`) files or glob patterns; `alpaca`: they list Alpaca
+    JSON instruction files, trained with the loss on the responses only.
     """
 
-    corpus: Literal["shakespeare", "files"] = "shakespeare"
+    corpus: Literal["shakespeare", "files", "alpaca"] = "shakespeare"
     train_files: list[str] = dataclasses.field(default_factory=list)
     eval_files: list[str] = dataclasses.field(default_factory=list)
     text_field: str = "text"
@@ -37,8 +38,9 @@ class DataConfig:
     def validate(self, path: str) -> None:
         require(self.seq_len > 1, path, "seq_len", f"must be at least 2, got {self.seq_len}")
         require(self.batch_size > 0, path, "batch_size", f"must be positive, got {self.batch_size}")
-        if self.corpus == "files":
-            require(bool(self.train_files), path, "train_files", "must list at least one file when corpus is 'files'")
+        if self.corpus != "shakespeare":
+            require(bool(self.train_files), path, "train_files",
+                    f"must list at least one file when corpus is {self.corpus!r}")
 
 
 @dataclasses.dataclass

@@ -9,12 +9,11 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
-
-
 def to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Assembles each process's rows into global arrays laid out by `sharding`."""
-    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[key])) for key in BATCH_KEYS}
+    """Assembles each process's rows into global arrays laid out by `sharding` (every key:
+    inputs, targets, segment_ids, positions, and loss_mask where the pipeline made one)."""
+    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+            for key, value in local_batch.items()}
 
 
 def held_out_loss(eval_step, state, batches, sharding: NamedSharding, max_batches: int) -> dict[str, float]:

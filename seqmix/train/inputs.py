@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 
 from seqmix.train.config import DataConfig
 from seqmix.train.data import DataError, load_tokenizer, make_dataset, prepare_shakespeare, read_documents
+from seqmix.train.data.instructions import Instruction, read_instructions
 
 
 @dataclasses.dataclass
 class Corpus:
     tokenizer: object
-    train_documents: list[str]
-    eval_documents: list[str]
+    train_documents: list[str | Instruction]
+    eval_documents: list[str | Instruction]
 
 
 def load_corpus(config: DataConfig) -> Corpus:
@@ -25,8 +27,12 @@ def load_corpus(config: DataConfig) -> Corpus:
         train_files, eval_files = [str(directory / "train.jsonl")], [str(directory / "valid.jsonl")]
     else:
         train_files, eval_files = config.train_files, config.eval_files
-    train = read_documents(train_files, config.text_field)
-    held_out = read_documents(eval_files, config.text_field) if eval_files else []
+    if config.corpus == "alpaca":
+        read = read_instructions
+    else:
+        read = functools.partial(read_documents, text_field=config.text_field)
+    train = read(train_files)
+    held_out = read(eval_files) if eval_files else []
     return Corpus(tokenizer, train, held_out)
 
 

@@ -28,6 +28,8 @@ def _batch_loss(model_graphdef, params, rest, batch, compute_dtype, loss_chunk_t
         params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
     model = nnx.merge(model_graphdef, params, rest)
     scored = batch["segment_ids"] != 0
+    if "loss_mask" in batch:  # the pipeline's: instructions score their responses only
+        scored &= batch["loss_mask"] != 0
     forward = model.features if loss_chunk_tokens else model
     outputs, sown = nnx.capture(forward, nnx.Intermediate)(
         batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])

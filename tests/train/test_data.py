@@ -214,9 +214,10 @@ def test_packed_rows_are_consistent():
     expected = set(all_pieces(docs, 16))
     n_segments = 0
     for batch in take(iter(ds), 30):
-        assert set(batch) == {"inputs", "targets", "segment_ids", "positions"}
+        assert set(batch) == {"inputs", "targets", "segment_ids", "positions", "loss_mask"}
         for v in batch.values():
             assert v.dtype == np.int32 and v.shape == (3, 16)
+        np.testing.assert_array_equal(batch["loss_mask"], batch["segment_ids"] != 0)  # plain text: every target
         found = segments(batch)
         assert set(found) <= expected
         n_segments += len(found)

@@ -2,8 +2,10 @@
 
 Each document is tokenized and cut into pieces of at most `seq_len + 1` tokens that overlap by
 one token (piece k covers tokens [k*seq_len, (k+1)*seq_len]), so that every next-token pair of a
-document is a target exactly once. A piece gives `inputs = piece[:-1]`, `targets = piece[1:]`;
-grain's first-fit packing puts several short pieces into one row, told apart by segment ids.
+document is a target exactly once. A piece gives `inputs = piece[:-1]`, `targets = piece[1:]`
+and `loss_mask` (1 where the target is scored: everywhere in plain text, in the response of an
+instruction); grain's first-fit packing puts several short pieces into one row, told apart by
+segment ids.
 """
 
 from __future__ import annotations
@@ -12,25 +14,28 @@ import grain
 import numpy as np
 
 from seqmix.train.data.errors import DataError
+from seqmix.train.data.instructions import Instruction, document_tokens
 from seqmix.train.data.tokenizer import Tokenizer
 
 
 class _Pieces:
-    """Random-access source of pieces: element i is {"inputs", "targets"}, int32 [len_i - 1]."""
+    """Random-access source of pieces: element i is {"inputs", "targets", "loss_mask"}, int32 [len_i - 1]."""
 
-    def __init__(self, tokens: np.ndarray, starts: np.ndarray, stops: np.ndarray):
-        self._tokens, self._starts, self._stops = tokens, starts, stops
+    def __init__(self, tokens: np.ndarray, trained: np.ndarray, starts: np.ndarray, stops: np.ndarray):
+        self._tokens, self._trained, self._starts, self._stops = tokens, trained, starts, stops
 
     def __len__(self) -> int:
         return len(self._starts)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        piece = self._tokens[self._starts[index]:self._stops[index]]
-        return {"inputs": piece[:-1], "targets": piece[1:]}
+        start, stop = self._starts[index], self._stops[index]
+        piece = self._tokens[start:stop]
+        return {"inputs": piece[:-1], "targets": piece[1:], "loss_mask": self._trained[start + 1:stop]}
 
 
-def _cut_pieces(documents: list[str], tokenizer: Tokenizer, seq_len: int) -> _Pieces:
-    streams = [tokenizer.encode(doc) for doc in documents]
+def _cut_pieces(documents: list[str | Instruction], tokenizer: Tokenizer, seq_len: int) -> _Pieces:
+    encoded = [document_tokens(doc, tokenizer) for doc in documents]
+    streams = [tokens for tokens, _ in encoded]
     if not any(len(stream) >= 2 for stream in streams):
         raise DataError("no document has the 2 tokens needed for one training example")
     offsets = np.cumsum([0] + [len(s) for s in streams])
@@ -41,16 +46,17 @@ def _cut_pieces(documents: list[str], tokenizer: Tokenizer, seq_len: int) -> _Pi
         starts.append(offset + local)
         stops.append(offset + np.minimum(local + seq_len + 1, len(stream)))
     tokens = np.concatenate(streams).astype(np.int32)
-    return _Pieces(tokens, np.concatenate(starts), np.concatenate(stops))
+    trained = np.concatenate([mask for _, mask in encoded]).astype(np.int32)
+    return _Pieces(tokens, trained, np.concatenate(starts), np.concatenate(stops))
 
 
 def _rename(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     # inputs and targets have equal lengths, so their segment ids and positions are the same.
-    return {"inputs": batch["inputs"], "targets": batch["targets"],
+    return {"inputs": batch["inputs"], "targets": batch["targets"], "loss_mask": batch["loss_mask"],
             "segment_ids": batch["inputs_segment_ids"], "positions": batch["inputs_positions"]}
 
 
-def make_dataset(documents: list[str], tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
+def make_dataset(documents: list[str | Instruction], tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
                  seed: int, shuffle: bool = True, repeat: bool = True, process_index: int = 0,
                  process_count: int = 1) -> grain.IterDataset:
     """Packed batches of next-token examples from `documents`.
@@ -59,6 +65,8 @@ def make_dataset(documents: list[str], tokenizer: Tokenizer, *, seq_len: int, ba
       inputs, targets: token ids, targets[b, t] the token after inputs[b, t]; 0 at padding.
       segment_ids: 1, 2, ... for the pieces packed in a row, 0 at padding.
       positions: index of the token within its piece, restarting at 0 with each segment.
+      loss_mask: 1 where the target is scored (plain text: everywhere; an instruction: its
+        response), 0 at padding.
     Pieces are shuffled with `seed`, differently each epoch (`shuffle`); `repeat` makes the stream
     infinite, otherwise it ends after one epoch (the last incomplete batch dropped). Process
     `process_index` of `process_count` reads every `process_count`-th piece of the (shuffled,
@@ -78,14 +86,14 @@ def make_dataset(documents: list[str], tokenizer: Tokenizer, *, seq_len: int, ba
     # Reading a piece is a slice of one array: prefetch threads would cost more than they save.
     packed = grain.experimental.FirstFitPackIterDataset(
         ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)),
-        length_struct={"inputs": seq_len, "targets": seq_len},
+        length_struct={"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len},
         num_packing_bins=batch_size,
         shuffle_bins=False,
     )
     return packed.batch(batch_size, drop_remainder=True).map(_rename)
 
 
-def unigram_entropy(documents: list[str], tokenizer: Tokenizer) -> float:
+def unigram_entropy(documents: list[str | Instruction], tokenizer: Tokenizer) -> float:
     """Entropy (nats/token) of the token frequencies of `documents`.
 
     It is the cross-entropy of the best model that ignores context, on these documents: the
@@ -93,7 +101,7 @@ def unigram_entropy(documents: list[str], tokenizer: Tokenizer) -> float:
     """
     counts = np.zeros(tokenizer.vocab_size, np.int64)
     for doc in documents:
-        counts += np.bincount(tokenizer.encode(doc), minlength=tokenizer.vocab_size)
+        counts += np.bincount(document_tokens(doc, tokenizer)[0], minlength=tokenizer.vocab_size)
     total = counts.sum()
     if total == 0:
         raise DataError("the documents have no tokens")
