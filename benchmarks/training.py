@@ -9,15 +9,16 @@ from flax import nnx
 from seqmix.train.loss import cross_entropy_sum
 
 
-def adamw_training(model: nnx.Module, learning_rate):
+def adamw_training(model: nnx.Module, learning_rate, trainable=nnx.Param):
     """(step, params, opt_state) for a model: step(params, opt_state, inputs, targets, scored) ->
     (params, opt_state, loss) is one AdamW step (weight decay 0.1) on the mean cross-entropy over
-    the scored tokens (inputs, targets [B, T] int32, scored [B, T] bool), to be jitted."""
-    graphdef, params = nnx.split(model, nnx.Param)
+    the scored tokens (inputs, targets [B, T] int32, scored [B, T] bool), to be jitted. Only the
+    `trainable` variables (e.g. nnx.LoRAParam) are optimised; the rest stays as it is."""
+    graphdef, params, frozen = nnx.split(model, trainable, ...)
     optimizer = optax.adamw(learning_rate, weight_decay=0.1)
 
     def loss_fn(params, inputs, targets, scored):
-        total, count = cross_entropy_sum(nnx.merge(graphdef, params)(inputs), targets, scored)
+        total, count = cross_entropy_sum(nnx.merge(graphdef, params, frozen)(inputs), targets, scored)
         return total / count
 
     def step(params, opt_state, inputs, targets, scored):
