@@ -181,12 +181,13 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32) -> LanguageModel
     if extra:
         raise CheckpointError(f"{files[extra[0]]}: tensor {extra[0]} has no place in a {config_file} model "
                               f"({len(extra)} unexpected, e.g. {', '.join(extra[:3])})")
+    missing = sorted(name for name, _ in wanted if name not in files)
+    if missing:
+        raise CheckpointError(f"{directory}: tensor {missing[0]} is missing (its config.json implies it)")
+    handles = {file: safe_open(file, framework="flax") for file in {files[name] for name, _ in wanted}}
     loaded = []
     for (name, transposed), (param_path, variable) in sorted(wanted.items()):
-        if name not in files:
-            raise CheckpointError(f"{directory}: tensor {name} is missing (its config.json implies it)")
-        with safe_open(files[name], framework="flax") as handle:
-            tensor = handle.get_tensor(name)
+        tensor = handles[files[name]].get_tensor(name)
         if not jnp.issubdtype(tensor.dtype, jnp.floating):
             raise CheckpointError(f"{files[name]}: tensor {name} is {tensor.dtype}, not a float type")
         expected = variable.shape[::-1] if transposed else variable.shape
