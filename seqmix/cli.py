@@ -88,6 +88,33 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_linearize(args) -> int:
+    import dataclasses
+    import json
+
+    from seqmix.models.hf import CheckpointError, config_from_hf
+    from seqmix.models.linearize import linearized_config
+    from seqmix.train.config import LoRAConfig, load_train_config
+    from seqmix.train.trainer import train
+
+    config_file = Path(args.checkpoint) / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"{args.checkpoint}: not a Hugging Face checkpoint directory (no config.json)")
+    try:
+        teacher = config_from_hf(json.loads(config_file.read_text()), str(config_file))
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from err
+    config = load_train_config(args.run, args.overrides)
+    config = dataclasses.replace(config, model=linearized_config(teacher, args.method, keep=args.keep),
+                                 init_from=str(args.checkpoint), lora=config.lora or LoRAConfig())
+    config.validate("")
+    result = train(config)
+    print(f"\nlinearized ({args.method}) and trained {result.step} LoRA steps -> {result.out_dir}")
+    if result.eval_loss is not None:
+        print(f"held-out loss {result.eval_loss:.4f} nats/token")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seqmix", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=0.95)
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=cmd_generate)
+
+    lin = commands.add_parser("linearize", help="convert a Hugging Face attention model (Liger) and LoRA-train it")
+    lin.add_argument("checkpoint", help="Hugging Face checkpoint directory (config.json + safetensors)")
+    lin.add_argument("--method", required=True, choices=["liger_gla", "liger_hgrn2", "liger_attention"])
+    lin.add_argument("--keep", type=int, action="append", default=[], metavar="LAYER",
+                     help="a layer index that stays softmax attention; repeatable")
+    lin.add_argument("--run", default="configs/runs/linearize.yaml", help="run YAML for data, optimizer, steps, lora")
+    lin.add_argument("overrides", nargs="*", help="dotted overrides of the run, e.g. steps=500 lora.rank=16")
+    lin.set_defaults(func=cmd_linearize)
 
     ev = commands.add_parser("eval", help="held-out loss and perplexity, or multiple-choice accuracy, of a trained model")
     ev.add_argument("checkpoint", help="run directory (out_dir) or its checkpoints/ folder")

@@ -135,7 +135,7 @@ def hf_config(config: ModelConfig) -> dict[str, Any]:
 
 def _hf_name(path: tuple) -> tuple[str, bool]:
     """(Hugging Face tensor name, whether it is stored transposed) of a seqmix parameter path."""
-    *module, leaf = (str(part) for part in path)
+    *module, leaf = (str(part) for part in path if part != "base")  # LoRALinear's wrapped projection
     name = ".".join(module) + (".bias" if leaf == "bias" else ".weight")
     return (name if module[0] == "lm_head" else f"model.{name}"), leaf == "kernel"
 
@@ -161,29 +161,27 @@ def _tensor_files(directory: Path) -> dict[str, Path]:
         return {name: single for name in handle.keys()}
 
 
-def from_pretrained(path: str | os.PathLike, dtype=jnp.float32) -> LanguageModel:
-    """A seqmix LanguageModel with the weights of a local Hugging Face checkpoint directory
-    (Llama, Mistral, Qwen2), parameters in `dtype`; `model(tokens)` gives [B, T, vocab] logits."""
+def read_weights(path: str | os.PathLike, params: nnx.State, *, tie_embeddings: bool, dtype=jnp.float32
+                 ) -> nnx.State:
+    """`params` (a model's `nnx.Param` state, abstract or not) with every value read from the
+    Hugging Face checkpoint directory `path`, as `dtype`. Parameters are matched by name (a
+    LoRA-wrapped projection's `base` by the projection's name; LoRA adapters are left out), so a
+    converted model whose layers keep attention's projections reads its teacher's checkpoint."""
     from safetensors import safe_open
 
     directory = Path(path)
-    config_file = directory / "config.json"
-    if not config_file.exists():
-        raise CheckpointError(f"{directory}: no config.json")
-    config = config_from_hf(json.loads(config_file.read_text()), str(config_file))
-    abstract = nnx.eval_shape(lambda: LanguageModel(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
     files = _tensor_files(directory)
-    wanted = {_hf_name(path): (path, variable) for path, variable in nnx.to_flat_state(state)}
+    wanted = {_hf_name(path): (path, variable) for path, variable in nnx.to_flat_state(params)
+              if not isinstance(variable, nnx.LoRAParam)}
     names = {name for name, _ in wanted}
     extra = sorted(name for name in files if name not in names and not name.endswith(_IGNORED_SUFFIXES)
-                   and not (config.tie_embeddings and name == "lm_head.weight"))
+                   and not (tie_embeddings and name == "lm_head.weight"))
     if extra:
-        raise CheckpointError(f"{files[extra[0]]}: tensor {extra[0]} has no place in a {config_file} model "
+        raise CheckpointError(f"{files[extra[0]]}: tensor {extra[0]} has no place in the model "
                               f"({len(extra)} unexpected, e.g. {', '.join(extra[:3])})")
     missing = sorted(name for name, _ in wanted if name not in files)
     if missing:
-        raise CheckpointError(f"{directory}: tensor {missing[0]} is missing (its config.json implies it)")
+        raise CheckpointError(f"{directory}: tensor {missing[0]} is missing (the model has this parameter)")
     handles = {file: safe_open(file, framework="flax") for file in {files[name] for name, _ in wanted}}
     loaded = []
     for (name, transposed), (param_path, variable) in sorted(wanted.items()):
@@ -193,10 +191,21 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32) -> LanguageModel
         expected = variable.shape[::-1] if transposed else variable.shape
         if tuple(tensor.shape) != tuple(expected):
             raise CheckpointError(f"{files[name]}: tensor {name} has shape {tuple(tensor.shape)}, "
-                                  f"expected {tuple(expected)} from {config_file}")
-        value = (tensor.T if transposed else tensor).astype(dtype)
-        loaded.append((param_path, variable.replace(value=value)))
-    return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+                                  f"expected {tuple(expected)}")
+        loaded.append((param_path, variable.replace(value=(tensor.T if transposed else tensor).astype(dtype))))
+    return nnx.from_flat_state(loaded)
+
+
+def from_pretrained(path: str | os.PathLike, dtype=jnp.float32) -> LanguageModel:
+    """A seqmix LanguageModel with the weights of a local Hugging Face checkpoint directory
+    (Llama, Mistral, Qwen2), parameters in `dtype`; `model(tokens)` gives [B, T, vocab] logits."""
+    directory = Path(path)
+    config_file = directory / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{directory}: no config.json")
+    config = config_from_hf(json.loads(config_file.read_text()), str(config_file))
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: LanguageModel(config, rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, read_weights(directory, params, tie_embeddings=config.tie_embeddings, dtype=dtype))
 
 
 def save_pretrained(model: LanguageModel, config: ModelConfig, path: str | os.PathLike, dtype=jnp.float32) -> None:

@@ -106,6 +106,19 @@ class MeshConfig:
 
 
 @dataclasses.dataclass
+class LoRAConfig:
+    """LoRA adapters on the projections named in `targets`; with them, only the adapters train."""
+
+    rank: int = 8
+    alpha: float = 8.0
+    targets: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+
+    def validate(self, path: str) -> None:
+        require(self.rank > 0, path, "rank", f"must be positive, got {self.rank}")
+        require(bool(self.targets), path, "targets", "must name at least one projection")
+
+
+@dataclasses.dataclass
 class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -117,6 +130,9 @@ class TrainConfig:
     compute_dtype: Literal["float32", "bfloat16"] = "float32"  # parameters stay float32
     # > 0: the loss over blocks of this many tokens, never the whole [B, T, vocab] logits (large vocabularies)
     loss_chunk_tokens: int = 0
+    # A Hugging Face checkpoint directory whose weights start the run (matched to the model by name)
+    init_from: str | None = None
+    lora: LoRAConfig | None = None  # train LoRA adapters only, the other weights frozen
     eval_every: int = 200
     eval_batches: int = 8
     log_every: int = 10

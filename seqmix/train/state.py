@@ -8,7 +8,9 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
+from seqmix.models.hf import read_weights
 from seqmix.models.lm import LanguageModel
+from seqmix.models.lora import add_lora
 from seqmix.train.config import TrainConfig
 from seqmix.train.optim import make_optimizer
 from seqmix.train.sharding import state_shardings
@@ -16,11 +18,13 @@ from seqmix.train.sharding import state_shardings
 
 @dataclasses.dataclass
 class TrainState:
-    """`nnx.merge(graphdef, state)` gives (model, optimizer); `shardings` mirrors `state`."""
+    """`nnx.merge(graphdef, state)` gives (model, optimizer); `shardings` mirrors `state`;
+    `trainable`: the variable type the optimizer updates (nnx.Param, or nnx.LoRAParam with LoRA)."""
 
     graphdef: nnx.GraphDef
     state: nnx.State
     shardings: nnx.State
+    trainable: type = nnx.Param
 
     def abstract(self):
         """The state as ShapeDtypeStructs carrying this mesh's shardings (a restore target)."""
@@ -33,13 +37,22 @@ class TrainState:
         return model
 
 
+def trainable_type(config: TrainConfig) -> type:
+    return nnx.LoRAParam if config.lora is not None else nnx.Param
+
+
 def _model_and_optimizer(config: TrainConfig):
-    model = LanguageModel(config.model, rngs=nnx.Rngs(config.seed))
-    return model, nnx.Optimizer(model, make_optimizer(config.optim, config.steps), wrt=nnx.Param)
+    rngs = nnx.Rngs(config.seed)
+    model = LanguageModel(config.model, rngs=rngs)
+    if config.lora is not None:
+        add_lora(model, targets=config.lora.targets, rank=config.lora.rank, alpha=config.lora.alpha, rngs=rngs)
+    return model, nnx.Optimizer(model, make_optimizer(config.optim, config.steps), wrt=trainable_type(config))
 
 
 def create_train_state(config: TrainConfig, mesh: Mesh) -> TrainState:
-    """Initialises model and optimizer state sharded by the logical axis rules.
+    """Initialises model and optimizer state sharded by the logical axis rules, then (with
+    `init_from`) replaces the model's weights by a Hugging Face checkpoint's, each placed
+    straight onto its sharding.
 
     The initialiser is jitted with the target shardings as outputs, so no device ever holds
     the full unsharded state (what makes FSDP of a large model possible).
@@ -47,4 +60,11 @@ def create_train_state(config: TrainConfig, mesh: Mesh) -> TrainState:
     graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: _model_and_optimizer(config)))
     shardings = state_shardings(abstract_state, mesh)
     state = jax.jit(lambda: nnx.split(_model_and_optimizer(config))[1], out_shardings=shardings)()
-    return TrainState(graphdef, state, shardings)
+    train_state = TrainState(graphdef, state, shardings, trainable_type(config))
+    if config.init_from is not None:
+        model, optimizer = nnx.merge(graphdef, state)
+        base = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+        weights = read_weights(config.init_from, base, tie_embeddings=config.model.tie_embeddings)
+        nnx.update(model, jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), weights, base))
+        train_state.state = nnx.state((model, optimizer))
+    return train_state

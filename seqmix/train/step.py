@@ -26,6 +26,8 @@ def _batch_loss(model_graphdef, params, rest, batch, compute_dtype, loss_chunk_t
         # Master weights stay float32; the cast is differentiated through, so gradients
         # come back float32 while every matmul runs in the compute dtype.
         params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
+        # Frozen weights (LoRA's base) compute in it too.
+        rest = jax.tree.map(lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, rest)
     model = nnx.merge(model_graphdef, params, rest)
     scored = batch["segment_ids"] != 0
     if "loss_mask" in batch:  # the pipeline's: instructions score their responses only
@@ -58,7 +60,7 @@ def make_train_step(train_state: TrainState, mesh: Mesh, compute_dtype: str, los
         # copy: the optimizer updates the merged Variables in place, and `state` must keep
         # the old values for a skipped (non-finite) step.
         model, optimizer = nnx.merge(graphdef, state, copy=True)
-        model_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        model_graphdef, params, rest = nnx.split(model, train_state.trainable, ...)
         grad_fn = jax.value_and_grad(
             lambda p, micro: _batch_loss(model_graphdef, p, rest, micro, dtype, loss_chunk_tokens), has_aux=True
         )

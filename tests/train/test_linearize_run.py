@@ -1,0 +1,38 @@
+"""`seqmix linearize`: a Hugging Face checkpoint becomes a Liger model whose LoRA adapters train
+while every weight it read from the checkpoint stays frozen; the run restores like any other."""
+
+import numpy as np
+from flax import nnx
+
+from seqmix.cli import _load_trained, main
+from seqmix.configuration import build
+from seqmix.layers.lora import LoRALinear
+from seqmix.mixers.liger_attention import LigerAttention
+from seqmix.models.config import ModelConfig
+from seqmix.models.hf import save_pretrained
+from seqmix.models.lm import LanguageModel
+
+
+def test_linearize_trains_the_adapters_of_the_converted_model_only(tmp_path, capsys):
+    config = build(ModelConfig, {"vocab_size": 256, "d_model": 32, "n_layers": 2, "n_heads": 2, "init_std": 0.1},
+                   "model")
+    teacher = LanguageModel(config, rngs=nnx.Rngs(0))
+    save_pretrained(teacher, config, tmp_path / "teacher")
+    run = tmp_path / "run"
+    assert main(["linearize", str(tmp_path / "teacher"), "steps=4", f"out_dir={run}", "eval_every=4",
+                 "eval_batches=1", "sample_tokens=0", "data.seq_len=32", "data.batch_size=8", "optim.warmup_steps=1",
+                 "checkpoint.every_steps=4", "--method", "liger_attention", "--keep", "1"]) == 0
+    assert "linearized (liger_attention) and trained 4 LoRA steps" in capsys.readouterr().out
+
+    student = _load_trained(str(run), []).train_state.model()
+    converted, kept = student.layers[0].self_attn, student.layers[1].self_attn
+    assert isinstance(converted, LigerAttention) and not isinstance(kept, LigerAttention)
+    for layer, source in ((converted, teacher.layers[0].self_attn), (kept, teacher.layers[1].self_attn)):
+        assert isinstance(layer.q_proj, LoRALinear)
+        np.testing.assert_array_equal(layer.q_proj.base.kernel[...], source.q_proj.kernel[...])
+        np.testing.assert_array_equal(layer.o_proj.kernel[...], source.o_proj.kernel[...])
+        assert np.abs(layer.q_proj.adapter.lora_b[...]).max() > 0  # trained from zero
+    np.testing.assert_array_equal(student.embed_tokens.embedding[...], teacher.embed_tokens.embedding[...])
+
+    assert main(["linearize", str(tmp_path), "--method", "liger_gla"]) == 2
+    assert "not a Hugging Face checkpoint directory" in capsys.readouterr().err
