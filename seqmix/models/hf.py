@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from seqmix.configuration import ConfigError, build, to_dict
 from seqmix.models.config import ModelConfig
@@ -155,8 +157,6 @@ def _tensor_files(directory: Path) -> dict[str, Path]:
     single = directory / SINGLE_FILE
     if not single.exists():
         raise CheckpointError(f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE}")
-    from safetensors import safe_open
-
     with safe_open(single, framework="flax") as handle:
         return {name: single for name in handle.keys()}
 
@@ -167,8 +167,6 @@ def read_weights(path: str | os.PathLike, params: nnx.State, *, tie_embeddings: 
     Hugging Face checkpoint directory `path`, as `dtype`. Parameters are matched by name (a
     LoRA-wrapped projection's `base` by the projection's name; LoRA adapters are left out), so a
     converted model whose layers keep attention's projections reads its teacher's checkpoint."""
-    from safetensors import safe_open
-
     directory = Path(path)
     files = _tensor_files(directory)
     wanted = {_hf_name(path): (path, variable) for path, variable in nnx.to_flat_state(params)
@@ -213,8 +211,6 @@ def save_pretrained(model: LanguageModel, config: ModelConfig, path: str | os.Pa
     seqmix model to directory `path`, in the Hugging Face layout `from_pretrained` reads. Each file
     is written to a temporary name and renamed into place, so an interrupted export never leaves
     a half-written file under the final name."""
-    from safetensors.numpy import save_file
-
     hf = hf_config(config)
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)

@@ -14,10 +14,14 @@ def cross_entropy_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) ->
     mask [B, T] bool (False for padding). Returns (sum of -log p(target), count), both float32
     scalars, so that micro-batches and devices can be summed before dividing once.
     """
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    token_loss = -jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     mask = mask.astype(jnp.float32)
-    return jnp.sum(token_loss * mask), jnp.sum(mask)
+    return -jnp.sum(target_log_probs(logits, targets) * mask), jnp.sum(mask)
+
+
+def target_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """log p(target) [B, T] float32 from logits [B, T, V] (any float dtype) and targets [B, T] int."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
 def chunked_cross_entropy_sum(features: jax.Array, head: jax.Array, targets: jax.Array, mask: jax.Array, *,

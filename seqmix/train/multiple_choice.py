@@ -11,12 +11,12 @@ import dataclasses
 import json
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from seqmix.train.data.errors import DataError
+from seqmix.train.loss import target_log_probs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +70,7 @@ def choice_log_likelihoods(model, tokenizer, context: str, choices: tuple[str, .
 @nnx.jit
 def _next_token_log_probs(model, tokens):
     """[B, T]: log p(token t + 1 | tokens <= t), float32, 0 in the last column."""
-    log_probs = jax.nn.log_softmax(model(tokens)[:, :-1].astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
-    return jnp.pad(picked, ((0, 0), (0, 1)))
+    return jnp.pad(target_log_probs(model(tokens)[:, :-1], tokens[:, 1:]), ((0, 0), (0, 1)))
 
 
 def evaluate_choices(model, tokenizer, examples: list[ChoiceExample]) -> dict[str, float]:
