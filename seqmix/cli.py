@@ -104,9 +104,10 @@ def cmd_linearize(args) -> int:
         teacher = config_from_hf(json.loads(config_file.read_text()), str(config_file))
     except CheckpointError as err:
         raise ConfigError(str(err)) from err
-    config = load_train_config(args.run, args.overrides)
+    run = args.run or f"configs/runs/{'lolcats' if args.method == 'lolcats' else 'linearize'}.yaml"
+    config = load_train_config(run, [*args.overrides, f"init_from={args.checkpoint}"])
     config = dataclasses.replace(config, model=linearized_config(teacher, args.method, keep=args.keep),
-                                 init_from=str(args.checkpoint), lora=config.lora or LoRAConfig())
+                                 lora=config.lora or LoRAConfig())
     config.validate("")
     result = train(config)
     print(f"\nlinearized ({args.method}) and trained {result.step} LoRA steps -> {result.out_dir}")
@@ -141,12 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=cmd_generate)
 
-    lin = commands.add_parser("linearize", help="convert a Hugging Face attention model (Liger) and LoRA-train it")
+    lin = commands.add_parser("linearize", help="convert a Hugging Face attention model (Liger, LoLCATs) and "
+                                                "LoRA-train it")
     lin.add_argument("checkpoint", help="Hugging Face checkpoint directory (config.json + safetensors)")
-    lin.add_argument("--method", required=True, choices=["liger_gla", "liger_hgrn2", "liger_attention"])
+    lin.add_argument("--method", required=True, choices=["liger_gla", "liger_hgrn2", "liger_attention", "lolcats"])
     lin.add_argument("--keep", type=int, action="append", default=[], metavar="LAYER",
                      help="a layer index that stays softmax attention; repeatable")
-    lin.add_argument("--run", default="configs/runs/linearize.yaml", help="run YAML for data, optimizer, steps, lora")
+    lin.add_argument("--run", default=None, help="run YAML for data, optimizer, steps, lora, attention transfer "
+                                                  "(default: configs/runs/lolcats.yaml for lolcats, else "
+                                                  "configs/runs/linearize.yaml)")
     lin.add_argument("overrides", nargs="*", help="dotted overrides of the run, e.g. steps=500 lora.rank=16")
     lin.set_defaults(func=cmd_linearize)
 

@@ -22,16 +22,16 @@ NAMES = (*FIXED, "hedgehog")
 class Hedgehog(nnx.Module):
     """Hedgehog's learnable map (Zhang et al. 2024): [softmax(x W_h), softmax(-x W_h)] over the
     head dim, a [d, d] matrix per head initialised to the identity, so that it starts as a spiky,
-    positive map of x itself (the LoLCATs initialisation)."""
+    positive map of x itself (the LoLCATs initialisation). `param_type` is the variable type of
+    the matrices (LoLCATs: `TransferParam`, which attention transfer trains)."""
 
-    def __init__(self, heads: int, dim: int):
-        self.weight = nnx.Param(jnp.broadcast_to(jnp.eye(dim, dtype=jnp.float32), (heads, dim, dim)),
-                                out_sharding=("heads", None, None), eager_sharding=False)
+    def __init__(self, heads: int, dim: int, *, param_type: type[nnx.Param] = nnx.Param):
+        self.weight = param_type(jnp.broadcast_to(jnp.eye(dim, dtype=jnp.float32), (heads, dim, dim)),
+                                 out_sharding=("heads", None, None), eager_sharding=False)
 
     def __call__(self, x):
         projected = jnp.einsum("bthd,hde->bthe", x.astype(jnp.float32), self.weight[...])
         return jnp.concatenate([jax.nn.softmax(projected, axis=-1), jax.nn.softmax(-projected, axis=-1)], axis=-1)
-
 
 
 def apply_fixed(name: str, x):

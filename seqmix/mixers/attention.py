@@ -72,14 +72,19 @@ def softmax_attention(q, k, v, mask, scale):
     Logits and softmax are float32; a query with no visible key (padding) gets uniform weights
     from the finite mask value instead of NaN from an all -inf row.
     """
+    weights = jax.nn.softmax(grouped_logits(q, k, mask, scale), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", weights, v, preferred_element_type=jnp.float32)
+    return out.reshape(q.shape).astype(q.dtype)
+
+
+def grouped_logits(q, k, mask, scale):
+    """Masked attention logits [B, H_kv, G, Tq, Tk] float32 (G = H / H_kv query heads per kv head)
+    of q [B, Tq, H, D] against k [B, Tk, H_kv, D]; masked entries hold float32's finite minimum."""
     batch, q_len, heads, dim = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, dim)
     logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", weights, v, preferred_element_type=jnp.float32)
-    return out.reshape(batch, q_len, heads, dim).astype(q.dtype)
+    return jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
 
 
 def cached_attention(q, k, v, real, cache: KVCache, scale):
@@ -101,7 +106,18 @@ def windowed_attention(q, k, v, real, cache: KVCache, scale, *, window: int):
     """Sliding-window attention of T new tokens (shapes as `cached_attention`) against a ring
     buffer of the last W = window keys and values (slot p % W holds position p), which then
     takes the newest of them. Memory stays W tokens per row however long the context grows."""
-    length = q.shape[1]
+    keys, values, mask, cache = ring_window(k.astype(q.dtype), v.astype(q.dtype), real, cache, window=window)
+    return softmax_attention(q, keys, values, mask, scale), cache
+
+
+def ring_window(k, v, real, cache: KVCache, *, window: int):
+    """What T new tokens (k/v [B, T, H_kv, D], real [B, T] bool) see through a sliding window
+    over a ring buffer of the last W = window tokens (slot p % W holds position p).
+
+    Returns (keys, values [B, W + T, H_kv, D]: the ring's slots then the new tokens, in k's dtype;
+    mask [B, T, W + T]: what each new token attends to; the ring after taking the newest W).
+    """
+    length = k.shape[1]
     slots = cache.k.shape[1]
     q_index = cache.lengths[:, None] + jnp.arange(length, dtype=jnp.int32)
     # The position each slot holds: the latest p < lengths with p % W == slot (negative: empty).
@@ -109,16 +125,15 @@ def windowed_attention(q, k, v, real, cache: KVCache, scale, *, window: int):
     held = cache.lengths[:, None] - 1 - (cache.lengths[:, None] - 1 - slot) % slots
     k_index = jnp.concatenate([jnp.where(held >= 0, held, jnp.iinfo(jnp.int32).max), q_index], axis=1)
     mask = attention_mask(q_index, k_index, window=window) & jnp.concatenate([cache.valid, real], axis=1)[:, None, :]
-    keys = jnp.concatenate([cache.k.astype(q.dtype), k], axis=1)
-    values = jnp.concatenate([cache.v.astype(q.dtype), v], axis=1)
-    out = softmax_attention(q, keys, values, mask, scale)
+    keys = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
+    values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
     kept = min(length, slots)  # only the newest W tokens can still be seen later
     write = jax.vmap(lambda buf, new, at: buf.at[at].set(new))
     at = q_index[:, -kept:] % slots
     cache = KVCache(k=write(cache.k, k[:, -kept:].astype(cache.k.dtype), at),
                     v=write(cache.v, v[:, -kept:].astype(cache.v.dtype), at),
                     valid=write(cache.valid, real[:, -kept:], at), lengths=cache.lengths + length)
-    return out, cache
+    return keys, values, mask, cache
 
 
 @register_mixer("attention", AttentionConfig)

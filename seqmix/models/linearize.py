@@ -1,10 +1,13 @@
-"""Linearization: a pretrained attention model becomes a gated recurrent (or hybrid) one with the
-same parameters, as in Liger (Lan et al. 2025). Each converted layer is a `liger_attention`
-mixer over the attention layer's own q/k/v/o projections, so the weights carry over unchanged:
+"""Linearization: a pretrained attention model becomes a gated recurrent (or hybrid) one that
+keeps its parameters. Each converted layer is a mixer over the attention layer's own q/k/v/o
+projections, so the weights carry over unchanged:
 
-    liger_gla        gated recurrence, gate logsigmoid(k) / 16, softmax feature maps
-    liger_hgrn2      HGRN2 recurrence: forget gate sigmoid(k), key 1 - gate, softmax(q)
-    liger_attention  0.5 * liger_gla + 0.5 * sliding-window softmax (window 64)
+    liger_gla        gated recurrence, gate logsigmoid(k) / 16, softmax feature maps (Liger)
+    liger_hgrn2      HGRN2 recurrence: forget gate sigmoid(k), key 1 - gate, softmax(q) (Liger)
+    liger_attention  0.5 * liger_gla + 0.5 * sliding-window softmax (window 64) (Liger)
+    lolcats          softmax over the last 64 tokens + Hedgehog linear attention over older ones
+                     (LoLCATs); its feature maps and window factors are new `TransferParam`s,
+                     which attention transfer (`seqmix.train.attention_transfer`) trains first
 
 Layers listed in `keep` stay softmax attention (a hybrid, e.g. every 8th layer).
 """
@@ -18,13 +21,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seqmix.configuration import ConfigError, build, to_dict
+from seqmix.layers.transfer import TransferParam
 from seqmix.models.config import ModelConfig
 from seqmix.models.lm import LanguageModel
 
-METHODS = {
-    "liger_gla": {"recurrence": "gla", "window": None},
-    "liger_hgrn2": {"recurrence": "hgrn2", "window": None},
-    "liger_attention": {"recurrence": "gla", "window": 64},
+METHODS = {  # the converted layers' mixer options
+    "liger_gla": {"type": "liger_attention", "recurrence": "gla", "window": None},
+    "liger_hgrn2": {"type": "liger_attention", "recurrence": "hgrn2", "window": None},
+    "liger_attention": {"type": "liger_attention", "recurrence": "gla", "window": 64},
+    "lolcats": {"type": "lolcats", "window": 64},
 }
 
 
@@ -46,14 +51,22 @@ def linearized_config(config: ModelConfig, method: str, *, keep: Sequence[int] =
             continue
         converted = f"{method}_{kind}"  # one converted kind per source kind keeps its q/k/v biases
         kinds.append(converted)
-        mixers[converted] = {"type": "liger_attention", "qkv_bias": options.qkv_bias, **METHODS[method]}
+        mixers[converted] = {**METHODS[method], "qkv_bias": options.qkv_bias}
     return build(ModelConfig, {**to_dict(config), "layer_pattern": kinds, "mixers": mixers}, "linearize")
 
 
-def linearize(model: LanguageModel, config: ModelConfig, method: str, *, keep: Sequence[int] = ()
+def linearize(model: LanguageModel, config: ModelConfig, method: str, *, keep: Sequence[int] = (), seed: int = 0
               ) -> tuple[LanguageModel, ModelConfig]:
     """(the converted model, its config): `linearized_config`'s architecture holding a copy of
-    `model`'s parameters (the teacher stays usable), with no training step taken."""
+    `model`'s parameters (the teacher stays usable), with no training step taken. Parameters
+    the conversion adds (LoLCATs' `TransferParam`s) keep their initialisation; `seed` seeds the
+    throwaway initialisation of the rest."""
     student_config = linearized_config(config, method, keep=keep)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: LanguageModel(student_config, rngs=nnx.Rngs(0))))
-    return nnx.merge(graphdef, jax.tree.map(jnp.copy, nnx.state(model))), student_config
+    student = LanguageModel(student_config, rngs=nnx.Rngs(seed))
+    teacher_state = nnx.state(model)
+    missing = {path for path, _ in nnx.to_flat_state(nnx.state(student, nnx.Not(TransferParam)))} - {
+        path for path, _ in nnx.to_flat_state(teacher_state)}
+    if missing:
+        raise ConfigError(f"linearize: the teacher has no {'.'.join(map(str, sorted(missing)[0]))}")
+    nnx.update(student, jax.tree.map(jnp.copy, teacher_state))
+    return student, student_config

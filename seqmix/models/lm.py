@@ -35,9 +35,14 @@ class Block(nnx.Module):
         self.mlp = SwiGLU(config.d_model, config.mlp_width, std=config.init_std, out_std=out_std, rngs=rngs)
 
     def __call__(self, x, *, segment_ids=None, positions=None, cache=None):
-        h, cache = self.self_attn(self.input_layernorm(x), segment_ids=segment_ids, positions=positions, cache=cache)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        mixed, cache = self.self_attn(self.input_layernorm(x), segment_ids=segment_ids, positions=positions,
+                                      cache=cache)
+        return self.after_mixer(x, mixed), cache
+
+    def after_mixer(self, x, mixed):
+        """The block's output from its input x and its mixer's output `mixed` (both [B, T, D])."""
+        x = x + mixed
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LanguageModel(nnx.Module):
@@ -81,6 +86,20 @@ class LanguageModel(nnx.Module):
         for layer in self.layers:
             x, _ = layer(x, segment_ids=segment_ids, positions=positions)
         return x
+
+    def mixer_inputs_and_outputs(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
+                                 positions: jax.Array | None = None) -> list[tuple[jax.Array, jax.Array]]:
+        """(input, output) [B, T, D] of every layer's mixer in the training forward (arguments
+        as `__call__`): what attention transfer fits a converted layer to, layer by layer."""
+        if positions is None and segment_ids is not None:
+            positions = positions_from_segments(segment_ids)
+        x, pairs = self.embed_tokens(tokens), []
+        for layer in self.layers:
+            mixer_input = layer.input_layernorm(x)
+            mixed, _ = layer.self_attn(mixer_input, segment_ids=segment_ids, positions=positions)
+            pairs.append((mixer_input, mixed))
+            x = layer.after_mixer(x, mixed)
+        return pairs
 
     def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None) -> jax.Array:

@@ -119,6 +119,19 @@ class LoRAConfig:
 
 
 @dataclasses.dataclass
+class AttentionTransferConfig:
+    """LoLCATs' stage 1 before the first step: the converted layers' transfer parameters learn
+    the `init_from` teacher's attention outputs (`seqmix.train.attention_transfer`)."""
+
+    steps: int = 100
+    lr: float = 1.0e-2
+
+    def validate(self, path: str) -> None:
+        require(self.steps > 0, path, "steps", f"must be positive, got {self.steps}")
+        require(self.lr > 0, path, "lr", f"must be positive, got {self.lr}")
+
+
+@dataclasses.dataclass
 class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -133,6 +146,7 @@ class TrainConfig:
     # A Hugging Face checkpoint directory whose weights start the run (matched to the model by name)
     init_from: str | None = None
     lora: LoRAConfig | None = None  # train LoRA adapters only, the other weights frozen
+    attention_transfer: AttentionTransferConfig | None = None  # needs init_from (the teacher)
     eval_every: int = 200
     eval_batches: int = 8
     log_every: int = 10
@@ -149,6 +163,8 @@ class TrainConfig:
         require(self.loss_chunk_tokens >= 0, path, "loss_chunk_tokens", "must be non-negative (0: the plain loss)")
         require(self.optim.warmup_steps <= self.steps, path, "optim.warmup_steps",
                 f"{self.optim.warmup_steps} exceeds steps={self.steps}")
+        require(self.attention_transfer is None or self.init_from is not None, path, "attention_transfer",
+                "needs init_from: the checkpoint whose attention layers the converted ones learn from")
         if self.data.tokenizer == "byte":
             require(self.model.vocab_size >= 256, path, "model.vocab_size",
                     f"{self.model.vocab_size} is smaller than the byte tokenizer's 256 symbols")

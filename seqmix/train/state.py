@@ -8,6 +8,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
+from seqmix.layers.transfer import TransferParam
 from seqmix.models.hf import read_weights
 from seqmix.models.lm import LanguageModel
 from seqmix.models.lora import add_lora
@@ -63,7 +64,8 @@ def create_train_state(config: TrainConfig, mesh: Mesh) -> TrainState:
     train_state = TrainState(graphdef, state, shardings, trainable_type(config))
     if config.init_from is not None:
         model, optimizer = nnx.merge(graphdef, state)
-        base = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+        # LoRA adapters and a conversion's new parameters keep their initialisation.
+        base = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.Any(nnx.LoRAParam, TransferParam))))
         weights = read_weights(config.init_from, base, tie_embeddings=config.model.tie_embeddings)
         nnx.update(model, jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), weights, base))
         train_state.state = nnx.state((model, optimizer))

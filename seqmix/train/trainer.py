@@ -18,11 +18,14 @@ from pathlib import Path
 import jax
 import numpy as np
 import yaml
+from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
 from seqmix.configuration import ConfigError, build, to_dict
 from seqmix.models.generate import generate
+from seqmix.models.hf import from_pretrained
+from seqmix.train.attention_transfer import attention_transfer
 from seqmix.train.checkpoint import Checkpointer
 from seqmix.train.config import TrainConfig
 from seqmix.train.data import unigram_entropy
@@ -127,6 +130,21 @@ class Trainer:
         }
         self.checkpointer.save(self.step, self.train_state.state, self.data, metadata)
 
+    def _transfer_attention(self, log: MetricsLog) -> None:
+        """LoLCATs' stage 1 on the run's own training batches, before the first step: the
+        converted layers' transfer parameters learn the `init_from` checkpoint's attention."""
+        settings = self.config.attention_transfer
+        start = time.perf_counter()
+        model, optimizer = nnx.merge(self.train_state.graphdef, self.train_state.state)
+        batches = (next(self.data) for _ in range(settings.steps))
+        losses = attention_transfer(from_pretrained(self.config.init_from), model, batches,
+                                    steps=settings.steps, lr=settings.lr)
+        self.train_state.state = jax.device_put(nnx.state((model, optimizer)), self.train_state.shardings)
+        log.write({"kind": "attention_transfer", "step": 0, "steps": settings.steps, "first_loss": losses[0],
+                   "last_loss": losses[-1], "seconds": time.perf_counter() - start})
+        print(f"attention transfer: {settings.steps} steps, relative error of the converted layers "
+              f"{losses[0]:.4g} -> {losses[-1]:.4g}", file=sys.stderr)
+
     def _next_batch(self):
         micro_batches = [next(self.data) for _ in range(self.config.grad_accum)]
         stacked = {key: np.stack([mb[key] for mb in micro_batches]) for key in micro_batches[0]}
@@ -175,6 +193,8 @@ class Trainer:
             f"{_count_params(self.train_state)/1e6:.2f}M parameters, unigram baseline {unigram:.3f} nats/token",
             file=sys.stderr,
         )
+        if self.step == 0 and config.attention_transfer is not None:
+            self._transfer_attention(log)
         losses, skipped, consecutive_bad, eval_loss = {}, 0, 0, None
         start_step = self.step
         tokens_since, time_since = 0.0, time.perf_counter()

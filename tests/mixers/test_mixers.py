@@ -26,6 +26,7 @@ CASES = {
     "mamba2": {"layer_pattern": ["mixer"], "mixers": {"mixer": {"type": "mamba2", "state_dim": 8}}},
     "lightning": {"layer_pattern": ["lightning"]},
     "liger_attention": {"layer_pattern": ["mixer"], "mixers": {"mixer": {"type": "liger_attention", "window": 8}}},
+    "lolcats": {"layer_pattern": ["mixer"], "mixers": {"mixer": {"type": "lolcats", "window": 8}}},
     "rwkv6": {"layer_pattern": ["rwkv6"]},
     "mom": {"layer_pattern": ["mom"]},
     "linear_attention_hedgehog": {"layer_pattern": ["mixer"],
@@ -52,8 +53,9 @@ VARIANTS = {
                               "mixers": {"local": {"type": "attention", "sliding_window": 8}}},
     **{f"liger_{name}": {"layer_pattern": ["mixer"], "mixers": {"mixer": {
         "type": "liger_attention", "window": None, "recurrence": name}}} for name in ("gla", "hgrn2")},
-    "every_cache_kind": {"n_layers": 4, "layer_pattern": ["mamba2", "liger", "rwkv6", "attention"],
-                         "mixers": {"liger": {"type": "liger_attention", "window": 4}}},
+    "every_cache_kind": {"n_layers": 5, "layer_pattern": ["mamba2", "liger", "lolcats", "rwkv6", "attention"],
+                         "mixers": {"liger": {"type": "liger_attention", "window": 4},
+                                    "lolcats": {"type": "lolcats", "window": 4}}},
 }
 
 
@@ -91,8 +93,9 @@ def test_decode_and_prefill_equal_the_chunked_forward(case):
 
 
 def test_prompts_of_different_lengths_batched_with_left_padding_equal_each_alone():
-    """Short convolutions (mamba2), a ring buffer next to a recurrent state (liger_attention), a
-    token-shift tail (rwkv6) and a global KV cache in one model: a
+    """Short convolutions (mamba2), a ring buffer next to a recurrent state (liger_attention, and
+    lolcats, whose state takes the tokens leaving the ring), a token-shift tail (rwkv6) and a
+    global KV cache in one model: a
     batch of prompts of lengths 9 and 3 (left-padded) gives each row the logits it gets alone,
     for the prompt and a decode step after it, and `generate` continues the batch that way."""
     model = model_for("every_cache_kind")

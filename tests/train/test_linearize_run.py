@@ -1,5 +1,8 @@
-"""`seqmix linearize`: a Hugging Face checkpoint becomes a Liger model whose LoRA adapters train
-while every weight it read from the checkpoint stays frozen; the run restores like any other."""
+"""`seqmix linearize`: a Hugging Face checkpoint becomes a Liger or LoLCATs model whose LoRA
+adapters train while every weight it read from the checkpoint stays frozen (LoLCATs first runs
+attention transfer); the run restores like any other."""
+
+import json
 
 import numpy as np
 from flax import nnx
@@ -8,6 +11,7 @@ from seqmix.cli import _load_trained, main
 from seqmix.configuration import build
 from seqmix.layers.lora import LoRALinear
 from seqmix.mixers.liger_attention import LigerAttention
+from seqmix.mixers.lolcats import LolcatsAttention
 from seqmix.models.config import ModelConfig
 from seqmix.models.hf import save_pretrained
 from seqmix.models.lm import LanguageModel
@@ -36,3 +40,26 @@ def test_linearize_trains_the_adapters_of_the_converted_model_only(tmp_path, cap
 
     assert main(["linearize", str(tmp_path), "--method", "liger_gla"]) == 2
     assert "not a Hugging Face checkpoint directory" in capsys.readouterr().err
+
+
+def test_lolcats_runs_attention_transfer_then_lora_on_q_k_v_o(tmp_path, capsys):
+    config = build(ModelConfig, {"vocab_size": 256, "d_model": 32, "n_layers": 2, "n_heads": 2, "init_std": 0.1},
+                   "model")
+    teacher = LanguageModel(config, rngs=nnx.Rngs(0))
+    save_pretrained(teacher, config, tmp_path / "teacher")
+    run = tmp_path / "run"  # rows of 80 tokens: older ones than the 64-token window exist
+    assert main(["linearize", str(tmp_path / "teacher"), "steps=2", f"out_dir={run}", "eval_every=2",
+                 "eval_batches=1", "sample_tokens=0", "data.seq_len=80", "data.batch_size=8", "optim.warmup_steps=1",
+                 "checkpoint.every_steps=2", "attention_transfer.steps=3", "--method", "lolcats"]) == 0
+    assert "linearized (lolcats) and trained 2 LoRA steps" in capsys.readouterr().out
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["steps"] for r in records if r["kind"] == "attention_transfer"] == [3]
+
+    student = _load_trained(str(run), []).train_state.model()
+    for layer, source in zip(student.layers, teacher.layers):
+        mixer = layer.self_attn
+        assert isinstance(mixer, LolcatsAttention)
+        assert not np.array_equal(mixer.q_map.weight[...], np.broadcast_to(np.eye(16), (2, 16, 16)))  # transferred
+        np.testing.assert_array_equal(mixer.o_proj.base.kernel[...], source.self_attn.o_proj.kernel[...])
+        assert np.abs(mixer.o_proj.adapter.lora_b[...]).max() > 0
+        assert mixer.o_proj.scale == 2.0  # alpha 16 / rank 8
