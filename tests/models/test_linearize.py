@@ -86,11 +86,13 @@ def test_kept_layers_stay_attention_and_the_teacher_is_untouched():
         linearize(model, config, "liger_gla", keep=[2])
 
 
-def test_a_linearized_model_decodes_from_its_cache_as_its_full_forward():
-    """Liger attention (window 64) on 80 tokens: a 70-token prefill fills the ring buffer past its
-    64 slots, then 10 one-token steps; the logits equal one full forward."""
+@pytest.mark.parametrize("method", ["liger_attention", "lolcats"])
+def test_a_linearized_model_decodes_from_its_cache_as_its_full_forward(method):
+    """Liger attention or LoLCATs (window 64) on 80 tokens: a 70-token prefill fills the ring
+    buffer past its 64 slots (LoLCATs' state takes the tokens that leave it), then 10 one-token
+    steps; the logits equal one full forward."""
     model, config = teacher("llama")
-    student, _ = linearize(model, config, "liger_attention")
+    student, _ = linearize(model, config, method)
     tokens = jax.random.randint(jax.random.key(3), (2, 80), 0, config.vocab_size)
     extend = jax.jit(lambda tokens, cache: student.extend(tokens, cache))
     logits, cache = extend(tokens[:, :70], student.init_cache(2, 80))
