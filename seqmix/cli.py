@@ -105,7 +105,8 @@ def cmd_linearize(args) -> int:
     except CheckpointError as err:
         raise ConfigError(str(err)) from err
     run = args.run or f"configs/runs/{'lolcats' if args.method == 'lolcats' else 'linearize'}.yaml"
-    config = load_train_config(run, [*args.overrides, f"init_from={args.checkpoint}"])
+    # A JSON string is a YAML scalar that stays the path, whatever characters it holds.
+    config = load_train_config(run, [*args.overrides, f"init_from={json.dumps(str(args.checkpoint))}"])
     config = dataclasses.replace(config, model=linearized_config(teacher, args.method, keep=args.keep),
                                  lora=config.lora or LoRAConfig())
     config.validate("")

@@ -19,7 +19,7 @@ recurrence (y = r W_o: Liger-GLA), and `recurrence: hgrn2` swaps in Liger-HGRN2'
     log g_t = logsigmoid(k_t),   S_t = diag(g_t) S_{t-1} + (1 - g_t) v_t^T,   r_t = S_t^T phi(q_t).
 
 Decoding carries both branches: the recurrence's [K, V] state per head and a ring buffer of the
-last W keys and values (`LigerCache`); neither grows with the context.
+last W keys and values (a `WindowedRecurrentCache`); neither grows with the context.
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import nnx
 
 from seqmix.configuration import require
 from seqmix.layers import feature_maps
 from seqmix.layers.rotary import apply_rotary
-from seqmix.mixers.attention import Attention, AttentionConfig, KVCache
-from seqmix.mixers.recurrent import RecurrentCache, RecurrentMixer
+from seqmix.mixers.attention import Attention, AttentionConfig
+from seqmix.mixers.recurrent import RecurrentMixer, WindowedRecurrentCache
 from seqmix.mixers.registry import register_mixer
 from seqmix.pallas_kernels.gla import chunk_gla, gla_step
 
@@ -53,20 +53,6 @@ class LigerAttentionConfig:
         require(self.window is None or self.window > 0, path, "window", f"must be positive or null, got {self.window}")
 
 
-@struct.dataclass
-class LigerCache:
-    """recurrent: the gated recurrence's state; window: a ring of the last W keys and values
-    (None without the window branch)."""
-
-    recurrent: RecurrentCache
-    window: KVCache | None
-
-    @property
-    def lengths(self) -> jax.Array:
-        """[B] int32: tokens seen per row (both branches have seen the same)."""
-        return self.recurrent.lengths
-
-
 @register_mixer("liger_attention", LigerAttentionConfig)
 class LigerAttention(Attention, RecurrentMixer):
     """x [B, T, D] -> [B, T, D]; n_heads query heads and n_kv_heads key/value heads of head_dim."""
@@ -77,7 +63,7 @@ class LigerAttention(Attention, RecurrentMixer):
         self.init_state(model_config.n_heads, self.head_dim, self.head_dim)
         self.recurrence = config.recurrence
 
-    def __call__(self, x, *, segment_ids=None, positions=None, cache: LigerCache | None = None):
+    def __call__(self, x, *, segment_ids=None, positions=None, cache: WindowedRecurrentCache | None = None):
         """x [B, T, D]; segment_ids [B, T] (0 = padding) or None; positions [B, T] int32 (default:
         0..T-1 in every row), for the window branch's RoPE. Returns (y [B, T, D], cache).
 
@@ -100,7 +86,7 @@ class LigerAttention(Attention, RecurrentMixer):
                 segment_ids=segment_ids, cache=None if cache is None else cache.window)
             out = 0.5 * recurrent_out + 0.5 * window_out
         if cache is not None:
-            cache = LigerCache(recurrent=recurrent_cache, window=window_cache)
+            cache = WindowedRecurrentCache(recurrent=recurrent_cache, window=window_cache)
         return self.o_proj(out.astype(x.dtype).reshape(batch, length, -1)), cache
 
     def _recurrent_inputs(self, q, k, v) -> dict:
@@ -116,7 +102,7 @@ class LigerAttention(Attention, RecurrentMixer):
         return dict(q=phi(q), k=to_query_heads(keys), v=to_query_heads(v).astype(jnp.float32),
                     log_g=to_query_heads(log_g))
 
-    def init_cache(self, batch: int, max_len: int, dtype) -> LigerCache:
+    def init_cache(self, batch: int, max_len: int, dtype) -> WindowedRecurrentCache:
         """An empty cache: a zero state and W empty slots per row, whatever max_len."""
         window = None if self.window is None else Attention.init_cache(self, batch, max_len, dtype)
-        return LigerCache(recurrent=RecurrentMixer.init_cache(self, batch, max_len, dtype), window=window)
+        return WindowedRecurrentCache(recurrent=RecurrentMixer.init_cache(self, batch, max_len, dtype), window=window)

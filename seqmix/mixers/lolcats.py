@@ -23,8 +23,9 @@ padding), so its state at t holds exactly the tokens j <= t - W of t's segment, 
 subtraction and a clean reset at every segment start. The window is `Attention`'s mask.
 
 Decoding carries a ring buffer of the last W rotated keys and values (as sliding-window
-attention) and the recurrent state of the tokens older than that (`LolcatsCache`); a token joins
-the state as it leaves the ring. Neither grows with the context.
+attention) and the state [H, 2d, d + 1] of the tokens older than that (its last column sums
+phi_k), in a `WindowedRecurrentCache`; a token joins the state as it leaves the ring. Neither
+grows with the context.
 
 Parameters: q/k/v/o_proj of `Attention`'s shapes (a pretrained attention layer loads unchanged),
 plus q_map, k_map and window_factor, which are `TransferParam`s: attention transfer trains them.
@@ -38,14 +39,14 @@ import math
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import nnx
 
 from seqmix.configuration import require
 from seqmix.layers.feature_maps import Hedgehog
 from seqmix.layers.rotary import apply_rotary
 from seqmix.layers.transfer import TransferParam
 from seqmix.mixers.attention import Attention, AttentionConfig, KVCache, attention_mask, grouped_logits, ring_window
-from seqmix.mixers.recurrent import RecurrentCache, RecurrentMixer
+from seqmix.mixers.recurrent import RecurrentMixer, WindowedRecurrentCache
 from seqmix.mixers.registry import register_mixer
 from seqmix.pallas_kernels.gla import chunk_gla, gla_step
 
@@ -59,20 +60,6 @@ class LolcatsConfig:
 
     def validate(self, path: str) -> None:
         require(self.window > 0, path, "window", f"must be positive, got {self.window}")
-
-
-@struct.dataclass
-class LolcatsCache:
-    """recurrent: the linear attention's state over the tokens older than the window, [B, H,
-    2d, d + 1] (the last column sums phi_k); window: a ring of the last W keys and values."""
-
-    recurrent: RecurrentCache
-    window: KVCache
-
-    @property
-    def lengths(self) -> jax.Array:
-        """[B] int32: tokens seen per row."""
-        return self.window.lengths
 
 
 @register_mixer("lolcats", LolcatsConfig)
@@ -90,7 +77,7 @@ class LolcatsAttention(Attention, RecurrentMixer):
         self.window_factor = TransferParam(jnp.full((heads,), initial, jnp.float32), out_sharding=("heads",),
                                            eager_sharding=False)
 
-    def __call__(self, x, *, segment_ids=None, positions=None, cache: LolcatsCache | None = None):
+    def __call__(self, x, *, segment_ids=None, positions=None, cache: WindowedRecurrentCache | None = None):
         """x [B, T, D]; segment_ids [B, T] (0 = padding) or None; positions [B, T] int32 (default:
         0..T-1 in every row). Returns (y [B, T, D], cache).
 
@@ -115,7 +102,7 @@ class LolcatsAttention(Attention, RecurrentMixer):
         older, recurrent_cache = self._older_tokens(q, older_k, older_v, older_real, cache, segment_ids)
         out = self._combine(q, keys, values, mask, older)
         if cache is not None:
-            cache = LolcatsCache(recurrent=recurrent_cache, window=window_cache)
+            cache = WindowedRecurrentCache(recurrent=recurrent_cache, window=window_cache)
         return self.o_proj(out.astype(x.dtype).reshape(batch, length, -1)), cache
 
     def _older_tokens(self, q, older_k, older_v, older_real, cache, segment_ids):
@@ -146,10 +133,10 @@ class LolcatsAttention(Attention, RecurrentMixer):
         numerator = window_out.reshape(batch, length, heads, dim) + older[..., :-1]
         return numerator / (window_sum + older[..., -1:])
 
-    def init_cache(self, batch: int, max_len: int, dtype) -> LolcatsCache:
+    def init_cache(self, batch: int, max_len: int, dtype) -> WindowedRecurrentCache:
         """An empty cache: a zero state and W empty slots per row, whatever max_len."""
-        return LolcatsCache(recurrent=RecurrentMixer.init_cache(self, batch, max_len, dtype),
-                            window=Attention.init_cache(self, batch, max_len, dtype))
+        return WindowedRecurrentCache(recurrent=RecurrentMixer.init_cache(self, batch, max_len, dtype),
+                                      window=Attention.init_cache(self, batch, max_len, dtype))
 
 
 def _delayed_tokens(k, v, segment_ids, window: int):

@@ -16,6 +16,7 @@ from flax import nnx, struct
 
 from seqmix.layers.linear import projection
 from seqmix.layers.norms import RMSNorm
+from seqmix.mixers.attention import KVCache
 
 
 @struct.dataclass
@@ -27,6 +28,21 @@ class RecurrentCache:
     state: jax.Array
     conv_tails: tuple[jax.Array, ...]
     lengths: jax.Array
+
+
+@struct.dataclass
+class WindowedRecurrentCache:
+    """The cache of a recurrence beside a sliding window over the same projections (Liger
+    attention, LoLCATs): recurrent, the recurrence's; window, a ring of the last W keys and values
+    (None for a Liger layer without its window branch)."""
+
+    recurrent: RecurrentCache
+    window: KVCache | None
+
+    @property
+    def lengths(self) -> jax.Array:
+        """[B] int32: tokens seen per row (both parts have seen the same)."""
+        return self.recurrent.lengths
 
 
 class RecurrentMixer(nnx.Module):
