@@ -1,6 +1,7 @@
 """Sharded training on 8 fake CPU devices: logical axis rules, parameter and optimizer placement,
 one train step on several meshes against a single device, gradient accumulation, bfloat16
-compute, and a Trainer run whose checkpoint is restored onto other meshes.
+compute, and a Trainer run whose checkpoint is restored onto other meshes. The one-step
+comparison covers an attention model, a GLA model and a 3:1 Gated DeltaNet hybrid.
 
 Train states are built once per mesh and kept on the host; every step starts from a fresh
 device copy (the train step donates its state). Compilation dominates the run time (about
@@ -26,11 +27,16 @@ from seqmix.train.trainer import Trainer
 
 SEQ_LEN = 32
 # warmup_steps=0: with warmup the first step's learning rate is 0 and no parameter would move.
-OVERRIDES = [
-    f"data.seq_len={SEQ_LEN}", "data.batch_size=8", "optim.warmup_steps=0", "sample_tokens=0",
-    "model.n_layers=1", "model.layer_pattern=[local]", "model.mixers={local: {type: attention, sliding_window: 16}}",
-]
-MESHES = [(8, 1, 1, 1), (2, 4, 1, 1), (2, 2, 2, 1)]  # (data, fsdp, tensor, sequence)
+RUN = [f"data.seq_len={SEQ_LEN}", "data.batch_size=8", "optim.warmup_steps=0", "sample_tokens=0"]
+MODELS = {
+    "attention": ["model.n_layers=1", "model.layer_pattern=[local]",
+                  "model.mixers={local: {type: attention, sliding_window: 16}}"],
+    "gla": ["model.n_layers=1", "model.layer_pattern=[gla]", "model.mixers={}"],
+    "gated_deltanet_3to1": ["model.n_layers=4", "model.mixers={}",
+                            "model.layer_pattern=[gated_deltanet, gated_deltanet, gated_deltanet, attention]"],
+}
+OVERRIDES = RUN + MODELS["attention"]
+MESHES = [(8, 1, 1, 1), (2, 4, 1, 1), (2, 2, 2, 1), (1, 2, 1, 4)]  # (data, fsdp, tensor, sequence)
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards hum".split()
 
 
@@ -112,8 +118,8 @@ def _assert_same_step(result, reference):
 class Setup:
     """Shared config, fixed batch, train states per mesh (kept on the host) and step results."""
 
-    def __init__(self):
-        self.config = load_train_config("configs/runs/smoke.yaml", OVERRIDES)
+    def __init__(self, model: str):
+        self.config = load_train_config("configs/runs/smoke.yaml", RUN + MODELS[model])
         dataset = make_dataset(_documents(60, seed=1), ByteTokenizer(), seq_len=SEQ_LEN, batch_size=8,
                                seed=0, shuffle=True, repeat=True)
         self.batch = next(iter(dataset))  # dict of [8, T] int32
@@ -153,9 +159,19 @@ class Setup:
         return self._results[key][:3]
 
 
+_SETUPS: dict[str, Setup] = {}
+
+
+def setup_for(model: str) -> Setup:
+    """One Setup per model for the whole module (states and step results are reused)."""
+    if model not in _SETUPS:
+        _SETUPS[model] = Setup(model)
+    return _SETUPS[model]
+
+
 @pytest.fixture(scope="module")
 def setup():
-    return Setup()
+    return setup_for("attention")
 
 
 def test_logical_rules_map_divide_and_drop_unit_axes():
@@ -233,11 +249,14 @@ def test_create_train_state_shards_params_and_moments(setup):
 
 
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
-def test_train_step_matches_single_device(setup, shape):
+@pytest.mark.parametrize("model", MODELS)
+def test_train_step_matches_single_device(model, shape):
     """Breaks if sharding changes the math: a batch split that drops or duplicates rows, a loss
     or token count summed per shard instead of globally, a wrong gradient reduction over data or
     fsdp, a tensor-parallel matmul missing its all-reduce, segment ids split from their tokens,
-    or an optimizer update applied to only some shards."""
+    a chunked scan or attention split over the sequence axis that loses the state or keys
+    crossing a shard boundary, or an optimizer update applied to only some shards."""
+    setup = setup_for(model)
     segment_ids = setup.batch["segment_ids"]
     assert (segment_ids.max(axis=1) >= 2).sum() >= 3  # packed rows with several documents
     assert (segment_ids == 0).any()  # and some padding
