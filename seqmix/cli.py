@@ -34,9 +34,11 @@ def _load_trained(path: str, overrides: list[str]):
 
 
 def cmd_train(args) -> int:
+    from seqmix.train import distributed
     from seqmix.train.config import load_train_config
     from seqmix.train.trainer import train
 
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     config = load_train_config(args.config, args.overrides)
     result = train(config, resume=args.resume)
     print(f"\ntrained {result.step} steps -> {result.out_dir}")
@@ -125,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="run YAML, e.g. configs/runs/shakespeare.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 model.n_layers=4")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    train.add_argument("--coordinator", help="multi-process run: host:port of process 0 (or SEQMIX_COORDINATOR)")
+    train.add_argument("--num-processes", type=int, help="multi-process run: processes in all (or SEQMIX_NUM_PROCESSES)")
+    train.add_argument("--process-id", type=int, help="multi-process run: this process, 0.. (or SEQMIX_PROCESS_ID)")
     train.set_defaults(func=cmd_train)
 
     data = commands.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)

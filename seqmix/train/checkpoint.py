@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import grain.checkpoint
+import jax
 import orbax.checkpoint as ocp
 
 logger = logging.getLogger(__name__)
@@ -110,13 +111,14 @@ class Checkpointer:
             return None
         items = {"state": ocp.args.StandardRestore(abstract_state), "metadata": ocp.args.JsonRestore()}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
             data_state = data_iterator.get_state()
         failures = []
         for i, candidate in enumerate(steps):
             path = self.directory / str(candidate)
             try:
                 restored = self._manager.restore(candidate, args=ocp.args.Composite(**items))
+                if data_iterator is not None:
+                    data_iterator.set_state(_saved_iterator_state(path / "data"))
             except Exception as err:  # any unreadable item makes the whole checkpoint unusable
                 failure = f"{path}: {type(err).__name__}: {err}"
                 logger.warning("cannot restore checkpoint %s, skipping it", failure)
@@ -141,3 +143,14 @@ class Checkpointer:
     def close(self) -> None:
         """Waits for the save in flight and releases orbax's threads."""
         self._manager.close()
+
+
+def _saved_iterator_state(directory: Path) -> dict:
+    """The grain iterator state in a checkpoint's `data` item: this process's file, or, for a
+    run saved with another number of processes, any process's. The input pipeline makes every
+    process iterate the same global batches (`make_dataset`), so all files hold the same state."""
+    own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    files = [own] if own.exists() else sorted(directory.glob("process_*-of-*.json"))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no data iterator state (process_*-of-*.json)")
+    return json.loads(files[0].read_text())

@@ -36,16 +36,12 @@ def load_corpus(config: DataConfig) -> Corpus:
     return Corpus(tokenizer, train, held_out)
 
 
-def local_batch_size(config: DataConfig) -> int:
-    """Rows each process loads per micro-batch: data.batch_size is the global batch."""
+def _packed_batches(config: DataConfig, corpus: Corpus, documents: list[str], *, seed: int, training: bool):
+    """This process's rows of the global batches (data.batch_size rows each)."""
     if config.batch_size % jax.process_count():
         raise DataError(f"data.batch_size={config.batch_size} is not divisible by {jax.process_count()} processes")
-    return config.batch_size // jax.process_count()
-
-
-def _packed_batches(config: DataConfig, corpus: Corpus, documents: list[str], *, seed: int, training: bool):
     dataset = make_dataset(
-        documents, corpus.tokenizer, seq_len=config.seq_len, batch_size=local_batch_size(config),
+        documents, corpus.tokenizer, seq_len=config.seq_len, batch_size=config.batch_size,
         seed=seed, shuffle=training, repeat=training,
         process_index=jax.process_index(), process_count=jax.process_count(),
     )

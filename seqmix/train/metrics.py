@@ -8,19 +8,23 @@ from typing import Any
 
 
 class MetricsLog:
-    """Appends one JSON object per line to `path` (a resumed run continues the same file)."""
+    """Appends one JSON object per line to `path` (a resumed run continues the same file);
+    with `path` None (a process that does not write the run's files) it keeps nothing."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a")
+    def __init__(self, path: str | Path | None):
+        self._file = None
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._file = Path(path).open("a")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -1,6 +1,7 @@
 """The training loop: data -> jitted step -> metrics, evaluation, checkpoints, and a sample.
 
-A run directory holds `config.yaml` (the resolved config), `checkpoints/` (orbax),
+A run directory holds `config.yaml` (the resolved config), `checkpoints/` (orbax, written by
+every process of a multi-process run; the other files by process 0 alone),
 `metrics.jsonl` and, at the end, `loss.png`. `resume=True` continues from the newest complete
 checkpoint with the same next batch; SIGTERM/SIGINT save a checkpoint before the loop exits.
 """
@@ -185,9 +186,11 @@ class Trainer:
         if resume and existing is not None:
             self.restore_latest()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        writer = jax.process_index() == 0  # of several processes, one writes the run's files
+        if writer:
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
         unigram = unigram_entropy(self.corpus.train_documents, self.corpus.tokenizer)
-        log = MetricsLog(self.out_dir / "metrics.jsonl")
+        log = MetricsLog(self.out_dir / "metrics.jsonl" if writer else None)
         print(
             f"seqmix: {jax.device_count()} device(s), mesh {describe(self.mesh)}, "
             f"{_count_params(self.train_state)/1e6:.2f}M parameters, unigram baseline {unigram:.3f} nats/token",
@@ -252,7 +255,8 @@ class Trainer:
         if stop_signal is not None:
             print(f"stopped by signal {stop_signal} at step {self.step}; checkpoint saved in "
                   f"{self.checkpointer.directory}", file=sys.stderr)
-        plot_loss(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png", baseline=unigram)
+        if writer:
+            plot_loss(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png", baseline=unigram)
         sample = None
         if stop_signal is None and config.sample_tokens > 0:
             sample = self.sample([config.sample_prompt], config.sample_tokens)[0]

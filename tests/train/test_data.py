@@ -261,27 +261,25 @@ def test_same_seed_same_batches_other_seed_other_order():
     assert any(not np.array_equal(a["inputs"], b["inputs"]) for a, b in zip(run(7), other))
 
 
-def test_processes_read_disjoint_shards_that_cover_each_epoch():
-    seq_len, n_proc = 8, 3
-    docs = random_documents(3, 31, 2, seq_len + 1)  # one piece per document
-    pieces = all_pieces(docs, seq_len)
-    n = len(pieces)
-    assert n == 31
-    global_stream = {}
-    for p in range(n_proc):
-        ds = make_dataset(docs, BYTES, seq_len=seq_len, batch_size=1, seed=5, process_index=p,
-                          process_count=n_proc)
-        it = iter(ds)
-        stream = []
-        # With one packing bin, rows hold consecutive pieces in stream order.
-        while len(stream) < 3 * n:
-            stream.extend(segments(next(it)))
-        # Process p reads global positions p, p + n_proc, ... of the shuffled, repeated stream.
-        global_stream.update({p + n_proc * i: piece for i, piece in enumerate(stream)})
-    epochs = [[global_stream[g] for g in range(e * n, (e + 1) * n)] for e in range(3)]
-    for epoch in epochs:
-        assert collections.Counter(epoch) == collections.Counter(pieces)
-    assert epochs[0] != epochs[1] != epochs[2]  # each epoch is shuffled anew
+def test_processes_hold_their_rows_of_the_same_global_batches():
+    """Process i of 3 yields rows [2i, 2i + 2) of each 6-row global batch, whatever the count:
+    stacked in process order they are the one-process batches, and an iterator state saved by
+    any process resumes every process (and a single one) at the same global batch."""
+    docs = random_documents(3, 90, 2, 40)
+    whole = take(iter(make_dataset(docs, BYTES, seq_len=12, batch_size=6, seed=5)), 8)
+    parts = [iter(make_dataset(docs, BYTES, seq_len=12, batch_size=6, seed=5, process_index=p, process_count=3))
+             for p in range(3)]
+    per_process = [take(it, 5) for it in parts]
+    for step in range(5):
+        for key in whole[step]:
+            stacked = np.concatenate([per_process[p][step][key] for p in range(3)])
+            np.testing.assert_array_equal(stacked, whole[step][key], err_msg=f"{step} {key}")
+    state = json.loads(json.dumps(parts[2].get_state()))
+    single = iter(make_dataset(docs, BYTES, seq_len=12, batch_size=6, seed=5))
+    single.set_state(state)
+    assert_batches_equal(take(single, 3), whole[5:8])
+    with pytest.raises(ValueError, match="batch_size=6 is not divisible by 4 processes"):
+        make_dataset(docs, BYTES, seq_len=12, batch_size=6, seed=5, process_index=0, process_count=4)
 
 
 @pytest.mark.parametrize("repeat", [True, False])

@@ -61,28 +61,31 @@ def make_dataset(documents: list[str | Instruction], tokenizer: Tokenizer, *, se
                  process_count: int = 1) -> grain.IterDataset:
     """Packed batches of next-token examples from `documents`.
 
-    Yields dicts of int32 numpy arrays, each of shape [batch_size, seq_len]:
+    Yields dicts of int32 numpy arrays, each of shape [batch_size / process_count, seq_len]:
       inputs, targets: token ids, targets[b, t] the token after inputs[b, t]; 0 at padding.
       segment_ids: 1, 2, ... for the pieces packed in a row, 0 at padding.
       positions: index of the token within its piece, restarting at 0 with each segment.
       loss_mask: 1 where the target is scored (plain text: everywhere; an instruction: its
         response), 0 at padding.
     Pieces are shuffled with `seed`, differently each epoch (`shuffle`); `repeat` makes the stream
-    infinite, otherwise it ends after one epoch (the last incomplete batch dropped). Process
-    `process_index` of `process_count` reads every `process_count`-th piece of the (shuffled,
-    repeated) stream, so processes read disjoint pieces that together cover each epoch once.
+    infinite, otherwise it ends after one epoch (the last incomplete batch dropped).
+    `batch_size` is the global batch: process `process_index` of `process_count` keeps rows
+    [i * b, (i + 1) * b) of each (b = batch_size / process_count). Every process packs the same
+    global stream (cheap next to a train step), so the global batches, and the iterator state a
+    checkpoint stores, do not depend on the number of processes: a run resumes exactly on any.
     The iterator's `get_state()` / `set_state()` resume exactly; iteration is deterministic.
     """
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"seq_len and batch_size must be positive, got {seq_len}, {batch_size}")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if batch_size % process_count:
+        raise ValueError(f"batch_size={batch_size} is not divisible by {process_count} processes")
     ds = grain.MapDataset.source(_cut_pieces(documents, tokenizer, seq_len))
     if shuffle:
         ds = ds.shuffle(seed)
     if repeat:
         ds = ds.repeat()
-    ds = ds[process_index::process_count]
     # Reading a piece is a slice of one array: prefetch threads would cost more than they save.
     packed = grain.experimental.FirstFitPackIterDataset(
         ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)),
@@ -90,7 +93,11 @@ def make_dataset(documents: list[str | Instruction], tokenizer: Tokenizer, *, se
         num_packing_bins=batch_size,
         shuffle_bins=False,
     )
-    return packed.batch(batch_size, drop_remainder=True).map(_rename)
+    batches = packed.batch(batch_size, drop_remainder=True).map(_rename)
+    if process_count == 1:
+        return batches
+    rows = slice(process_index * batch_size // process_count, (process_index + 1) * batch_size // process_count)
+    return batches.map(lambda batch: {key: value[rows] for key, value in batch.items()})
 
 
 def unigram_entropy(documents: list[str | Instruction], tokenizer: Tokenizer) -> float:
