@@ -40,6 +40,8 @@ def cmd_train(args) -> int:
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     config = load_train_config(args.config, args.overrides)
+    if args.compile_only:
+        return _compile_only(config)
     result = train(config, resume=args.resume)
     print(f"\ntrained {result.step} steps -> {result.out_dir}")
     if result.eval_loss is not None:
@@ -47,6 +49,20 @@ def cmd_train(args) -> int:
     if result.sample is not None:
         print(f"\n--- sample ---\n{result.sample}\n--------------")
     return 0 if result.stop_signal is None else 128 + result.stop_signal
+
+
+def _compile_only(config) -> int:
+    from seqmix.train.compile_check import compile_train_step
+    from seqmix.train.sharding import describe, make_mesh
+
+    mesh = make_mesh(config.mesh)
+    report = compile_train_step(config, mesh)
+    mib = lambda n: f"{n / 2**20:,.1f} MiB"
+    print(f"compiled the train step for mesh {describe(mesh)} ({mesh.size} devices); per device: "
+          f"arguments {mib(report.arguments)} (parameters, optimizer state, batch), "
+          f"temporaries {mib(report.temporaries)}, outputs {mib(report.outputs)} "
+          f"({mib(report.aliased)} of them in donated buffers), peak {mib(report.peak)}")
+    return 0
 
 
 def cmd_data_prepare(args) -> int:
@@ -127,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="run YAML, e.g. configs/runs/shakespeare.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 model.n_layers=4")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    train.add_argument("--compile-only", action="store_true",
+                       help="lower and compile the train step for the mesh, print memory per device, and stop")
     train.add_argument("--coordinator", help="multi-process run: host:port of process 0 (or SEQMIX_COORDINATOR)")
     train.add_argument("--num-processes", type=int, help="multi-process run: processes in all (or SEQMIX_NUM_PROCESSES)")
     train.add_argument("--process-id", type=int, help="multi-process run: this process, 0.. (or SEQMIX_PROCESS_ID)")

@@ -50,6 +50,15 @@ def _model_and_optimizer(config: TrainConfig):
     return model, nnx.Optimizer(model, make_optimizer(config.optim, config.steps), wrt=trainable_type(config))
 
 
+def abstract_train_state(config: TrainConfig, mesh: Mesh) -> TrainState:
+    """The train state of `config` on `mesh` with no array allocated: its state holds
+    `jax.ShapeDtypeStruct`s carrying their shardings (what compiling the step ahead of time needs)."""
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: _model_and_optimizer(config)))
+    shardings = state_shardings(abstract_state, mesh)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)
+    return TrainState(graphdef, state, shardings, trainable_type(config))
+
+
 def create_train_state(config: TrainConfig, mesh: Mesh) -> TrainState:
     """Initialises model and optimizer state sharded by the logical axis rules, then (with
     `init_from`) replaces the model's weights by a Hugging Face checkpoint's, each placed
@@ -58,12 +67,11 @@ def create_train_state(config: TrainConfig, mesh: Mesh) -> TrainState:
     The initialiser is jitted with the target shardings as outputs, so no device ever holds
     the full unsharded state (what makes FSDP of a large model possible).
     """
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: _model_and_optimizer(config)))
-    shardings = state_shardings(abstract_state, mesh)
-    state = jax.jit(lambda: nnx.split(_model_and_optimizer(config))[1], out_shardings=shardings)()
-    train_state = TrainState(graphdef, state, shardings, trainable_type(config))
+    train_state = abstract_train_state(config, mesh)
+    train_state.state = jax.jit(lambda: nnx.split(_model_and_optimizer(config))[1],
+                                out_shardings=train_state.shardings)()
     if config.init_from is not None:
-        model, optimizer = nnx.merge(graphdef, state)
+        model, optimizer = nnx.merge(train_state.graphdef, train_state.state)
         # LoRA adapters and a conversion's new parameters keep their initialisation.
         base = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.Any(nnx.LoRAParam, TransferParam))))
         weights = read_weights(config.init_from, base, tie_embeddings=config.model.tie_embeddings)
