@@ -1,9 +1,12 @@
 """Ahead-of-time compilation of a run's train step on a mesh, with nothing allocated or run:
-whether the step partitions and compiles for that mesh, and what each device would hold."""
+whether the step partitions and compiles for that mesh, what each device would hold, and what
+its collectives move."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -44,3 +47,28 @@ def compile_train_step(config: TrainConfig, mesh: Mesh) -> CompiledStep:
     memory = compiled.memory_analysis()
     return CompiledStep(memory.argument_size_in_bytes, memory.output_size_in_bytes, memory.temp_size_in_bytes,
                         memory.alias_size_in_bytes, compiled)
+
+
+_COLLECTIVE = re.compile(r"=\s*(.+?)\s+(all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)(-start)?\(")
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+    """Bytes of the results of each kind of collective (all-gather, all-reduce, ...) in compiled
+    HLO text (`compiled.as_text()`): per device, what the collectives hand it, the measure of
+    the step's communication. Collectives inside loops count once per appearance in the text."""
+    totals: dict[str, int] = {}
+    for line in hlo_text.splitlines():
+        match = _COLLECTIVE.search(line)
+        if not match:
+            continue
+        shapes = _ARRAY.findall(match.group(1))
+        if match.group(3):  # an async start returns (operands..., results...): keep the results
+            shapes = shapes[len(shapes) // 2:]
+        size = sum(_element_bytes(dtype) * math.prod(int(d) for d in dims.split(",") if d) for dtype, dims in shapes)
+        totals[match.group(2)] = totals.get(match.group(2), 0) + size
+    return totals
+
+
+def _element_bytes(dtype: str) -> int:
+    return 1 if dtype == "pred" else 2 if dtype == "bf16" else int(dtype[1:]) // 8

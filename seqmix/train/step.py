@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -90,7 +92,7 @@ def make_train_step(train_state: TrainState, mesh: Mesh, compute_dtype: str, los
         return new_state, metrics
 
     return jax.jit(
-        step,
+        _under_mesh(step, mesh),
         in_shardings=(train_state.shardings, batch_sharding(mesh, leading_dims=1)),
         out_shardings=(train_state.shardings, None),
         donate_argnums=0,
@@ -107,4 +109,14 @@ def make_eval_step(train_state: TrainState, mesh: Mesh, compute_dtype: str, loss
         _, (cross_entropy, count) = _batch_loss(model_graphdef, params, rest, batch, dtype, loss_chunk_tokens)
         return cross_entropy, count
 
-    return jax.jit(evaluate, in_shardings=(train_state.shardings, batch_sharding(mesh)))
+    return jax.jit(_under_mesh(evaluate, mesh), in_shardings=(train_state.shardings, batch_sharding(mesh)))
+
+
+def _under_mesh(function, mesh: Mesh):
+    """`function` traced with `mesh` ambient, so that ops which split sequences over its
+    sequence axis (`chunk_gla`, LASP-2) find it."""
+    @functools.wraps(function)
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return function(*args)
+    return traced

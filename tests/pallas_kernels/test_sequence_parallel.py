@@ -1,6 +1,7 @@
 """Sequence-parallel `chunk_gla` over 8 devices against the single-device op: outputs, final state
 and gradients, with segments that start mid-shard and span several shards, a shard of padding
-only, an initial state, per-key and per-head decays and none."""
+only, an initial state, per-key and per-head decays and none; and `chunk_gla` itself going
+sequence-parallel under a mesh, with communication that does not grow with T."""
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import pytest
 
 from seqmix.pallas_kernels.gla import chunk_gla
 from seqmix.pallas_kernels.gla.sequence_parallel import sequence_parallel_gla
+from seqmix.train.compile_check import collective_bytes
 
 SHARDS, SHARD_LEN = 8, 20  # T = 160; shards of 20 tokens, chunks of 16: a partial chunk per shard
 B, H, K, V = 3, 2, 8, 4
@@ -66,3 +68,29 @@ def test_a_length_that_does_not_split_evenly_is_refused():
     q = jnp.zeros((1, 20, 1, 4))
     with pytest.raises(ValueError, match="T=20 is not a multiple of the 8 devices of mesh axis 'sequence'"):
         sequence_parallel_gla(q, q, q, mesh=mesh)
+
+
+def test_chunk_gla_under_a_sequence_mesh_gathers_states_whose_size_does_not_grow_with_t():
+    """Traced with a mesh whose sequence axis has 8 devices ambient (as the train step traces),
+    `chunk_gla` runs sequence-parallel: the same output, and its one collective is the all-gather
+    of 8 per-shard summaries (states [B, H, K, V] and a few [B]-sized fields), equal at T = 160 and 320."""
+    mesh = jax.make_mesh((SHARDS,), ("sequence",), axis_types=(jax.sharding.AxisType.Auto,))
+    gathered = {}
+    for length in (SHARDS * SHARD_LEN, 2 * SHARDS * SHARD_LEN):
+        q = jax.random.normal(jax.random.key(length), (B, length, H, K))
+        log_g = jax.nn.log_sigmoid(3 + q)
+        segment_ids = jnp.ones((B, length), jnp.int32)
+
+        def under_mesh(q, log_g):
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                return chunk_gla(q, q, q[..., :V], log_g=log_g, segment_ids=segment_ids, chunk_size=16)
+
+        # The train step's arguments carry the concrete mesh like this (its in_shardings).
+        split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "sequence"))
+        compiled = jax.jit(under_mesh, in_shardings=(split, split)).lower(q, log_g).compile()
+        expected = chunk_gla(q, q, q[..., :V], log_g=log_g, segment_ids=segment_ids, chunk_size=16)
+        assert rel_err(compiled(q, log_g), expected) < 1e-5
+        gathered[length] = collective_bytes(compiled.as_text())
+    state_bytes = SHARDS * B * H * K * V * 4
+    assert gathered[160] == gathered[320], gathered
+    assert state_bytes <= sum(gathered[160].values()) < 1.5 * state_bytes, (gathered, state_bytes)

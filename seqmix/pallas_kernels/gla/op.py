@@ -1,5 +1,7 @@
 """`chunk_gla`: the one public op of the gated linear attention family, and its dispatch."""
 
+import jax
+
 from seqmix.pallas_kernels import checks, registry
 from seqmix.pallas_kernels.gla import chunk_math, pallas_gpu, pallas_tpu
 from seqmix.pallas_kernels.gla.reference import gla_reference, log_gate_of
@@ -28,6 +30,9 @@ def chunk_gla(q, k, v, *, log_g=None, log_a=None, scale=None, initial_state=None
     before each row's first segment. Any T; chunk_size (a multiple of 16) only changes the speed.
     impl: "auto" (fastest native implementation), "xla", "pallas_gpu", "pallas_tpu" (interpreted
     off their device) or "reference".
+    Under a mesh (`jax.set_mesh`, or `jax.sharding.use_abstract_mesh` inside jit) whose
+    "sequence" axis has several devices and divides T, the op runs sequence-parallel
+    (`sequence_parallel_gla`: one all-gather of per-shard states, whatever T).
     Returns o [B,T,H,V] in q's dtype, and final_state [B,H,K,V] float32 (the state at the end of
     each row) when output_final_state.
     """
@@ -44,6 +49,14 @@ def chunk_gla(q, k, v, *, log_g=None, log_a=None, scale=None, initial_state=None
     log_gate = log_gate_of(log_g, log_a, q.shape[:3])
     checks.state_and_segments(op, initial_state, segment_ids, batch, length, heads, key_dim, value_dim)
     checks.chunk_size(op, chunk_size, chunk_math.SUB_BLOCK)
+    # Imported here: the sequence-parallel form runs this op on each shard.
+    from seqmix.pallas_kernels.gla.sequence_parallel import sequence_parallel_gla, splits_sequence
+    mesh = jax.sharding.get_abstract_mesh()
+    if splits_sequence(mesh, length):
+        out, final_state = sequence_parallel_gla(
+            q, k, v, mesh=mesh, log_g=log_g, log_a=log_a, scale=scale, initial_state=initial_state,
+            segment_ids=segment_ids, output_final_state=True, chunk_size=chunk_size, impl=impl)
+        return (out, final_state) if output_final_state else out
     call = registry.KernelCall(key_dim, value_dim, chunk_size)
     implementation = registry.choose(IMPLEMENTATIONS, impl, call, op)
     out, final_state = implementation.run(

@@ -19,18 +19,33 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, PartitionSpec
 
 from seqmix.pallas_kernels.gla.op import chunk_gla
 from seqmix.pallas_kernels.gla.reference import log_gate_of
 
 
-def sequence_parallel_gla(q, k, v, *, mesh: Mesh, axis: str = "sequence", log_g=None, log_a=None, scale=None,
-                          initial_state=None, segment_ids=None, output_final_state=False, chunk_size=64,
+SEQUENCE_AXIS = "sequence"  # the mesh axis that splits sequences (seqmix.train.sharding's too)
+
+
+def splits_sequence(mesh, length: int) -> bool:
+    """Whether `chunk_gla` over T = `length` tokens runs sequence-parallel under `mesh` (an
+    abstract mesh): its sequence axis has several devices, divides T, and is not already manual
+    (inside this op's own shard_map)."""
+    if mesh.empty or SEQUENCE_AXIS not in mesh.axis_names:
+        return False
+    size = mesh.shape[SEQUENCE_AXIS]
+    manual = mesh.axis_types[mesh.axis_names.index(SEQUENCE_AXIS)] == AxisType.Manual
+    return size > 1 and not manual and length % size == 0
+
+
+def sequence_parallel_gla(q, k, v, *, mesh: Mesh | AbstractMesh, axis: str = SEQUENCE_AXIS, log_g=None, log_a=None,
+                          scale=None, initial_state=None, segment_ids=None, output_final_state=False, chunk_size=64,
                           impl="auto"):
     """`chunk_gla` (same arguments, shapes and results) with T split over the mesh axis `axis`;
     T must be a multiple of that axis' size. Each device holds [B, T / n, ...] of every [B, T, ...]
-    input and output; the final state [B, H, K, V] float32 is replicated."""
+    input and output; the final state [B, H, K, V] float32 is replicated over `axis`. Only `axis`
+    is manual inside: the other mesh axes (batch, heads) stay sharded as XLA places them."""
     shards = mesh.shape[axis]
     batch, length, heads, key_dim = q.shape
     if length % shards:
@@ -49,7 +64,7 @@ def sequence_parallel_gla(q, k, v, *, mesh: Mesh, axis: str = "sequence", log_g=
     # The final state comes from the all-gathered summaries, equal on every device, though JAX's
     # varying-axis check cannot tell: it would refuse the replicated out_spec.
     out, final_state = jax.shard_map(body, mesh=mesh, in_specs=(split,) * 5 + (PartitionSpec(),),
-                                     out_specs=(split, PartitionSpec()), check_vma=False)(
+                                     out_specs=(split, PartitionSpec()), axis_names={axis}, check_vma=False)(
         q, k, v, gate, segment_ids, initial_state.astype(jnp.float32))
     return (out, final_state) if output_final_state else out
 
