@@ -16,13 +16,13 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from seqmix.configuration import ConfigError
-from seqmix.pallas_kernels.gla.sequence_parallel import SEQUENCE_AXIS
+from seqmix.pallas_kernels.sequence_parallel import SEQUENCE_AXIS
 
 MESH_AXES = ("data", "fsdp", "tensor", SEQUENCE_AXIS)
 
 LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
-    "length": (SEQUENCE_AXIS,),  # the linear mixers' chunk_gla then runs sequence-parallel (LASP-2)
+    "length": (SEQUENCE_AXIS,),  # the linear mixers' scans then run sequence-parallel (LASP-2)
     "embed": ("fsdp",),
     "vocab": ("tensor",),
     "mlp": ("tensor",),

@@ -1,9 +1,11 @@
 """Delta-rule family: DeltaNet and Gated DeltaNet.
 
-`chunk_delta_rule` is the op (training and prefill); `delta_step` the matching decode step.
+`chunk_delta_rule` is the op (training and prefill); `delta_step` the matching decode step;
+`sequence_parallel_delta_rule` splits the op's sequence over a mesh axis (LASP-2).
 """
 
 from seqmix.pallas_kernels.delta.op import IMPLEMENTATIONS, chunk_delta_rule
 from seqmix.pallas_kernels.delta.reference import delta_step
+from seqmix.pallas_kernels.delta.sequence_parallel import sequence_parallel_delta_rule
 
-__all__ = ["IMPLEMENTATIONS", "chunk_delta_rule", "delta_step"]
+__all__ = ["IMPLEMENTATIONS", "chunk_delta_rule", "delta_step", "sequence_parallel_delta_rule"]

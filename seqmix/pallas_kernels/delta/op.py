@@ -1,11 +1,13 @@
 """`chunk_delta_rule`: the one public op of the delta-rule family, and its dispatch."""
 
+import jax
 import jax.numpy as jnp
 
 from seqmix.pallas_kernels import checks, registry
 from seqmix.pallas_kernels.delta import pallas_gpu, pallas_tpu
 from seqmix.pallas_kernels.delta.reference import delta_reference
 from seqmix.pallas_kernels.delta.xla import delta_xla
+from seqmix.pallas_kernels.sequence_parallel import splits_sequence
 
 CHUNK_MULTIPLE = 16
 
@@ -31,6 +33,9 @@ def chunk_delta_rule(q, k, v, beta, *, log_a=None, scale=None, initial_state=Non
     segment. Any T; chunk_size (a multiple of 16) only changes the speed.
     impl: "auto" (fastest native implementation), "xla", "pallas_gpu", "pallas_tpu" (interpreted
     off their device) or "reference".
+    Under a mesh (`jax.set_mesh`, or `jax.sharding.use_abstract_mesh` inside jit) whose
+    "sequence" axis has several devices and divides T, the op runs sequence-parallel
+    (`sequence_parallel_delta_rule`: one all-gather of per-shard states and transitions).
     Returns o [B,T,H,V] in q's dtype, and final_state [B,H,K,V] float32 (the state at the end of
     each row) when output_final_state.
     """
@@ -43,6 +48,14 @@ def chunk_delta_rule(q, k, v, beta, *, log_a=None, scale=None, initial_state=Non
         checks.shape(op, "log_a", log_a, q.shape[:3], "[B,T,H]")
     checks.state_and_segments(op, initial_state, segment_ids, batch, length, heads, key_dim, value_dim)
     checks.chunk_size(op, chunk_size, CHUNK_MULTIPLE)
+    mesh = jax.sharding.get_abstract_mesh()
+    if splits_sequence(mesh, length):
+        # Imported here: the sequence-parallel form runs this op on each shard.
+        from seqmix.pallas_kernels.delta.sequence_parallel import sequence_parallel_delta_rule
+        out, final_state = sequence_parallel_delta_rule(
+            q, k, v, beta, mesh=mesh, log_a=log_a, scale=scale, initial_state=initial_state,
+            segment_ids=segment_ids, output_final_state=True, chunk_size=chunk_size, impl=impl)
+        return (out, final_state) if output_final_state else out
     call = registry.KernelCall(key_dim, value_dim, chunk_size)
     implementation = registry.choose(IMPLEMENTATIONS, impl, call, op)
     out, final_state = implementation.run(

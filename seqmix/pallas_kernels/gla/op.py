@@ -4,6 +4,7 @@ import jax
 
 from seqmix.pallas_kernels import checks, registry
 from seqmix.pallas_kernels.gla import chunk_math, pallas_gpu, pallas_tpu
+from seqmix.pallas_kernels.sequence_parallel import splits_sequence
 from seqmix.pallas_kernels.gla.reference import gla_reference, log_gate_of
 from seqmix.pallas_kernels.gla.xla import gla_xla
 
@@ -49,10 +50,10 @@ def chunk_gla(q, k, v, *, log_g=None, log_a=None, scale=None, initial_state=None
     log_gate = log_gate_of(log_g, log_a, q.shape[:3])
     checks.state_and_segments(op, initial_state, segment_ids, batch, length, heads, key_dim, value_dim)
     checks.chunk_size(op, chunk_size, chunk_math.SUB_BLOCK)
-    # Imported here: the sequence-parallel form runs this op on each shard.
-    from seqmix.pallas_kernels.gla.sequence_parallel import sequence_parallel_gla, splits_sequence
     mesh = jax.sharding.get_abstract_mesh()
     if splits_sequence(mesh, length):
+        # Imported here: the sequence-parallel form runs this op on each shard.
+        from seqmix.pallas_kernels.gla.sequence_parallel import sequence_parallel_gla
         out, final_state = sequence_parallel_gla(
             q, k, v, mesh=mesh, log_g=log_g, log_a=log_a, scale=scale, initial_state=initial_state,
             segment_ids=segment_ids, output_final_state=True, chunk_size=chunk_size, impl=impl)

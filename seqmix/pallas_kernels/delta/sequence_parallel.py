@@ -1,0 +1,56 @@
+"""Sequence-parallel `chunk_delta_rule` (LASP-2; the shared machinery is
+`pallas_kernels.sequence_parallel`).
+
+The delta rule's transition is a [K, K] matrix per token, a_t (I - beta_t k_t k_t^T), so a shard
+passes an entering state on multiplied by the product P of its first segment's transitions. The
+op itself computes P and the correction: scanning the shard with zero values from the identity
+gives P as the final state, and scanning it with zero values from the entering state S_in gives
+exactly the outputs S_in contributes (scale * q_t^T P_{<=t} S_in in the first segment, nothing
+after a reset). Three scans per shard instead of one, and the all-gather carries [B, H, K, V]
+states and [B, H, K, K] transitions, still independent of T.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+from jax.sharding import AbstractMesh, Mesh
+
+from seqmix.pallas_kernels.delta.op import chunk_delta_rule
+from seqmix.pallas_kernels.sequence_parallel import SEQUENCE_AXIS, entering_state, run_sharded, shard_segments
+
+
+def sequence_parallel_delta_rule(q, k, v, beta, *, mesh: Mesh | AbstractMesh, axis: str = SEQUENCE_AXIS, log_a=None,
+                                 scale=None, initial_state=None, segment_ids=None, output_final_state=False,
+                                 chunk_size=64, impl="auto"):
+    """`chunk_delta_rule` (same arguments, shapes and results) with T split over the mesh axis
+    `axis`, which must divide T. Each device holds [B, T / n, ...] of every [B, T, ...] input and
+    output; the final state [B, H, K, V] float32 is replicated over `axis`."""
+    batch, length, heads, key_dim = q.shape
+    if log_a is None:
+        log_a = jnp.zeros(beta.shape, jnp.float32)
+    if segment_ids is None:
+        segment_ids = jnp.ones((batch, length), jnp.int32)
+    if initial_state is None:
+        initial_state = jnp.zeros((batch, heads, key_dim, v.shape[-1]), jnp.float32)
+    body = functools.partial(_shard, axis=axis, chunk_size=chunk_size, impl=impl,
+                             scale=key_dim ** -0.5 if scale is None else scale)
+    out, final_state = run_sharded("sequence_parallel_delta_rule", body, mesh, axis,
+                                   (q, k, v, beta, log_a, segment_ids), initial_state)
+    return (out, final_state) if output_final_state else out
+
+
+def _shard(q, k, v, beta, log_a, segment_ids, initial_state, *, axis, chunk_size, impl, scale):
+    """One device's part: q, k [B, t, H, K], v [B, t, H, V], beta, log_a [B, t, H], segment_ids
+    [B, t] of its shard; initial_state [B, H, K, V]. Returns (o [B, t, H, V], final state)."""
+    scan = functools.partial(chunk_delta_rule, q, k, beta=beta, log_a=log_a, scale=scale, segment_ids=segment_ids,
+                             output_final_state=True, chunk_size=chunk_size, impl=impl)
+    out, local_final = scan(v)
+    batch, length, heads, key_dim = k.shape
+    identity = jnp.broadcast_to(jnp.eye(key_dim, dtype=jnp.float32), (batch, heads, key_dim, key_dim))
+    _, transition = scan(jnp.zeros((batch, length, heads, key_dim), v.dtype), initial_state=identity)
+    state_in, final_state = entering_state(axis, local_final, transition, shard_segments(segment_ids), initial_state,
+                                           lambda product, state: jnp.einsum("bhkl,bhlv->bhkv", product, state))
+    carried, _ = scan(jnp.zeros_like(v), initial_state=state_in)
+    return (out.astype(jnp.float32) + carried.astype(jnp.float32)).astype(q.dtype), final_state
