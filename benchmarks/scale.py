@@ -136,7 +136,8 @@ def main() -> None:
                 print(f"| {name} | {mesh} | {1000 * seconds:.0f} | {seconds / single:.2f} | {peak / 2**20:.1f} |",
                       flush=True)
         print()
-    print(f"GLA forward + backward, B=1, H={HEADS}, K=V={KEY_DIM}, T over 8 devices: collective bytes per device\n")
+    print(f"One layer's forward + backward, B=1, H={HEADS}, K=V={KEY_DIM}, T over 8 devices: collective bytes "
+          "per device\n")
     print("| T | GLA LASP-2 | delta rule LASP-2 | all-gather of K and V | GLA, XLA's own partitioning | "
           "softmax attention, XLA's partitioning | K/V / GLA LASP-2 |")
     print("|---:|---:|---:|---:|---:|---:|---:|")

@@ -4,7 +4,8 @@
 `sequence_parallel_delta_rule` splits the op's sequence over a mesh axis (LASP-2).
 """
 
-from seqmix.pallas_kernels.delta.op import IMPLEMENTATIONS, chunk_delta_rule
+from seqmix.pallas_kernels.delta.local import IMPLEMENTATIONS
+from seqmix.pallas_kernels.delta.op import chunk_delta_rule
 from seqmix.pallas_kernels.delta.reference import delta_step
 from seqmix.pallas_kernels.delta.sequence_parallel import sequence_parallel_delta_rule
 

@@ -3,20 +3,12 @@
 import jax
 import jax.numpy as jnp
 
-from seqmix.pallas_kernels import checks, registry
-from seqmix.pallas_kernels.delta import pallas_gpu, pallas_tpu
-from seqmix.pallas_kernels.delta.reference import delta_reference
-from seqmix.pallas_kernels.delta.xla import delta_xla
+from seqmix.pallas_kernels import checks
+from seqmix.pallas_kernels.delta.local import local_delta_rule
+from seqmix.pallas_kernels.delta.sequence_parallel import sequence_parallel_delta_rule
 from seqmix.pallas_kernels.sequence_parallel import splits_sequence
 
 CHUNK_MULTIPLE = 16
-
-IMPLEMENTATIONS = [
-    registry.Implementation("pallas_gpu", pallas_gpu.delta_pallas_gpu, pallas_gpu.supports, ("gpu",)),
-    registry.Implementation("pallas_tpu", pallas_tpu.delta_pallas_tpu, pallas_tpu.supports, ("tpu",)),
-    registry.Implementation("xla", delta_xla, registry.always, ("cpu", "gpu", "tpu")),
-    registry.Implementation("reference", delta_reference, registry.always, ()),
-]
 
 
 def chunk_delta_rule(q, k, v, beta, *, log_a=None, scale=None, initial_state=None, segment_ids=None,
@@ -48,20 +40,14 @@ def chunk_delta_rule(q, k, v, beta, *, log_a=None, scale=None, initial_state=Non
         checks.shape(op, "log_a", log_a, q.shape[:3], "[B,T,H]")
     checks.state_and_segments(op, initial_state, segment_ids, batch, length, heads, key_dim, value_dim)
     checks.chunk_size(op, chunk_size, CHUNK_MULTIPLE)
+    scale = key_dim**-0.5 if scale is None else scale
     mesh = jax.sharding.get_abstract_mesh()
     if splits_sequence(mesh, length):
-        # Imported here: the sequence-parallel form runs this op on each shard.
-        from seqmix.pallas_kernels.delta.sequence_parallel import sequence_parallel_delta_rule
         out, final_state = sequence_parallel_delta_rule(
             q, k, v, beta, mesh=mesh, log_a=log_a, scale=scale, initial_state=initial_state,
             segment_ids=segment_ids, output_final_state=True, chunk_size=chunk_size, impl=impl)
-        return (out, final_state) if output_final_state else out
-    call = registry.KernelCall(key_dim, value_dim, chunk_size)
-    implementation = registry.choose(IMPLEMENTATIONS, impl, call, op)
-    out, final_state = implementation.run(
-        q, k, v, beta=beta.astype(jnp.float32),
-        log_a=jnp.zeros(beta.shape, jnp.float32) if log_a is None else log_a.astype(jnp.float32),
-        scale=key_dim**-0.5 if scale is None else scale,
-        initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size,
-    )
+    else:
+        out, final_state = local_delta_rule(
+            q, k, v, beta, jnp.zeros(beta.shape, jnp.float32) if log_a is None else log_a, scale=scale,
+            initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size, impl=impl)
     return (out, final_state) if output_final_state else out

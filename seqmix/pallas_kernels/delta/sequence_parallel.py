@@ -17,7 +17,7 @@ import functools
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh
 
-from seqmix.pallas_kernels.delta.op import chunk_delta_rule
+from seqmix.pallas_kernels.delta.local import local_delta_rule
 from seqmix.pallas_kernels.sequence_parallel import SEQUENCE_AXIS, entering_state, run_sharded, shard_segments
 
 
@@ -26,7 +26,8 @@ def sequence_parallel_delta_rule(q, k, v, beta, *, mesh: Mesh | AbstractMesh, ax
                                  chunk_size=64, impl="auto"):
     """`chunk_delta_rule` (same arguments, shapes and results) with T split over the mesh axis
     `axis`, which must divide T. Each device holds [B, T / n, ...] of every [B, T, ...] input and
-    output; the final state [B, H, K, V] float32 is replicated over `axis`."""
+    output; the final state [B, H, K, V] float32 is replicated over `axis`. `chunk_delta_rule`
+    checks the arguments and calls this by itself under such a mesh."""
     batch, length, heads, key_dim = q.shape
     if log_a is None:
         log_a = jnp.zeros(beta.shape, jnp.float32)
@@ -44,9 +45,9 @@ def sequence_parallel_delta_rule(q, k, v, beta, *, mesh: Mesh | AbstractMesh, ax
 def _shard(q, k, v, beta, log_a, segment_ids, initial_state, *, axis, chunk_size, impl, scale):
     """One device's part: q, k [B, t, H, K], v [B, t, H, V], beta, log_a [B, t, H], segment_ids
     [B, t] of its shard; initial_state [B, H, K, V]. Returns (o [B, t, H, V], final state)."""
-    scan = functools.partial(chunk_delta_rule, q, k, beta=beta, log_a=log_a, scale=scale, segment_ids=segment_ids,
-                             output_final_state=True, chunk_size=chunk_size, impl=impl)
-    out, local_final = scan(v)
+    scan = functools.partial(local_delta_rule, q, k, beta=beta, log_a=log_a, scale=scale, segment_ids=segment_ids,
+                             chunk_size=chunk_size, impl=impl)
+    out, local_final = scan(v, initial_state=None)
     batch, length, heads, key_dim = k.shape
     identity = jnp.broadcast_to(jnp.eye(key_dim, dtype=jnp.float32), (batch, heads, key_dim, key_dim))
     _, transition = scan(jnp.zeros((batch, length, heads, key_dim), v.dtype), initial_state=identity)

@@ -4,7 +4,8 @@
 `sequence_parallel_gla` splits the op's sequence over a mesh axis (LASP-2).
 """
 
-from seqmix.pallas_kernels.gla.op import IMPLEMENTATIONS, chunk_gla
+from seqmix.pallas_kernels.gla.local import IMPLEMENTATIONS
+from seqmix.pallas_kernels.gla.op import chunk_gla
 from seqmix.pallas_kernels.gla.reference import gla_step
 from seqmix.pallas_kernels.gla.sequence_parallel import sequence_parallel_gla
 

@@ -2,19 +2,12 @@
 
 import jax
 
-from seqmix.pallas_kernels import checks, registry
-from seqmix.pallas_kernels.gla import chunk_math, pallas_gpu, pallas_tpu
+from seqmix.pallas_kernels import checks
+from seqmix.pallas_kernels.gla import chunk_math
+from seqmix.pallas_kernels.gla.local import local_gla
+from seqmix.pallas_kernels.gla.reference import log_gate_of
+from seqmix.pallas_kernels.gla.sequence_parallel import sequence_parallel_gla
 from seqmix.pallas_kernels.sequence_parallel import splits_sequence
-from seqmix.pallas_kernels.gla.reference import gla_reference, log_gate_of
-from seqmix.pallas_kernels.gla.xla import gla_xla
-
-
-IMPLEMENTATIONS = [
-    registry.Implementation("pallas_gpu", pallas_gpu.gla_pallas_gpu, pallas_gpu.supports, ("gpu",)),
-    registry.Implementation("pallas_tpu", pallas_tpu.gla_pallas_tpu, pallas_tpu.supports, ("tpu",)),
-    registry.Implementation("xla", gla_xla, registry.always, ("cpu", "gpu", "tpu")),
-    registry.Implementation("reference", gla_reference, registry.always, ()),
-]
 
 
 def chunk_gla(q, k, v, *, log_g=None, log_a=None, scale=None, initial_state=None, segment_ids=None,
@@ -50,18 +43,13 @@ def chunk_gla(q, k, v, *, log_g=None, log_a=None, scale=None, initial_state=None
     log_gate = log_gate_of(log_g, log_a, q.shape[:3])
     checks.state_and_segments(op, initial_state, segment_ids, batch, length, heads, key_dim, value_dim)
     checks.chunk_size(op, chunk_size, chunk_math.SUB_BLOCK)
+    scale = key_dim**-0.5 if scale is None else scale
     mesh = jax.sharding.get_abstract_mesh()
     if splits_sequence(mesh, length):
-        # Imported here: the sequence-parallel form runs this op on each shard.
-        from seqmix.pallas_kernels.gla.sequence_parallel import sequence_parallel_gla
         out, final_state = sequence_parallel_gla(
             q, k, v, mesh=mesh, log_g=log_g, log_a=log_a, scale=scale, initial_state=initial_state,
             segment_ids=segment_ids, output_final_state=True, chunk_size=chunk_size, impl=impl)
-        return (out, final_state) if output_final_state else out
-    call = registry.KernelCall(key_dim, value_dim, chunk_size)
-    implementation = registry.choose(IMPLEMENTATIONS, impl, call, op)
-    out, final_state = implementation.run(
-        q, k, v, log_gate=log_gate, scale=key_dim**-0.5 if scale is None else scale,
-        initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size,
-    )
+    else:
+        out, final_state = local_gla(q, k, v, log_gate, scale=scale, initial_state=initial_state,
+                                     segment_ids=segment_ids, chunk_size=chunk_size, impl=impl)
     return (out, final_state) if output_final_state else out

@@ -13,7 +13,7 @@ import functools
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh
 
-from seqmix.pallas_kernels.gla.op import chunk_gla
+from seqmix.pallas_kernels.gla.local import local_gla
 from seqmix.pallas_kernels.gla.reference import log_gate_of
 from seqmix.pallas_kernels.sequence_parallel import SEQUENCE_AXIS, entering_state, run_sharded, shard_segments
 
@@ -23,7 +23,8 @@ def sequence_parallel_gla(q, k, v, *, mesh: Mesh | AbstractMesh, axis: str = SEQ
                           impl="auto"):
     """`chunk_gla` (same arguments, shapes and results) with T split over the mesh axis `axis`,
     which must divide T. Each device holds [B, T / n, ...] of every [B, T, ...] input and output;
-    the final state [B, H, K, V] float32 is replicated over `axis`."""
+    the final state [B, H, K, V] float32 is replicated over `axis`. `chunk_gla` checks the
+    arguments and calls this by itself under such a mesh."""
     if log_g is not None and log_a is not None:
         raise ValueError("sequence_parallel_gla: pass log_g (per-key decay) or log_a (per-head decay), not both")
     batch, length, heads, key_dim = q.shape
@@ -32,18 +33,17 @@ def sequence_parallel_gla(q, k, v, *, mesh: Mesh | AbstractMesh, axis: str = SEQ
         segment_ids = jnp.ones((batch, length), jnp.int32)
     if initial_state is None:
         initial_state = jnp.zeros((batch, heads, key_dim, v.shape[-1]), jnp.float32)
-    body = functools.partial(_shard, axis=axis, per_key=log_g is not None, chunk_size=chunk_size, impl=impl,
+    body = functools.partial(_shard, axis=axis, chunk_size=chunk_size, impl=impl,
                              scale=key_dim ** -0.5 if scale is None else scale)
     out, final_state = run_sharded("sequence_parallel_gla", body, mesh, axis, (q, k, v, gate, segment_ids),
                                    initial_state)
     return (out, final_state) if output_final_state else out
 
 
-def _shard(q, k, v, gate, segment_ids, initial_state, *, axis, per_key, chunk_size, impl, scale):
+def _shard(q, k, v, gate, segment_ids, initial_state, *, axis, chunk_size, impl, scale):
     """One device's part: q, k [B, t, H, K], v [B, t, H, V], gate [B, t, H, K or 1], segment_ids
     [B, t] of its shard; initial_state [B, H, K, V]. Returns (o [B, t, H, V], final state)."""
-    gates = dict(log_g=gate) if per_key else dict(log_a=gate[..., 0])
-    out, local_final = chunk_gla(q, k, v, **gates, scale=scale, segment_ids=segment_ids, output_final_state=True,
+    out, local_final = local_gla(q, k, v, gate, scale=scale, initial_state=None, segment_ids=segment_ids,
                                  chunk_size=chunk_size, impl=impl)
     segments = shard_segments(segment_ids)
     log_decay = jnp.cumsum(jnp.where(segments.first_run[..., None, None], gate, 0.0), axis=1)  # A_t
