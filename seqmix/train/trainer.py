@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import yaml
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from seqmix.configuration import ConfigError, build, to_dict
@@ -137,9 +137,11 @@ class Trainer:
         settings = self.config.attention_transfer
         start = time.perf_counter()
         model, optimizer = nnx.merge(self.train_state.graphdef, self.train_state.state)
-        batches = (next(self.data) for _ in range(settings.steps))
-        losses = attention_transfer(from_pretrained(self.config.init_from), model, batches,
-                                    steps=settings.steps, lr=settings.lr)
+        teacher = from_pretrained(self.config.init_from)
+        # Global arrays, as every process of a multi-process run needs: the teacher on every device.
+        nnx.update(teacher, jax.device_put(nnx.state(teacher), NamedSharding(self.mesh, PartitionSpec())))
+        batches = (to_global(next(self.data), batch_sharding(self.mesh)) for _ in range(settings.steps))
+        losses = attention_transfer(teacher, model, batches, steps=settings.steps, lr=settings.lr)
         self.train_state.state = jax.device_put(nnx.state((model, optimizer)), self.train_state.shardings)
         log.write({"kind": "attention_transfer", "step": 0, "steps": settings.steps, "first_loss": losses[0],
                    "last_loss": losses[-1], "seconds": time.perf_counter() - start})
