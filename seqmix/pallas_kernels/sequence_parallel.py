@@ -36,20 +36,27 @@ def splits_sequence(mesh, length: int) -> bool:
     return size > 1 and not manual and length % size == 0
 
 
-def run_sharded(op: str, body, mesh, axis: str, sequences: tuple, initial_state):
-    """Runs body(*shards, initial_state) -> (o, final_state) on every device's shard of the
-    [B, T, ...] arrays `sequences` (T split over `axis`, which must divide it); returns o
-    [B, T, ...] and the final state, replicated. Only `axis` is manual inside: the other mesh
-    axes (batch, heads) stay sharded as XLA places them."""
-    shards, length = mesh.shape[axis], sequences[0].shape[1]
+def run_sharded(op: str, body, mesh, axis: str, sequences: tuple, segment_ids, initial_state):
+    """Runs body(*sequences, segment_ids, initial_state) -> (o, final_state) on every device's
+    shard of the [B, T, ...] arrays `sequences` (q, k, v, then the family's gates) and
+    segment_ids [B, T] (None: one segment per row), T split over `axis`, which must divide it;
+    initial_state [B, H, K, V] or None (zeros). Returns o [B, T, ...] and the final state,
+    replicated. Only `axis` is manual inside: the other mesh axes (batch, heads) stay sharded as
+    XLA places them."""
+    (batch, length, heads, key_dim), value_dim = sequences[0].shape, sequences[2].shape[-1]
+    shards = mesh.shape[axis]
     if length % shards:
         raise ValueError(f"{op}: T={length} is not a multiple of the {shards} devices of mesh axis {axis!r}")
+    if segment_ids is None:
+        segment_ids = jnp.ones((batch, length), jnp.int32)
+    if initial_state is None:
+        initial_state = jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32)
     split = PartitionSpec(None, axis)
     # The final state comes from the all-gathered summaries, equal on every device, though JAX's
     # varying-axis check cannot tell: it would refuse the replicated out_spec.
-    return jax.shard_map(body, mesh=mesh, in_specs=(split,) * len(sequences) + (PartitionSpec(),),
+    return jax.shard_map(body, mesh=mesh, in_specs=(split,) * (len(sequences) + 1) + (PartitionSpec(),),
                          out_specs=(split, PartitionSpec()), axis_names={axis}, check_vma=False)(
-        *sequences, initial_state.astype(jnp.float32))
+        *sequences, segment_ids, initial_state.astype(jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,17 +28,12 @@ def sequence_parallel_delta_rule(q, k, v, beta, *, mesh: Mesh | AbstractMesh, ax
     `axis`, which must divide T. Each device holds [B, T / n, ...] of every [B, T, ...] input and
     output; the final state [B, H, K, V] float32 is replicated over `axis`. `chunk_delta_rule`
     checks the arguments and calls this by itself under such a mesh."""
-    batch, length, heads, key_dim = q.shape
     if log_a is None:
         log_a = jnp.zeros(beta.shape, jnp.float32)
-    if segment_ids is None:
-        segment_ids = jnp.ones((batch, length), jnp.int32)
-    if initial_state is None:
-        initial_state = jnp.zeros((batch, heads, key_dim, v.shape[-1]), jnp.float32)
     body = functools.partial(_shard, axis=axis, chunk_size=chunk_size, impl=impl,
-                             scale=key_dim ** -0.5 if scale is None else scale)
-    out, final_state = run_sharded("sequence_parallel_delta_rule", body, mesh, axis,
-                                   (q, k, v, beta, log_a, segment_ids), initial_state)
+                             scale=q.shape[-1] ** -0.5 if scale is None else scale)
+    out, final_state = run_sharded("sequence_parallel_delta_rule", body, mesh, axis, (q, k, v, beta, log_a),
+                                   segment_ids, initial_state)
     return (out, final_state) if output_final_state else out
 
 

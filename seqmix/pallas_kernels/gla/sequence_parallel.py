@@ -27,15 +27,10 @@ def sequence_parallel_gla(q, k, v, *, mesh: Mesh | AbstractMesh, axis: str = SEQ
     arguments and calls this by itself under such a mesh."""
     if log_g is not None and log_a is not None:
         raise ValueError("sequence_parallel_gla: pass log_g (per-key decay) or log_a (per-head decay), not both")
-    batch, length, heads, key_dim = q.shape
     gate = log_gate_of(log_g, log_a, q.shape[:3])  # [B, T, H, K or 1]
-    if segment_ids is None:
-        segment_ids = jnp.ones((batch, length), jnp.int32)
-    if initial_state is None:
-        initial_state = jnp.zeros((batch, heads, key_dim, v.shape[-1]), jnp.float32)
     body = functools.partial(_shard, axis=axis, chunk_size=chunk_size, impl=impl,
-                             scale=key_dim ** -0.5 if scale is None else scale)
-    out, final_state = run_sharded("sequence_parallel_gla", body, mesh, axis, (q, k, v, gate, segment_ids),
+                             scale=q.shape[-1] ** -0.5 if scale is None else scale)
+    out, final_state = run_sharded("sequence_parallel_gla", body, mesh, axis, (q, k, v, gate), segment_ids,
                                    initial_state)
     return (out, final_state) if output_final_state else out
 
