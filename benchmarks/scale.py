@@ -48,8 +48,9 @@ MODELS = {"attention": "transformer_small", "gla": "gla_small", "gated_deltanet 
 HEADS, KEY_DIM = 4, 64
 
 
-def step_row(model_file: str, shape, steps: int) -> tuple[float, int]:
-    """(median seconds per train step, peak bytes per device) of `model_file` on mesh `shape`."""
+def step_row(model_file: str, shape, steps: int) -> tuple[str, float, int]:
+    """(the mesh described, median seconds per train step, peak bytes per device) of
+    `model_file` on mesh `shape`."""
     config = load_train_config("configs/runs/shakespeare.yaml", [
         f"model=configs/models/{model_file}.yaml", "data.seq_len=512", "data.batch_size=8", "optim.warmup_steps=0"])
     devices = jax.devices()[:int(np.prod(shape))]
@@ -71,7 +72,7 @@ def step_row(model_file: str, shape, steps: int) -> tuple[float, int]:
         state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
-    return statistics.median(times), peak
+    return describe(mesh), statistics.median(times), peak
 
 
 def communication(length: int) -> dict[str, int]:
@@ -130,9 +131,8 @@ def main() -> None:
         for name, model_file in MODELS.items():
             single = None
             for shape in MESHES:
-                seconds, peak = step_row(model_file, shape, args.steps)
+                mesh, seconds, peak = step_row(model_file, shape, args.steps)
                 single = single or seconds
-                mesh = describe(make_mesh(MeshConfig(*shape), devices=jax.devices()[:int(np.prod(shape))]))
                 print(f"| {name} | {mesh} | {1000 * seconds:.0f} | {seconds / single:.2f} | {peak / 2**20:.1f} |",
                       flush=True)
         print()

@@ -55,18 +55,20 @@ def linearized_config(config: ModelConfig, method: str, *, keep: Sequence[int] =
     return build(ModelConfig, {**to_dict(config), "layer_pattern": kinds, "mixers": mixers}, "linearize")
 
 
-def linearize(model: LanguageModel, config: ModelConfig, method: str, *, keep: Sequence[int] = (), seed: int = 0
+def linearize(model: LanguageModel, config: ModelConfig, method: str, *, keep: Sequence[int] = ()
               ) -> tuple[LanguageModel, ModelConfig]:
     """(the converted model, its config): `linearized_config`'s architecture holding a copy of
     `model`'s parameters (the teacher stays usable), with no training step taken. Parameters
-    the conversion adds (LoLCATs' `TransferParam`s) keep their initialisation; `seed` seeds the
-    throwaway initialisation of the rest."""
+    the conversion adds (LoLCATs' `TransferParam`s) get their initialisation, computed alone:
+    nothing else of the student is ever initialised."""
     student_config = linearized_config(config, method, keep=keep)
-    student = LanguageModel(student_config, rngs=nnx.Rngs(seed))
+    build = lambda: LanguageModel(student_config, rngs=nnx.Rngs(0))
+    graphdef, abstract = nnx.split(nnx.eval_shape(build))
     teacher_state = nnx.state(model)
-    missing = {path for path, _ in nnx.to_flat_state(nnx.state(student, nnx.Not(TransferParam)))} - {
+    missing = {path for path, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Not(TransferParam)))} - {
         path for path, _ in nnx.to_flat_state(teacher_state)}
     if missing:
         raise ConfigError(f"linearize: the teacher has no {'.'.join(map(str, sorted(missing)[0]))}")
-    nnx.update(student, jax.tree.map(jnp.copy, teacher_state))
-    return student, student_config
+    # Compiled, the random initialisers of the other weights are dead code.
+    added = jax.jit(lambda: nnx.state(build(), TransferParam))()
+    return nnx.merge(graphdef, jax.tree.map(jnp.copy, teacher_state), added), student_config
