@@ -65,11 +65,21 @@ def delta_fn(impl: str, gate: str, chunk_size: int):
 
 FAMILIES = {"gla": (gla_fn, gla.IMPLEMENTATIONS, "chunk_gla"),
             "delta": (delta_fn, delta.IMPLEMENTATIONS, "chunk_delta_rule")}
+DEFAULT_GATES = {"gla": "key", "delta": "head"}
 
 
 def softmax_fn(q, k, v, log_g, beta):
     del log_g, beta
     return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
+
+def random_inputs(rng, shape, dtype):
+    """(q, k, v [B,T,H,D] in dtype, log_g [B,T,H,D] float32 in log(0.9..1), beta [B,T,H] float32 in
+    (0, 1)), the arguments of every benchmarked forward."""
+    q, k, v = (jnp.asarray(rng.normal(size=shape), dtype) for _ in range(3))
+    log_g = jnp.asarray(np.log(rng.uniform(0.9, 1.0, size=shape)), jnp.float32)
+    beta = jnp.asarray(rng.uniform(0.0, 1.0, size=shape[:3]), jnp.float32)
+    return q, k, v, log_g, beta
 
 
 def timed_pair(forward):
@@ -94,7 +104,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="turns each implementation takes")
     args = parser.parse_args()
     make_fn, implementations, op_name = FAMILIES[args.family]
-    gate = args.gate or {"gla": "key", "delta": "head"}[args.family]
+    gate = args.gate or DEFAULT_GATES[args.family]
     if args.family == "delta" and gate == "key":
         parser.error("the delta rule has per-head gates only: --gate head or none")
 
@@ -105,14 +115,9 @@ def main():
     print("| impl | T | fwd ms | fwd+bwd ms | fwd vs reference | fwd+bwd vs reference | fwd vs softmax | fwd+bwd vs softmax |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     rng = np.random.default_rng(0)
-    dtype = jnp.dtype(args.dtype)
     previous = {}
     for length in args.lengths:
-        shape = (args.batch, length, args.heads, args.dim)
-        q, k, v = (jnp.asarray(rng.normal(size=shape), dtype) for _ in range(3))
-        log_g = jnp.asarray(np.log(rng.uniform(0.9, 1.0, size=shape)), jnp.float32)
-        beta = jnp.asarray(rng.uniform(0.0, 1.0, size=shape[:3]), jnp.float32)
-        inputs = (q, k, v, log_g, beta)
+        inputs = random_inputs(rng, (args.batch, length, args.heads, args.dim), jnp.dtype(args.dtype))
         pairs = {"softmax": timed_pair(softmax_fn)}
         pairs.update((impl, timed_pair(make_fn(impl, gate, args.chunk_size))) for impl in impls)
         seconds = measure({(name, pass_): fn for name, pair in pairs.items() for pass_, fn in enumerate(pair)},

@@ -23,6 +23,14 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
     return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
 
 
+def _default_positions(segment_ids: jax.Array | None, positions: jax.Array | None) -> jax.Array | None:
+    """The forward's positions [B, T]: as given, else the index within each segment; None (each
+    mixer's index within the row) when there are neither."""
+    if positions is None and segment_ids is not None:
+        return positions_from_segments(segment_ids)
+    return positions
+
+
 class Block(nnx.Module):
     """x + mixer(norm(x)), then + SwiGLU(norm(.)). The mixer is chosen by the layer kind."""
 
@@ -80,8 +88,7 @@ class LanguageModel(nnx.Module):
         return self.norm(self._hidden(tokens, segment_ids, positions))
 
     def _hidden(self, tokens, segment_ids, positions):
-        if positions is None and segment_ids is not None:
-            positions = positions_from_segments(segment_ids)
+        positions = _default_positions(segment_ids, positions)
         x = self.embed_tokens(tokens)
         for layer in self.layers:
             x, _ = layer(x, segment_ids=segment_ids, positions=positions)
@@ -91,8 +98,7 @@ class LanguageModel(nnx.Module):
                                  positions: jax.Array | None = None) -> list[tuple[jax.Array, jax.Array]]:
         """(input, output) [B, T, D] of every layer's mixer in the training forward (arguments
         as `__call__`): what attention transfer fits a converted layer to, layer by layer."""
-        if positions is None and segment_ids is not None:
-            positions = positions_from_segments(segment_ids)
+        positions = _default_positions(segment_ids, positions)
         x, pairs = self.embed_tokens(tokens), []
         for layer in self.layers:
             mixer_input = layer.input_layernorm(x)

@@ -13,11 +13,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from seqmix.train.config import TrainConfig
+from seqmix.train.data.pipeline import BATCH_KEYS
 from seqmix.train.sharding import batch_sharding
 from seqmix.train.state import abstract_train_state
 from seqmix.train.step import make_train_step
-
-BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")  # what the input pipeline yields
 
 
 @dataclasses.dataclass

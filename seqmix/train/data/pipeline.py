@@ -50,10 +50,14 @@ def _cut_pieces(documents: list[str | Instruction], tokenizer: Tokenizer, seq_le
     return _Pieces(tokens, trained, np.concatenate(starts), np.concatenate(stops))
 
 
+BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")  # each int32 [B, seq_len]
+
+
 def _rename(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     # inputs and targets have equal lengths, so their segment ids and positions are the same.
-    return {"inputs": batch["inputs"], "targets": batch["targets"], "loss_mask": batch["loss_mask"],
-            "segment_ids": batch["inputs_segment_ids"], "positions": batch["inputs_positions"]}
+    renamed = (batch["inputs"], batch["targets"], batch["loss_mask"], batch["inputs_segment_ids"],
+               batch["inputs_positions"])
+    return dict(zip(BATCH_KEYS, renamed))
 
 
 def make_dataset(documents: list[str | Instruction], tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
