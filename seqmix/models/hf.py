@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from seqmix.configuration import ConfigError, build, to_dict
+from seqmix.layers.transfer import TransferParam
 from seqmix.models.config import ModelConfig
 from seqmix.models.lm import LanguageModel
 
@@ -194,16 +195,41 @@ def read_weights(path: str | os.PathLike, params: nnx.State, *, tie_embeddings: 
     return nnx.from_flat_state(loaded)
 
 
-def from_pretrained(path: str | os.PathLike, dtype=jnp.float32) -> LanguageModel:
-    """A seqmix LanguageModel with the weights of a local Hugging Face checkpoint directory
-    (Llama, Mistral, Qwen2), parameters in `dtype`; `model(tokens)` gives [B, T, vocab] logits."""
-    directory = Path(path)
+def _abstract_model(directory: Path) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
+    """(config, graph, abstract parameters) of the attention model a checkpoint's config.json describes."""
     config_file = directory / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{directory}: no config.json")
     config = config_from_hf(json.loads(config_file.read_text()), str(config_file))
     graphdef, params = nnx.split(nnx.eval_shape(lambda: LanguageModel(config, rngs=nnx.Rngs(0))))
-    return nnx.merge(graphdef, read_weights(directory, params, tie_embeddings=config.tie_embeddings, dtype=dtype))
+    return config, graphdef, params
+
+
+def from_pretrained(path: str | os.PathLike, dtype=jnp.float32) -> LanguageModel:
+    """A seqmix LanguageModel with the weights of a local Hugging Face checkpoint directory
+    (Llama, Mistral, Qwen2), parameters in `dtype`; `model(tokens)` gives [B, T, vocab] logits."""
+    config, graphdef, params = _abstract_model(Path(path))
+    return nnx.merge(graphdef, read_weights(path, params, tie_embeddings=config.tie_embeddings, dtype=dtype))
+
+
+def teacher_of(student: LanguageModel, path: str | os.PathLike) -> LanguageModel:
+    """The attention model of checkpoint directory `path` built on `student`'s own arrays: each of
+    its parameters is the student's of the same checkpoint name (a LoRA-wrapped projection's base;
+    adapters and a conversion's new parameters are not teacher weights). For a conversion
+    initialised from `path` whose base weights have not trained yet, this is `from_pretrained(path)`
+    without reading the tensors again or holding a second copy of them."""
+    _, graphdef, params = _abstract_model(Path(path))
+    taught = nnx.state(student, nnx.All(nnx.Param, nnx.Not(nnx.Any(nnx.LoRAParam, TransferParam))))
+    arrays = {_hf_name(param_path)[0]: variable.get_value() for param_path, variable in nnx.to_flat_state(taught)}
+    shared = []
+    for param_path, variable in nnx.to_flat_state(params):
+        name = _hf_name(param_path)[0]
+        array = arrays.get(name)
+        if array is None or array.shape != variable.shape:
+            found = "absent" if array is None else f"of shape {array.shape}"
+            raise CheckpointError(f"{path}: tensor {name} {variable.shape} of the teacher is {found} in the student")
+        shared.append((param_path, variable.replace(value=array)))
+    return nnx.merge(graphdef, nnx.from_flat_state(shared))
 
 
 def save_pretrained(model: LanguageModel, config: ModelConfig, path: str | os.PathLike, dtype=jnp.float32) -> None:

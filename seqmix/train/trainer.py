@@ -20,12 +20,12 @@ import jax
 import numpy as np
 import yaml
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from seqmix.configuration import ConfigError, build, to_dict
 from seqmix.models.generate import generate
-from seqmix.models.hf import from_pretrained
+from seqmix.models.hf import teacher_of
 from seqmix.train.attention_transfer import attention_transfer
 from seqmix.train.checkpoint import Checkpointer
 from seqmix.train.config import TrainConfig
@@ -137,9 +137,7 @@ class Trainer:
         settings = self.config.attention_transfer
         start = time.perf_counter()
         model, optimizer = nnx.merge(self.train_state.graphdef, self.train_state.state)
-        teacher = from_pretrained(self.config.init_from)
-        # Global arrays, as every process of a multi-process run needs: the teacher on every device.
-        nnx.update(teacher, jax.device_put(nnx.state(teacher), NamedSharding(self.mesh, PartitionSpec())))
+        teacher = teacher_of(model, self.config.init_from)  # the student's base arrays, already global and sharded
         batches = (to_global(next(self.data), batch_sharding(self.mesh)) for _ in range(settings.steps))
         losses = attention_transfer(teacher, model, batches, steps=settings.steps, lr=settings.lr)
         self.train_state.state = jax.device_put(nnx.state((model, optimizer)), self.train_state.shardings)

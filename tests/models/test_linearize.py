@@ -10,11 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors.numpy import load_file
 
 from seqmix.configuration import ConfigError
-from seqmix.models.hf import config_from_hf, from_pretrained
+from seqmix.models.hf import CheckpointError, config_from_hf, from_pretrained, teacher_of
 from seqmix.models.linearize import linearize
+from seqmix.models.lora import add_lora
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "hf"
 
@@ -101,3 +103,22 @@ def test_a_linearized_model_decodes_from_its_cache_as_its_full_forward(method):
         step_logits, cache = extend(tokens[:, t:t + 1], cache)
         pieces.append(step_logits)
     assert rel_err(jnp.concatenate(pieces, axis=1), student(tokens)) < 1e-4
+
+
+def test_the_teacher_of_a_lora_wrapped_conversion_is_its_checkpoint_on_the_students_own_arrays():
+    """What LoLCATs' attention transfer compares against: the checkpoint's attention model, built
+    from the student's base weights (through LoRA wrappers; adapters and transfer parameters are no
+    teacher weights) with no second copy: its logits equal `from_pretrained`'s exactly."""
+    model, config = teacher("qwen2")
+    student, _ = linearize(model, config, "lolcats", keep=[1])
+    add_lora(student, targets=("q_proj", "k_proj", "v_proj", "o_proj"), rank=4, rngs=nnx.Rngs(1))
+    taught = teacher_of(student, FIXTURES / "qwen2")
+    tokens = jnp.asarray(load_file(FIXTURES / "qwen2" / "expected.safetensors")["input_ids"], jnp.int32)
+    np.testing.assert_array_equal(taught(tokens), model(tokens))
+    wrapped = student.layers[0].self_attn.q_proj.base
+    assert taught.layers[0].self_attn.q_proj.kernel.get_value() is wrapped.kernel.get_value()
+    assert taught.embed_tokens.embedding.get_value() is student.embed_tokens.embedding.get_value()
+    llama, _ = teacher("llama")  # no q/k/v biases
+    absent = r"qwen2: tensor model.layers.0.self_attn.k_proj.bias \(32,\) of the teacher is absent in the student"
+    with pytest.raises(CheckpointError, match=absent):
+        teacher_of(llama, FIXTURES / "qwen2")
