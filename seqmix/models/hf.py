@@ -33,6 +33,8 @@ SINGLE_FILE = "model.safetensors"
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 # Buffers some exporters store that carry no parameters (recomputed from the config).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# The parameters of a model that a checkpoint holds: not LoRA adapters, nor what a conversion adds.
+CHECKPOINT_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.Any(nnx.LoRAParam, TransferParam)))
 
 
 class CheckpointError(ValueError):
@@ -219,8 +221,8 @@ def teacher_of(student: LanguageModel, path: str | os.PathLike) -> LanguageModel
     initialised from `path` whose base weights have not trained yet, this is `from_pretrained(path)`
     without reading the tensors again or holding a second copy of them."""
     _, graphdef, params = _abstract_model(Path(path))
-    taught = nnx.state(student, nnx.All(nnx.Param, nnx.Not(nnx.Any(nnx.LoRAParam, TransferParam))))
-    arrays = {_hf_name(param_path)[0]: variable.get_value() for param_path, variable in nnx.to_flat_state(taught)}
+    taught = nnx.to_flat_state(nnx.state(student, CHECKPOINT_PARAMS))
+    arrays = {_hf_name(param_path)[0]: variable.get_value() for param_path, variable in taught}
     shared = []
     for param_path, variable in nnx.to_flat_state(params):
         name = _hf_name(param_path)[0]

@@ -8,8 +8,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from seqmix.layers.transfer import TransferParam
-from seqmix.models.hf import read_weights
+from seqmix.models.hf import CHECKPOINT_PARAMS, read_weights
 from seqmix.models.lm import LanguageModel
 from seqmix.models.lora import add_lora
 from seqmix.train.config import TrainConfig
@@ -73,7 +72,7 @@ def create_train_state(config: TrainConfig, mesh: Mesh) -> TrainState:
     if config.init_from is not None:
         model, optimizer = nnx.merge(train_state.graphdef, train_state.state)
         # LoRA adapters and a conversion's new parameters keep their initialisation.
-        base = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.Any(nnx.LoRAParam, TransferParam))))
+        base = nnx.state(model, CHECKPOINT_PARAMS)
         weights = read_weights(config.init_from, base, tie_embeddings=config.model.tie_embeddings)
         nnx.update(model, jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), weights, base))
         train_state.state = nnx.state((model, optimizer))
