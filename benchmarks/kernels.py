@@ -65,7 +65,15 @@ def delta_fn(impl: str, gate: str, chunk_size: int):
 
 FAMILIES = {"gla": (gla_fn, gla.IMPLEMENTATIONS, "chunk_gla"),
             "delta": (delta_fn, delta.IMPLEMENTATIONS, "chunk_delta_rule")}
-DEFAULT_GATES = {"gla": "key", "delta": "head"}
+GATES = ["key", "head", "none"]
+
+
+def chosen_gate(parser: argparse.ArgumentParser, family: str, gate: str | None) -> str:
+    """The gate to time: `gate`, or the family's default (per-key for GLA, per-head for the delta
+    rule); a parser error for a gate the family does not have."""
+    if family == "delta" and gate == "key":
+        parser.error("the delta rule has per-head gates only: --gate head or none")
+    return gate or {"gla": "key", "delta": "head"}[family]
 
 
 def softmax_fn(q, k, v, log_g, beta):
@@ -96,7 +104,7 @@ def main():
     parser.add_argument("--dim", type=int, default=64, help="K = V")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--family", default="gla", choices=list(FAMILIES))
-    parser.add_argument("--gate", default=None, choices=["key", "head", "none"],
+    parser.add_argument("--gate", default=None, choices=GATES,
                         help="per-key log_g (GLA; the gla default), per-head log_a (RetNet/SSD, Gated "
                              "DeltaNet; the delta default) or no decay (linear attention, DeltaNet)")
     parser.add_argument("--chunk-size", type=int, default=64)
@@ -104,9 +112,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="turns each implementation takes")
     args = parser.parse_args()
     make_fn, implementations, op_name = FAMILIES[args.family]
-    gate = args.gate or DEFAULT_GATES[args.family]
-    if args.family == "delta" and gate == "key":
-        parser.error("the delta rule has per-head gates only: --gate head or none")
+    gate = chosen_gate(parser, args.family, args.gate)
 
     backend = jax.default_backend()
     impls = ["reference"] + [i.name for i in implementations if backend in i.native_backends]

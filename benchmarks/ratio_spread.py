@@ -13,16 +13,17 @@ the table gives the distribution of the samples and how many fall below `--targe
 import argparse
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import DEFAULT_GATES, FAMILIES, median_seconds, random_inputs, timed_pair
+from kernels import FAMILIES, GATES, chosen_gate, median_seconds, random_inputs, timed_pair
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="delta", choices=list(FAMILIES))
-    parser.add_argument("--gate", default=None, choices=["key", "head", "none"])
+    parser.add_argument("--gate", default=None, choices=GATES, help="as in kernels.py")
     parser.add_argument("--impl", default="xla")
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--heads", type=int, default=4)
@@ -32,13 +33,13 @@ def main():
     parser.add_argument("--target", type=float, default=10.0, help="the speed-up counted against")
     args = parser.parse_args()
     make_fn, _, op_name = FAMILIES[args.family]
-    gate = args.gate or DEFAULT_GATES[args.family]
+    gate = chosen_gate(parser, args.family, args.gate)
 
     inputs = random_inputs(np.random.default_rng(0), (1, args.length, args.heads, args.dim), jnp.float32)
     _, chunked = timed_pair(make_fn(args.impl, gate, args.chunk_size))
     _, reference = timed_pair(make_fn("reference", gate, args.chunk_size))
-    median_seconds(chunked, *inputs, repeats=1, budget=60.0)  # compile
-    median_seconds(reference, *inputs, repeats=1, budget=60.0)
+    for fn in (chunked, reference):
+        jax.block_until_ready(fn(*inputs))  # compile
     samples = []  # (chunked seconds, reference seconds)
     end = time.monotonic() + args.seconds
     while time.monotonic() < end:
