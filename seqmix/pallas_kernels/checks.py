@@ -10,12 +10,13 @@ def shape(op: str, name: str, array, expected, what: str) -> None:
 
 
 def queries_keys_values(op: str, q, k, v) -> None:
-    """q, k [B,T,H,K] and v [B,T,H,V], floating point."""
+    """q, k [B,T,Hk,K] and v [B,T,Hv,V], floating point, Hv a multiple of Hk (`grouped_heads`)."""
     if q.ndim != 4:
         raise ValueError(f"{op}: q must be [B,T,H,K], got shape {q.shape}")
     shape(op, "k", k, q.shape, "[B,T,H,K] like q")
-    if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"{op}: v must be [B,T,H,V] with B,T,H of q {q.shape[:3]}, got {v.shape}")
+    if v.ndim != 4 or v.shape[:2] != q.shape[:2] or v.shape[2] % q.shape[2]:
+        raise ValueError(f"{op}: v must be [B,T,Hv,V] with B,T of q {q.shape[:2]} and Hv a multiple of q's "
+                         f"{q.shape[2]} heads, got {v.shape}")
     for name, array in (("q", q), ("k", k), ("v", v)):
         if not jnp.issubdtype(array.dtype, jnp.floating):
             raise ValueError(f"{op}: {name} must be floating point, got {array.dtype}")

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from seqmix.pallas_kernels import layout
+from seqmix.pallas_kernels.grouped_heads import repeat_to_value_heads
 
 
 def kernel_implementation(forward, backward, tile, per_token: tuple[str, ...]):
@@ -52,7 +53,8 @@ def kernel_implementation(forward, backward, tile, per_token: tuple[str, ...]):
     chunked.defvjp(chunked_forward, chunked_backward)
 
     def run(q, k, v, *, scale, initial_state, segment_ids, chunk_size, **per_token_inputs):
-        batch, length, heads, key_dim = q.shape
+        batch, length, heads, key_dim = v.shape[:3] + q.shape[-1:]
+        q, k = (repeat_to_value_heads(x, heads) for x in (q, k))
         chunk = tile(chunk_size)
         x = layout.head_major(layout.to_chunks(q, k, v, tuple(per_token_inputs[name] for name in per_token), scale,
                                                segment_ids, chunk))

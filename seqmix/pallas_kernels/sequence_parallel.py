@@ -38,12 +38,12 @@ def splits_sequence(mesh, length: int) -> bool:
 
 def run_sharded(op: str, body, mesh, axis: str, sequences: tuple, segment_ids, initial_state):
     """Runs body(*sequences, segment_ids, initial_state) -> (o, final_state) on every device's
-    shard of the [B, T, ...] arrays `sequences` (q, k, v, then the family's gates) and
+    shard of the [B, T, ...] arrays `sequences` (q, k, v [B, T, H, V], then the family's gates) and
     segment_ids [B, T] (None: one segment per row), T split over `axis`, which must divide it;
-    initial_state [B, H, K, V] or None (zeros). Returns o [B, T, ...] and the final state,
+    initial_state [B, H, K, V] (v's heads) or None (zeros). Returns o [B, T, ...] and the final state,
     replicated. Only `axis` is manual inside: the other mesh axes (batch, heads) stay sharded as
     XLA places them."""
-    (batch, length, heads, key_dim), value_dim = sequences[0].shape, sequences[2].shape[-1]
+    (batch, length, _, key_dim), (heads, value_dim) = sequences[0].shape, sequences[2].shape[2:]
     shards = mesh.shape[axis]
     if length % shards:
         raise ValueError(f"{op}: T={length} is not a multiple of the {shards} devices of mesh axis {axis!r}")

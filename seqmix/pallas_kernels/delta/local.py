@@ -17,10 +17,12 @@ IMPLEMENTATIONS = [
 ]
 
 
-def local_delta_rule(q, k, v, beta, log_a, *, scale: float, initial_state, segment_ids, chunk_size: int, impl: str):
+def local_delta_rule(q, k, v, beta, log_gate, *, scale: float, initial_state, segment_ids, chunk_size: int,
+                     impl: str):
     """(o [B,T,H,V] in q's dtype, final_state [B,H,K,V] float32) of `chunk_delta_rule`'s checked
-    arguments; log_a [B,T,H] (zeros for the plain delta rule)."""
+    arguments; log_gate [B,T,H,W] float32 as `log_gates.log_gate_of` makes it (W = 1: per head or
+    no decay; W = K: per key)."""
     call = registry.KernelCall(q.shape[-1], v.shape[-1], chunk_size)
     implementation = registry.choose(IMPLEMENTATIONS, impl, call, "chunk_delta_rule")
-    return implementation.run(q, k, v, beta=beta.astype(jnp.float32), log_a=log_a.astype(jnp.float32), scale=scale,
+    return implementation.run(q, k, v, beta=beta.astype(jnp.float32), log_gate=log_gate, scale=scale,
                               initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size)

@@ -1,25 +1,28 @@
 """`chunk_delta_rule`: the one public op of the delta-rule family, and its dispatch."""
 
 import jax
-import jax.numpy as jnp
 
 from seqmix.pallas_kernels import checks
 from seqmix.pallas_kernels.delta.local import local_delta_rule
 from seqmix.pallas_kernels.delta.sequence_parallel import sequence_parallel_delta_rule
+from seqmix.pallas_kernels.log_gates import log_gate_of
 from seqmix.pallas_kernels.sequence_parallel import splits_sequence
 
 CHUNK_MULTIPLE = 16
 
 
-def chunk_delta_rule(q, k, v, beta, *, log_a=None, scale=None, initial_state=None, segment_ids=None,
+def chunk_delta_rule(q, k, v, beta, *, log_a=None, log_g=None, scale=None, initial_state=None, segment_ids=None,
                      output_final_state=False, chunk_size=64, impl="auto"):
-    """The delta rule (DeltaNet) or, with log_a, the gated delta rule (Gated DeltaNet), chunked.
+    """The delta rule (DeltaNet), with log_a the gated delta rule (Gated DeltaNet), with log_g the
+    delta rule with a per-key decay (Kimi Delta Attention, KDA), chunked.
 
-        S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,    o_t = S_t^T (scale * q_t)
+        S'_t = Diag(exp(log_g_t)) S_{t-1}   (or exp(log_a_t) S_{t-1}, or S_{t-1})
+        S_t  = S'_t + beta_t k_t (v_t - S'_t^T k_t)^T,    o_t = S_t^T (scale * q_t)
 
-    q, k [B,T,H,K] (k L2-normalised by the caller) and v [B,T,H,V], bfloat16 or float32 (computed
-    in float32); beta [B,T,H] in (0, 1), or (0, 2) to allow negative eigenvalues; log_a [B,T,H]
-    natural-log decay a_t = exp(log_a_t) <= 1 (None: a_t = 1). scale defaults to K ** -0.5.
+    q, k [B,T,Hk,K] (k L2-normalised by the caller) and v [B,T,H,V], bfloat16 or float32 (computed
+    in float32), H a multiple of Hk (grouped value heads: value head j reads q/k head j // (H / Hk),
+    see `grouped_heads`); beta [B,T,H] in (0, 1), or (0, 2) to allow negative eigenvalues; log_a
+    [B,T,H] or log_g [B,T,H,K] natural-log decays <= 0 (not both). scale defaults to K ** -0.5.
     segment_ids [B,T] int (0 = padding): the state resets to zero where a segment starts; padding
     neither reads nor changes it. initial_state [B,H,K,V] is the state before each row's first
     segment. Any T; chunk_size (a multiple of 16) only changes the speed.
@@ -33,21 +36,25 @@ def chunk_delta_rule(q, k, v, beta, *, log_a=None, scale=None, initial_state=Non
     """
     op = "chunk_delta_rule"
     checks.queries_keys_values(op, q, k, v)
-    batch, length, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
-    checks.shape(op, "beta", beta, q.shape[:3], "[B,T,H]")
+    batch, length, _, key_dim = q.shape
+    heads, value_dim = v.shape[2:]
+    checks.shape(op, "beta", beta, v.shape[:3], "[B,T,H] (v's heads)")
+    if log_a is not None and log_g is not None:
+        raise ValueError(f"{op}: pass log_a (per-head decay) or log_g (per-key decay), not both")
     if log_a is not None:
-        checks.shape(op, "log_a", log_a, q.shape[:3], "[B,T,H]")
+        checks.shape(op, "log_a", log_a, v.shape[:3], "[B,T,H] (v's heads)")
+    if log_g is not None:
+        checks.shape(op, "log_g", log_g, (batch, length, heads, key_dim), "[B,T,H,K] (v's heads, q's K)")
     checks.state_and_segments(op, initial_state, segment_ids, batch, length, heads, key_dim, value_dim)
     checks.chunk_size(op, chunk_size, CHUNK_MULTIPLE)
     scale = key_dim**-0.5 if scale is None else scale
     mesh = jax.sharding.get_abstract_mesh()
     if splits_sequence(mesh, length):
         out, final_state = sequence_parallel_delta_rule(
-            q, k, v, beta, mesh=mesh, log_a=log_a, scale=scale, initial_state=initial_state,
+            q, k, v, beta, mesh=mesh, log_a=log_a, log_g=log_g, scale=scale, initial_state=initial_state,
             segment_ids=segment_ids, output_final_state=True, chunk_size=chunk_size, impl=impl)
     else:
         out, final_state = local_delta_rule(
-            q, k, v, beta, jnp.zeros(beta.shape, jnp.float32) if log_a is None else log_a, scale=scale,
-            initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size, impl=impl)
+            q, k, v, beta, log_gate_of(log_g, log_a, beta.shape), scale=scale, initial_state=initial_state,
+            segment_ids=segment_ids, chunk_size=chunk_size, impl=impl)
     return (out, final_state) if output_final_state else out

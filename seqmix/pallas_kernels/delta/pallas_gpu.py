@@ -22,4 +22,4 @@ CHUNK = 16
 
 supports = sweep_gpu.supports
 forward, backward = sweep_gpu.builders(chunk_math, "delta")
-delta_pallas_gpu = kernel_implementation(forward, backward, tile=lambda chunk_size: CHUNK, per_token=("beta", "log_a"))
+delta_pallas_gpu = kernel_implementation(forward, backward, tile=lambda chunk_size: CHUNK, per_token=("beta", "log_gate"))

@@ -13,4 +13,4 @@ from seqmix.pallas_kernels.kernel_vjp import kernel_implementation
 supports = sweep_tpu.supports
 forward, backward = sweep_tpu.builders(chunk_math, "delta")
 delta_pallas_tpu = kernel_implementation(forward, backward, tile=lambda chunk_size: chunk_size,
-                                         per_token=("beta", "log_a"))
+                                         per_token=("beta", "log_gate"))

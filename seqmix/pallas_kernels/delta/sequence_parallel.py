@@ -1,7 +1,7 @@
 """Sequence-parallel `chunk_delta_rule` (LASP-2; the shared machinery is
 `pallas_kernels.sequence_parallel`).
 
-The delta rule's transition is a [K, K] matrix per token, a_t (I - beta_t k_t k_t^T), so a shard
+The delta rule's transition is a [K, K] matrix per token, (I - beta_t k_t k_t^T) Diag(a_t), so a shard
 passes an entering state on multiplied by the product P of its first segment's transitions. The
 op itself computes P and the correction: scanning the shard with zero values from the identity
 gives P as the final state, and scanning it with zero values from the entering state S_in gives
@@ -18,32 +18,33 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh
 
 from seqmix.pallas_kernels.delta.local import local_delta_rule
+from seqmix.pallas_kernels.log_gates import log_gate_of
 from seqmix.pallas_kernels.sequence_parallel import SEQUENCE_AXIS, entering_state, run_sharded, shard_segments
 
 
 def sequence_parallel_delta_rule(q, k, v, beta, *, mesh: Mesh | AbstractMesh, axis: str = SEQUENCE_AXIS, log_a=None,
-                                 scale=None, initial_state=None, segment_ids=None, output_final_state=False,
-                                 chunk_size=64, impl="auto"):
+                                 log_g=None, scale=None, initial_state=None, segment_ids=None,
+                                 output_final_state=False, chunk_size=64, impl="auto"):
     """`chunk_delta_rule` (same arguments, shapes and results) with T split over the mesh axis
     `axis`, which must divide T. Each device holds [B, T / n, ...] of every [B, T, ...] input and
     output; the final state [B, H, K, V] float32 is replicated over `axis`. `chunk_delta_rule`
     checks the arguments and calls this by itself under such a mesh."""
-    if log_a is None:
-        log_a = jnp.zeros(beta.shape, jnp.float32)
+    log_gate = log_gate_of(log_g, log_a, beta.shape)
     body = functools.partial(_shard, axis=axis, chunk_size=chunk_size, impl=impl,
                              scale=q.shape[-1] ** -0.5 if scale is None else scale)
-    out, final_state = run_sharded("sequence_parallel_delta_rule", body, mesh, axis, (q, k, v, beta, log_a),
+    out, final_state = run_sharded("sequence_parallel_delta_rule", body, mesh, axis, (q, k, v, beta, log_gate),
                                    segment_ids, initial_state)
     return (out, final_state) if output_final_state else out
 
 
-def _shard(q, k, v, beta, log_a, segment_ids, initial_state, *, axis, chunk_size, impl, scale):
-    """One device's part: q, k [B, t, H, K], v [B, t, H, V], beta, log_a [B, t, H], segment_ids
-    [B, t] of its shard; initial_state [B, H, K, V]. Returns (o [B, t, H, V], final state)."""
-    scan = functools.partial(local_delta_rule, q, k, beta=beta, log_a=log_a, scale=scale, segment_ids=segment_ids,
-                             chunk_size=chunk_size, impl=impl)
+def _shard(q, k, v, beta, log_gate, segment_ids, initial_state, *, axis, chunk_size, impl, scale):
+    """One device's part: q, k [B, t, Hk, K], v [B, t, H, V], beta [B, t, H], log_gate [B, t, H, W],
+    segment_ids [B, t] of its shard; initial_state [B, H, K, V]. Returns (o [B, t, H, V], final
+    state)."""
+    scan = functools.partial(local_delta_rule, q, k, beta=beta, log_gate=log_gate, scale=scale,
+                             segment_ids=segment_ids, chunk_size=chunk_size, impl=impl)
     out, local_final = scan(v, initial_state=None)
-    batch, length, heads, key_dim = k.shape
+    (batch, length, heads), key_dim = v.shape[:3], k.shape[-1]
     identity = jnp.broadcast_to(jnp.eye(key_dim, dtype=jnp.float32), (batch, heads, key_dim, key_dim))
     _, transition = scan(jnp.zeros((batch, length, heads, key_dim), v.dtype), initial_state=identity)
     state_in, final_state = entering_state(axis, local_final, transition, shard_segments(segment_ids), initial_state,

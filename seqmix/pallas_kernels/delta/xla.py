@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from seqmix.pallas_kernels import chunked
+from seqmix.pallas_kernels.grouped_heads import repeat_to_value_heads
 from seqmix.pallas_kernels.segments import initial_state_or_zeros, padded_groups, reset_groups, zero_padded
 
 
@@ -223,9 +224,10 @@ def _swept_backward(chunk, block, residuals, cotangents):
 _swept.defvjp(_swept_forward, _swept_backward)
 
 
-def delta_xla(q, k, v, beta, *, log_a, scale, initial_state, segment_ids, chunk_size):
-    batch, length, heads, key_dim = q.shape
-    value_dim, out_dtype = v.shape[-1], q.dtype
+def delta_xla(q, k, v, beta, *, log_gate, scale, initial_state, segment_ids, chunk_size):
+    batch, length, heads, value_dim = v.shape
+    key_dim, out_dtype = q.shape[-1], q.dtype
+    q, k = (repeat_to_value_heads(x, heads) for x in (q, k))
     chunks = -(-length // chunk_size)
     block = chunked.block_chunks(batch, heads, chunks, chunk_size, key_dim + value_dim)
     padded = -(-chunks // block) * block * chunk_size
@@ -233,6 +235,6 @@ def delta_xla(q, k, v, beta, *, log_a, scale, initial_state, segment_ids, chunk_
     padded_f32 = lambda x: zero_padded(x, valid, padded, jnp.float32)
     state0 = initial_state_or_zeros(initial_state, batch, heads, key_dim, value_dim)
     out, final = _swept(padded_f32(q.astype(jnp.float32) * scale), padded_f32(k), padded_f32(v),
-                        padded_f32(beta[..., None]), padded_f32(log_a[..., None]),
+                        padded_f32(beta[..., None]), padded_f32(log_gate),
                         padded_groups(groups, padded, chunk_size)[..., None], state0, chunk_size, block)
     return out[:, :length].astype(out_dtype), final

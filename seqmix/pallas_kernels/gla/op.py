@@ -5,8 +5,8 @@ import jax
 from seqmix.pallas_kernels import checks
 from seqmix.pallas_kernels.gla import chunk_math
 from seqmix.pallas_kernels.gla.local import local_gla
-from seqmix.pallas_kernels.gla.reference import log_gate_of
 from seqmix.pallas_kernels.gla.sequence_parallel import sequence_parallel_gla
+from seqmix.pallas_kernels.log_gates import log_gate_of
 from seqmix.pallas_kernels.sequence_parallel import splits_sequence
 
 
@@ -16,7 +16,8 @@ def chunk_gla(q, k, v, *, log_g=None, log_a=None, scale=None, initial_state=None
 
         S_t = diag(exp(log_g_t)) S_{t-1} + k_t v_t^T,    o_t = S_t^T (scale * q_t)
 
-    q, k [B,T,H,K] and v [B,T,H,V], bfloat16 or float32 (computed in float32);
+    q, k [B,T,Hk,K] and v [B,T,H,V], bfloat16 or float32 (computed in float32), H a multiple of Hk
+    (grouped value heads: value head j reads q/k head j // (H / Hk), see `grouped_heads`);
     log_g [B,T,H,K] per-key log decay (GLA, HGRN2) or log_a [B,T,H] one per head (RetNet,
     Lightning, Mamba2/SSD), or neither (plain linear attention); natural logs, <= 0.
     scale defaults to K ** -0.5. segment_ids [B,T] int (0 = padding): the state resets to zero where
@@ -32,15 +33,15 @@ def chunk_gla(q, k, v, *, log_g=None, log_a=None, scale=None, initial_state=None
     """
     op = "chunk_gla"
     checks.queries_keys_values(op, q, k, v)
-    batch, length, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
+    batch, length, _, key_dim = q.shape
+    heads, value_dim = v.shape[2:]
     if log_g is not None and log_a is not None:
         raise ValueError("chunk_gla: pass log_g (per-key decay) or log_a (per-head decay), not both")
     if log_g is not None:
-        checks.shape(op, "log_g", log_g, q.shape, "[B,T,H,K] like q")
+        checks.shape(op, "log_g", log_g, (batch, length, heads, key_dim), "[B,T,H,K] (v's heads, q's K)")
     if log_a is not None:
-        checks.shape(op, "log_a", log_a, q.shape[:3], "[B,T,H]")
-    log_gate = log_gate_of(log_g, log_a, q.shape[:3])
+        checks.shape(op, "log_a", log_a, v.shape[:3], "[B,T,H] (v's heads)")
+    log_gate = log_gate_of(log_g, log_a, v.shape[:3])
     checks.state_and_segments(op, initial_state, segment_ids, batch, length, heads, key_dim, value_dim)
     checks.chunk_size(op, chunk_size, chunk_math.SUB_BLOCK)
     scale = key_dim**-0.5 if scale is None else scale

@@ -5,12 +5,14 @@
 
 Packed rows follow `segments.scan_packed_rows`: padding leaves the state as it is and outputs
 zeros, the state resets where a segment starts; `initial_state` is the state before the row's
-first token.
+first token. Grouped value heads follow `grouped_heads`.
 """
 
 import jax.numpy as jnp
 from jax import lax
 
+from seqmix.pallas_kernels.grouped_heads import repeat_to_value_heads
+from seqmix.pallas_kernels.log_gates import log_gate_of
 from seqmix.pallas_kernels.segments import initial_state_or_zeros, scan_packed_rows
 
 
@@ -21,35 +23,27 @@ def _recurrence(q, k, v, log_gate, state):
     return out, state
 
 
-def log_gate_of(log_g, log_a, leading_shape):
-    """The one float32 gate array [..., W] every implementation takes: per-key log_g (W = K),
-    per-head log_a (W = 1) or no decay (zeros, W = 1). leading_shape: q.shape[:-1]."""
-    if log_g is not None:
-        return log_g.astype(jnp.float32)
-    if log_a is not None:
-        return log_a.astype(jnp.float32)[..., None]
-    return jnp.zeros(tuple(leading_shape) + (1,), jnp.float32)
-
-
 def gla_step(q, k, v, state, *, log_g=None, log_a=None, scale=None):
     """One decode step for a batch of rows, with the semantics of `chunk_gla`.
 
-    q, k [B,H,K]; v [B,H,V]; state [B,H,K,V] float32; log_g [B,H,K] or log_a [B,H] (or neither).
-    Returns (o [B,H,V] in q.dtype, new state [B,H,K,V] float32).
+    q, k [B,Hk,K]; v [B,Hv,V]; state [B,Hv,K,V] float32; log_g [B,Hv,K] or log_a [B,Hv] (or
+    neither). Returns (o [B,Hv,V] in q.dtype, new state [B,Hv,K,V] float32).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    f32 = lambda x: x.astype(jnp.float32)
-    out, state = _recurrence(f32(q) * scale, f32(k), f32(v), log_gate_of(log_g, log_a, q.shape[:-1]), state)
+    f32 = lambda x: repeat_to_value_heads(x.astype(jnp.float32), v.shape[-2])
+    out, state = _recurrence(f32(q) * scale, f32(k), v.astype(jnp.float32), log_gate_of(log_g, log_a, v.shape[:-1]),
+                             state)
     return out.astype(q.dtype), state
 
 
 def gla_reference(q, k, v, *, log_gate, scale, initial_state, segment_ids, chunk_size=None):
-    """q, k [B,T,H,K]; v [B,T,H,V]; log_gate [B,T,H,W] float32 (W = K or 1); initial_state
-    [B,H,K,V] or None; segment_ids [B,T] or None. Returns (o [B,T,H,V] in q.dtype, final_state
-    [B,H,K,V] float32). `chunk_size` is accepted for a uniform signature and ignored."""
+    """q, k [B,T,Hk,K]; v [B,T,Hv,V]; log_gate [B,T,Hv,W] float32 (W = K or 1); initial_state
+    [B,Hv,K,V] or None; segment_ids [B,T] or None. Returns (o [B,T,Hv,V] in q.dtype, final_state
+    [B,Hv,K,V] float32). `chunk_size` is accepted for a uniform signature and ignored."""
     del chunk_size
-    batch, _, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
+    batch, _, heads, value_dim = v.shape
+    key_dim = q.shape[-1]
+    q, k = (repeat_to_value_heads(x, heads) for x in (q, k))
     f32 = lambda x: jnp.swapaxes(x.astype(jnp.float32), 0, 1)  # time-major for the scan
 
     def recurrence(state, token):

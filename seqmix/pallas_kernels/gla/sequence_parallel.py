@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh
 
 from seqmix.pallas_kernels.gla.local import local_gla
-from seqmix.pallas_kernels.gla.reference import log_gate_of
+from seqmix.pallas_kernels.grouped_heads import repeat_to_value_heads
+from seqmix.pallas_kernels.log_gates import log_gate_of
 from seqmix.pallas_kernels.sequence_parallel import SEQUENCE_AXIS, entering_state, run_sharded, shard_segments
 
 
@@ -25,9 +26,7 @@ def sequence_parallel_gla(q, k, v, *, mesh: Mesh | AbstractMesh, axis: str = SEQ
     which must divide T. Each device holds [B, T / n, ...] of every [B, T, ...] input and output;
     the final state [B, H, K, V] float32 is replicated over `axis`. `chunk_gla` checks the
     arguments and calls this by itself under such a mesh."""
-    if log_g is not None and log_a is not None:
-        raise ValueError("sequence_parallel_gla: pass log_g (per-key decay) or log_a (per-head decay), not both")
-    gate = log_gate_of(log_g, log_a, q.shape[:3])  # [B, T, H, K or 1]
+    gate = log_gate_of(log_g, log_a, v.shape[:3])  # [B, T, H, K or 1]
     body = functools.partial(_shard, axis=axis, chunk_size=chunk_size, impl=impl,
                              scale=q.shape[-1] ** -0.5 if scale is None else scale)
     out, final_state = run_sharded("sequence_parallel_gla", body, mesh, axis, (q, k, v, gate), segment_ids,
@@ -36,7 +35,7 @@ def sequence_parallel_gla(q, k, v, *, mesh: Mesh | AbstractMesh, axis: str = SEQ
 
 
 def _shard(q, k, v, gate, segment_ids, initial_state, *, axis, chunk_size, impl, scale):
-    """One device's part: q, k [B, t, H, K], v [B, t, H, V], gate [B, t, H, K or 1], segment_ids
+    """One device's part: q, k [B, t, Hk, K], v [B, t, H, V], gate [B, t, H, K or 1], segment_ids
     [B, t] of its shard; initial_state [B, H, K, V]. Returns (o [B, t, H, V], final state)."""
     out, local_final = local_gla(q, k, v, gate, scale=scale, initial_state=None, segment_ids=segment_ids,
                                  chunk_size=chunk_size, impl=impl)
@@ -44,7 +43,8 @@ def _shard(q, k, v, gate, segment_ids, initial_state, *, axis, chunk_size, impl,
     log_decay = jnp.cumsum(jnp.where(segments.first_run[..., None, None], gate, 0.0), axis=1)  # A_t
     transition = (log_decay[:, -1], segments.single_segment)
     state_in, final_state = entering_state(axis, local_final, transition, segments, initial_state, _propagate)
-    carried = jnp.einsum("bthk,bhkv->bthv", q.astype(jnp.float32) * jnp.exp(log_decay), state_in)
+    q = repeat_to_value_heads(q.astype(jnp.float32), v.shape[2])
+    carried = jnp.einsum("bthk,bhkv->bthv", q * jnp.exp(log_decay), state_in)
     out = out.astype(jnp.float32) + scale * jnp.where(segments.first_run[..., None, None], carried, 0.0)
     return out.astype(q.dtype), final_state
 

@@ -26,6 +26,7 @@ from jax import lax
 
 from seqmix.pallas_kernels import chunked, layout
 from seqmix.pallas_kernels.gla import chunk_math
+from seqmix.pallas_kernels.grouped_heads import repeat_to_value_heads
 from seqmix.pallas_kernels.segments import initial_state_or_zeros
 
 
@@ -262,8 +263,9 @@ _swept.defvjp(_swept_forward, _swept_backward)
 
 
 def gla_xla(q, k, v, *, log_gate, scale, initial_state, segment_ids, chunk_size):
-    batch, length, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
+    batch, length, heads, value_dim = v.shape
+    key_dim = q.shape[-1]
+    q, k = (repeat_to_value_heads(x, heads) for x in (q, k))
     chunks = -(-length // chunk_size)
     block = chunked.block_chunks(batch, heads, chunks, chunk_size, max(key_dim, value_dim))
     padded = -(-chunks // block) * block * chunk_size
