@@ -12,20 +12,23 @@ from seqmix.pallas_kernels.delta.chunk_math import unit_lower_inverse
 from kernel_checks import assert_gradients_match, assert_matches_reference, packed_segments, relative_error
 
 IMPLS = ["xla", "pallas_tpu", "pallas_gpu"]
-GATES = ["gated", "plain"]
+GATES = ["gated", "plain", "key"]  # log_a per head (Gated DeltaNet), none (DeltaNet), log_g per key (KDA)
 
 
 def make_inputs(seed, batch=2, length=45, heads=2, key_dim=16, value_dim=32, gate="gated", dtype=jnp.float32,
-                beta_range=(0.0, 1.0), log_decay=(-1.0, 0.0)):
+                beta_range=(0.0, 1.0), log_decay=(-1.0, 0.0), query_heads=None):
+    """query_heads: q/k heads when fewer than `heads` (grouped value heads)."""
     rng = np.random.default_rng(seed)
     normal = lambda *shape: rng.normal(size=shape)
-    q = jnp.asarray(normal(batch, length, heads, key_dim), dtype)
-    k = normal(batch, length, heads, key_dim)
+    query_heads = query_heads or heads
+    q = jnp.asarray(normal(batch, length, query_heads, key_dim), dtype)
+    k = normal(batch, length, query_heads, key_dim)
     k = jnp.asarray(k / np.linalg.norm(k, axis=-1, keepdims=True), dtype)
     v = jnp.asarray(normal(batch, length, heads, value_dim), dtype)
     beta = jnp.asarray(rng.uniform(*beta_range, size=(batch, length, heads)), jnp.float32)
     log_a = jnp.asarray(rng.uniform(*log_decay, size=(batch, length, heads)), jnp.float32)
-    gates = {"gated": dict(log_a=log_a), "plain": {}}[gate]
+    log_g = jnp.asarray(rng.uniform(*log_decay, size=(batch, length, heads, key_dim)), jnp.float32)
+    gates = {"gated": dict(log_a=log_a), "plain": {}, "key": dict(log_g=log_g)}[gate]
     initial_state = jnp.asarray(normal(batch, heads, key_dim, value_dim), jnp.float32)
     return q, k, v, beta, gates, initial_state, packed_segments(rng, batch, length)
 
@@ -58,8 +61,32 @@ def test_gradients_match_reference(impl, gate):
 
     expected = jax.grad(loss, argnums=(1, 2, 3, 4, 5, 6))("reference", q, k, v, beta, gates, h0)
     actual = jax.grad(loss, argnums=(1, 2, 3, 4, 5, 6))(impl, q, k, v, beta, gates, h0)
-    names = ["dq", "dk", "dv", "dbeta", "dlog_a", "dh0"] if gates else ["dq", "dk", "dv", "dbeta", "dh0"]
+    names = ["dq", "dk", "dv", "dbeta", *(f"d{name}" for name in gates), "dh0"]
     assert_gradients_match(names, actual, expected)
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_grouped_value_heads_match_reference(impl, gate):
+    """Four value heads reading two q/k heads (value head j reads head j // 2): outputs, final state
+    and every gradient, finite (fla #624: KDA gave NaN when the head counts differ) and equal to
+    the reference; and the reference equals the op on q, k repeated to the value heads."""
+    q, k, v, beta, gates, h0, segments = make_inputs(15, length=40, heads=4, query_heads=2, gate=gate)
+    weights = jnp.asarray(np.random.default_rng(16).normal(size=v.shape), jnp.float32)
+
+    def loss(impl, q, k, v, beta, gates, h0):
+        out, state = run(impl, q, k, v, beta, gates, h0, segments)
+        return jnp.sum(out * weights) + jnp.sum(state), (out, state)
+
+    grad = jax.grad(loss, argnums=(1, 2, 3, 4, 5, 6), has_aux=True)
+    expected_grads, expected = grad("reference", q, k, v, beta, gates, h0)
+    actual_grads, actual = grad(impl, q, k, v, beta, gates, h0)
+    for a, e in zip(jax.tree.leaves((actual, actual_grads)), jax.tree.leaves((expected, expected_grads))):
+        assert np.all(np.isfinite(np.asarray(a)))
+        assert relative_error(a, e) < 1e-4
+    repeated = run("reference", *(jnp.repeat(x, 2, axis=2) for x in (q, k)), v, beta, gates, h0, segments)
+    for a, e in zip(expected, repeated):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("chunk_size", [16, 48, 64, 128])  # 48: the inverse pads to 64
@@ -129,16 +156,18 @@ def test_decode_steps_equal_the_chunked_output(gate):
     assert relative_error(state, chunked_state) < 1e-5
 
 
+@pytest.mark.parametrize("gate", ["gated", "key"])
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("beta_range, log_decay", [((1.9, 2.0), (-0.01, 0.0)), ((0.0, 1.0), (-20.0, -20.0)),
-                                                   ((0.0, 2.0), (-60.0, 0.0))],
-                         ids=["beta_near_2", "minus20_per_step", "mixed"])
-def test_extreme_betas_and_decays_stay_finite_and_exact(impl, beta_range, log_decay):
+@pytest.mark.parametrize("beta_range, log_decay", [((1.9, 2.0), (-0.01, 0.0)), ((0.0, 1.0), (-8.0, -8.0)),
+                                                   ((0.0, 1.0), (-20.0, -20.0)), ((0.0, 2.0), (-60.0, 0.0))],
+                         ids=["beta_near_2", "minus8_per_step", "minus20_per_step", "mixed"])
+def test_extreme_betas_and_decays_stay_finite_and_exact(impl, gate, beta_range, log_decay):
     """beta near 2 makes each factor I - beta k k^T a reflection (eigenvalue -1): the state neither
-    decays nor grows, and the chunk's triangular system has entries near 2. -20 nats per step
-    underflows every cross-token decay."""
+    decays nor grows, and the chunk's triangular system has entries near 2. -8 nats per step puts
+    exponents of +-512 inside a 64-token chunk (no exp(-G) from the chunk start may be formed);
+    -20 underflows every cross-token decay; "mixed" draws each step's (or key's) decay in [-60, 0]."""
     q, k, v, beta, gates, h0, segments = make_inputs(6, batch=1, length=256, beta_range=beta_range,
-                                                     log_decay=log_decay)
+                                                     log_decay=log_decay, gate=gate)
 
     def loss(impl, q, k, beta, gates):
         out, state = run(impl, q, k, v, beta, gates, h0, segments, chunk_size=64)
@@ -152,10 +181,39 @@ def test_extreme_betas_and_decays_stay_finite_and_exact(impl, beta_range, log_de
         assert relative_error(a, e) < 1e-4
 
 
+@pytest.mark.parametrize("gate", ["gated", "key"])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_bfloat16_inputs(impl):
+def test_a_gate_of_exactly_zero_equals_the_ungated_op(impl, gate):
+    """log decay 0 (fla #389: a gate of exactly 0 in log space) is the plain delta rule."""
+    q, k, v, beta, gates, h0, segments = make_inputs(17, gate=gate)
+    zero_gates = {name: jnp.zeros_like(g) for name, g in gates.items()}
+    gated = run(impl, q, k, v, beta, zero_gates, h0, segments)
+    plain = run("reference", q, k, v, beta, {}, h0, segments)
+    for a, e in zip(gated, plain):
+        assert relative_error(a, e) < 1e-5
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_padding_tail_leaves_the_final_state_unchanged(impl, gate):
+    """Padding after a row's last token (transformers #46190: padded tokens in the last chunk
+    updated the state) reads nothing, writes nothing: the final state is the one of the real tokens."""
+    q, k, v, beta, gates, h0, _ = make_inputs(18, length=40, gate=gate)
+    real = 29
+    segments = jnp.asarray(np.arange(40)[None, :] < real, jnp.int32).repeat(2, axis=0)
+    out, state = run(impl, q, k, v, beta, gates, h0, segments)
+    cut = {name: g[:, :real] for name, g in gates.items()}
+    expected_out, expected_state = run("reference", q[:, :real], k[:, :real], v[:, :real], beta[:, :real], cut, h0)
+    assert relative_error(state, expected_state) < 1e-5
+    assert relative_error(out[:, :real], expected_out) < 1e-5
+    assert np.all(np.asarray(out[:, real:]) == 0.0)
+
+
+@pytest.mark.parametrize("gate", ["gated", "key"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bfloat16_inputs(impl, gate):
     """bf16 q, k, v with float32 beta, gates and accumulation: within 1e-2 of the float32 reference."""
-    q, k, v, beta, gates, h0, segments = make_inputs(7)
+    q, k, v, beta, gates, h0, segments = make_inputs(7, gate=gate)
     out, state = run(impl, *(x.astype(jnp.bfloat16) for x in (q, k, v)), beta, gates, h0, segments)
     expected_out, expected_state = run("reference", q, k, v, beta, gates, h0, segments)
     assert out.dtype == jnp.bfloat16 and state.dtype == jnp.float32
@@ -174,6 +232,9 @@ def test_auto_is_the_xla_path_on_cpu():
     (dict(v=jnp.zeros((2, 44, 2, 32))), "v must be"),
     (dict(beta=jnp.zeros((2, 45))), "beta must be"),
     (dict(log_a=jnp.zeros((2, 45, 2, 16))), "log_a must be"),
+    (dict(log_g=jnp.zeros((2, 45, 2))), "log_g must be"),
+    (dict(log_a=jnp.zeros((2, 45, 2)), log_g=jnp.zeros((2, 45, 2, 16))), "not both"),
+    (dict(v=jnp.zeros((2, 45, 3, 32))), "multiple of q's 2 heads"),
     (dict(initial_state=jnp.zeros((2, 2, 32, 16))), "initial_state must be"),
     (dict(segment_ids=jnp.zeros((2, 45), jnp.float32)), "segment_ids must be integers"),
     (dict(chunk_size=24), "chunk_size"),
