@@ -126,3 +126,20 @@ def decay_to_chunk_end(log_g):
     (whose gradient would cancel large terms). [C, W] -> [C, W] float32."""
     size = log_g.shape[0]
     return masked_sums(log_g, ~causal(size, size))
+
+
+def decayed_products(x, k, gates, mask):
+    """out[i, j] = sum_d x_id k_jd exp(G_id - G_jd) where mask[i, j], else 0: per-key decays taken
+    elementwise on a masked [c, c, D] block, without factorisation, so any gate magnitude is exact.
+    x, k [c, D] float32; gates G [c, D] float32 (cumulative log decays, non-increasing along c);
+    mask [c, c] bool, true only where j < i, so every exponential is <= 1. Returns [c, c] float32."""
+    exponent = jnp.where(mask[:, :, None], gates[:, None, :] - gates[None, :, :], -jnp.inf)
+    return jnp.sum(x[:, None, :] * k[None, :, :] * jnp.exp(exponent), axis=2)
+
+
+def self_products(x, k):
+    """[c, c] float32 with x_i.k_i on the diagonal, 0 elsewhere, for x, k [c, D] float32. A token
+    reads itself undecayed: keeping exp(G_i - G_i) out of the graph keeps its gradient, +t and -t
+    through G_i, from leaving rounding noise in the gate's gradient that swamps the true, tiny one
+    under strong decay."""
+    return jnp.where(eye(x.shape[0]), jnp.sum(x * k, axis=1, keepdims=True), 0.0)

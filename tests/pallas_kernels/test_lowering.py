@@ -25,6 +25,7 @@ OPS = {
     "gla_key_gates": lambda q, k, v, gate, **kw: chunk_gla(q, k, v, log_g=gate, **kw),
     "gla_head_gates": lambda q, k, v, gate, **kw: chunk_gla(q, k, v, log_a=gate[..., 0], **kw),
     "delta": lambda q, k, v, gate, **kw: chunk_delta_rule(q, k, v, jnp.exp(gate[..., 0]), log_a=gate[..., 0], **kw),
+    "kda": lambda q, k, v, gate, **kw: chunk_delta_rule(q, k, v, jnp.exp(gate[..., 0]), log_g=gate, **kw),
 }
 
 

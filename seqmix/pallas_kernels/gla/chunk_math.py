@@ -24,28 +24,18 @@ import jax
 import jax.numpy as jnp
 
 from seqmix.pallas_kernels.tile_math import (
-    as_row, cumulative_gates, decay_to_chunk_end, differentiable, eye, matmul, matmul_nt, matmul_tn,
-    strictly_causal,
+    as_row, cumulative_gates, decay_to_chunk_end, decayed_products, differentiable, eye, matmul, matmul_nt,
+    matmul_tn, self_products, strictly_causal,
 )
 
 SUB_BLOCK = 16
 
 
-def _self_scores(q, k):
-    """[C, C] with q_i.k_i on the diagonal. A token reads itself undecayed: keeping exp(G_i - G_i)
-    out of the graph keeps its gradient, +t and -t through G_i, from leaving rounding noise in dlog_g
-    that swamps the true, tiny gradient under strong decay."""
-    return jnp.where(eye(q.shape[0]), jnp.sum(q * k, axis=1, keepdims=True), 0.0)
-
-
 def _diagonal_block(q32, k32, v, gates, same_group, matmul_dtype):
     """Per-key decays taken elementwise on a masked [c, c, K] block, for one sub-block of queries
     against its own keys: no factorisation, so any gate magnitude is exact."""
-    size = q32.shape[0]
-    mask = strictly_causal(size) & same_group
-    exponent = jnp.where(mask[:, :, None], gates[:, None, :] - gates[None, :, :], -jnp.inf)
-    scores = jnp.sum(q32[:, None, :] * k32[None, :, :] * jnp.exp(exponent), axis=2)
-    return matmul(scores + _self_scores(q32, k32), v, matmul_dtype)
+    scores = decayed_products(q32, k32, gates, strictly_causal(q32.shape[0]) & same_group)
+    return matmul(scores + self_products(q32, k32), v, matmul_dtype)
 
 
 def intra_chunk(q, k, v, gates, groups, matmul_dtype):
