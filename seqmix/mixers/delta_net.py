@@ -6,9 +6,11 @@
     y       = (RMSNorm(o) [* silu(x W_g)]) W_o
 
 DeltaNet has a_t = 1. Gated DeltaNet decays with a Mamba2-style gate,
-log a_t = -exp(A_log) * softplus(x W_a + dt_bias), and gates its output. Training runs the chunked
-`chunk_delta_rule`; a cache carries the state and the convolutions' tails, so prefill is one
-chunked call and each decode step one `delta_step`.
+log a_t = -exp(A_log) * softplus(x W_a + dt_bias), and gates its output. With `num_v_heads`
+(Qwen3-Next's grouped value heads) v, beta, a_t, the output gate and the state have num_v_heads
+heads and q, k n_heads; value head j reads q/k head j // (num_v_heads / n_heads). Training runs
+the chunked `chunk_delta_rule`; a cache carries the state and the convolutions' tails, so prefill
+is one chunked call and each decode step one `delta_step`.
 """
 
 from __future__ import annotations
@@ -33,13 +35,17 @@ from seqmix.pallas_kernels.delta import chunk_delta_rule, delta_step
 class DeltaNetConfig:
     conv_width: int = 4  # taps of the causal depthwise convolutions on q, k and v
     expand_v: float = 1.0  # value head dim = expand_v * head_dim
+    num_v_heads: int | None = None  # value heads, a multiple of n_heads (grouped value heads); None: n_heads
     negative_eigenvalues: bool = False  # beta in (0, 2) instead of (0, 1)
     output_gate: bool = False  # y = RMSNorm(o) * silu(x W_g)
     decays: ClassVar[bool] = False
+    householder_steps: ClassVar[int] = 1  # keys, values and betas per token (Gated DeltaProduct's n_h)
 
     def validate(self, path: str) -> None:
         require(self.conv_width >= 1, path, "conv_width", f"must be >= 1, got {self.conv_width}")
         require(self.expand_v > 0, path, "expand_v", f"must be positive, got {self.expand_v}")
+        require(self.num_v_heads is None or self.num_v_heads >= 1, path, "num_v_heads",
+                f"must be >= 1 or null, got {self.num_v_heads}")
 
 
 @dataclasses.dataclass
@@ -52,23 +58,27 @@ class GatedDeltaNetConfig(DeltaNetConfig):
 @register_mixer("deltanet", DeltaNetConfig)
 @register_mixer("gated_deltanet", GatedDeltaNetConfig)
 class DeltaNet(RecurrentMixer):
-    """x [B, T, D] -> [B, T, D]; n_heads heads of key dim head_dim and value dim expand_v * head_dim."""
+    """x [B, T, D] -> [B, T, D]; n_heads q/k heads of key dim head_dim, num_v_heads value heads
+    (the state's) of value dim expand_v * head_dim."""
 
     def __init__(self, model_config, config: DeltaNetConfig, *, rngs: nnx.Rngs):
-        d_model, heads, key_dim = model_config.d_model, model_config.n_heads, model_config.dim_per_head
+        d_model, key_heads, key_dim = model_config.d_model, model_config.n_heads, model_config.dim_per_head
+        heads = config.num_v_heads or key_heads
+        if heads % key_heads:
+            raise ValueError(f"delta rule: num_v_heads = {heads} is not a multiple of n_heads = {key_heads}")
         self.init_state(heads, key_dim, int(round(config.expand_v * key_dim)))
         self.init_output(model_config, self.value_dim, gated=config.output_gate, rngs=rngs)
         self.decays = config.decays
         self.beta_scale = 2.0 if config.negative_eigenvalues else 1.0
-        std = model_config.init_std
-        key_width, value_width = heads * self.key_dim, heads * self.value_dim
+        steps, std = config.householder_steps, model_config.init_std
+        key_width, value_width = key_heads * self.key_dim, heads * self.value_dim
         self.q_proj = projection(d_model, key_width, ("embed", "heads"), std=std, rngs=rngs)
-        self.k_proj = projection(d_model, key_width, ("embed", "heads"), std=std, rngs=rngs)
-        self.v_proj = projection(d_model, value_width, ("embed", "heads"), std=std, rngs=rngs)
-        self.b_proj = projection(d_model, heads, ("embed", "heads"), std=std, rngs=rngs)
+        self.k_proj = projection(d_model, steps * key_width, ("embed", "heads"), std=std, rngs=rngs)
+        self.v_proj = projection(d_model, steps * value_width, ("embed", "heads"), std=std, rngs=rngs)
+        self.b_proj = projection(d_model, steps * heads, ("embed", "heads"), std=std, rngs=rngs)
         self.q_conv = ShortConvolution(key_width, config.conv_width, rngs=rngs)
-        self.k_conv = ShortConvolution(key_width, config.conv_width, rngs=rngs)
-        self.v_conv = ShortConvolution(value_width, config.conv_width, rngs=rngs)
+        self.k_conv = ShortConvolution(steps * key_width, config.conv_width, rngs=rngs)
+        self.v_conv = ShortConvolution(steps * value_width, config.conv_width, rngs=rngs)
         if self.decays:
             self.a_proj = projection(d_model, heads, ("embed", "heads"), std=std, rngs=rngs)
             self.A_log, self.dt_bias = decay_parameters(heads, rngs)
@@ -82,16 +92,22 @@ class DeltaNet(RecurrentMixer):
         convolved = [conv(proj(x), segment_ids=segment_ids, tail=tail)
                      for conv, proj, tail in zip(convs, (self.q_proj, self.k_proj, self.v_proj), tails)]
         (q, _), (k, _), (v, _) = convolved
-        q, k = (l2_normalize(self.split_heads(a)).astype(x.dtype) for a in (q, k))
         beta = self.beta_scale * jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
         log_a = None
         if self.decays:
             step = jax.nn.softplus(self.a_proj(x).astype(jnp.float32) + self.dt_bias[...])
             log_a = -jnp.exp(self.A_log[...]) * step
-        out, cache = self.recur(chunk_delta_rule, delta_step,
-                                dict(q=q, k=k, v=self.split_heads(v), beta=beta, log_a=log_a),
-                                cache, segment_ids, conv_tails=tuple(tail for _, tail in convolved))
+        q, k = (l2_normalize(a.reshape(*a.shape[:2], -1, self.key_dim)).astype(x.dtype) for a in (q, k))
+        tokens = dict(q=q, k=k, v=v.reshape(*v.shape[:2], -1, self.value_dim), beta=beta, log_a=log_a)
+        out, cache = self.recurrence(tokens, cache, segment_ids, tuple(tail for _, tail in convolved))
         return self.output(out, x), cache
+
+    def recurrence(self, tokens: dict, cache: RecurrentCache | None, segment_ids, conv_tails):
+        """The delta rule over tokens q, k [B, T, n_heads, K], v [B, T, H, V], beta and log_a
+        [B, T, H] (log_a None without decay); a Gated DeltaProduct's k, v and beta hold its
+        householder_steps sub-steps (n_heads or H times n_h, sub-step major). Returns
+        (o [B, T, H, V], the updated cache or None)."""
+        return self.recur(chunk_delta_rule, delta_step, tokens, cache, segment_ids, conv_tails=conv_tails)
 
     def init_cache(self, batch: int, max_len: int, dtype) -> RecurrentCache:
         """An empty cache (state and the convolutions' tails); its size does not depend on max_len."""

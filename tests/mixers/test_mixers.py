@@ -20,6 +20,7 @@ VOCAB = 64
 CASES = {
     "deltanet": {"layer_pattern": ["deltanet"]},
     "gated_deltanet": {"layer_pattern": ["gated_deltanet"]},
+    "gated_deltaproduct": {"layer_pattern": ["gated_deltaproduct"]},
     "gla": {"layer_pattern": ["gla"]},
     "retnet": {"layer_pattern": ["retnet"]},
     "hgrn2": {"layer_pattern": ["hgrn2"]},
@@ -46,6 +47,8 @@ def rel_err(a, b):
 VARIANTS = {
     "deltanet_negative_eigenvalues": {
         "layer_pattern": ["mixer"], "mixers": {"mixer": {"type": "deltanet", "negative_eigenvalues": True}}},
+    "gated_deltanet_grouped_value_heads": {
+        "layer_pattern": ["mixer"], "mixers": {"mixer": {"type": "gated_deltanet", "num_v_heads": 4}}},
     **{f"linear_attention_{name}": {"layer_pattern": ["mixer"], "mixers": {"mixer": {
         "type": "linear_attention", "feature_map": name, "normalize": name != "identity"}}}
        for name in ("identity", "elu", "relu", "softmax")},
