@@ -1,25 +1,72 @@
-"""Speed of the chunked-scan implementations against the reference and softmax attention.
+"""Speed of the chunked-scan implementations against the reference and softmax attention, and the
+share of this machine's matmul rate they reach.
 
     python benchmarks/kernels.py                 # chunk_gla, B=1, H=4, K=V=64, float32, T = 1k..16k
     python benchmarks/kernels.py --gate head --lengths 1024 4096
     python benchmarks/kernels.py --family delta  # chunk_delta_rule (--gate head: gated, none: plain)
+    python benchmarks/kernels.py --family kda    # chunk_delta_rule with per-key log_g (Kimi Delta Attention)
+    python benchmarks/kernels.py --family dplr   # chunk_dplr on RWKV-7-like inputs
+    python benchmarks/kernels.py --family kda --value-heads-per-key 2   # H/2 query/key heads
 
 Prints one markdown table: per implementation and T, the forward and forward+backward times (the
 best of 3 rounds, each the median of 5 consecutive calls, the implementations taking turns), and
 each as a ratio to `reference` and to `jax.nn.dot_product_attention` (causal) on the same shape,
-all measured in the same run. Pallas kernels are timed only on their own device (here
-they would run in an interpreter, which says nothing about their speed).
+all measured in the same run; "(xN per 2x T)" is the growth of the fwd+bwd time per doubling of T
+since the previous length. Forward+backward means the gradients of every input. Pallas kernels are
+timed only on their own device (here they would run in an interpreter, which says nothing about
+their speed).
+
+A second table gives each chunked implementation's fwd+bwd matmul FLOPs per second, as a fraction
+of the machine's rate on batched 64x64x64 float32 matmuls: `chunked.mm` (the `jnp.einsum` at full
+float32 precision that the `xla` paths use) on [256,64,64] x [256,64,64], timed in the same rounds
+as the implementations at each T (the best round), so both see the same spells of this VM's
+drifting speed. Last, each chunked implementation's largest growth per doubling of T.
+
+Matmul FLOPs of the `xla` path's chunked algorithm, per value head and token, 2 per multiply-add,
+C = chunk_size, counted from what its forward and its hand-written backward multiply (elementwise
+work is not counted; neither is building the delta rules' and DPLR's triangular inverse by block
+doubling, 2(C^2-1)/3 per token and per build, which the forward and the backward each do):
+  GLA (any gate), gla/xla.py:
+    forward  2C(K+V) + 4KV: q k^T and scores @ v inside the chunk; k^T v into the state, q S out of it.
+    backward 2C(3K+2V) + 8KV: the scores again, their products with d_o and v, dq and dk from
+             d_scores; q^T d_o (the state's cotangent), d_o S^T, v dS^T, k dS.
+  Delta rule (per head or no decay), delta/xla.py:
+    forward  2C(3K+2V) + 6KV: k k^T; (I + L)^-1 [v | k_read]; the state's weights S and k^T U in
+             the chunk scan; q k^T, scores @ U and q S for the output.
+    backward 2C(8K+5V) + 14KV: k k^T and the solve again, q k^T, scores^T d_o; (I + L)^-T and
+             d_L = -d_rhs solved^T over [V | K] columns, d_o U^T; dq, and dk as two products; and
+             U again, q^T d_o, two products per chunk in the reverse scan, d_U S^T, d_o S^T, U dS^T.
+  KDA (the delta rule with per-key decay), delta/xla.py with per_key_decay.py: the delta rule's,
+    plus 2CK in the backward: the cotangents of k k^T under a per-key decay are two products
+    (rows and columns) where the per-head form sums them into one.
+  DPLR, dplr/xla.py:
+    forward  2C(5K+4V) + 8KV + 2K^2 + 2K^2V/C: the decayed products a b^T, a k^T, q b^T, q k^T;
+             L_ak V and (I - L_ab)^-1 [L_ak V | A_read]; the chunk's transition M = Diag + B^T W
+             (2K^2) and the carry M S ([K,K] by [K,V] once per chunk, 2K^2V/C); B^T U_v, K^T V,
+             W S, q S, P_qb U and P_qk V.
+    backward 2C(15K+10V) + 18KV + 2K^2 + 2K^2V/C: the forward's terms again, the carry reversed
+             (M^T), the solve's cotangents through X^T and the four products' (two each).
+  Per-key decayed products count as one [C,K] by [K,C] product: their factored form, which the
+  `xla` paths take for a block of chunks while no chunk decays by more than 60 nats; the exact
+  form beyond that does more work, uncounted (the header gives the share of such chunks).
+(The counts were checked against the dot_generals in the jaxprs of the `xla` paths' fwd and
+fwd+bwd, with the doubling's levels of 16 and more as the only difference.)
 """
 
 import argparse
+import dataclasses
+import math
 import statistics
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqmix.pallas_kernels import delta, gla
+from seqmix.pallas_kernels import chunked, delta, dplr, gla
+
+MATMUL_TILES = 256  # [64,64] tiles per batched matmul of the machine-rate measurement
 
 
 def median_seconds(fn, *args, repeats: int, budget: float) -> float:
@@ -47,98 +94,244 @@ def measure(functions, inputs, rounds: int, repeats: int, budget: float = 20.0):
     return best
 
 
-def gla_fn(impl: str, gate: str, chunk_size: int):
-    def forward(q, k, v, log_g, beta):
-        del beta
-        gates = {"key": dict(log_g=log_g), "head": dict(log_a=log_g[..., 0]), "none": {}}[gate]
-        return gla.chunk_gla(q, k, v, **gates, impl=impl, chunk_size=chunk_size)
-    return forward
+def _log_uniform_decay(rng, shape):
+    """log of U(0.9, 1): per-step decays of a slowly forgetting state."""
+    return jnp.asarray(np.log(rng.uniform(0.9, 1.0, size=shape)), jnp.float32)
 
 
-def delta_fn(impl: str, gate: str, chunk_size: int):
-    def forward(q, k, v, log_g, beta):
-        gates = {"head": dict(log_a=log_g[..., 0]), "none": {}}[gate]
-        k = k / jnp.linalg.norm(k.astype(jnp.float32), axis=-1, keepdims=True).astype(k.dtype)
-        return delta.chunk_delta_rule(q, k, v, beta, **gates, impl=impl, chunk_size=chunk_size)
-    return forward
+def _beta(rng, shape):
+    return jnp.asarray(rng.uniform(0.0, 1.0, size=shape), jnp.float32)
 
 
-FAMILIES = {"gla": (gla_fn, gla.IMPLEMENTATIONS, "chunk_gla"),
-            "delta": (delta_fn, delta.IMPLEMENTATIONS, "chunk_delta_rule")}
+def _kda_log_g(rng, shape):
+    """Kimi Delta Attention's gate, log_g = -exp(A_log) softplus(x + dt_bias) [B,T,H,K], with A
+    ~ U(1, 16) per head and dt_bias the inverse softplus of a step drawn log-uniformly in
+    [1e-3, 1e-1] per head and key (Mamba2's initialisation, per key), x ~ N(0, 1) per token: keys
+    that remember for thousands of tokens beside keys that forget within a few."""
+    heads, key_dim = shape[2:]
+    a = rng.uniform(1.0, 16.0, size=(heads, 1))
+    dt = np.exp(rng.uniform(np.log(1e-3), np.log(1e-1), size=(heads, key_dim)))
+    dt_bias = dt + np.log(-np.expm1(-dt))
+    return jnp.asarray(-a * np.logaddexp(0.0, rng.normal(size=shape) + dt_bias), jnp.float32)
+
+
+def _rwkv7_inputs(rng, shape):
+    """RWKV-7's a, b and log decay, [B,T,H,K] each: a = -kappa_hat, b = kappa_hat * alpha with the
+    removal key kappa_hat L2-normalised and the in-context learning rate alpha = sigmoid(N(0, 1)) in
+    (0, 1); log_g = -exp(-0.5 - softplus(-(w0 + x))) in (-e^-0.5, 0), w0 RWKV-7's decay_speed + 0.5
+    over the H*K channels of a middle layer (-6.5 to -1.5), x ~ N(0, 1) per token."""
+    heads, key_dim = shape[2:]
+    kappa = rng.normal(size=shape)
+    kappa_hat = kappa / np.linalg.norm(kappa, axis=-1, keepdims=True)
+    alpha = 1.0 / (1.0 + np.exp(-rng.normal(size=shape)))
+    channels = heads * key_dim
+    w0 = -6.5 + 5.0 * (np.arange(channels) / (channels - 1)) ** (0.85 + 0.5**0.5)
+    log_g = -np.exp(-0.5 - np.logaddexp(0.0, -(w0.reshape(heads, key_dim) + rng.normal(size=shape))))
+    return {name: jnp.asarray(x, jnp.float32)
+            for name, x in (("a", -kappa_hat), ("b", kappa_hat * alpha), ("log_g", log_g))}
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A benchmarked op: op(q, k, v, **extras, impl=, chunk_size=) -> o; extras(rng, shape, gate)
+    -> the op's other array arguments (all float32, all differentiated) for the value heads' shape
+    [B,T,H,K]; gates: the --gate choices, the first the default; flops(C, K, V) -> (forward,
+    backward) matmul FLOPs of the `xla` path per value head and token (see the module docstring);
+    normalised_keys: whether k is L2-normalised (the delta rules)."""
+
+    op_name: str
+    op: Callable
+    implementations: list
+    gates: tuple[str, ...]
+    extras: Callable
+    flops: Callable
+    normalised_keys: bool
+
+
+def _gla_flops(chunk, key_dim, value_dim):
+    return (2 * chunk * (key_dim + value_dim) + 4 * key_dim * value_dim,
+            2 * chunk * (3 * key_dim + 2 * value_dim) + 8 * key_dim * value_dim)
+
+
+def _delta_flops(chunk, key_dim, value_dim):
+    return (2 * chunk * (3 * key_dim + 2 * value_dim) + 6 * key_dim * value_dim,
+            2 * chunk * (8 * key_dim + 5 * value_dim) + 14 * key_dim * value_dim)
+
+
+def _kda_flops(chunk, key_dim, value_dim):
+    forward, backward = _delta_flops(chunk, key_dim, value_dim)
+    return forward, backward + 2 * chunk * key_dim
+
+
+def _dplr_flops(chunk, key_dim, value_dim):
+    carry = 2 * key_dim**2 + 2 * key_dim**2 * value_dim / chunk
+    return (2 * chunk * (5 * key_dim + 4 * value_dim) + 8 * key_dim * value_dim + carry,
+            2 * chunk * (15 * key_dim + 10 * value_dim) + 18 * key_dim * value_dim + carry)
+
+
+FAMILIES = {
+    "gla": Family(
+        op_name="chunk_gla", op=gla.chunk_gla, implementations=gla.IMPLEMENTATIONS, gates=("key", "head", "none"),
+        extras=lambda rng, shape, gate: {"key": {"log_g": _log_uniform_decay(rng, shape)},
+                                         "head": {"log_a": _log_uniform_decay(rng, shape[:3])},
+                                         "none": {}}[gate],
+        flops=_gla_flops, normalised_keys=False),
+    "delta": Family(
+        op_name="chunk_delta_rule", op=delta.chunk_delta_rule, implementations=delta.IMPLEMENTATIONS,
+        gates=("head", "none"),
+        extras=lambda rng, shape, gate: {"beta": _beta(rng, shape[:3]),
+                                         **({"log_a": _log_uniform_decay(rng, shape[:3])} if gate == "head" else {})},
+        flops=_delta_flops, normalised_keys=True),
+    "kda": Family(
+        op_name="chunk_delta_rule (per-key log_g, KDA)", op=delta.chunk_delta_rule,
+        implementations=delta.IMPLEMENTATIONS, gates=("key",),
+        extras=lambda rng, shape, gate: {"beta": _beta(rng, shape[:3]), "log_g": _kda_log_g(rng, shape)},
+        flops=_kda_flops, normalised_keys=True),
+    "dplr": Family(
+        op_name="chunk_dplr (RWKV-7 inputs)", op=dplr.chunk_dplr, implementations=dplr.IMPLEMENTATIONS,
+        gates=("key",), extras=lambda rng, shape, gate: _rwkv7_inputs(rng, shape), flops=_dplr_flops,
+        normalised_keys=False),
+}
 GATES = ["key", "head", "none"]
 
 
 def chosen_gate(parser: argparse.ArgumentParser, family: str, gate: str | None) -> str:
-    """The gate to time: `gate`, or the family's default (per-key for GLA, per-head for the delta
-    rule); a parser error for a gate the family does not have."""
-    if family == "delta" and gate == "key":
-        parser.error("the delta rule has per-head gates only: --gate head or none")
-    return gate or {"gla": "key", "delta": "head"}[family]
+    """The gate to time: `gate`, or the family's default (its first); a parser error for a gate the
+    family does not have."""
+    gates = FAMILIES[family].gates
+    if gate is not None and gate not in gates:
+        parser.error(f"--family {family} takes --gate {' or '.join(gates)}")
+    return gate or gates[0]
 
 
-def softmax_fn(q, k, v, log_g, beta):
-    del log_g, beta
+def random_inputs(rng, family: Family, gate: str, shape, value_heads: int, dtype):
+    """(q, k [B,T,Hk,K] and v [B,T,H,V] in dtype, the family's extras for `gate`): the arguments of
+    every benchmarked forward, for q's shape (B, T, Hk, D) and H = value_heads (K = V = D). q, k, v
+    are N(0, 1), k L2-normalised for the delta rules."""
+    batch, length, _, dim = shape
+    q, k = (rng.normal(size=shape) for _ in range(2))
+    if family.normalised_keys:
+        k = k / np.linalg.norm(k, axis=-1, keepdims=True)
+    v = rng.normal(size=(batch, length, value_heads, dim))
+    extras = family.extras(rng, (batch, length, value_heads, dim), gate)
+    return (*(jnp.asarray(x, dtype) for x in (q, k, v)), extras)
+
+
+def forward_of(family: Family, impl: str, chunk_size: int):
+    def forward(q, k, v, extras):
+        return family.op(q, k, v, **extras, impl=impl, chunk_size=chunk_size)
+    return forward
+
+
+def softmax_forward(q, k, v, extras):
+    """Causal softmax attention on v's heads (q and k repeated to them, as grouped heads read them)."""
+    del extras
+    groups = v.shape[2] // q.shape[2]
+    q, k = (jnp.repeat(x, groups, axis=2) for x in (q, k))
     return jax.nn.dot_product_attention(q, k, v, is_causal=True)
-
-
-def random_inputs(rng, shape, dtype):
-    """(q, k, v [B,T,H,D] in dtype, log_g [B,T,H,D] float32 in log(0.9..1), beta [B,T,H] float32 in
-    (0, 1)), the arguments of every benchmarked forward."""
-    q, k, v = (jnp.asarray(rng.normal(size=shape), dtype) for _ in range(3))
-    log_g = jnp.asarray(np.log(rng.uniform(0.9, 1.0, size=shape)), jnp.float32)
-    beta = jnp.asarray(rng.uniform(0.0, 1.0, size=shape[:3]), jnp.float32)
-    return q, k, v, log_g, beta
 
 
 def timed_pair(forward):
     """The jitted forward and forward+backward (gradients of every input) of `forward`."""
     loss = lambda *args: jnp.sum(forward(*args).astype(jnp.float32))
-    return jax.jit(forward), jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+    return jax.jit(forward), jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+
+
+def decay_spans(extras, chunk: int) -> str:
+    """How strong the inputs' decays are: the median per-step log decay and the share of (chunk,
+    key) spans that decay by more than `chunked.FACTORED_SPAN_LIMIT` nats (the `xla` paths take
+    their slower exact form for a block of chunks holding one such span); '' without decays."""
+    log_decay = next((np.asarray(extras[name]) for name in ("log_g", "log_a") if name in extras), None)
+    if log_decay is None:
+        return ""
+    usable = log_decay.shape[1] // chunk * chunk
+    spans = log_decay[:, :usable].reshape((log_decay.shape[0], -1, chunk) + log_decay.shape[2:]).sum(axis=2)
+    share = np.mean(spans < -chunked.FACTORED_SPAN_LIMIT)
+    return (f"; per-step log decay median {np.median(log_decay):.3g}, min {log_decay.min():.3g}; chunk spans "
+            f"beyond {chunked.FACTORED_SPAN_LIMIT:g} nats: {share:.1%}")
+
+
+def growth_per_doubling(seconds: float, previous_seconds: float, length: int, previous_length: int) -> float:
+    return (seconds / previous_seconds) ** (1.0 / math.log2(length / previous_length))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4, help="value heads H (and the state's)")
+    parser.add_argument("--value-heads-per-key", type=int, default=1,
+                        help="G: grouped value heads, q and k with H/G heads (Qwen3-Next: 2)")
     parser.add_argument("--dim", type=int, default=64, help="K = V")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--family", default="gla", choices=list(FAMILIES))
     parser.add_argument("--gate", default=None, choices=GATES,
-                        help="per-key log_g (GLA; the gla default), per-head log_a (RetNet/SSD, Gated "
-                             "DeltaNet; the delta default) or no decay (linear attention, DeltaNet)")
+                        help="per-key log_g (GLA, KDA, DPLR; the gla default), per-head log_a (RetNet/SSD, "
+                             "Gated DeltaNet; the delta default) or no decay (linear attention, DeltaNet)")
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5, help="consecutive calls per turn")
     parser.add_argument("--rounds", type=int, default=3, help="turns each implementation takes")
     args = parser.parse_args()
-    make_fn, implementations, op_name = FAMILIES[args.family]
+    family = FAMILIES[args.family]
     gate = chosen_gate(parser, args.family, args.gate)
+    if args.heads % args.value_heads_per_key:
+        parser.error("--heads must be a multiple of --value-heads-per-key")
+    query_heads = args.heads // args.value_heads_per_key
 
     backend = jax.default_backend()
-    impls = ["reference"] + [i.name for i in implementations if backend in i.native_backends]
-    print(f"# {op_name} on {jax.devices()[0].device_kind} ({backend}), jax {jax.__version__}: "
-          f"B={args.batch} H={args.heads} K=V={args.dim} {args.dtype}, gate={gate}, chunk={args.chunk_size}")
-    print("| impl | T | fwd ms | fwd+bwd ms | fwd vs reference | fwd+bwd vs reference | fwd vs softmax | fwd+bwd vs softmax |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    chunked_impls = [i.name for i in family.implementations if backend in i.native_backends]
+    forward_flops, backward_flops = family.flops(args.chunk_size, args.dim, args.dim)
+    tiles = jnp.asarray(np.random.default_rng(1).normal(size=(MATMUL_TILES, 64, 64)), jnp.float32)
+    matmul = jax.jit(chunked.mm)
     rng = np.random.default_rng(0)
-    previous = {}
-    for length in args.lengths:
-        inputs = random_inputs(rng, (args.batch, length, args.heads, args.dim), jnp.dtype(args.dtype))
-        pairs = {"softmax": timed_pair(softmax_fn)}
-        pairs.update((impl, timed_pair(make_fn(impl, gate, args.chunk_size))) for impl in impls)
-        seconds = measure({(name, pass_): fn for name, pair in pairs.items() for pass_, fn in enumerate(pair)},
-                          inputs, args.rounds, args.repeats)
+    previous, rates = {}, []
+    for index, length in enumerate(args.lengths):
+        inputs = random_inputs(rng, family, gate, (args.batch, length, query_heads, args.dim), args.heads,
+                               jnp.dtype(args.dtype))
+        if index == 0:
+            print(f"# {family.op_name} on {jax.devices()[0].device_kind} ({backend}), jax {jax.__version__}: "
+                  f"B={args.batch} H={args.heads} (q/k heads {query_heads}) K=V={args.dim} {args.dtype}, "
+                  f"gate={gate}, chunk={args.chunk_size}{decay_spans(inputs[3], args.chunk_size)}")
+            print("| impl | T | fwd ms | fwd+bwd ms | fwd vs reference | fwd+bwd vs reference "
+                  "| fwd vs softmax | fwd+bwd vs softmax |")
+            print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        pairs = {"softmax": timed_pair(softmax_forward)}
+        pairs.update((impl, timed_pair(forward_of(family, impl, args.chunk_size)))
+                     for impl in ["reference", *chunked_impls])
+        functions = {(name, pass_): fn for name, pair in pairs.items() for pass_, fn in enumerate(pair)}
+        functions["matmul"] = lambda *_: matmul(tiles, tiles)
+        seconds = measure(functions, inputs, args.rounds, args.repeats)
         rows = {name: (seconds[name, 0], seconds[name, 1]) for name in pairs}
+        ref_fwd, ref_bwd = rows["reference"]
+        soft_fwd, soft_bwd = rows["softmax"]
         for name, (fwd, fwd_bwd) in rows.items():
-            ref_fwd, ref_bwd = rows["reference"]
-            soft_fwd, soft_bwd = rows["softmax"]
             growth = ""
             if name in previous:
-                growth = f" (x{fwd_bwd / previous[name]:.2f} vs T/2)"
+                per_doubling = growth_per_doubling(fwd_bwd, previous[name], length, args.lengths[index - 1])
+                growth = f" (x{per_doubling:.2f} per 2x T)"
             print(f"| {name} | {length} | {fwd * 1e3:.1f} | {fwd_bwd * 1e3:.1f}{growth} | {ref_fwd / fwd:.1f}x "
                   f"| {ref_bwd / fwd_bwd:.1f}x | {soft_fwd / fwd:.2f}x | {soft_bwd / fwd_bwd:.2f}x |", flush=True)
             previous[name] = fwd_bwd
+        matmul_rate = 2 * 64**3 * MATMUL_TILES / seconds["matmul"]
+        flops = args.batch * length * args.heads * (forward_flops + backward_flops)
+        rates += [(name, length, flops, rows[name][1], matmul_rate) for name in chunked_impls]
     print("Ratios are speed-ups: (time of reference or softmax) / (time of this row); > 1 means this row is faster.")
+
+    print(f"\nfwd+bwd matmul FLOP rate against batched 64x64x64 float32 matmuls ({MATMUL_TILES} tiles, the same "
+          f"rounds); {(forward_flops + backward_flops) / 1e3:.1f} kFLOP per value head and token "
+          f"({forward_flops / 1e3:.1f}k forward, {backward_flops / 1e3:.1f}k backward)")
+    print("| impl | T | fwd+bwd GFLOP | fwd+bwd GFLOP/s | matmul GFLOP/s | of the matmul rate |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, length, flops, fwd_bwd, matmul_rate in rates:
+        print(f"| {name} | {length} | {flops / 1e9:.2f} | {flops / fwd_bwd / 1e9:.1f} | {matmul_rate / 1e9:.1f} "
+              f"| {flops / fwd_bwd / matmul_rate:.0%} |")
+    for name in chunked_impls:
+        times = [(length, fwd_bwd) for impl, length, _, fwd_bwd, _ in rates if impl == name]
+        growths = [(f"{a}-{b}", growth_per_doubling(tb, ta, b, a)) for (a, ta), (b, tb) in zip(times, times[1:])]
+        if growths:
+            print(f"{name} fwd+bwd time per doubling of T: "
+                  + ", ".join(f"x{g:.2f} ({span})" for span, g in growths)
+                  + f"; largest x{max(g for _, g in growths):.2f}")
 
 
 if __name__ == "__main__":

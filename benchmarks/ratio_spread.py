@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import FAMILIES, GATES, chosen_gate, median_seconds, random_inputs, timed_pair
+from kernels import FAMILIES, GATES, chosen_gate, forward_of, median_seconds, random_inputs, timed_pair
 
 
 def main():
@@ -32,12 +32,13 @@ def main():
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--target", type=float, default=10.0, help="the speed-up counted against")
     args = parser.parse_args()
-    make_fn, _, op_name = FAMILIES[args.family]
+    family = FAMILIES[args.family]
     gate = chosen_gate(parser, args.family, args.gate)
 
-    inputs = random_inputs(np.random.default_rng(0), (1, args.length, args.heads, args.dim), jnp.float32)
-    _, chunked = timed_pair(make_fn(args.impl, gate, args.chunk_size))
-    _, reference = timed_pair(make_fn("reference", gate, args.chunk_size))
+    inputs = random_inputs(np.random.default_rng(0), family, gate, (1, args.length, args.heads, args.dim),
+                           args.heads, jnp.float32)
+    _, chunked = timed_pair(forward_of(family, args.impl, args.chunk_size))
+    _, reference = timed_pair(forward_of(family, "reference", args.chunk_size))
     for fn in (chunked, reference):
         jax.block_until_ready(fn(*inputs))  # compile
     samples = []  # (chunked seconds, reference seconds)
@@ -48,7 +49,7 @@ def main():
     chunked_ms, reference_ms = (np.array(times) * 1e3 for times in zip(*samples))
     ratios = reference_ms / chunked_ms
     quantiles = np.percentile(ratios, [0, 10, 50, 90, 100])
-    print(f"# {op_name}, gate={gate}, B=1 H={args.heads} K=V={args.dim} float32, chunk={args.chunk_size}, "
+    print(f"# {family.op_name}, gate={gate}, B=1 H={args.heads} K=V={args.dim} float32, chunk={args.chunk_size}, "
           f"T={args.length}: {args.impl} fwd+bwd vs reference fwd+bwd over {args.seconds:.0f} s")
     print(f"| samples | {args.impl} ms (median) | reference ms (median) | ratio min | p10 | median | p90 | max "
           f"| samples < {args.target:g}x |")
