@@ -98,12 +98,14 @@ class RecurrentMixer(nnx.Module):
                               conv_tails=conv_tails, lengths=jnp.zeros((batch,), jnp.int32))
 
 
-def decay_parameters(heads: int, rngs: nnx.Rngs) -> tuple[nnx.Param, nnx.Param]:
-    """(A_log, dt_bias) [H] of a Mamba2-style decay log a = -exp(A_log) softplus(. + dt_bias), in
-    Mamba2's initialisation: A ~ U(1, 16), and dt_bias the inverse softplus of a time step
-    drawn log-uniformly in [1e-3, 1e-1], so early decays span short and long memories."""
+def decay_parameters(heads: int, rngs: nnx.Rngs, keys_per_head: int = 1) -> tuple[nnx.Param, nnx.Param]:
+    """(A_log [H], dt_bias [H * keys_per_head]) of a Mamba2-style decay log a = -exp(A_log)
+    softplus(. + dt_bias) (KDA's per-key form: one dt_bias per head and key), in Mamba2's
+    initialisation: A ~ U(1, 16), and dt_bias the inverse softplus of a time step drawn
+    log-uniformly in [1e-3, 1e-1], so early decays span short and long memories."""
     a = jax.random.uniform(rngs.params(), (heads,), jnp.float32, 1.0, 16.0)
-    dt = jnp.exp(jax.random.uniform(rngs.params(), (heads,), jnp.float32, math.log(1e-3), math.log(1e-1)))
+    dt = jnp.exp(jax.random.uniform(rngs.params(), (heads * keys_per_head,), jnp.float32, math.log(1e-3),
+                                    math.log(1e-1)))
     dt_bias = dt + jnp.log(-jnp.expm1(-dt))
     as_param = lambda value: nnx.Param(value, out_sharding=("heads",), eager_sharding=False)
     return as_param(jnp.log(a)), as_param(dt_bias)

@@ -21,6 +21,7 @@ CASES = {
     "deltanet": {"layer_pattern": ["deltanet"]},
     "gated_deltanet": {"layer_pattern": ["gated_deltanet"]},
     "gated_deltaproduct": {"layer_pattern": ["gated_deltaproduct"]},
+    "kda": {"layer_pattern": ["kda"]},
     "gla": {"layer_pattern": ["gla"]},
     "retnet": {"layer_pattern": ["retnet"]},
     "hgrn2": {"layer_pattern": ["hgrn2"]},
@@ -49,6 +50,8 @@ VARIANTS = {
         "layer_pattern": ["mixer"], "mixers": {"mixer": {"type": "deltanet", "negative_eigenvalues": True}}},
     "gated_deltanet_grouped_value_heads": {
         "layer_pattern": ["mixer"], "mixers": {"mixer": {"type": "gated_deltanet", "num_v_heads": 4}}},
+    "kda_lower_bound_grouped_value_heads": {"layer_pattern": ["mixer"], "mixers": {"mixer": {
+        "type": "kda", "gate_lower_bound": -5.0, "num_v_heads": 4}}},
     **{f"linear_attention_{name}": {"layer_pattern": ["mixer"], "mixers": {"mixer": {
         "type": "linear_attention", "feature_map": name, "normalize": name != "identity"}}}
        for name in ("identity", "elu", "relu", "softmax")},
