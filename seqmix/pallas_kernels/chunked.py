@@ -97,6 +97,11 @@ def gate_cotangent(d_to_here, d_to_end, d_total):
     return prefix_sums(d_to_here, reverse=True) + shift(prefix_sums(d_to_end), 1) + d_total
 
 
+def to_width(x, width: int):
+    """A per-key cotangent [..., K] summed to a gate's width W (1 for a per-head gate, else K)."""
+    return jnp.sum(x, axis=-1, keepdims=True) if width == 1 else x
+
+
 def eye(size: int):
     return lax.broadcasted_iota(jnp.int32, (size, size), 0) == lax.broadcasted_iota(jnp.int32, (size, size), 1)
 

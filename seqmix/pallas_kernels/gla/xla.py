@@ -30,11 +30,6 @@ from seqmix.pallas_kernels.grouped_heads import repeat_to_value_heads
 from seqmix.pallas_kernels.segments import initial_state_or_zeros
 
 
-def _to_width(x, width: int):
-    """A per-key cotangent [..., K] summed to the gate's width (1 for a per-head gate)."""
-    return jnp.sum(x, axis=-1, keepdims=True) if width == 1 else x
-
-
 # --- The intra-chunk part: o_i = sum_{j <= i, same segment} exp(G_i - G_j) (q_i.k_j) v_j -----------
 # Three forms, each a forward (q, k, v, G, masks, dtype) -> o and a backward (..., d_o) ->
 # (dq, dk, dv, dG), all float32. A token reads itself undecayed, outside the gates' graph: its
@@ -198,9 +193,9 @@ def _backward(intra_backward, q, k, v, log_g, groups, incoming, d_out, d_final, 
     dk = dk + jnp.where(masks.writes_state, dk_written * jnp.exp(gates.to_end), 0.0)
     d_decay = jnp.sum(d_outgoing * incoming, axis=-1)[..., None, :]  # [N,B,H,1,K]
     d_log_g = chunked.gate_cotangent(
-        d_to_here + _to_width(dq_read * q_read, width),
-        _to_width(dk_written * k_written, width),
-        _to_width(d_decay, width) * decay,
+        d_to_here + chunked.to_width(dq_read * q_read, width),
+        chunked.to_width(dk_written * k_written, width),
+        chunked.to_width(d_decay, width) * decay,
     )
     grads = (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_log_g)
     return (*(chunked.time_major(g) for g in grads), d_state0)
