@@ -6,7 +6,11 @@ A backend provides two pallas_call builders (`sweep_gpu`, `sweep_tpu`) over head
       incoming [B,H,N,V,K] f32: the state entering every chunk, kept for the backward pass so it
       needs no second sequential sweep to rebuild them);
   backward(tiles, groups, incoming, d_out, d_final, chunk) -> (d_tiles, dstate0), a reverse sweep
-      over chunks carrying dS.
+      over chunks carrying dS; d_tiles shaped and typed like tiles.
+H is v's head count. A tile with fewer heads, Hk = H / G (q and k under grouped value heads), is
+read by value head h at its head h // G through the kernels' index maps (`layout.tile_head`), never
+repeated in memory; its gradient is written per value head and summed over each group
+(`layout.gradient_per_value_head`, `layout.shared_head_gradient`).
 The scale, masking and padding outside the kernels are differentiated by JAX.
 
 The sweeps run a family's chunk math, which provides, on one chunk's tiles (see `gla.chunk_math`,
@@ -14,8 +18,9 @@ The sweeps run a family's chunk math, which provides, on one chunk's tiles (see 
   chunk_forward(q, k, v, *per_token, groups, state, matmul_dtype) -> (out [C,V] f32, state [V,K] f32)
   chunk_backward(q, k, v, *per_token, groups, state, d_out, d_state, matmul_dtype)
       -> (dq, dk, dv, *d_per_token, d_state entering the chunk)
-Inputs are head-major (`layout.head_major`): `tiles` = (q, k, v, *per_token), each [B,H,Tp,D];
-groups [B,Tp,1]; states value-major [B,H,V,K] float32.
+Inputs are head-major (`layout.head_major`): `tiles` = (q, k, v, *per_token), [B,Hk,Tp,K] for q
+and k, [B,H,Tp,D] for the rest; groups [B,Tp,1]; states value-major [B,H,V,K] float32. The chunk
+math sees one value head's tiles, q and k those of the head it reads.
 """
 
 import functools
@@ -24,7 +29,6 @@ import jax
 import jax.numpy as jnp
 
 from seqmix.pallas_kernels import layout
-from seqmix.pallas_kernels.grouped_heads import repeat_to_value_heads
 
 
 def kernel_implementation(forward, backward, tile, per_token: tuple[str, ...]):
@@ -32,7 +36,7 @@ def kernel_implementation(forward, backward, tile, per_token: tuple[str, ...]):
 
     tile(chunk_size) gives the chunk length the kernels walk. per_token names the family's float32
     per-token inputs ([B,T,H,W] or [B,T,H]) as the op passes them, by keyword, in the order its chunk
-    math takes them: ("log_gate",) for GLA, ("beta", "log_a") for the delta rule.
+    math takes them: ("log_gate",) for GLA, ("beta", "log_gate") for the delta rule.
     """
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -54,7 +58,6 @@ def kernel_implementation(forward, backward, tile, per_token: tuple[str, ...]):
 
     def run(q, k, v, *, scale, initial_state, segment_ids, chunk_size, **per_token_inputs):
         batch, length, heads, key_dim = v.shape[:3] + q.shape[-1:]
-        q, k = (repeat_to_value_heads(x, heads) for x in (q, k))
         chunk = tile(chunk_size)
         x = layout.head_major(layout.to_chunks(q, k, v, tuple(per_token_inputs[name] for name in per_token), scale,
                                                segment_ids, chunk))

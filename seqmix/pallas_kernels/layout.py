@@ -8,14 +8,16 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
+from seqmix.pallas_kernels.grouped_heads import group_size
 from seqmix.pallas_kernels.segments import initial_state_or_zeros, padded_groups, reset_groups, zero_padded
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ChunkedInputs:
-    """q, k [B,Tp,H,K] (q scaled); v [B,Tp,H,V]; per_token: the family's per-token inputs, a tuple
+    """q, k [B,Tp,Hk,K] (q scaled); v [B,Tp,H,V], H = G * Hk (`grouped_heads`); per_token: the family's per-token inputs, a tuple
     of float32 [B,Tp,H,W] (W = 1 for one value per head and token); groups [B,Tp,1] int32 relative
     to each chunk's incoming state (see `segments`). Tp: T padded to whole chunks. Padding tokens
     have zero q, k, v and per-token inputs, so they neither read nor change the state.
@@ -51,10 +53,40 @@ def to_chunks(q, k, v, per_token, scale, segment_ids, chunk: int, padded_length:
 
 def head_major(x: ChunkedInputs) -> ChunkedInputs:
     """[B,Tp,H,D] -> [B,H,Tp,D]: a (batch, head) pair's chunk becomes a contiguous [C, D] tile, the
-    block a Pallas kernel walks; on TPU it also puts (time, feature) in the two tiled dimensions."""
+    block a Pallas kernel walks; on TPU it also puts (time, feature) in the two tiled dimensions.
+    q and k keep their Hk heads (`tile_head`)."""
     swap = lambda a: jnp.swapaxes(a, 1, 2)
     return ChunkedInputs(q=swap(x.q), k=swap(x.k), v=swap(x.v), per_token=tuple(map(swap, x.per_token)),
                          groups=x.groups)
+
+
+def tile_head(head, tile_heads: int, heads: int):
+    """The head of a head-major tile [B,Hk,Tp,D] (Hk = tile_heads) that value head `head` (of
+    `heads`) reads: itself when the tile has every head, else head // G, G = heads / Hk (q and k under
+    grouped value heads, `grouped_heads`). For the kernels' BlockSpec index maps, so that no repeated
+    copy is materialised."""
+    groups = group_size(tile_heads, heads)
+    # lax.div (truncating, exact for head >= 0) rather than //, whose sign fix-ups Mosaic lowers by
+    # asking which TPU it targets.
+    return head if groups == 1 else lax.div(head, groups)
+
+
+def gradient_per_value_head(tile, heads: int) -> jax.ShapeDtypeStruct:
+    """What a backward kernel writes for a tile: its gradient per value head, [B,H,Tp,D]; float32
+    where several value heads share the tile's head, so that `shared_head_gradient` sums in float32."""
+    dtype = tile.dtype if tile.shape[1] == heads else jnp.float32
+    return jax.ShapeDtypeStruct((tile.shape[0], heads, *tile.shape[2:]), dtype)
+
+
+def shared_head_gradient(gradient, tile):
+    """A backward kernel's [B,H,Tp,D] gradient -> the tile's [B,Hk,Tp,D] in its dtype: each shared
+    head's G consecutive value heads summed (the kernels keep one program or grid row per value head,
+    none of which may write another's head; the reduction is one XLA sum over G)."""
+    batch, heads, padded, width = gradient.shape
+    tile_heads = tile.shape[1]
+    if tile_heads != heads:
+        gradient = gradient.reshape(batch, tile_heads, heads // tile_heads, padded, width).sum(axis=2)
+    return gradient.astype(tile.dtype)
 
 
 def from_chunks(out, length: int, dtype):

@@ -7,9 +7,10 @@ H100s our users train on) and lets Triton schedule the tensor-core pipeline. It 
 upstream (jax warns at lowering), so this file is the one to port when it goes; the families'
 chunk math is lowering-agnostic.
 
-Grid (B, H): one program per (batch, head) sweeps the sequence chunk by chunk (`lax.fori_loop`,
-each chunk's [C, D] tiles loaded through ref slices) with the [V, K] float32 state in registers,
-storing the state entering every chunk for the backward pass, which sweeps in reverse carrying dS.
+Grid (B, H): one program per (batch, value head) sweeps the sequence chunk by chunk
+(`lax.fori_loop`, each chunk's [C, D] tiles loaded through ref slices) with the [V, K] float32 state
+in registers, storing the state entering every chunk for the backward pass, which sweeps in reverse
+carrying dS. Under grouped value heads the index maps point q and k at the head a value head reads.
 Triton tiles need power-of-two sizes of at least 16, which `supports` checks of K and V; the family
 picks C. Off a GPU it runs in the generic Pallas interpreter, which matches the Triton lowering's
 semantics (whole-block loads and stores, no memory spaces).
@@ -40,9 +41,11 @@ def _params(**kwargs):
                 compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=2), **kwargs)
 
 
-def _row_spec(array):
-    """A (batch, head)'s whole [Tp, D] sequence of a [B,H,Tp,D] array."""
-    return pl.BlockSpec((None, None, *array.shape[2:]), lambda b, h: (b, h, 0, 0))
+def _row_spec(array, heads):
+    """A (batch, value head)'s whole [Tp, D] sequence of a [B,H,Tp,D] array, or of the head it reads
+    in a [B,Hk,Tp,K] q or k (`layout.tile_head`)."""
+    tile_heads = array.shape[1]
+    return pl.BlockSpec((None, None, *array.shape[2:]), lambda b, h: (b, layout.tile_head(h, tile_heads, heads), 0, 0))
 
 
 def _group_spec(groups):
@@ -96,8 +99,9 @@ def builders(chunk_math, name: str):
     """(forward, backward) pallas_call builders for `kernel_vjp` from a family's chunk math module."""
 
     def forward(tiles, groups, state0, chunk):
-        q, value_dim = tiles[0], tiles[2].shape[-1]
-        batch, heads, padded, key_dim = q.shape
+        q, (batch, heads, padded, value_dim) = tiles[0], tiles[2].shape
+        key_dim = q.shape[-1]
+        row_spec = functools.partial(_row_spec, heads=heads)
         kernel = functools.partial(_forward_kernel, chunk_forward=chunk_math.chunk_forward, tile_count=len(tiles),
                                    chunk=chunk, matmul_dtype=layout.matmul_dtype(q.dtype))
         out_shape = [jax.ShapeDtypeStruct((batch, heads, padded, value_dim), q.dtype),
@@ -106,28 +110,29 @@ def builders(chunk_math, name: str):
         return pl.pallas_call(
             kernel,
             grid=(batch, heads),
-            in_specs=[*map(_row_spec, tiles), _group_spec(groups), _state_spec(value_dim, key_dim)],
-            out_specs=[_row_spec(out_shape[0]), _state_spec(value_dim, key_dim),
+            in_specs=[*map(row_spec, tiles), _group_spec(groups), _state_spec(value_dim, key_dim)],
+            out_specs=[row_spec(out_shape[0]), _state_spec(value_dim, key_dim),
                        _state_spec(padded // chunk, value_dim, key_dim)],
             out_shape=out_shape,
             **_params(name=f"{name}_forward_gpu"),
         )(*tiles, groups, state0)
 
     def backward(tiles, groups, incoming, d_out, d_final, chunk):
-        q, value_dim = tiles[0], tiles[2].shape[-1]
-        batch, heads, padded, key_dim = q.shape
+        q, (batch, heads, padded, value_dim) = tiles[0], tiles[2].shape
+        key_dim = q.shape[-1]
+        row_spec = functools.partial(_row_spec, heads=heads)
+        d_tile_shapes = [layout.gradient_per_value_head(a, heads) for a in tiles]
         kernel = functools.partial(_backward_kernel, chunk_backward=chunk_math.chunk_backward,
                                    tile_count=len(tiles), chunk=chunk, matmul_dtype=layout.matmul_dtype(q.dtype))
         *d_tiles, d_state0 = pl.pallas_call(
             kernel,
             grid=(batch, heads),
-            in_specs=[*map(_row_spec, tiles), _group_spec(groups), _state_spec(padded // chunk, value_dim, key_dim),
-                      _row_spec(d_out), _state_spec(value_dim, key_dim)],
-            out_specs=[*map(_row_spec, tiles), _state_spec(value_dim, key_dim)],
-            out_shape=[*(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in tiles),
-                       jax.ShapeDtypeStruct((batch, heads, value_dim, key_dim), jnp.float32)],
+            in_specs=[*map(row_spec, tiles), _group_spec(groups), _state_spec(padded // chunk, value_dim, key_dim),
+                      row_spec(d_out), _state_spec(value_dim, key_dim)],
+            out_specs=[*map(row_spec, d_tile_shapes), _state_spec(value_dim, key_dim)],
+            out_shape=[*d_tile_shapes, jax.ShapeDtypeStruct((batch, heads, value_dim, key_dim), jnp.float32)],
             **_params(name=f"{name}_backward_gpu"),
         )(*tiles, groups, incoming, d_out, d_final)
-        return tuple(d_tiles), d_state0
+        return tuple(map(layout.shared_head_gradient, d_tiles, tiles)), d_state0
 
     return forward, backward

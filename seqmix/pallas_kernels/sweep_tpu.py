@@ -1,8 +1,9 @@
 """A family's chunk math as Pallas Mosaic TPU kernels: a forward sweep and a reverse backward sweep.
 
-Grid (B, H, N): the two leading axes are independent ("parallel", split across TensorCores), the
-chunk axis is a sequential ("arbitrary") sweep whose carried state lives in a VMEM scratch buffer.
-Each grid step holds one chunk's [C, D] tiles; C and the feature dims are the tiled (sublane,
+Grid (B, H, N), H the value heads: the two leading axes are independent ("parallel", split across
+TensorCores; under grouped value heads the index maps point q and k at the head a value head reads),
+the chunk axis is a sequential ("arbitrary") sweep whose carried state lives in a VMEM scratch
+buffer. Each grid step holds one chunk's [C, D] tiles; C and the feature dims are the tiled (sublane,
 lane) dimensions thanks to the head-major layout. The backward kernel sweeps the chunks in reverse
 (its index maps read chunk N-1-n), carrying dS. Off a TPU it runs in the TPU-semantics interpreter.
 
@@ -36,9 +37,12 @@ def _chunk_at(n, reverse):
     return pl.num_programs(2) - 1 - n if reverse else n
 
 
-def _tile_spec(chunk, width, reverse=False):
-    """[B,H,Tp,width] arrays, one chunk per grid step."""
-    return pl.BlockSpec((None, None, chunk, width), lambda b, h, n: (b, h, _chunk_at(n, reverse), 0))
+def _tile_spec(array, heads, chunk, reverse=False):
+    """[B,H,Tp,D] arrays, one chunk per grid step; a [B,Hk,Tp,K] q or k at the head that the grid
+    step's value head reads (`layout.tile_head`)."""
+    tile_heads = array.shape[1]
+    return pl.BlockSpec((None, None, chunk, array.shape[-1]),
+                        lambda b, h, n: (b, layout.tile_head(h, tile_heads, heads), _chunk_at(n, reverse), 0))
 
 
 def _group_spec(chunk, reverse=False):
@@ -57,9 +61,9 @@ def _chunk_state_spec(value_dim, key_dim, reverse=False):
 
 
 def _dims(tiles, chunk):
-    """(batch, heads, chunk count, K, V) of head-major tiles."""
-    batch, heads, padded, key_dim = tiles[0].shape
-    return batch, heads, padded // chunk, key_dim, tiles[2].shape[-1]
+    """(batch, value heads, chunk count, K, V) of head-major tiles."""
+    batch, heads, padded, value_dim = tiles[2].shape
+    return batch, heads, padded // chunk, tiles[0].shape[-1], value_dim
 
 
 def _forward_kernel(*refs, chunk_forward, tile_count, matmul_dtype):
@@ -115,11 +119,11 @@ def builders(chunk_math, name: str):
         return pl.pallas_call(
             kernel,
             grid=(batch, heads, chunks),
-            in_specs=[*(_tile_spec(chunk, a.shape[-1]) for a in tiles), _group_spec(chunk),
+            in_specs=[*(_tile_spec(a, heads, chunk) for a in tiles), _group_spec(chunk),
                       _state_spec(value_dim, key_dim)],
-            out_specs=[_tile_spec(chunk, value_dim), _state_spec(value_dim, key_dim),
+            out_specs=[_tile_spec(tiles[2], heads, chunk), _state_spec(value_dim, key_dim),
                        _chunk_state_spec(value_dim, key_dim)],
-            out_shape=[jax.ShapeDtypeStruct((*q.shape[:3], value_dim), q.dtype),
+            out_shape=[jax.ShapeDtypeStruct(tiles[2].shape, q.dtype),
                        jax.ShapeDtypeStruct((batch, heads, value_dim, key_dim), jnp.float32),
                        jax.ShapeDtypeStruct((batch, heads, chunks, value_dim, key_dim), jnp.float32)],
             scratch_shapes=[pltpu.VMEM((value_dim, key_dim), jnp.float32)],
@@ -130,19 +134,19 @@ def builders(chunk_math, name: str):
         batch, heads, chunks, key_dim, value_dim = _dims(tiles, chunk)
         kernel = functools.partial(_backward_kernel, chunk_backward=chunk_math.chunk_backward,
                                    tile_count=len(tiles), matmul_dtype=layout.matmul_dtype(tiles[0].dtype))
-        tile_specs = [_tile_spec(chunk, a.shape[-1], reverse=True) for a in tiles]
+        tile_spec = functools.partial(_tile_spec, heads=heads, chunk=chunk, reverse=True)
+        d_tile_shapes = [layout.gradient_per_value_head(a, heads) for a in tiles]
         *d_tiles, d_state0 = pl.pallas_call(
             kernel,
             grid=(batch, heads, chunks),
-            in_specs=[*tile_specs, _group_spec(chunk, reverse=True),
-                      _chunk_state_spec(value_dim, key_dim, reverse=True), _tile_spec(chunk, value_dim, reverse=True),
+            in_specs=[*map(tile_spec, tiles), _group_spec(chunk, reverse=True),
+                      _chunk_state_spec(value_dim, key_dim, reverse=True), tile_spec(d_out),
                       _state_spec(value_dim, key_dim)],
-            out_specs=[*tile_specs, _state_spec(value_dim, key_dim)],
-            out_shape=[*(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in tiles),
-                       jax.ShapeDtypeStruct((batch, heads, value_dim, key_dim), jnp.float32)],
+            out_specs=[*map(tile_spec, d_tile_shapes), _state_spec(value_dim, key_dim)],
+            out_shape=[*d_tile_shapes, jax.ShapeDtypeStruct((batch, heads, value_dim, key_dim), jnp.float32)],
             scratch_shapes=[pltpu.VMEM((value_dim, key_dim), jnp.float32)],
             **_params(name=f"{name}_backward_tpu"),
         )(*tiles, groups, incoming, d_out, d_final)
-        return tuple(d_tiles), d_state0
+        return tuple(map(layout.shared_head_gradient, d_tiles, tiles)), d_state0
 
     return forward, backward

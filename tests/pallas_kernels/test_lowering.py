@@ -35,13 +35,17 @@ def on_device(monkeypatch):
     monkeypatch.setattr(registry, "interpret_off_device", lambda platform: False)
 
 
+# (op, G): G value heads read one q/k head (grouped value heads: the kernels' index maps share it).
+CASES = [(op, 1) for op in OPS] + [("gla_key_gates", 2), ("kda", 2)]
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("impl", list(PLATFORMS))
-@pytest.mark.parametrize("op", list(OPS))
-def test_forward_and_backward_lower(op, impl, dtype):
+@pytest.mark.parametrize("op, groups", CASES, ids=[f"{op}-G{groups}" for op, groups in CASES])
+def test_forward_and_backward_lower(op, groups, impl, dtype):
     rng = np.random.default_rng(0)
-    batch, length, heads, key_dim, value_dim = 1, 64, 1, 16, 32
-    q, k = (jnp.asarray(rng.normal(size=(batch, length, heads, key_dim)), dtype) for _ in range(2))
+    batch, length, heads, key_dim, value_dim = 1, 64, groups, 16, 32
+    q, k = (jnp.asarray(rng.normal(size=(batch, length, 1, key_dim)), dtype) for _ in range(2))
     v = jnp.asarray(rng.normal(size=(batch, length, heads, value_dim)), dtype)
     gate = jnp.asarray(-rng.uniform(size=(batch, length, heads, key_dim)), jnp.float32)
     state = jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32)
