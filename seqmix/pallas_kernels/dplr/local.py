@@ -6,8 +6,10 @@ import jax.numpy as jnp
 
 from seqmix.pallas_kernels import registry
 from seqmix.pallas_kernels.dplr.reference import dplr_reference
+from seqmix.pallas_kernels.dplr.xla import dplr_xla
 
 IMPLEMENTATIONS = [
+    registry.Implementation("xla", dplr_xla, registry.always, ("cpu", "gpu", "tpu")),
     registry.Implementation("reference", dplr_reference, registry.always, ()),
 ]
 

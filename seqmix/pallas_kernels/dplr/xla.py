@@ -1,0 +1,262 @@
+"""The DPLR generalized delta rule, chunked in plain jnp, with its backward pass written out.
+
+Derivation (fla's `chunk_dplr`, WY form with the low-rank term). Inside a chunk, let G_t be the
+inclusive prefix sum of log_g (a vector over the keys; exponentials and products with it below
+act per key), E_j = G_C - G_j the decay from token j to the chunk end, and S the state entering
+the chunk. Each token adds a rank-two term: S_t = Diag(exp(log_g_t)) S_{t-1} + b_t u_t^T + k_t v_t^T
+with u_t = S_{t-1}^T a_t, the value the low-rank term removes. Unrolled,
+
+    S_t = exp(G_t) S + sum_{j<=t} exp(G_t - G_j) (b_j u_j^T + k_j v_j^T)                     (1)
+
+and reading (1) at t - 1 with a_t gives a unit lower-triangular system for U = [u_1; ...; u_C]:
+
+    u_t - sum_{j<t} (a_t exp(G_{t-1} - G_j)).b_j u_j = S^T (exp(G_{t-1}) a_t) + sum_{j<t} (a_t exp(G_{t-1} - G_j)).k_j v_j
+    (I - L_ab) U = A_read S + L_ak V,    X = (I - L_ab)^-1,    U = X L_ak V + X A_read S = U_v + W S
+
+with A_read = exp(G_{t-1}) a_t (a token reads the state before its own decay). Then, from (1),
+
+    O   = Q_read S + P_qb U + P_qk V,       Q_read = exp(G_t) q_t,  P_qx[t, j] = (q_t exp(G_t - G_j)).x_j, j <= t
+    S'  = exp(G_C) S + B_write^T U + K_write^T V,   B_write = exp(E_j) b_j,  K_write = exp(E_j) k_j
+        = M S + c,   M = Diag(exp(G_C)) + B_write^T W,   c = B_write^T U_v + K_write^T V.
+
+The chunk-to-chunk carry is one [K,K]-by-[K,V] product per chunk (M S + c); everything else is
+batched over a block's chunks (`chunked.sweep_forward`), and the backward carry is its transpose
+(dS = M^T dS' + Q_read^T dO + W^T P_qb^T dO). The system is solved through X, built by block
+doubling (`delta.xla._unit_lower_inverse`, never Neumann powers of L_ab); its backward multiplies
+by X^T.
+
+Numerics: the four decayed products L_ab, L_ak, P_qb, P_qk are `per_key_decay.products` of one
+gate, G: P_qx directly (its diagonal q_t.x_t undecayed), and L_ax[t, j] = P'[t-1, j] for the rows
+shifted by one, P' = products(a_{t+1}, x, G), whose diagonal a_{t+1}.x_t is L's first
+subdiagonal, a_t.x_{t-1}, where exp(G_{t-1} - G_{t-1}) = 1 stays out of the gates' graph. So every
+exponential is exp(G_i - G_j) with i >= j, factored around the chunk start while a chunk decays by
+at most `chunked.FACTORED_SPAN_LIMIT` nats and around 16-token sub-block starts beyond that
+(decays of -8 nats per token stay exact); A_read, Q_read, B_write and K_write decay, never grow.
+
+Segments cut L, the reads of S and the writes into S' (`chunked.segment_masks`). Arrays are
+chunk-major (see `chunked`): q, k, a, b, log_g [N,B,H,C,K], v [N,B,H,C,V], groups [N,B,1,C,1],
+states [B,H,K,V], all float32. The forward pass keeps only the state entering each chunk; the
+backward pass recomputes the rest.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from seqmix.pallas_kernels import chunked, per_key_decay
+from seqmix.pallas_kernels.delta.xla import _unit_lower_inverse
+from seqmix.pallas_kernels.grouped_heads import repeat_to_value_heads
+from seqmix.pallas_kernels.segments import initial_state_or_zeros, padded_groups, reset_groups, zero_padded
+
+_ROW_AXIS = chunked.CHUNK_AXIS  # rows of [N,B,H,C,C] matrices run along the chunk axis
+
+
+def _shift(x, step):
+    return chunked.shift(x, step)
+
+
+def _stacked(*arrays):
+    """Arrays of one shape [N,B,H,...] stacked along the heads, so that one batched call serves all."""
+    return jnp.concatenate(arrays, axis=2)
+
+
+def _unstacked(x, parts):
+    return jnp.split(x, parts, axis=2)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Terms:
+    """A chunk's precomputed terms, chunk-major ([N,B,H,...]): l_ab, l_ak [C,C] (j < t in one
+    segment, 0 elsewhere), p_qb, p_qk [C,C] (j <= t); inverse X = (I - L_ab)^-1 [C,C]; a_read,
+    q_read [C,K] (zero for tokens that do not see the carried state); b_written, k_written [C,K]
+    (zero for tokens whose segment ends inside the chunk); chunk_decay [1,K]; solved = [U_v | W]
+    [C,V+K]; transition M [K,K]."""
+
+    gates: chunked.Gates
+    masks: chunked.SegmentMasks
+    l_ab: jax.Array
+    l_ak: jax.Array
+    p_qb: jax.Array
+    p_qk: jax.Array
+    inverse: jax.Array
+    a_read: jax.Array
+    q_read: jax.Array
+    b_written: jax.Array
+    k_written: jax.Array
+    chunk_decay: jax.Array
+    solved: jax.Array
+    transition: jax.Array
+
+
+def _products(q, k, a, b, gates, masks):
+    """(l_ab, l_ak, p_qb, p_qk), one `per_key_decay.products` call on the four pairs stacked."""
+    a_next = _shift(a, -1)
+    to_here = gates.to_here
+    products = per_key_decay.products(_stacked(a_next, a_next, q, q), _stacked(b, k, b, k),
+                                      _stacked(to_here, to_here, to_here, to_here), masks.earlier, diagonal=True)
+    from_next_ab, from_next_ak, p_qb, p_qk = _unstacked(products, 4)
+    lower = lambda from_next: jnp.where(masks.earlier, _shift(from_next, 1), 0.0)
+    return lower(from_next_ab), lower(from_next_ak), p_qb, p_qk
+
+
+def _terms(q, k, v, a, b, log_g, groups) -> _Terms:
+    gates, masks = chunked.gates(log_g), chunked.segment_masks(groups)
+    size, value_dim = q.shape[chunked.CHUNK_AXIS], v.shape[-1]
+    l_ab, l_ak, p_qb, p_qk = _products(q, k, a, b, gates, masks)
+    inverse = _unit_lower_inverse(chunked.eye(size) - l_ab)
+    a_read = jnp.where(masks.reads_state, jnp.exp(_shift(gates.to_here, 1)) * a, 0.0)
+    solved = chunked.mm(inverse, jnp.concatenate([chunked.mm(l_ak, v), a_read], axis=-1))
+    b_written = jnp.where(masks.writes_state, jnp.exp(gates.to_end) * b, 0.0)
+    chunk_decay = jnp.where(masks.keeps_state, jnp.exp(gates.total), 0.0)
+    key_dim = q.shape[-1]
+    transition = (jnp.swapaxes(chunk_decay, -1, -2) * chunked.eye(key_dim)
+                  + chunked.mm_tn(b_written, solved[..., value_dim:]))
+    return _Terms(
+        gates=gates, masks=masks, l_ab=l_ab, l_ak=l_ak, p_qb=p_qb, p_qk=p_qk, inverse=inverse, a_read=a_read,
+        q_read=jnp.where(masks.reads_state, jnp.exp(gates.to_here) * q, 0.0), b_written=b_written,
+        k_written=jnp.where(masks.writes_state, jnp.exp(gates.to_end) * k, 0.0), chunk_decay=chunk_decay,
+        solved=solved, transition=transition,
+    )
+
+
+def _removed(terms, incoming, value_dim):
+    """U = U_v + W S [N,B,H,C,V]: the values each token's low-rank term removes."""
+    return terms.solved[..., :value_dim] + chunked.mm(terms.solved[..., value_dim:], incoming)
+
+
+def _carry(transition, offset, state0, reverse=False):
+    """state_{n+1} = transition_n state_n + offset_n along the chunks (or backwards), emitting the
+    state each step was given."""
+
+    def step(state, chunk):
+        transition, offset = chunk
+        return chunked.mm(transition, state) + offset, state
+
+    return lax.scan(step, state0, (transition, offset), reverse=reverse)
+
+
+def _forward(q, k, v, a, b, log_g, groups, state0):
+    """Chunk-major float32 inputs -> (out [N,B,H,C,V], final state, the state entering each chunk
+    [N,B,H,K,V])."""
+    terms = _terms(q, k, v, a, b, log_g, groups)
+    value_dim = v.shape[-1]
+    offset = chunked.mm_tn(terms.b_written, terms.solved[..., :value_dim]) + chunked.mm_tn(terms.k_written, v)
+    final, incoming = _carry(terms.transition, offset, state0)
+    removed = _removed(terms, incoming, value_dim)
+    out = chunked.mm(terms.q_read, incoming) + chunked.mm(terms.p_qb, removed) + chunked.mm(terms.p_qk, v)
+    return out, final, incoming
+
+
+def _backward(q, k, v, a, b, log_g, groups, incoming, d_out, d_final):
+    """Chunk-major cotangents of `_forward`'s inputs (and of the incoming state) from those of its
+    outputs, given the state entering each chunk."""
+    terms = _terms(q, k, v, a, b, log_g, groups)
+    masks, gates, value_dim = terms.masks, terms.gates, v.shape[-1]
+    removed_values, weights = terms.solved[..., :value_dim], terms.solved[..., value_dim:]
+    removed = removed_values + chunked.mm(weights, incoming)
+
+    # The carry, backwards: dS = M^T dS' + Q_read^T dO + W^T P_qb^T dO.
+    d_removed_by_out = chunked.mm_tn(terms.p_qb, d_out)
+    read_back = chunked.mm_tn(terms.q_read, d_out) + chunked.mm_tn(weights, d_removed_by_out)
+    d_state0, d_outgoing = _carry(jnp.swapaxes(terms.transition, -1, -2), read_back, d_final, reverse=True)
+    d_removed = d_removed_by_out + chunked.mm(terms.b_written, d_outgoing)
+
+    # The solve: [U_v | W] = X [L_ak V | A_read], so d[L_ak V | A_read] = X^T d[U_v | W] and
+    # dL_ab = X^T d[U_v | W] [U_v | W]^T.
+    d_solved = jnp.concatenate([d_removed, chunked.mm_nt(d_removed, incoming)], axis=-1)
+    d_rhs = chunked.mm_tn(terms.inverse, d_solved)
+    d_l_ab = chunked.mm_nt(d_rhs, terms.solved)
+    d_l_ak = chunked.mm_nt(d_rhs[..., :value_dim], v)
+    d_a_read = d_rhs[..., value_dim:]
+
+    dv = (chunked.mm_tn(terms.l_ak, d_rhs[..., :value_dim]) + chunked.mm_tn(terms.p_qk, d_out)
+          + chunked.mm(terms.k_written, d_outgoing))
+    d_p_qb = chunked.mm_nt(d_out, removed)
+    d_p_qk = chunked.mm_nt(d_out, v)
+
+    # Through the decayed products: L_ax is P' = products(a_{t+1}, x) with its rows moved down one.
+    to_earlier = lambda d_lower: _shift(jnp.where(masks.earlier, d_lower, 0.0), -1)
+    d_rows, d_columns, d_to_here = per_key_decay.products_backward(
+        _stacked(_shift(a, -1), _shift(a, -1), q, q), _stacked(b, k, b, k),
+        _stacked(*(gates.to_here,) * 4), masks.earlier,
+        _stacked(to_earlier(d_l_ab), to_earlier(d_l_ak), d_p_qb, d_p_qk), diagonal=True)
+    da_next_b, da_next_k, dq_b, dq_k = _unstacked(d_rows, 4)
+    db_a, dk_a, db_q, dk_q = _unstacked(d_columns, 4)
+    d_to_here = sum(_unstacked(d_to_here, 4))
+
+    dq_read = chunked.mm_nt(d_out, incoming)
+    d_b_written = chunked.mm_nt(removed, d_outgoing)
+    d_k_written = chunked.mm_nt(v, d_outgoing)
+    exp_before, exp_here, exp_to_end = (jnp.exp(g) for g in (_shift(gates.to_here, 1), gates.to_here,
+                                                             gates.to_end))
+    da = _shift(da_next_b + da_next_k, 1) + jnp.where(masks.reads_state, exp_before * d_a_read, 0.0)
+    dq = dq_b + dq_k + jnp.where(masks.reads_state, exp_here * dq_read, 0.0)
+    db = db_a + db_q + jnp.where(masks.writes_state, exp_to_end * d_b_written, 0.0)
+    dk = dk_a + dk_q + jnp.where(masks.writes_state, exp_to_end * d_k_written, 0.0)
+
+    d_to_here = (d_to_here + dq_read * terms.q_read
+                 + _shift(d_a_read * terms.a_read, -1))  # A_read reads G_{t-1}
+    d_to_end = d_b_written * terms.b_written + d_k_written * terms.k_written
+    d_decay = jnp.swapaxes(jnp.sum(d_outgoing * incoming, axis=-1, keepdims=True), -1, -2)  # [N,B,H,1,K]
+    d_log_g = chunked.gate_cotangent(d_to_here, d_to_end, d_decay * terms.chunk_decay)
+    return (dq, dk, dv, da, db, d_log_g), d_state0
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
+def _swept(q, k, v, a, b, log_g, groups, state0, chunk, block):
+    """Time-major float32 q, k, v, a, b, log_g [B,Tp,H,*] and groups [B,Tp,1,1], Tp a multiple of
+    chunk * block, state0 [B,H,K,V] -> (out [B,Tp,H,V], final state [B,H,K,V])."""
+    out, final, _ = _sweep_forward(q, k, v, a, b, log_g, groups, state0, chunk, block)
+    return out, final
+
+
+def _sweep_forward(q, k, v, a, b, log_g, groups, state0, chunk, block):
+    def block_forward(inputs, state):
+        out, state, residuals = _forward(*(chunked.chunk_major(x, chunk) for x in inputs), state)
+        return chunked.time_major(out), state, residuals
+
+    return chunked.sweep_forward(block_forward, (q, k, v, a, b, log_g, groups), state0, chunk * block)
+
+
+def _swept_forward(q, k, v, a, b, log_g, groups, state0, chunk, block):
+    out, final, incoming = _sweep_forward(q, k, v, a, b, log_g, groups, state0, chunk, block)
+    return (out, final), ((q, k, v, a, b, log_g, groups), incoming)
+
+
+def _swept_backward(chunk, block, residuals, cotangents):
+    inputs, incoming = residuals
+    d_out, d_final = cotangents
+
+    def block_backward(inputs, incoming, d_out, d_state):
+        inputs = tuple(chunked.chunk_major(x, chunk) for x in (*inputs, d_out))
+        grads, d_state = _backward(*inputs[:-1], incoming, inputs[-1], d_state)
+        return tuple(map(chunked.time_major, grads)), d_state
+
+    grads, d_state0 = chunked.sweep_backward(block_backward, inputs, incoming, d_out, d_final, chunk * block)
+    return (*grads, None, d_state0)
+
+
+_swept.defvjp(_swept_forward, _swept_backward)
+
+
+def dplr_xla(q, k, v, *, a, b, log_g, scale, initial_state, segment_ids, chunk_size):
+    """q, k [B,T,Hk,K]; v [B,T,Hv,V]; a, b, log_g [B,T,Hv,K] float32; initial_state [B,Hv,K,V] or
+    None; segment_ids [B,T] or None. Returns (o [B,T,Hv,V] in q.dtype, final_state [B,Hv,K,V]
+    float32)."""
+    batch, length, heads, value_dim = v.shape
+    key_dim, out_dtype = q.shape[-1], q.dtype
+    q, k = (repeat_to_value_heads(x, heads) for x in (q, k))
+    chunks = -(-length // chunk_size)
+    block = chunked.block_chunks(batch, heads, chunks, chunk_size, key_dim + value_dim)
+    padded = -(-chunks // block) * block * chunk_size
+    valid, groups = reset_groups(segment_ids, batch, length)
+    padded_f32 = lambda x: zero_padded(x, valid, padded, jnp.float32)
+    state0 = initial_state_or_zeros(initial_state, batch, heads, key_dim, value_dim)
+    out, final = _swept(padded_f32(q.astype(jnp.float32) * scale), padded_f32(k), padded_f32(v), padded_f32(a),
+                        padded_f32(b), padded_f32(log_g), padded_groups(groups, padded, chunk_size)[..., None],
+                        state0, chunk_size, block)
+    return out[:, :length].astype(out_dtype), final
