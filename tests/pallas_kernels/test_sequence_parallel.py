@@ -29,7 +29,9 @@ def gates_of(case, key, length):
     beta = jax.nn.sigmoid(jax.random.normal(second, (B, length, H)))
     return {"gla_per_key": {"log_g": decay((B, length, H, K))}, "gla_per_head": {"log_a": decay((B, length, H))},
             "gla_none": {}, "delta_gated": {"beta": beta, "log_a": decay((B, length, H))},
-            "delta_negative_eigenvalues": {"beta": 2 * beta}}[case]
+            "delta_negative_eigenvalues": {"beta": 2 * beta},
+            "delta_per_key": {"beta": beta, "log_g": decay((B, length, H, K))},
+            "delta_grouped_per_key": {"beta": beta, "log_g": decay((B, length, H, K))}}[case]
 
 
 def inputs(case):
@@ -38,6 +40,8 @@ def inputs(case):
     q, k = (jax.random.normal(next(keys), (B, length, H, K)) for _ in range(2))
     if case.startswith("delta"):  # the delta rule expects L2-normalised keys
         k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    if "grouped" in case:  # one q/k head read by the H value heads
+        q, k = q[:, :, :1], k[:, :, :1]
     v = jax.random.normal(next(keys), (B, length, H, V))
     segment_ids = jnp.array([
         [1] * length,                                      # one document across every shard
@@ -49,7 +53,7 @@ def inputs(case):
 
 
 @pytest.mark.parametrize("case", ["gla_per_key", "gla_per_head", "gla_none", "delta_gated",
-                                  "delta_negative_eigenvalues"])
+                                  "delta_negative_eigenvalues", "delta_per_key", "delta_grouped_per_key"])
 def test_sequence_parallel_equals_the_single_device_op(case):
     mesh = jax.make_mesh((SHARDS,), ("sequence",), axis_types=(jax.sharding.AxisType.Auto,))
     single_op, parallel_op = OPS[case.split("_")[0]]
