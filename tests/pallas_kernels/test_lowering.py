@@ -15,6 +15,7 @@ import pytest
 
 from seqmix.pallas_kernels import registry
 from seqmix.pallas_kernels.delta import chunk_delta_rule
+from seqmix.pallas_kernels.dplr import chunk_dplr
 from seqmix.pallas_kernels.gla import chunk_gla
 
 from kernel_checks import packed_segments
@@ -26,6 +27,8 @@ OPS = {
     "gla_head_gates": lambda q, k, v, gate, **kw: chunk_gla(q, k, v, log_a=gate[..., 0], **kw),
     "delta": lambda q, k, v, gate, **kw: chunk_delta_rule(q, k, v, jnp.exp(gate[..., 0]), log_a=gate[..., 0], **kw),
     "kda": lambda q, k, v, gate, **kw: chunk_delta_rule(q, k, v, jnp.exp(gate[..., 0]), log_g=gate, **kw),
+    "dplr": lambda q, k, v, gate, **kw: chunk_dplr(q, k, v, -0.1 * jnp.exp(gate), 0.1 * jnp.exp(gate), log_g=gate,
+                                                   **kw),
 }
 
 
@@ -36,7 +39,7 @@ def on_device(monkeypatch):
 
 
 # (op, G): G value heads read one q/k head (grouped value heads: the kernels' index maps share it).
-CASES = [(op, 1) for op in OPS] + [("gla_key_gates", 2), ("kda", 2)]
+CASES = [(op, 1) for op in OPS] + [("gla_key_gates", 2), ("kda", 2), ("dplr", 2)]
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])

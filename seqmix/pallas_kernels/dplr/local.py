@@ -5,10 +5,13 @@ device's shard."""
 import jax.numpy as jnp
 
 from seqmix.pallas_kernels import registry
+from seqmix.pallas_kernels.dplr import pallas_gpu, pallas_tpu
 from seqmix.pallas_kernels.dplr.reference import dplr_reference
 from seqmix.pallas_kernels.dplr.xla import dplr_xla
 
 IMPLEMENTATIONS = [
+    registry.Implementation("pallas_gpu", pallas_gpu.dplr_pallas_gpu, pallas_gpu.supports, ("gpu",)),
+    registry.Implementation("pallas_tpu", pallas_tpu.dplr_pallas_tpu, pallas_tpu.supports, ("tpu",)),
     registry.Implementation("xla", dplr_xla, registry.always, ("cpu", "gpu", "tpu")),
     registry.Implementation("reference", dplr_reference, registry.always, ()),
 ]
