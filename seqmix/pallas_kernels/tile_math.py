@@ -15,6 +15,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+# Tokens per block on which per-key decays are taken elementwise ([c, c, D] temporaries); 16 is also
+# the smallest tensor-core matmul edge.
+SUB_BLOCK = 16
+
 
 class _Differentiable(NamedTuple):
     dtype: jnp.dtype
@@ -128,13 +132,18 @@ def decay_to_chunk_end(log_g):
     return masked_sums(log_g, ~causal(size, size))
 
 
-def decayed_products(x, k, gates, mask):
-    """out[i, j] = sum_d x_id k_jd exp(G_id - G_jd) where mask[i, j], else 0: per-key decays taken
-    elementwise on a masked [c, c, D] block, without factorisation, so any gate magnitude is exact.
-    x, k [c, D] float32; gates G [c, D] float32 (cumulative log decays, non-increasing along c);
-    mask [c, c] bool, true only where j < i, so every exponential is <= 1. Returns [c, c] float32."""
-    exponent = jnp.where(mask[:, :, None], gates[:, None, :] - gates[None, :, :], -jnp.inf)
-    return jnp.sum(x[:, None, :] * k[None, :, :] * jnp.exp(exponent), axis=2)
+def pairwise_decays(gates, mask):
+    """[c, c, D] float32: exp(G_id - G_jd) where mask[i, j], else 0, for gates G [c, D] float32
+    (cumulative log decays, non-increasing along c) and mask [c, c] bool, true only where j < i, so
+    every exponential is <= 1: per-key decays taken elementwise on a block of SUB_BLOCK tokens,
+    without factorisation, so any gate magnitude is exact."""
+    return jnp.exp(jnp.where(mask[:, :, None], gates[:, None, :] - gates[None, :, :], -jnp.inf))
+
+
+def decayed_products(x, k, decays):
+    """out[i, j] = sum_d x_id k_jd decays[i, j, d], [c, c] float32, for x, k [c, D] float32 and
+    decays [c, c, D] (`pairwise_decays`)."""
+    return jnp.sum(x[:, None, :] * k[None, :, :] * decays, axis=2)
 
 
 def self_products(x, k):

@@ -39,12 +39,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from seqmix.pallas_kernels.chunked import to_width
 from seqmix.pallas_kernels.tile_math import (
-    as_row, cumulative_gates, decay_to_chunk_end, decayed_products, eye, masked_sums, matmul,
-    matmul_nt, matmul_tn, self_products, strictly_causal,
+    SUB_BLOCK, as_row, cumulative_gates, decay_to_chunk_end, decayed_products, eye, masked_sums, matmul,
+    matmul_nt, matmul_tn, pairwise_decays, self_products, strictly_causal,
 )
-
-SUB_BLOCK = 16
 
 
 def unit_lower_inverse(lower):
@@ -76,50 +75,46 @@ def _row_sums(x):
     return jnp.sum(x, axis=1, keepdims=True)
 
 
-def _to_width(x, width):
-    """A gate's cotangent [R, K] summed to the gate's width W (K, or 1 for a decay per head)."""
-    return x if x.shape[1] == width else _row_sums(x)
-
-
-def _per_key_products(x, k, gates, groups, diagonal):
-    """out[i, j] = sum_d x_id k_jd exp(G_id - G_jd) for j < i in one segment (and x_i.k_i for j = i
-    if `diagonal`), 0 elsewhere; x, k [C, K] float32, gates G [C, K]. Returns [C, C] float32.
+def _per_key_products(q, k, gates, groups):
+    """`_decayed_products` for a decay per key: q, k [C, K] float32, gates G [C, K].
 
     A chunk of one sub-block (C <= SUB_BLOCK, the GPU kernel's) is one elementwise [C, C, K] block
-    (`tile_math.decayed_products`), without slices, which the Triton lowering cannot take. A longer
-    chunk goes by sub-blocks of SUB_BLOCK queries (sublane slices): against their own keys
-    elementwise; against the earlier keys j < s, s the sub-block's first token, as one matmul
+    (`tile_math.pairwise_decays`), without slices, which the Triton lowering cannot take. A longer
+    chunk goes by sub-blocks of SUB_BLOCK rows (sublane slices): against their own columns
+    elementwise; against the earlier tokens j < s, s the sub-block's first token, as one matmul
     factored around G_ref = G_{s-1}, so that exp(G_i - G_ref) and exp(G_ref - G_j) are both <= 1.
-    The product does not depend on G_ref, so it takes no gradient (`stop_gradient`), which would only
-    be two cancelling terms. A sub-block's own [c, c] block reaches its columns of the [c, C] row
-    through a 0/1 matmul, exact, rather than a concatenation along the lanes.
+    The product does not depend on G_ref, so G_ref takes no gradient (`stop_gradient`): it would
+    only be two cancelling terms. A sub-block's own [c, c] block reaches its columns of the [c, C]
+    row through a 0/1 matmul, exact, rather than a concatenation along the lanes. The key and query
+    products share the exponentials.
     """
-    size = x.shape[0]
+    size = q.shape[0]
 
-    def own_block(x, k, gates, groups):
-        mask = strictly_causal(groups.shape[0]) & (groups == as_row(groups))
-        products = decayed_products(x, k, gates, mask)
-        return products + self_products(x, k) if diagonal else products
+    def own_block(q, k, gates, groups):
+        decays = pairwise_decays(gates, strictly_causal(groups.shape[0]) & (groups == as_row(groups)))
+        return decayed_products(k, k, decays), decayed_products(q, k, decays) + self_products(q, k)
 
     if size <= SUB_BLOCK:
-        return own_block(x, k, gates, groups)
+        return own_block(q, k, gates, groups)
     token = lax.broadcasted_iota(jnp.int32, (size, 1), 0)
-    row_blocks = []
+    key_rows, query_rows = [], []
     for start in range(0, size, SUB_BLOCK):
         rows = slice(start, min(start + SUB_BLOCK, size))
         width = rows.stop - start
         placement = (lax.broadcasted_iota(jnp.int32, (width, size), 1)
-                     == lax.broadcasted_iota(jnp.int32, (width, size), 0) + start)
-        row_block = matmul(own_block(x[rows], k[rows], gates[rows], groups[rows]), placement.astype(jnp.float32))
+                     == lax.broadcasted_iota(jnp.int32, (width, size), 0) + start).astype(jnp.float32)
+        keys, queries = (matmul(block, placement) for block in own_block(q[rows], k[rows], gates[rows], groups[rows]))
         if start:
             reference = lax.stop_gradient(gates[start - 1:start])
-            x_decayed = x[rows] * jnp.exp(gates[rows] - reference)
+            to_reference = jnp.exp(gates[rows] - reference)
             before = token < start
-            k_decayed = jnp.where(before, k * jnp.exp(jnp.where(before, reference - gates, -jnp.inf)), 0.0)
+            k_earlier = jnp.where(before, k * jnp.exp(jnp.where(before, reference - gates, -jnp.inf)), 0.0)
             same_group = groups[rows] == as_row(groups)
-            row_block = row_block + jnp.where(same_group, matmul_nt(x_decayed, k_decayed), 0.0)
-        row_blocks.append(row_block)
-    return jnp.concatenate(row_blocks, axis=0)
+            keys = keys + jnp.where(same_group, matmul_nt(k[rows] * to_reference, k_earlier), 0.0)
+            queries = queries + jnp.where(same_group, matmul_nt(q[rows] * to_reference, k_earlier), 0.0)
+        key_rows.append(keys)
+        query_rows.append(queries)
+    return jnp.concatenate(key_rows, axis=0), jnp.concatenate(query_rows, axis=0)
 
 
 def _decayed_products(q, k, gates, groups, matmul_dtype):
@@ -134,9 +129,7 @@ def _decayed_products(q, k, gates, groups, matmul_dtype):
         decay = jnp.exp(jnp.where(earlier, gates - as_row(gates), -jnp.inf))
         return (decay * matmul_nt(k, k, matmul_dtype),
                 jnp.where(eye(size), 1.0, decay) * matmul_nt(q, k, matmul_dtype))
-    q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
-    return (_per_key_products(k32, k32, gates, groups, diagonal=False),
-            _per_key_products(q32, k32, gates, groups, diagonal=True))
+    return _per_key_products(q.astype(jnp.float32), k.astype(jnp.float32), gates, groups)
 
 
 class _Terms(NamedTuple):
@@ -235,9 +228,9 @@ def chunk_backward(q, k, v, beta, log_gate, groups, state, d_out, d_state_out, m
               + _row_sums(d_lower * terms.key_products))
     d_query_products = jnp.where(terms.earlier | eye(size), matmul_nt(d_out, written), 0.0)
     dq, dk, d_gates = products_pullback((d_lower * beta, d_query_products))
-    d_gates = d_gates + _to_width(d_q_read * terms.q_read + d_k_read * terms.k_read, width)
-    d_to_end = _to_width(d_k_written * terms.k_written, width)
-    d_chunk_total = _to_width(jnp.sum(d_state_out * state, axis=0, keepdims=True), width)
+    d_gates = d_gates + to_width(d_q_read * terms.q_read + d_k_read * terms.k_read, width)
+    d_to_end = to_width(d_k_written * terms.k_written, width)
+    d_chunk_total = to_width(jnp.sum(d_state_out * state, axis=0, keepdims=True), width)
     # G_i sums log_gate_s for s <= i, E_j for s > j; the chunk total all of them.
     d_log_gate = (masked_sums(d_gates, ~strictly_causal(size)) + masked_sums(d_to_end, strictly_causal(size))
                   + d_chunk_total * terms.chunk_decay)
