@@ -17,10 +17,11 @@ from seqmix.pallas_kernels.segments import initial_state_or_zeros, padded_groups
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ChunkedInputs:
-    """q, k [B,Tp,Hk,K] (q scaled); v [B,Tp,H,V], H = G * Hk (`grouped_heads`); per_token: the family's per-token inputs, a tuple
-    of float32 [B,Tp,H,W] (W = 1 for one value per head and token); groups [B,Tp,1] int32 relative
-    to each chunk's incoming state (see `segments`). Tp: T padded to whole chunks. Padding tokens
-    have zero q, k, v and per-token inputs, so they neither read nor change the state.
+    """q, k [B,Tp,Hk,K] (q scaled); v [B,Tp,H,V], H = G * Hk (`grouped_heads`); per_token: the
+    family's per-token inputs, a tuple of float32 [B,Tp,H,W] (W = 1 for one value per head and token);
+    groups [B,Tp,1] int32 relative to each chunk's incoming state (see `segments`). Tp: T padded to
+    whole chunks. Padding tokens have zero q, k, v and per-token inputs, so they neither read nor
+    change the state.
     Time-major as given; `head_major` makes the kernels' [B,H,Tp,D] of it."""
 
     q: jax.Array
