@@ -27,3 +27,24 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     """x / ||x|| over the last axis, in float32 (eps inside the root keeps zero vectors finite)."""
     x32 = x.astype(jnp.float32)
     return x32 * jax.lax.rsqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True) + eps)
+
+
+class GroupNorm(nnx.Module):
+    """Per-group layer norm over the last axis (RWKV-7's per-head output norm): x [..., C] in
+    `groups` groups of C / groups channels, each normalised to zero mean and unit variance, then
+    an affine `weight` (initially `scale`), `bias` [C]; statistics in float32; same shape and dtype out."""
+
+    def __init__(self, channels: int, groups: int, *, eps: float = 1e-5, scale: float = 1.0):
+        if channels % groups:
+            raise ValueError(f"GroupNorm: {channels} channels do not split into {groups} groups")
+        self.groups, self.eps = groups, eps
+        self.weight = nnx.Param(jnp.full((channels,), scale, jnp.float32), out_sharding=("norm",),
+                                eager_sharding=False)
+        self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32), out_sharding=("norm",), eager_sharding=False)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        grouped = x.astype(jnp.float32).reshape(*x.shape[:-1], self.groups, -1)
+        mean = jnp.mean(grouped, axis=-1, keepdims=True)
+        variance = jnp.mean(jnp.square(grouped - mean), axis=-1, keepdims=True)
+        normed = ((grouped - mean) * jax.lax.rsqrt(variance + self.eps)).reshape(x.shape)
+        return (normed * self.weight[...] + self.bias[...]).astype(x.dtype)

@@ -73,6 +73,18 @@ def shift(x, previous, same):
     return jnp.where(same.reshape(same.shape + (1,) * (x.ndim - 2)), take(x, previous), jnp.zeros((), x.dtype))
 
 
+def token_shift(x, previous, same, last, tail):
+    """The previous input of each token, and what the next call continues from.
+
+    x [B, T, D]; previous, same, last from `previous_tokens`; tail [B, 1, D]: the last input of
+    the previous call (zeros without one). Returns (x_prev [B, T, D]: the previous token of the
+    segment, the tail for the call's first real token, 0 at later segment starts; the new tail
+    [B, 1, D]: the row's last real input, the old tail when the call has none).
+    """
+    x_prev = jnp.where((previous < 0)[..., None], tail, shift(x, previous, same))
+    return x_prev, jnp.where((last >= 0)[..., None], take(x, last), tail)
+
+
 @register_mixer("rwkv6", RWKV6Config, depth_aware=True)
 class RWKV6(RecurrentMixer):
     """x [B, T, D] -> [B, T, D]; n_heads heads with key and value dims head_dim."""
@@ -118,15 +130,14 @@ class RWKV6(RecurrentMixer):
         previous, same, last = previous_tokens(segment_ids, batch, length)
         # The first real token of a call continues the cached context; later segment starts see 0.
         tail = jnp.zeros((batch, 1, x.shape[-1]), x.dtype) if cache is None else cache.conv_tails[0].astype(x.dtype)
-        x_prev = jnp.where((previous < 0)[..., None], tail, shift(x, previous, same))
+        x_prev, next_tail = token_shift(x, previous, same, last, tail)
         mixed = self.ddlerp(x, x_prev - x)
         r, k, v = (self.split_heads(proj(mixed[name])) for name, proj in
                    (("r", self.r_proj), ("k", self.k_proj), ("v", self.v_proj)))
         log_w = self.log_decay(mixed["w"])
         tokens = dict(q=r, k=shift(k, previous, same), v=shift(v, previous, same), log_g=shift(log_w, previous, same))
-        conv_tails = (jnp.where((last >= 0)[..., None], take(x, last), tail),)
         out, cache = self.recur(functools.partial(chunk_gla, scale=1.0), functools.partial(gla_step, scale=1.0),
-                                tokens, cache, segment_ids, conv_tails=conv_tails)
+                                tokens, cache, segment_ids, conv_tails=(next_tail,))
         bonus = jnp.einsum("bthk,hk,bthk->bth", r.astype(jnp.float32), self.bonus[...], k.astype(jnp.float32))
         out = out.astype(jnp.float32) + bonus[..., None] * v.astype(jnp.float32)
         if cache is not None:

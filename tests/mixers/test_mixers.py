@@ -30,6 +30,7 @@ CASES = {
     "liger_attention": {"layer_pattern": ["mixer"], "mixers": {"mixer": {"type": "liger_attention", "window": 8}}},
     "lolcats": {"layer_pattern": ["mixer"], "mixers": {"mixer": {"type": "lolcats", "window": 8}}},
     "rwkv6": {"layer_pattern": ["rwkv6"]},
+    "rwkv7": {"layer_pattern": ["rwkv7"]},
     "mom": {"layer_pattern": ["mom"]},
     "linear_attention_hedgehog": {"layer_pattern": ["mixer"],
                                   "mixers": {"mixer": {"type": "linear_attention", "feature_map": "hedgehog"}}},
