@@ -9,16 +9,28 @@ import numpy as np
 import pytest
 
 from seqmix.pallas_kernels.delta import chunk_delta_rule, sequence_parallel_delta_rule
+from seqmix.pallas_kernels.dplr import chunk_dplr, sequence_parallel_dplr
 from seqmix.pallas_kernels.gla import chunk_gla, sequence_parallel_gla
 from seqmix.train.compile_check import collective_bytes
 
 SHARDS, SHARD_LEN = 8, 20  # T = 160; shards of 20 tokens, chunks of 16: a partial chunk per shard
 B, H, K, V = 3, 2, 8, 4
-OPS = {"gla": (chunk_gla, sequence_parallel_gla), "delta": (chunk_delta_rule, sequence_parallel_delta_rule)}
+OPS = {"gla": (chunk_gla, sequence_parallel_gla), "delta": (chunk_delta_rule, sequence_parallel_delta_rule),
+       "dplr": (chunk_dplr, sequence_parallel_dplr)}
 
 
 def rel_err(a, b):
     return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
+
+
+def dplr_gates(key, length):
+    """RWKV-7-like a = -kappa_hat, b = alpha * kappa_hat (a stable transition) and a per-key decay."""
+    first, second, third = jax.random.split(key, 3)
+    kappa = jax.random.normal(first, (B, length, H, K))
+    kappa = kappa / jnp.linalg.norm(kappa, axis=-1, keepdims=True)
+    alpha = jax.nn.sigmoid(jax.random.normal(second, (B, length, H, K)))
+    decay = jax.nn.log_sigmoid(3 + jax.random.normal(third, (B, length, H, K)))
+    return {"a": -kappa, "b": alpha * kappa, "log_g": decay}
 
 
 def gates_of(case, key, length):
@@ -31,7 +43,8 @@ def gates_of(case, key, length):
             "gla_none": {}, "delta_gated": {"beta": beta, "log_a": decay((B, length, H))},
             "delta_negative_eigenvalues": {"beta": 2 * beta},
             "delta_per_key": {"beta": beta, "log_g": decay((B, length, H, K))},
-            "delta_grouped_per_key": {"beta": beta, "log_g": decay((B, length, H, K))}}[case]
+            "delta_grouped_per_key": {"beta": beta, "log_g": decay((B, length, H, K))},
+            "dplr": dplr_gates(key, length), "dplr_grouped": dplr_gates(key, length)}[case]
 
 
 def inputs(case):
@@ -53,7 +66,8 @@ def inputs(case):
 
 
 @pytest.mark.parametrize("case", ["gla_per_key", "gla_per_head", "gla_none", "delta_gated",
-                                  "delta_negative_eigenvalues", "delta_per_key", "delta_grouped_per_key"])
+                                  "delta_negative_eigenvalues", "delta_per_key", "delta_grouped_per_key", "dplr",
+                                  "dplr_grouped"])
 def test_sequence_parallel_equals_the_single_device_op(case):
     mesh = jax.make_mesh((SHARDS,), ("sequence",), axis_types=(jax.sharding.AxisType.Auto,))
     single_op, parallel_op = OPS[case.split("_")[0]]
@@ -88,7 +102,7 @@ def test_a_length_that_does_not_split_evenly_is_refused():
         sequence_parallel_delta_rule(q, q, q, q[..., 0], mesh=mesh)
 
 
-@pytest.mark.parametrize("family", ["gla", "delta"])
+@pytest.mark.parametrize("family", ["gla", "delta", "dplr"])
 def test_the_ops_under_a_sequence_mesh_gather_summaries_whose_size_does_not_grow_with_t(family):
     """Traced with a mesh whose sequence axis has 8 devices ambient (as the train step traces),
     each op runs sequence-parallel: the same output, and its collectives move the 8 per-shard
@@ -100,11 +114,12 @@ def test_the_ops_under_a_sequence_mesh_gather_summaries_whose_size_does_not_grow
     for length in (SHARDS * SHARD_LEN, 2 * SHARDS * SHARD_LEN):
         q = jax.random.normal(jax.random.key(length), (B, length, H, K))
         k = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
-        gate = jax.nn.log_sigmoid(3 + q) if family == "gla" else jax.nn.sigmoid(q[..., 0])
+        gate = jax.nn.sigmoid(q[..., 0]) if family == "delta" else jax.nn.log_sigmoid(3 + q)
         segment_ids = jnp.ones((B, length), jnp.int32)
 
         def call(k, gate):
-            gates = {"log_g": gate} if family == "gla" else {"beta": gate}
+            gates = {"gla": {"log_g": gate}, "delta": {"beta": gate},
+                     "dplr": {"a": -k, "b": 0.5 * k, "log_g": gate}}[family]
             return op(k, k, k[..., :V], **gates, segment_ids=segment_ids, chunk_size=16)
 
         def under_mesh(k, gate):
@@ -116,6 +131,6 @@ def test_the_ops_under_a_sequence_mesh_gather_summaries_whose_size_does_not_grow
         compiled = jax.jit(under_mesh, in_shardings=(split, split)).lower(k, gate).compile()
         assert rel_err(compiled(k, gate), call(k, gate)) < 1e-5
         gathered[length] = collective_bytes(compiled.as_text())
-    summary_bytes = SHARDS * B * H * K * (V + (K if family == "delta" else 0)) * 4
+    summary_bytes = SHARDS * B * H * K * (V + (0 if family == "gla" else K)) * 4
     assert gathered[160] == gathered[320], gathered
     assert summary_bytes <= sum(gathered[160].values()) < 1.5 * summary_bytes, (gathered, summary_bytes)

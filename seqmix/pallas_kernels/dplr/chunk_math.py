@@ -17,10 +17,11 @@ doubling, never Neumann powers). The backward kernel differentiates `chunk_forwa
 
 Numerics: the four decayed products share the one gate G (`_pair_products`: an elementwise
 [c, c, K] block masked before the exp, and across 16-token sub-blocks of a longer chunk a matmul
-factored around the gate of the token before the sub-block): no exponential exceeds 1. P_qx directly; L_ax as the rows of P'(a_{t+1}, x) moved down by one, so that L's first
-subdiagonal a_t.x_{t-1} is P's undecayed diagonal and stays out of the gates' graph (its
-exp(G_{t-1} - G_{t-1}) would send +u and -u to the gates, rounding noise that swamps their true
-gradient under strong decay). Rows move by exact 0/1 matmuls, as tiles cannot be sliced on Triton.
+factored around the gate of the token before the sub-block): no exponential exceeds 1. P_qx
+directly; L_ax as the rows of P'(a_{t+1}, x) moved down by one, so that L's first subdiagonal
+a_t.x_{t-1} is P's undecayed diagonal and stays out of the gates' graph (its exp(G_{t-1} - G_{t-1})
+would send +u and -u to the gates, rounding noise that swamps their true gradient under strong
+decay). Rows move by exact 0/1 matmuls, as tiles cannot be sliced on Triton.
 
 Shapes (C = chunk length): q, k [C, K] (q already scaled) and v [C, V] in the inputs' dtype; a, b,
 log_g [C, K] float32; groups [C, 1] int32, the reset group relative to the state entering the chunk

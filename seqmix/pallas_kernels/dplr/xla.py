@@ -10,7 +10,8 @@ with u_t = S_{t-1}^T a_t, the value the low-rank term removes. Unrolled,
 
 and reading (1) at t - 1 with a_t gives a unit lower-triangular system for U = [u_1; ...; u_C]:
 
-    u_t - sum_{j<t} (a_t exp(G_{t-1} - G_j)).b_j u_j = S^T (exp(G_{t-1}) a_t) + sum_{j<t} (a_t exp(G_{t-1} - G_j)).k_j v_j
+    u_t - sum_{j<t} (a_t exp(G_{t-1} - G_j)).b_j u_j
+        = S^T (exp(G_{t-1}) a_t) + sum_{j<t} (a_t exp(G_{t-1} - G_j)).k_j v_j
     (I - L_ab) U = A_read S + L_ak V,    X = (I - L_ab)^-1,    U = X L_ak V + X A_read S = U_v + W S
 
 with A_read = exp(G_{t-1}) a_t (a token reads the state before its own decay). Then, from (1),
