@@ -59,7 +59,6 @@ def _fla_kda():
 
 def _fla_dplr():
     from fla.ops.generalized_delta_rule import chunk_dplr_delta_rule
-
     # a, b [B,T,H,K] in fla's orientation, which is seqmix's; gk the per-key log decay in float32.
     return lambda q, k, v, extras: chunk_dplr_delta_rule(
         q, k, v, a=extras["a"].to(q.dtype), b=extras["b"].to(q.dtype), gk=extras["log_g"],
