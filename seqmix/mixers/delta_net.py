@@ -26,7 +26,7 @@ from seqmix.configuration import require
 from seqmix.layers.linear import projection
 from seqmix.layers.norms import l2_normalize
 from seqmix.layers.short_conv import ShortConvolution
-from seqmix.mixers.recurrent import RecurrentCache, RecurrentMixer, decay_parameters
+from seqmix.mixers.recurrent import RecurrentCache, RecurrentMixer, decay_parameters, softplus_log_decay
 from seqmix.mixers.registry import register_mixer
 from seqmix.pallas_kernels.delta import chunk_delta_rule, delta_step
 
@@ -87,19 +87,13 @@ class DeltaNet(RecurrentMixer):
         """x [B, T, D]; segment_ids [B, T] (0 = padding) or None; positions unused (no position
         encoding: the recurrence is ordered). Returns (y [B, T, D], cache)."""
         del positions
-        convs = (self.q_conv, self.k_conv, self.v_conv)
-        tails = (None,) * 3 if cache is None else cache.conv_tails
-        convolved = [conv(proj(x), segment_ids=segment_ids, tail=tail)
-                     for conv, proj, tail in zip(convs, (self.q_proj, self.k_proj, self.v_proj), tails)]
-        (q, _), (k, _), (v, _) = convolved
+        (q, k, v), tails = self.short_convolutions(
+            x, ((self.q_proj, self.q_conv), (self.k_proj, self.k_conv), (self.v_proj, self.v_conv)), segment_ids, cache)
         beta = self.beta_scale * jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
-        log_a = None
-        if self.decays:
-            step = jax.nn.softplus(self.a_proj(x).astype(jnp.float32) + self.dt_bias[...])
-            log_a = -jnp.exp(self.A_log[...]) * step
+        log_a = softplus_log_decay(self.a_proj(x), self.A_log, self.dt_bias) if self.decays else None
         q, k = (l2_normalize(a.reshape(*a.shape[:2], -1, self.key_dim)).astype(x.dtype) for a in (q, k))
         tokens = dict(q=q, k=k, v=v.reshape(*v.shape[:2], -1, self.value_dim), beta=beta, log_a=log_a)
-        out, cache = self.recurrence(tokens, cache, segment_ids, tuple(tail for _, tail in convolved))
+        out, cache = self.recurrence(tokens, cache, segment_ids, tails)
         return self.output(out, x), cache
 
     def recurrence(self, tokens: dict, cache: RecurrentCache | None, segment_ids, conv_tails):

@@ -30,7 +30,7 @@ from seqmix.configuration import require
 from seqmix.layers.linear import projection
 from seqmix.layers.norms import l2_normalize
 from seqmix.layers.short_conv import ShortConvolution
-from seqmix.mixers.recurrent import RecurrentCache, RecurrentMixer, decay_parameters
+from seqmix.mixers.recurrent import RecurrentCache, RecurrentMixer, decay_parameters, softplus_log_decay
 from seqmix.mixers.registry import register_mixer
 from seqmix.pallas_kernels.delta import chunk_delta_rule, delta_step
 
@@ -82,28 +82,24 @@ class KimiDeltaAttention(RecurrentMixer):
         """x [B, T, D]; segment_ids [B, T] (0 = padding) or None; positions unused (no position
         encoding: the recurrence is ordered). Returns (y [B, T, D], cache)."""
         del positions
-        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
-        tails = (None,) * 3 if cache is None else cache.conv_tails
-        convolved = [conv(proj(x), segment_ids=segment_ids, tail=tail)
-                     for conv, proj, tail in zip(convs, (self.q_proj, self.k_proj, self.v_proj), tails)]
-        (q, _), (k, _), (v, _) = convolved
+        (q, k, v), tails = self.short_convolutions(
+            x, ((self.q_proj, self.q_conv1d), (self.k_proj, self.k_conv1d), (self.v_proj, self.v_conv1d)), segment_ids,
+            cache)
         q, k = (l2_normalize(a.reshape(*a.shape[:2], -1, self.key_dim)).astype(x.dtype) for a in (q, k))
         beta = self.beta_scale * jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
         tokens = dict(q=q, k=k, v=self.split_heads(v), beta=beta, log_g=self.log_decay(x))
-        out, cache = self.recur(chunk_delta_rule, delta_step, tokens, cache, segment_ids,
-                                conv_tails=tuple(tail for _, tail in convolved))
+        out, cache = self.recur(chunk_delta_rule, delta_step, tokens, cache, segment_ids, conv_tails=tails)
         gate = jax.nn.sigmoid(self.split_heads(self.g_b_proj(self.g_a_proj(x))).astype(jnp.float32))
         out = (self.o_norm(out).astype(jnp.float32) * gate).astype(x.dtype)
         return self.o_proj(out.reshape(*out.shape[:2], -1)), cache
 
     def log_decay(self, x):
         """x [B, T, D] -> log g [B, T, H, K] float32, <= 0 (>= gate_lower_bound when set)."""
-        logits = self.f_b_proj(self.f_a_proj(x)).astype(jnp.float32) + self.dt_bias[...]
-        logits = self.split_heads(logits)
-        rate = jnp.exp(self.A_log[...])[:, None]
-        if self.gate_lower_bound is not None:
-            return self.gate_lower_bound * jax.nn.sigmoid(rate * logits)
-        return -rate * jax.nn.softplus(logits)
+        logits = self.split_heads(self.f_b_proj(self.f_a_proj(x)))
+        if self.gate_lower_bound is None:
+            return softplus_log_decay(logits, self.A_log, self.dt_bias)
+        shifted = logits.astype(jnp.float32) + self.dt_bias[...].reshape(logits.shape[2:])
+        return self.gate_lower_bound * jax.nn.sigmoid(jnp.exp(self.A_log[...])[:, None] * shifted)
 
     def init_cache(self, batch: int, max_len: int, dtype) -> RecurrentCache:
         """An empty cache (state and the convolutions' tails); its size does not depend on max_len."""

@@ -35,7 +35,7 @@ from seqmix.configuration import require
 from seqmix.layers.linear import projection
 from seqmix.layers.norms import l2_normalize
 from seqmix.layers.short_conv import ShortConvolution
-from seqmix.mixers.recurrent import RecurrentCache, RecurrentMixer, decay_parameters
+from seqmix.mixers.recurrent import RecurrentCache, RecurrentMixer, decay_parameters, softplus_log_decay
 from seqmix.mixers.registry import register_mixer
 from seqmix.pallas_kernels.delta import chunk_delta_rule, delta_step
 
@@ -90,22 +90,17 @@ class MixtureOfMemories(RecurrentMixer):
         if self.shared_memory:
             weights = jnp.concatenate([weights, jnp.ones((batch, length, 1), jnp.float32)], axis=-1)
             chosen = jnp.concatenate([chosen, jnp.ones((batch, length, 1), bool)], axis=-1)
-        convs = (self.q_conv, self.k_conv, self.v_conv)
-        tails = (None,) * 3 if cache is None else cache.conv_tails
-        convolved = [conv(proj(x), segment_ids=segment_ids, tail=tail)
-                     for conv, proj, tail in zip(convs, (self.q_proj, self.k_proj, self.v_proj), tails)]
-        (q, _), (k, _), (v, _) = convolved
+        (q, k, v), tails = self.short_convolutions(
+            x, ((self.q_proj, self.q_conv), (self.k_proj, self.k_conv), (self.v_proj, self.v_conv)), segment_ids, cache)
         slots = (batch, length, self.memories * self.heads, -1)  # memory-major: slot m * H + h
         # Every memory of a head reads with the same query.
         q = jnp.tile(l2_normalize(self.split_heads(q)), (1, 1, self.memories, 1)).astype(x.dtype)
         k = l2_normalize(k.reshape(slots)).astype(x.dtype)
         per_slot = jnp.repeat(chosen, self.heads, axis=-1)  # [B, T, memories * H]
         beta = jnp.where(per_slot, jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32)), 0.0)
-        step = jax.nn.softplus(self.a_proj(x).astype(jnp.float32) + self.dt_bias[...])
-        log_a = jnp.where(per_slot, -jnp.exp(self.A_log[...]) * step, 0.0)
+        log_a = jnp.where(per_slot, softplus_log_decay(self.a_proj(x), self.A_log, self.dt_bias), 0.0)
         tokens = dict(q=q, k=k, v=v.reshape(slots), beta=beta, log_a=log_a)
-        out, cache = self.recur(chunk_delta_rule, delta_step, tokens, cache, segment_ids,
-                                conv_tails=tuple(tail for _, tail in convolved))
+        out, cache = self.recur(chunk_delta_rule, delta_step, tokens, cache, segment_ids, conv_tails=tails)
         out = out.reshape(batch, length, self.memories, self.heads, self.value_dim).astype(jnp.float32)
         out = jnp.einsum("btmhv,btm->bthv", out, weights)
         return self.output(out.astype(x.dtype), x), cache

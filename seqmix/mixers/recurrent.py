@@ -84,6 +84,14 @@ class RecurrentMixer(nnx.Module):
             out, state = chunked(**tokens, segment_ids=segment_ids, initial_state=cache.state, output_final_state=True)
         return out, RecurrentCache(state=state, conv_tails=conv_tails, lengths=cache.lengths + out.shape[1])
 
+    def short_convolutions(self, x, layers, segment_ids, cache: RecurrentCache | None):
+        """silu(conv(x W)) for each (projection, ShortConvolution) pair in `layers`, each conv
+        continuing its tail in the cache (in the same order). x [B, T, D]; segment_ids [B, T] or
+        None. Returns (a list of [B, T, C] in x's dtype, the tuple of new tails for the cache)."""
+        tails = (None,) * len(layers) if cache is None else cache.conv_tails
+        convolved = [conv(proj(x), segment_ids=segment_ids, tail=tail) for (proj, conv), tail in zip(layers, tails)]
+        return [y for y, _ in convolved], tuple(tail for _, tail in convolved)
+
     def output(self, out, x):
         """o [B, T, H, V] -> y [B, T, D], gated by x [B, T, D] when the mixer has g_proj."""
         out = self.o_norm(out)
@@ -109,3 +117,10 @@ def decay_parameters(heads: int, rngs: nnx.Rngs, keys_per_head: int = 1) -> tupl
     dt_bias = dt + jnp.log(-jnp.expm1(-dt))
     as_param = lambda value: nnx.Param(value, out_sharding=("heads",), eager_sharding=False)
     return as_param(jnp.log(a)), as_param(dt_bias)
+
+
+def softplus_log_decay(logits, A_log, dt_bias):
+    """log a = -exp(A_log) * softplus(logits + dt_bias), float32, <= 0: logits [B, T, H] with
+    `decay_parameters(H)`, or [B, T, H, K] with `decay_parameters(H, keys_per_head=K)` (per key)."""
+    rate = jnp.exp(A_log[...]).reshape(A_log.shape + (1,) * (logits.ndim - 3))
+    return -rate * jax.nn.softplus(logits.astype(jnp.float32) + dt_bias[...].reshape(logits.shape[2:]))

@@ -21,6 +21,7 @@ CASES = {
     "deltanet": {"layer_pattern": ["deltanet"]},
     "gated_deltanet": {"layer_pattern": ["gated_deltanet"]},
     "gated_deltaproduct": {"layer_pattern": ["gated_deltaproduct"]},
+    "gated_deltanet2": {"layer_pattern": ["gated_deltanet2"]},
     "kda": {"layer_pattern": ["kda"]},
     "gla": {"layer_pattern": ["gla"]},
     "retnet": {"layer_pattern": ["retnet"]},
