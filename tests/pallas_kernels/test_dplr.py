@@ -76,7 +76,7 @@ def test_gradients_match_reference(impl, groups):
     assert_gradients_match(GRADIENT_NAMES, actual, expected)
 
 
-@pytest.mark.parametrize("chunk_size", [16, 48, 64, 128])  # 48: the inverse pads to 64
+@pytest.mark.parametrize("chunk_size", [16, 64])  # the xla path walks chunks of at most 32 tokens
 def test_xla_longer_rows_and_chunk_sizes(chunk_size):
     *inputs, segments = make_inputs(3, batch=3, length=203, heads=3, key_dim=32, value_dim=16)
     expected = run("reference", *inputs, segments)

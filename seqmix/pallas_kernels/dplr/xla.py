@@ -52,7 +52,11 @@ from seqmix.pallas_kernels.delta.xla import _unit_lower_inverse
 from seqmix.pallas_kernels.grouped_heads import repeat_to_value_heads
 from seqmix.pallas_kernels.segments import initial_state_or_zeros, padded_groups, reset_groups, zero_padded
 
-_ROW_AXIS = chunked.CHUNK_AXIS  # rows of [N,B,H,C,C] matrices run along the chunk axis
+# The longest chunk this path walks, whatever the call's chunk_size: at T = 4k, fwd+bwd on this
+# 2-core CPU took 196 / 228 / 283 ms at C = 16 / 32 / 64 for K = V = 64, 352 / 283 / 432 ms for
+# K = V = 128. Beyond 32 the decayed products and the inverse (O(C) and O(C^2) per token) outgrow
+# what longer chunks save on the carry (O(K^2 V / C) per token).
+LONGEST_CHUNK = 32
 
 
 def _shift(x, step):
@@ -93,21 +97,91 @@ class _Terms:
     transition: jax.Array
 
 
-def _products(q, k, a, b, gates, masks):
-    """(l_ab, l_ak, p_qb, p_qk), one `per_key_decay.products` call on the four pairs stacked."""
-    a_next = _shift(a, -1)
-    to_here = gates.to_here
-    products = per_key_decay.products(_stacked(a_next, a_next, q, q), _stacked(b, k, b, k),
-                                      _stacked(to_here, to_here, to_here, to_here), masks.earlier, diagonal=True)
-    from_next_ab, from_next_ak, p_qb, p_qk = _unstacked(products, 4)
+def _self_products(x, y):
+    """x_i.y_i as a [..., C, 1] column."""
+    return jnp.sum(x * y, axis=-1, keepdims=True)
+
+
+def _factored_products(rows, columns, to_here, earlier):
+    """[[P(x, y) for y in columns] for x in rows], P as `per_key_decay.products` makes it with its
+    diagonal, in the factored form: exp(G_i - G_j) = exp(G_i) exp(-G_j) folded into x and y, the
+    exponentials shared by the pairs. Exact while no chunk decays by more than
+    chunked.FACTORED_SPAN_LIMIT nats."""
+    decayed, grown = jnp.exp(to_here), jnp.exp(-to_here)
+    diagonal = chunked.eye(to_here.shape[chunked.CHUNK_AXIS])
+    return [[jnp.where(diagonal, _self_products(x, y), jnp.where(earlier, chunked.mm_nt(x * decayed, y * grown), 0.0))
+             for y in columns] for x in rows]
+
+
+def _factored_products_backward(rows, columns, to_here, earlier, d_products):
+    """(d_rows, d_columns, d_to_here) of `_factored_products` given its cotangents d_products (the
+    same nesting, unmasked)."""
+    decayed, grown = jnp.exp(to_here), jnp.exp(-to_here)
+    diagonal = chunked.eye(to_here.shape[chunked.CHUNK_AXIS])
+    rows_decayed, columns_grown = [x * decayed for x in rows], [y * grown for y in columns]
+    d_rows_decayed, d_rows = [0.0] * len(rows), [0.0] * len(rows)
+    d_columns_grown, d_columns = [0.0] * len(columns), [0.0] * len(columns)
+    for r, (x, x_decayed) in enumerate(zip(rows, rows_decayed, strict=True)):
+        for c, (y, y_grown) in enumerate(zip(columns, columns_grown, strict=True)):
+            d_off = jnp.where(earlier, d_products[r][c], 0.0)
+            d_self = jnp.sum(jnp.where(diagonal, d_products[r][c], 0.0), axis=-1, keepdims=True)
+            d_rows_decayed[r] = d_rows_decayed[r] + chunked.mm(d_off, y_grown)
+            d_columns_grown[c] = d_columns_grown[c] + chunked.mm_tn(d_off, x_decayed)
+            d_rows[r] = d_rows[r] + d_self * y
+            d_columns[c] = d_columns[c] + d_self * x
+    d_to_here = (sum(d * x for d, x in zip(d_rows_decayed, rows_decayed, strict=True))
+                 - sum(d * y for d, y in zip(d_columns_grown, columns_grown, strict=True)))
+    return ([d + d_x * decayed for d, d_x in zip(d_rows, d_rows_decayed, strict=True)],
+            [d + d_y * grown for d, d_y in zip(d_columns, d_columns_grown, strict=True)], d_to_here)
+
+
+def _exact_products(rows, columns, to_here, earlier):
+    """`_factored_products` for any decay: `per_key_decay.products` on the pairs stacked along the
+    heads (one call; it takes its exact, sub-blocked form)."""
+    pairs = [(x, y) for x in rows for y in columns]
+    products = per_key_decay.products(_stacked(*(x for x, _ in pairs)), _stacked(*(y for _, y in pairs)),
+                                      _stacked(*(to_here,) * len(pairs)), earlier, diagonal=True)
+    products = _unstacked(products, len(pairs))
+    return [products[r * len(columns):(r + 1) * len(columns)] for r in range(len(rows))]
+
+
+def _exact_products_backward(rows, columns, to_here, earlier, d_products):
+    pairs = [(x, y) for x in rows for y in columns]
+    d_x, d_y, d_to_here = (_unstacked(d, len(pairs)) for d in per_key_decay.products_backward(
+        _stacked(*(x for x, _ in pairs)), _stacked(*(y for _, y in pairs)), _stacked(*(to_here,) * len(pairs)),
+        earlier, _stacked(*(d for by_row in d_products for d in by_row)), diagonal=True))
+    width = len(columns)
+    return ([sum(d_x[r * width:(r + 1) * width]) for r in range(len(rows))],
+            [sum(d_y[c::width]) for c in range(width)], sum(d_to_here))
+
+
+def _rows_and_columns(q, k, a, b):
+    """The products' operands: rows (a_{t+1}, q), columns (b, k) (see the module docstring)."""
+    return (_shift(a, -1), q), (b, k)
+
+
+def _products(q, k, a, b, gates, masks, factored: bool):
+    """(l_ab, l_ak, p_qb, p_qk) [N,B,H,C,C]: L_ax is P'(a_{t+1}, x) with its rows moved down one."""
+    products = _factored_products if factored else _exact_products
+    (from_next_ab, from_next_ak), (p_qb, p_qk) = products(*_rows_and_columns(q, k, a, b), gates.to_here,
+                                                          masks.earlier)
     lower = lambda from_next: jnp.where(masks.earlier, _shift(from_next, 1), 0.0)
     return lower(from_next_ab), lower(from_next_ak), p_qb, p_qk
 
 
-def _terms(q, k, v, a, b, log_g, groups) -> _Terms:
+def _products_backward(q, k, a, b, gates, masks, d_l_ab, d_l_ak, d_p_qb, d_p_qk, factored: bool):
+    """(dq, dk, da, db, d_to_here) through `_products`, given its cotangents."""
+    backward = _factored_products_backward if factored else _exact_products_backward
+    to_earlier = lambda d_lower: _shift(jnp.where(masks.earlier, d_lower, 0.0), -1)
+    (da_next, dq), (db, dk), d_to_here = backward(*_rows_and_columns(q, k, a, b), gates.to_here, masks.earlier,
+                                                  [[to_earlier(d_l_ab), to_earlier(d_l_ak)], [d_p_qb, d_p_qk]])
+    return dq, dk, _shift(da_next, 1), db, d_to_here
+
+
+def _terms(q, k, v, a, b, log_g, groups, factored: bool) -> _Terms:
     gates, masks = chunked.gates(log_g), chunked.segment_masks(groups)
     size, value_dim = q.shape[chunked.CHUNK_AXIS], v.shape[-1]
-    l_ab, l_ak, p_qb, p_qk = _products(q, k, a, b, gates, masks)
+    l_ab, l_ak, p_qb, p_qk = _products(q, k, a, b, gates, masks, factored)
     inverse = _unit_lower_inverse(chunked.eye(size) - l_ab)
     a_read = jnp.where(masks.reads_state, jnp.exp(_shift(gates.to_here, 1)) * a, 0.0)
     solved = chunked.mm(inverse, jnp.concatenate([chunked.mm(l_ak, v), a_read], axis=-1))
@@ -140,10 +214,10 @@ def _carry(transition, offset, state0, reverse=False):
     return lax.scan(step, state0, (transition, offset), reverse=reverse)
 
 
-def _forward(q, k, v, a, b, log_g, groups, state0):
+def _forward(q, k, v, a, b, log_g, groups, state0, factored: bool):
     """Chunk-major float32 inputs -> (out [N,B,H,C,V], final state, the state entering each chunk
-    [N,B,H,K,V])."""
-    terms = _terms(q, k, v, a, b, log_g, groups)
+    [N,B,H,K,V]); factored: the decayed products' form (`_by_products_form`)."""
+    terms = _terms(q, k, v, a, b, log_g, groups, factored)
     value_dim = v.shape[-1]
     offset = chunked.mm_tn(terms.b_written, terms.solved[..., :value_dim]) + chunked.mm_tn(terms.k_written, v)
     final, incoming = _carry(terms.transition, offset, state0)
@@ -152,10 +226,10 @@ def _forward(q, k, v, a, b, log_g, groups, state0):
     return out, final, incoming
 
 
-def _backward(q, k, v, a, b, log_g, groups, incoming, d_out, d_final):
+def _backward(q, k, v, a, b, log_g, groups, incoming, d_out, d_final, factored: bool):
     """Chunk-major cotangents of `_forward`'s inputs (and of the incoming state) from those of its
     outputs, given the state entering each chunk."""
-    terms = _terms(q, k, v, a, b, log_g, groups)
+    terms = _terms(q, k, v, a, b, log_g, groups, factored)
     masks, gates, value_dim = terms.masks, terms.gates, v.shape[-1]
     removed_values, weights = terms.solved[..., :value_dim], terms.solved[..., value_dim:]
     removed = removed_values + chunked.mm(weights, incoming)
@@ -179,25 +253,18 @@ def _backward(q, k, v, a, b, log_g, groups, incoming, d_out, d_final):
     d_p_qb = chunked.mm_nt(d_out, removed)
     d_p_qk = chunked.mm_nt(d_out, v)
 
-    # Through the decayed products: L_ax is P' = products(a_{t+1}, x) with its rows moved down one.
-    to_earlier = lambda d_lower: _shift(jnp.where(masks.earlier, d_lower, 0.0), -1)
-    d_rows, d_columns, d_to_here = per_key_decay.products_backward(
-        _stacked(_shift(a, -1), _shift(a, -1), q, q), _stacked(b, k, b, k),
-        _stacked(*(gates.to_here,) * 4), masks.earlier,
-        _stacked(to_earlier(d_l_ab), to_earlier(d_l_ak), d_p_qb, d_p_qk), diagonal=True)
-    da_next_b, da_next_k, dq_b, dq_k = _unstacked(d_rows, 4)
-    db_a, dk_a, db_q, dk_q = _unstacked(d_columns, 4)
-    d_to_here = sum(_unstacked(d_to_here, 4))
+    dq, dk, da, db, d_to_here = _products_backward(q, k, a, b, gates, masks, d_l_ab, d_l_ak, d_p_qb, d_p_qk,
+                                                   factored)
 
     dq_read = chunked.mm_nt(d_out, incoming)
     d_b_written = chunked.mm_nt(removed, d_outgoing)
     d_k_written = chunked.mm_nt(v, d_outgoing)
     exp_before, exp_here, exp_to_end = (jnp.exp(g) for g in (_shift(gates.to_here, 1), gates.to_here,
                                                              gates.to_end))
-    da = _shift(da_next_b + da_next_k, 1) + jnp.where(masks.reads_state, exp_before * d_a_read, 0.0)
-    dq = dq_b + dq_k + jnp.where(masks.reads_state, exp_here * dq_read, 0.0)
-    db = db_a + db_q + jnp.where(masks.writes_state, exp_to_end * d_b_written, 0.0)
-    dk = dk_a + dk_q + jnp.where(masks.writes_state, exp_to_end * d_k_written, 0.0)
+    da = da + jnp.where(masks.reads_state, exp_before * d_a_read, 0.0)
+    dq = dq + jnp.where(masks.reads_state, exp_here * dq_read, 0.0)
+    db = db + jnp.where(masks.writes_state, exp_to_end * d_b_written, 0.0)
+    dk = dk + jnp.where(masks.writes_state, exp_to_end * d_k_written, 0.0)
 
     d_to_here = (d_to_here + dq_read * terms.q_read
                  + _shift(d_a_read * terms.a_read, -1))  # A_read reads G_{t-1}
@@ -215,9 +282,18 @@ def _swept(q, k, v, a, b, log_g, groups, state0, chunk, block):
     return out, final
 
 
+def _by_products_form(run, log_g, operands):
+    """run(*operands, factored=...) with the decayed products' form a block's gates allow: factored
+    while none of its chunks decays by more than chunked.FACTORED_SPAN_LIMIT nats (the common
+    case), else exact. Chosen once per block, so that each branch fuses as a whole."""
+    safe = -jnp.min(jnp.sum(log_g, axis=chunked.CHUNK_AXIS)) <= chunked.FACTORED_SPAN_LIMIT
+    return lax.cond(safe, functools.partial(run, factored=True), functools.partial(run, factored=False), *operands)
+
+
 def _sweep_forward(q, k, v, a, b, log_g, groups, state0, chunk, block):
     def block_forward(inputs, state):
-        out, state, residuals = _forward(*(chunked.chunk_major(x, chunk) for x in inputs), state)
+        inputs = tuple(chunked.chunk_major(x, chunk) for x in inputs)
+        out, state, residuals = _by_products_form(_forward, inputs[5], (*inputs, state))
         return chunked.time_major(out), state, residuals
 
     return chunked.sweep_forward(block_forward, (q, k, v, a, b, log_g, groups), state0, chunk * block)
@@ -234,7 +310,7 @@ def _swept_backward(chunk, block, residuals, cotangents):
 
     def block_backward(inputs, incoming, d_out, d_state):
         inputs = tuple(chunked.chunk_major(x, chunk) for x in (*inputs, d_out))
-        grads, d_state = _backward(*inputs[:-1], incoming, inputs[-1], d_state)
+        grads, d_state = _by_products_form(_backward, inputs[5], (*inputs[:-1], incoming, inputs[-1], d_state))
         return tuple(map(chunked.time_major, grads)), d_state
 
     grads, d_state0 = chunked.sweep_backward(block_backward, inputs, incoming, d_out, d_final, chunk * block)
@@ -247,10 +323,11 @@ _swept.defvjp(_swept_forward, _swept_backward)
 def dplr_xla(q, k, v, *, a, b, log_g, scale, initial_state, segment_ids, chunk_size):
     """q, k [B,T,Hk,K]; v [B,T,Hv,V]; a, b, log_g [B,T,Hv,K] float32; initial_state [B,Hv,K,V] or
     None; segment_ids [B,T] or None. Returns (o [B,T,Hv,V] in q.dtype, final_state [B,Hv,K,V]
-    float32)."""
+    float32). Chunks are chunk_size tokens long, at most LONGEST_CHUNK."""
     batch, length, heads, value_dim = v.shape
     key_dim, out_dtype = q.shape[-1], q.dtype
     q, k = (repeat_to_value_heads(x, heads) for x in (q, k))
+    chunk_size = min(chunk_size, LONGEST_CHUNK)
     chunks = -(-length // chunk_size)
     block = chunked.block_chunks(batch, heads, chunks, chunk_size, key_dim + value_dim)
     padded = -(-chunks // block) * block * chunk_size
