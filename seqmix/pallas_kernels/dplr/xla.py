@@ -26,13 +26,15 @@ batched over a block's chunks (`chunked.sweep_forward`), and the backward carry 
 doubling (`delta.xla._unit_lower_inverse`, never Neumann powers of L_ab); its backward multiplies
 by X^T.
 
-Numerics: the four decayed products L_ab, L_ak, P_qb, P_qk are `per_key_decay.products` of one
-gate, G: P_qx directly (its diagonal q_t.x_t undecayed), and L_ax[t, j] = P'[t-1, j] for the rows
-shifted by one, P' = products(a_{t+1}, x, G), whose diagonal a_{t+1}.x_t is L's first
-subdiagonal, a_t.x_{t-1}, where exp(G_{t-1} - G_{t-1}) = 1 stays out of the gates' graph. So every
-exponential is exp(G_i - G_j) with i >= j, factored around the chunk start while a chunk decays by
-at most `chunked.FACTORED_SPAN_LIMIT` nats and around 16-token sub-block starts beyond that
-(decays of -8 nats per token stay exact); A_read, Q_read, B_write and K_write decay, never grow.
+Numerics: the four decayed products L_ab, L_ak, P_qb, P_qk are products of one gate, G, as
+`per_key_decay.products` defines them: P_qx directly (its diagonal q_t.x_t undecayed), and
+L_ax[t, j] = P'[t-1, j] for the rows shifted by one, P' = products(a_{t+1}, x, G), whose diagonal
+a_{t+1}.x_t is L's first subdiagonal, a_t.x_{t-1}, where exp(G_{t-1} - G_{t-1}) = 1 stays out of
+the gates' graph. Every exponential is exp(G_i - G_j) with i >= j: factored around the chunk start
+(`_factored_products`, the exponentials shared by the four pairs) while no chunk of a block decays
+by more than `chunked.FACTORED_SPAN_LIMIT` nats, else around 16-token sub-block starts
+(`per_key_decay`'s exact form; decays of -8 nats per token stay exact), the form chosen once per
+block (`_by_products_form`). A_read, Q_read, B_write and K_write decay, never grow.
 
 Segments cut L, the reads of S and the writes into S' (`chunked.segment_masks`). Arrays are
 chunk-major (see `chunked`): q, k, a, b, log_g [N,B,H,C,K], v [N,B,H,C,V], groups [N,B,1,C,1],
@@ -57,10 +59,6 @@ from seqmix.pallas_kernels.segments import initial_state_or_zeros, padded_groups
 # K = V = 128. Beyond 32 the decayed products and the inverse (O(C) and O(C^2) per token) outgrow
 # what longer chunks save on the carry (O(K^2 V / C) per token).
 LONGEST_CHUNK = 32
-
-
-def _shift(x, step):
-    return chunked.shift(x, step)
 
 
 def _stacked(*arrays):
@@ -157,7 +155,7 @@ def _exact_products_backward(rows, columns, to_here, earlier, d_products):
 
 def _rows_and_columns(q, k, a, b):
     """The products' operands: rows (a_{t+1}, q), columns (b, k) (see the module docstring)."""
-    return (_shift(a, -1), q), (b, k)
+    return (chunked.shift(a, -1), q), (b, k)
 
 
 def _products(q, k, a, b, gates, masks, factored: bool):
@@ -165,17 +163,17 @@ def _products(q, k, a, b, gates, masks, factored: bool):
     products = _factored_products if factored else _exact_products
     (from_next_ab, from_next_ak), (p_qb, p_qk) = products(*_rows_and_columns(q, k, a, b), gates.to_here,
                                                           masks.earlier)
-    lower = lambda from_next: jnp.where(masks.earlier, _shift(from_next, 1), 0.0)
+    lower = lambda from_next: jnp.where(masks.earlier, chunked.shift(from_next, 1), 0.0)
     return lower(from_next_ab), lower(from_next_ak), p_qb, p_qk
 
 
 def _products_backward(q, k, a, b, gates, masks, d_l_ab, d_l_ak, d_p_qb, d_p_qk, factored: bool):
     """(dq, dk, da, db, d_to_here) through `_products`, given its cotangents."""
     backward = _factored_products_backward if factored else _exact_products_backward
-    to_earlier = lambda d_lower: _shift(jnp.where(masks.earlier, d_lower, 0.0), -1)
+    to_earlier = lambda d_lower: chunked.shift(jnp.where(masks.earlier, d_lower, 0.0), -1)
     (da_next, dq), (db, dk), d_to_here = backward(*_rows_and_columns(q, k, a, b), gates.to_here, masks.earlier,
                                                   [[to_earlier(d_l_ab), to_earlier(d_l_ak)], [d_p_qb, d_p_qk]])
-    return dq, dk, _shift(da_next, 1), db, d_to_here
+    return dq, dk, chunked.shift(da_next, 1), db, d_to_here
 
 
 def _terms(q, k, v, a, b, log_g, groups, factored: bool) -> _Terms:
@@ -183,7 +181,7 @@ def _terms(q, k, v, a, b, log_g, groups, factored: bool) -> _Terms:
     size, value_dim = q.shape[chunked.CHUNK_AXIS], v.shape[-1]
     l_ab, l_ak, p_qb, p_qk = _products(q, k, a, b, gates, masks, factored)
     inverse = _unit_lower_inverse(chunked.eye(size) - l_ab)
-    a_read = jnp.where(masks.reads_state, jnp.exp(_shift(gates.to_here, 1)) * a, 0.0)
+    a_read = jnp.where(masks.reads_state, jnp.exp(chunked.shift(gates.to_here, 1)) * a, 0.0)
     solved = chunked.mm(inverse, jnp.concatenate([chunked.mm(l_ak, v), a_read], axis=-1))
     b_written = jnp.where(masks.writes_state, jnp.exp(gates.to_end) * b, 0.0)
     chunk_decay = jnp.where(masks.keeps_state, jnp.exp(gates.total), 0.0)
@@ -259,7 +257,7 @@ def _backward(q, k, v, a, b, log_g, groups, incoming, d_out, d_final, factored: 
     dq_read = chunked.mm_nt(d_out, incoming)
     d_b_written = chunked.mm_nt(removed, d_outgoing)
     d_k_written = chunked.mm_nt(v, d_outgoing)
-    exp_before, exp_here, exp_to_end = (jnp.exp(g) for g in (_shift(gates.to_here, 1), gates.to_here,
+    exp_before, exp_here, exp_to_end = (jnp.exp(g) for g in (chunked.shift(gates.to_here, 1), gates.to_here,
                                                              gates.to_end))
     da = da + jnp.where(masks.reads_state, exp_before * d_a_read, 0.0)
     dq = dq + jnp.where(masks.reads_state, exp_here * dq_read, 0.0)
@@ -267,7 +265,7 @@ def _backward(q, k, v, a, b, log_g, groups, incoming, d_out, d_final, factored: 
     dk = dk + jnp.where(masks.writes_state, exp_to_end * d_k_written, 0.0)
 
     d_to_here = (d_to_here + dq_read * terms.q_read
-                 + _shift(d_a_read * terms.a_read, -1))  # A_read reads G_{t-1}
+                 + chunked.shift(d_a_read * terms.a_read, -1))  # A_read reads G_{t-1}
     d_to_end = d_b_written * terms.b_written + d_k_written * terms.k_written
     d_decay = jnp.swapaxes(jnp.sum(d_outgoing * incoming, axis=-1, keepdims=True), -1, -2)  # [N,B,H,1,K]
     d_log_g = chunked.gate_cotangent(d_to_here, d_to_end, d_decay * terms.chunk_decay)
