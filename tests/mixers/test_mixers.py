@@ -64,6 +64,7 @@ VARIANTS = {
     "every_cache_kind": {"n_layers": 5, "layer_pattern": ["mamba2", "liger", "lolcats", "rwkv6", "attention"],
                          "mixers": {"liger": {"type": "liger_attention", "window": 4},
                                     "lolcats": {"type": "lolcats", "window": 4}}},
+    "every_delta_rule_kind": {"n_layers": 4, "layer_pattern": ["gated_deltaproduct", "kda", "rwkv7", "gated_deltanet2"]},
 }
 
 
@@ -100,13 +101,15 @@ def test_decode_and_prefill_equal_the_chunked_forward(case):
     assert cache[0].lengths.tolist() == [80, 80]
 
 
-def test_prompts_of_different_lengths_batched_with_left_padding_equal_each_alone():
+@pytest.mark.parametrize("case", ["every_cache_kind", "every_delta_rule_kind"])
+def test_prompts_of_different_lengths_batched_with_left_padding_equal_each_alone(case):
     """Short convolutions (mamba2), a ring buffer next to a recurrent state (liger_attention, and
     lolcats, whose state takes the tokens leaving the ring), a token-shift tail (rwkv6) and a
-    global KV cache in one model: a
+    global KV cache in one model; and the delta-rule and DPLR mixers (sub-steps per token,
+    per-key decays, a token-shift tail, the DPLR state) in another: a
     batch of prompts of lengths 9 and 3 (left-padded) gives each row the logits it gets alone,
     for the prompt and a decode step after it, and `generate` continues the batch that way."""
-    model = model_for("every_cache_kind")
+    model = model_for(case)
     prompts = [tokens(10, (9,)), tokens(11, (3,))]
     padded, segment_ids = left_pad(prompts)
     batch_logits, cache = extend(model, padded, model.init_cache(2, 12), segment_ids)
