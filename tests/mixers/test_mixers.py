@@ -64,7 +64,8 @@ VARIANTS = {
     "every_cache_kind": {"n_layers": 5, "layer_pattern": ["mamba2", "liger", "lolcats", "rwkv6", "attention"],
                          "mixers": {"liger": {"type": "liger_attention", "window": 4},
                                     "lolcats": {"type": "lolcats", "window": 4}}},
-    "every_delta_rule_kind": {"n_layers": 4, "layer_pattern": ["gated_deltaproduct", "kda", "rwkv7", "gated_deltanet2"]},
+    "every_delta_rule_kind": {"n_layers": 4,
+                              "layer_pattern": ["gated_deltaproduct", "kda", "rwkv7", "gated_deltanet2"]},
 }
 
 
