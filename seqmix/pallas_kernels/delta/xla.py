@@ -18,7 +18,7 @@ M and the output's score matrix are the decayed products of keys and queries wit
 [C, C] decay matrix times k k^T and q k^T for a per-head gate, `per_key_decay.products` for a
 per-key one. Everything but the carry of S is batched over a block's chunks (the sequence is swept
 in blocks, `chunked.sweep_forward`); the sequential part is two [C,K]-by-[K,V] products per chunk.
-The system is solved through its inverse, built by block doubling (`_unit_lower_inverse`) in
+The system is solved through its inverse, built by block doubling (`chunked.unit_lower_inverse`) in
 float32, never by the Neumann series of M, whose powers overflow; the backward pass multiplies by
 its transpose. Against LAPACK's trsm (one call per matrix, column-major operands that force layout
 copies around it) this halved the fwd+bwd time at T = 4k, and it keeps the pass in XLA's own ops:
@@ -70,41 +70,6 @@ class _Terms:
     chunk_decay: jax.Array
 
 
-def _small_product(a, b):
-    """[..., w, w] x [..., w, w] as an elementwise product and sum: batched dots of tiles this small
-    run on XLA's generic CPU path, where the 4x4 level alone cost 10% of the fwd+bwd time."""
-    return jnp.sum(a[..., :, :, None] * b[..., None, :, :], axis=-2)
-
-
-def _unit_lower_inverse(system):
-    """(I + L)^-1 of unit lower-triangular [..., C, C] float32 matrices by block doubling: if X_A
-    and X_B invert the diagonal blocks of [[A, 0], [O, B]], its inverse is [[X_A, 0], [-X_B O X_A, X_B]].
-    log2(C) levels of batched [w, w] products on the diagonal blocks' actual sub-blocks (below
-    w = 16 as elementwise products), C^3/3 multiply-adds in all; exact algebra, never powers of L.
-    (The Pallas kernels' `chunk_math` doubles on whole masked tiles instead, as kernels cannot
-    slice a tile.) C that is not a power of two is padded with identity rows, which leave the
-    leading block's inverse as it is."""
-    size, batch = system.shape[-1], system.shape[:-2]
-    padded = 1 << (size - 1).bit_length()
-    if padded != size:
-        pad = [(0, 0)] * len(batch) + [(0, padded - size)] * 2
-        system = jnp.pad(system, pad) + jnp.diag(jnp.arange(padded) >= size).astype(system.dtype)
-    inverse = jnp.ones(batch + (padded, 1, 1), system.dtype)  # the 1x1 diagonal blocks, [.., blocks, w, w]
-    width = 1
-    while width < padded:
-        blocks = padded // (2 * width)
-        tiles = system.reshape(batch + (blocks, 2, width, blocks, 2, width))
-        # O of each diagonal 2w-block: block row 1, block column 0 of the block's own [2, w, 2, w] tiles.
-        lower_left = jnp.moveaxis(jnp.diagonal(tiles[..., :, 1, :, :, 0, :], axis1=-4, axis2=-2), -1, -3)
-        upper, lower = inverse[..., 0::2, :, :], inverse[..., 1::2, :, :]
-        product = _small_product if width <= 8 else chunked.mm
-        corner = -product(lower, product(lower_left, upper))
-        inverse = jnp.concatenate([jnp.concatenate([upper, jnp.zeros_like(upper)], axis=-1),
-                                   jnp.concatenate([corner, lower], axis=-1)], axis=-2)
-        width *= 2
-    return inverse[..., 0, :size, :size]
-
-
 def _terms(q, k, v, beta, log_gate, groups) -> _Terms:
     gates, masks = chunked.gates(log_gate), chunked.segment_masks(groups)
     size = q.shape[chunked.CHUNK_AXIS]
@@ -114,9 +79,9 @@ def _terms(q, k, v, beta, log_gate, groups) -> _Terms:
         key_scores, query_scores = strict * chunked.mm_nt(k, k), decay * chunked.mm_nt(q, k)
     else:
         decay = strict = None
-        key_scores = per_key_decay.products(k, k, gates.to_here, masks.earlier, diagonal=False)
-        query_scores = per_key_decay.products(q, k, gates.to_here, masks.earlier, diagonal=True)
-    inverse = _unit_lower_inverse(beta * key_scores + chunked.eye(size))
+        (key_scores,), (query_scores,) = per_key_decay.products((k, q), (k,), gates.to_here, masks.earlier)
+        key_scores = jnp.where(chunked.eye(size), 0.0, key_scores)
+    inverse = chunked.unit_lower_inverse(beta * key_scores + chunked.eye(size))
     k_read = jnp.where(masks.reads_state, jnp.exp(gates.to_here) * k, 0.0)
     solved = chunked.mm(inverse, beta * jnp.concatenate([v, k_read], axis=-1))
     return _Terms(
@@ -153,11 +118,10 @@ def _forward(q, k, v, beta, log_gate, groups, state0):
 def _scores_backward(terms, q, k, d_key_scores, d_query_scores):
     """(dq, dk, d_to_here) through key_scores and query_scores, given their cotangents (unmasked)."""
     if terms.decay is None:
-        dq, dk_by_q, d_to_here = per_key_decay.products_backward(q, k, terms.gates.to_here, terms.masks.earlier,
-                                                                 d_query_scores, diagonal=True)
-        dk_left, dk_right, d_to_here_by_k = per_key_decay.products_backward(
-            k, k, terms.gates.to_here, terms.masks.earlier, d_key_scores, diagonal=False)
-        return dq, dk_by_q + dk_left + dk_right, d_to_here + d_to_here_by_k
+        d_key_scores = jnp.where(chunked.eye(q.shape[chunked.CHUNK_AXIS]), 0.0, d_key_scores)  # no diagonal
+        (dk_by_rows, dq), (dk_by_columns,), d_to_here = per_key_decay.products_backward(
+            (k, q), (k,), terms.gates.to_here, terms.masks.earlier, ((d_key_scores,), (d_query_scores,)))
+        return dq, dk_by_rows + dk_by_columns, d_to_here
     # Per head: key_scores = strict (k_i.k_j) and query_scores = decay (q_i.k_j), the decays
     # exp(G_i - G_j) [C,C] with G_i's cotangent the row sums, G_j's minus the column sums.
     d_key_products = d_key_scores * terms.strict

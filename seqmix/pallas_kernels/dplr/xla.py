@@ -23,18 +23,17 @@ with A_read = exp(G_{t-1}) a_t (a token reads the state before its own decay). T
 The chunk-to-chunk carry is one [K,K]-by-[K,V] product per chunk (M S + c); everything else is
 batched over a block's chunks (`chunked.sweep_forward`), and the backward carry is its transpose
 (dS = M^T dS' + Q_read^T dO + W^T P_qb^T dO). The system is solved through X, built by block
-doubling (`delta.xla._unit_lower_inverse`, never Neumann powers of L_ab); its backward multiplies
+doubling (`chunked.unit_lower_inverse`, never Neumann powers of L_ab); its backward multiplies
 by X^T.
 
 Numerics: the four decayed products L_ab, L_ak, P_qb, P_qk are products of one gate, G, as
 `per_key_decay.products` defines them: P_qx directly (its diagonal q_t.x_t undecayed), and
 L_ax[t, j] = P'[t-1, j] for the rows shifted by one, P' = products(a_{t+1}, x, G), whose diagonal
 a_{t+1}.x_t is L's first subdiagonal, a_t.x_{t-1}, where exp(G_{t-1} - G_{t-1}) = 1 stays out of
-the gates' graph. Every exponential is exp(G_i - G_j) with i >= j: factored around the chunk start
-(`_factored_products`, the exponentials shared by the four pairs) while no chunk of a block decays
-by more than `chunked.FACTORED_SPAN_LIMIT` nats, else around 16-token sub-block starts
-(`per_key_decay`'s exact form; decays of -8 nats per token stay exact), the form chosen once per
-block (`_by_products_form`). A_read, Q_read, B_write and K_write decay, never grow.
+the gates' graph. Every exponential is exp(G_i - G_j) with i >= j, factored around a reference
+token per 16-token sub-block, the factors shared by the four pairs, or exact under decays beyond
+(`per_key_decay`; decays of -8 nats per token stay exact). A_read, Q_read, B_write and K_write
+decay, never grow.
 
 Segments cut L, the reads of S and the writes into S' (`chunked.segment_masks`). Arrays are
 chunk-major (see `chunked`): q, k, a, b, log_g [N,B,H,C,K], v [N,B,H,C,V], groups [N,B,1,C,1],
@@ -50,7 +49,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from seqmix.pallas_kernels import chunked, per_key_decay
-from seqmix.pallas_kernels.delta.xla import _unit_lower_inverse
 from seqmix.pallas_kernels.grouped_heads import repeat_to_value_heads
 from seqmix.pallas_kernels.segments import initial_state_or_zeros, padded_groups, reset_groups, zero_padded
 
@@ -59,15 +57,6 @@ from seqmix.pallas_kernels.segments import initial_state_or_zeros, padded_groups
 # K = V = 128. Beyond 32 the decayed products and the inverse (O(C) and O(C^2) per token) outgrow
 # what longer chunks save on the carry (O(K^2 V / C) per token).
 LONGEST_CHUNK = 32
-
-
-def _stacked(*arrays):
-    """Arrays of one shape [N,B,H,...] stacked along the heads, so that one batched call serves all."""
-    return jnp.concatenate(arrays, axis=2)
-
-
-def _unstacked(x, parts):
-    return jnp.split(x, parts, axis=2)
 
 
 @jax.tree_util.register_dataclass
@@ -95,92 +84,33 @@ class _Terms:
     transition: jax.Array
 
 
-def _self_products(x, y):
-    """x_i.y_i as a [..., C, 1] column."""
-    return jnp.sum(x * y, axis=-1, keepdims=True)
-
-
-def _factored_products(rows, columns, to_here, earlier):
-    """[[P(x, y) for y in columns] for x in rows], P as `per_key_decay.products` makes it with its
-    diagonal, in the factored form: exp(G_i - G_j) = exp(G_i) exp(-G_j) folded into x and y, the
-    exponentials shared by the pairs. Exact while no chunk decays by more than
-    chunked.FACTORED_SPAN_LIMIT nats."""
-    decayed, grown = jnp.exp(to_here), jnp.exp(-to_here)
-    diagonal = chunked.eye(to_here.shape[chunked.CHUNK_AXIS])
-    return [[jnp.where(diagonal, _self_products(x, y), jnp.where(earlier, chunked.mm_nt(x * decayed, y * grown), 0.0))
-             for y in columns] for x in rows]
-
-
-def _factored_products_backward(rows, columns, to_here, earlier, d_products):
-    """(d_rows, d_columns, d_to_here) of `_factored_products` given its cotangents d_products (the
-    same nesting, unmasked)."""
-    decayed, grown = jnp.exp(to_here), jnp.exp(-to_here)
-    diagonal = chunked.eye(to_here.shape[chunked.CHUNK_AXIS])
-    rows_decayed, columns_grown = [x * decayed for x in rows], [y * grown for y in columns]
-    d_rows_decayed, d_rows = [0.0] * len(rows), [0.0] * len(rows)
-    d_columns_grown, d_columns = [0.0] * len(columns), [0.0] * len(columns)
-    for r, (x, x_decayed) in enumerate(zip(rows, rows_decayed, strict=True)):
-        for c, (y, y_grown) in enumerate(zip(columns, columns_grown, strict=True)):
-            d_off = jnp.where(earlier, d_products[r][c], 0.0)
-            d_self = jnp.sum(jnp.where(diagonal, d_products[r][c], 0.0), axis=-1, keepdims=True)
-            d_rows_decayed[r] = d_rows_decayed[r] + chunked.mm(d_off, y_grown)
-            d_columns_grown[c] = d_columns_grown[c] + chunked.mm_tn(d_off, x_decayed)
-            d_rows[r] = d_rows[r] + d_self * y
-            d_columns[c] = d_columns[c] + d_self * x
-    d_to_here = (sum(d * x for d, x in zip(d_rows_decayed, rows_decayed, strict=True))
-                 - sum(d * y for d, y in zip(d_columns_grown, columns_grown, strict=True)))
-    return ([d + d_x * decayed for d, d_x in zip(d_rows, d_rows_decayed, strict=True)],
-            [d + d_y * grown for d, d_y in zip(d_columns, d_columns_grown, strict=True)], d_to_here)
-
-
-def _exact_products(rows, columns, to_here, earlier):
-    """`_factored_products` for any decay: `per_key_decay.products` on the pairs stacked along the
-    heads (one call; it takes its exact, sub-blocked form)."""
-    pairs = [(x, y) for x in rows for y in columns]
-    products = per_key_decay.products(_stacked(*(x for x, _ in pairs)), _stacked(*(y for _, y in pairs)),
-                                      _stacked(*(to_here,) * len(pairs)), earlier, diagonal=True)
-    products = _unstacked(products, len(pairs))
-    return [products[r * len(columns):(r + 1) * len(columns)] for r in range(len(rows))]
-
-
-def _exact_products_backward(rows, columns, to_here, earlier, d_products):
-    pairs = [(x, y) for x in rows for y in columns]
-    d_x, d_y, d_to_here = (_unstacked(d, len(pairs)) for d in per_key_decay.products_backward(
-        _stacked(*(x for x, _ in pairs)), _stacked(*(y for _, y in pairs)), _stacked(*(to_here,) * len(pairs)),
-        earlier, _stacked(*(d for by_row in d_products for d in by_row)), diagonal=True))
-    width = len(columns)
-    return ([sum(d_x[r * width:(r + 1) * width]) for r in range(len(rows))],
-            [sum(d_y[c::width]) for c in range(width)], sum(d_to_here))
-
-
 def _rows_and_columns(q, k, a, b):
     """The products' operands: rows (a_{t+1}, q), columns (b, k) (see the module docstring)."""
     return (chunked.shift(a, -1), q), (b, k)
 
 
-def _products(q, k, a, b, gates, masks, factored: bool):
+def _products(q, k, a, b, gates, masks):
     """(l_ab, l_ak, p_qb, p_qk) [N,B,H,C,C]: L_ax is P'(a_{t+1}, x) with its rows moved down one."""
-    products = _factored_products if factored else _exact_products
-    (from_next_ab, from_next_ak), (p_qb, p_qk) = products(*_rows_and_columns(q, k, a, b), gates.to_here,
-                                                          masks.earlier)
+    (from_next_ab, from_next_ak), (p_qb, p_qk) = per_key_decay.products(*_rows_and_columns(q, k, a, b),
+                                                                        gates.to_here, masks.earlier)
     lower = lambda from_next: jnp.where(masks.earlier, chunked.shift(from_next, 1), 0.0)
     return lower(from_next_ab), lower(from_next_ak), p_qb, p_qk
 
 
-def _products_backward(q, k, a, b, gates, masks, d_l_ab, d_l_ak, d_p_qb, d_p_qk, factored: bool):
+def _products_backward(q, k, a, b, gates, masks, d_l_ab, d_l_ak, d_p_qb, d_p_qk):
     """(dq, dk, da, db, d_to_here) through `_products`, given its cotangents."""
-    backward = _factored_products_backward if factored else _exact_products_backward
     to_earlier = lambda d_lower: chunked.shift(jnp.where(masks.earlier, d_lower, 0.0), -1)
-    (da_next, dq), (db, dk), d_to_here = backward(*_rows_and_columns(q, k, a, b), gates.to_here, masks.earlier,
-                                                  [[to_earlier(d_l_ab), to_earlier(d_l_ak)], [d_p_qb, d_p_qk]])
+    (da_next, dq), (db, dk), d_to_here = per_key_decay.products_backward(
+        *_rows_and_columns(q, k, a, b), gates.to_here, masks.earlier,
+        [[to_earlier(d_l_ab), to_earlier(d_l_ak)], [d_p_qb, d_p_qk]])
     return dq, dk, chunked.shift(da_next, 1), db, d_to_here
 
 
-def _terms(q, k, v, a, b, log_g, groups, factored: bool) -> _Terms:
+def _terms(q, k, v, a, b, log_g, groups) -> _Terms:
     gates, masks = chunked.gates(log_g), chunked.segment_masks(groups)
     size, value_dim = q.shape[chunked.CHUNK_AXIS], v.shape[-1]
-    l_ab, l_ak, p_qb, p_qk = _products(q, k, a, b, gates, masks, factored)
-    inverse = _unit_lower_inverse(chunked.eye(size) - l_ab)
+    l_ab, l_ak, p_qb, p_qk = _products(q, k, a, b, gates, masks)
+    inverse = chunked.unit_lower_inverse(chunked.eye(size) - l_ab)
     a_read = jnp.where(masks.reads_state, jnp.exp(chunked.shift(gates.to_here, 1)) * a, 0.0)
     solved = chunked.mm(inverse, jnp.concatenate([chunked.mm(l_ak, v), a_read], axis=-1))
     b_written = jnp.where(masks.writes_state, jnp.exp(gates.to_end) * b, 0.0)
@@ -212,10 +142,10 @@ def _carry(transition, offset, state0, reverse=False):
     return lax.scan(step, state0, (transition, offset), reverse=reverse)
 
 
-def _forward(q, k, v, a, b, log_g, groups, state0, factored: bool):
+def _forward(q, k, v, a, b, log_g, groups, state0):
     """Chunk-major float32 inputs -> (out [N,B,H,C,V], final state, the state entering each chunk
-    [N,B,H,K,V]); factored: the decayed products' form (`_by_products_form`)."""
-    terms = _terms(q, k, v, a, b, log_g, groups, factored)
+    [N,B,H,K,V])."""
+    terms = _terms(q, k, v, a, b, log_g, groups)
     value_dim = v.shape[-1]
     offset = chunked.mm_tn(terms.b_written, terms.solved[..., :value_dim]) + chunked.mm_tn(terms.k_written, v)
     final, incoming = _carry(terms.transition, offset, state0)
@@ -224,10 +154,10 @@ def _forward(q, k, v, a, b, log_g, groups, state0, factored: bool):
     return out, final, incoming
 
 
-def _backward(q, k, v, a, b, log_g, groups, incoming, d_out, d_final, factored: bool):
+def _backward(q, k, v, a, b, log_g, groups, incoming, d_out, d_final):
     """Chunk-major cotangents of `_forward`'s inputs (and of the incoming state) from those of its
     outputs, given the state entering each chunk."""
-    terms = _terms(q, k, v, a, b, log_g, groups, factored)
+    terms = _terms(q, k, v, a, b, log_g, groups)
     masks, gates, value_dim = terms.masks, terms.gates, v.shape[-1]
     removed_values, weights = terms.solved[..., :value_dim], terms.solved[..., value_dim:]
     removed = removed_values + chunked.mm(weights, incoming)
@@ -251,8 +181,7 @@ def _backward(q, k, v, a, b, log_g, groups, incoming, d_out, d_final, factored: 
     d_p_qb = chunked.mm_nt(d_out, removed)
     d_p_qk = chunked.mm_nt(d_out, v)
 
-    dq, dk, da, db, d_to_here = _products_backward(q, k, a, b, gates, masks, d_l_ab, d_l_ak, d_p_qb, d_p_qk,
-                                                   factored)
+    dq, dk, da, db, d_to_here = _products_backward(q, k, a, b, gates, masks, d_l_ab, d_l_ak, d_p_qb, d_p_qk)
 
     dq_read = chunked.mm_nt(d_out, incoming)
     d_b_written = chunked.mm_nt(removed, d_outgoing)
@@ -280,18 +209,10 @@ def _swept(q, k, v, a, b, log_g, groups, state0, chunk, block):
     return out, final
 
 
-def _by_products_form(run, log_g, operands):
-    """run(*operands, factored=...) with the decayed products' form a block's gates allow: factored
-    while none of its chunks decays by more than chunked.FACTORED_SPAN_LIMIT nats (the common
-    case), else exact. Chosen once per block, so that each branch fuses as a whole."""
-    safe = -jnp.min(jnp.sum(log_g, axis=chunked.CHUNK_AXIS)) <= chunked.FACTORED_SPAN_LIMIT
-    return lax.cond(safe, functools.partial(run, factored=True), functools.partial(run, factored=False), *operands)
-
-
 def _sweep_forward(q, k, v, a, b, log_g, groups, state0, chunk, block):
     def block_forward(inputs, state):
         inputs = tuple(chunked.chunk_major(x, chunk) for x in inputs)
-        out, state, residuals = _by_products_form(_forward, inputs[5], (*inputs, state))
+        out, state, residuals = _forward(*inputs, state)
         return chunked.time_major(out), state, residuals
 
     return chunked.sweep_forward(block_forward, (q, k, v, a, b, log_g, groups), state0, chunk * block)
@@ -308,7 +229,7 @@ def _swept_backward(chunk, block, residuals, cotangents):
 
     def block_backward(inputs, incoming, d_out, d_state):
         inputs = tuple(chunked.chunk_major(x, chunk) for x in (*inputs, d_out))
-        grads, d_state = _by_products_form(_backward, inputs[5], (*inputs[:-1], incoming, inputs[-1], d_state))
+        grads, d_state = _backward(*inputs[:-1], incoming, inputs[-1], d_state)
         return tuple(map(chunked.time_major, grads)), d_state
 
     grads, d_state0 = chunked.sweep_backward(block_backward, inputs, incoming, d_out, d_final, chunk * block)
