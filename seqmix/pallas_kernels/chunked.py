@@ -7,6 +7,7 @@ runs as a scalar loop, several times slower). Per-token masks broadcast over hea
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -248,3 +249,47 @@ def sweep_backward(block_backward, inputs, residuals, d_out, d_final, length: in
 
     d_state0, grads = lax.scan(step, d_final, (jnp.arange(inputs[0].shape[1] // length), residuals), reverse=True)
     return tuple(map(_joined, grads)), d_state0
+
+
+def swept(forward, backward):
+    """A chunked path's whole-sequence op with its written-out VJP, from its per-block math.
+
+    forward(*inputs, state) -> (out [N,B,H,C,V], state, incoming [N,B,H,K,V]) and
+    backward(*inputs, incoming, d_out, d_state) -> (grads, a tuple like inputs but for groups, and
+    d_state entering the block), both on chunk-major blocks (`chunk_major`), inputs ending with the
+    integer groups. Returns run(inputs, state0, chunk, block): time-major inputs [B,Tp,...], Tp a
+    multiple of chunk * block, and state0 [B,H,K,V] -> (out [B,Tp,H,V], final state), differentiable
+    in every float input and state0. The forward sweep keeps only the state entering each chunk;
+    the backward recomputes the rest, block by block in reverse.
+    """
+
+    def sweep_forward_blocks(inputs, state0, chunk, block):
+        def block_forward(block_inputs, state):
+            out, state, incoming = forward(*(chunk_major(a, chunk) for a in block_inputs), state)
+            return time_major(out), state, incoming
+
+        return sweep_forward(block_forward, inputs, state0, chunk * block)
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+    def run(inputs, state0, chunk, block):
+        out, final, _ = sweep_forward_blocks(inputs, state0, chunk, block)
+        return out, final
+
+    def run_forward(inputs, state0, chunk, block):
+        out, final, incoming = sweep_forward_blocks(inputs, state0, chunk, block)
+        return (out, final), (inputs, incoming)
+
+    def run_backward(chunk, block, residuals, cotangents):
+        inputs, incoming = residuals
+        d_out, d_final = cotangents
+
+        def block_backward(block_inputs, block_incoming, d_out, d_state):
+            block_inputs = tuple(chunk_major(a, chunk) for a in (*block_inputs, d_out))
+            grads, d_state = backward(*block_inputs[:-1], block_incoming, block_inputs[-1], d_state)
+            return tuple(map(time_major, grads)), d_state
+
+        grads, d_state0 = sweep_backward(block_backward, inputs, incoming, d_out, d_final, chunk * block)
+        return (*grads, None), d_state0
+
+    run.defvjp(run_forward, run_backward)
+    return run

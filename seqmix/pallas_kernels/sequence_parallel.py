@@ -107,3 +107,24 @@ def entering_state(axis: str, local_final, transition, segments: ShardSegments, 
     start = (initial_state, jnp.zeros((batch,), segments.first.dtype), jnp.ones((batch,), bool))
     (final_state, _, _), states_in = jax.lax.scan(step, start, summaries)
     return states_in[jax.lax.axis_index(axis)], final_state
+
+
+def shard_by_matrix_transitions(axis: str, scan, v, key_dim: int, segment_ids, initial_state, dtype):
+    """One device's part for a family whose per-token transition is a [K, K] matrix (the delta
+    rules, DPLR): the op itself gives the shard's transition and its correction.
+
+    scan(values, initial_state) -> (o, final_state) runs the family's local op on this shard with
+    everything but v and the entering state bound. Scanning with zero values from the identity
+    gives the product P of the first segment's transitions as the final state; scanning with zero
+    values from the entering state S_in gives exactly the outputs S_in contributes. Three scans per
+    shard; the all-gather carries [B, H, K, V] states and [B, H, K, K] transitions, independent of T.
+    v [B, t, H, V]; segment_ids [B, t]; initial_state [B, H, K, V]. Returns (o [B, t, H, V] in
+    dtype, the row's final state)."""
+    out, local_final = scan(v, initial_state=None)
+    batch, length, heads = v.shape[:3]
+    identity = jnp.broadcast_to(jnp.eye(key_dim, dtype=jnp.float32), (batch, heads, key_dim, key_dim))
+    _, transition = scan(jnp.zeros((batch, length, heads, key_dim), v.dtype), initial_state=identity)
+    state_in, final_state = entering_state(axis, local_final, transition, shard_segments(segment_ids), initial_state,
+                                           lambda product, state: jnp.einsum("bhkl,bhlv->bhkv", product, state))
+    carried, _ = scan(jnp.zeros_like(v), initial_state=state_in)
+    return (out.astype(jnp.float32) + carried.astype(jnp.float32)).astype(dtype), final_state

@@ -2,24 +2,19 @@
 `pallas_kernels.sequence_parallel`).
 
 The delta rule's transition is a [K, K] matrix per token, (I - beta_t k_t k_t^T) Diag(a_t), so a shard
-passes an entering state on multiplied by the product P of its first segment's transitions. The
-op itself computes P and the correction: scanning the shard with zero values from the identity
-gives P as the final state, and scanning it with zero values from the entering state S_in gives
-exactly the outputs S_in contributes (scale * q_t^T P_{<=t} S_in in the first segment, nothing
-after a reset). Three scans per shard instead of one, and the all-gather carries [B, H, K, V]
-states and [B, H, K, K] transitions, still independent of T.
+passes an entering state on multiplied by the product P of its first segment's transitions; the
+op itself computes P and the correction (`sequence_parallel.shard_by_matrix_transitions`).
 """
 
 from __future__ import annotations
 
 import functools
 
-import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh
 
 from seqmix.pallas_kernels.delta.local import local_delta_rule
 from seqmix.pallas_kernels.log_gates import log_gate_of
-from seqmix.pallas_kernels.sequence_parallel import SEQUENCE_AXIS, entering_state, run_sharded, shard_segments
+from seqmix.pallas_kernels.sequence_parallel import SEQUENCE_AXIS, run_sharded, shard_by_matrix_transitions
 
 
 def sequence_parallel_delta_rule(q, k, v, beta, *, mesh: Mesh | AbstractMesh, axis: str = SEQUENCE_AXIS, log_a=None,
@@ -43,11 +38,4 @@ def _shard(q, k, v, beta, log_gate, segment_ids, initial_state, *, axis, chunk_s
     state)."""
     scan = functools.partial(local_delta_rule, q, k, beta=beta, log_gate=log_gate, scale=scale,
                              segment_ids=segment_ids, chunk_size=chunk_size, impl=impl)
-    out, local_final = scan(v, initial_state=None)
-    (batch, length, heads), key_dim = v.shape[:3], k.shape[-1]
-    identity = jnp.broadcast_to(jnp.eye(key_dim, dtype=jnp.float32), (batch, heads, key_dim, key_dim))
-    _, transition = scan(jnp.zeros((batch, length, heads, key_dim), v.dtype), initial_state=identity)
-    state_in, final_state = entering_state(axis, local_final, transition, shard_segments(segment_ids), initial_state,
-                                           lambda product, state: jnp.einsum("bhkl,bhlv->bhkv", product, state))
-    carried, _ = scan(jnp.zeros_like(v), initial_state=state_in)
-    return (out.astype(jnp.float32) + carried.astype(jnp.float32)).astype(q.dtype), final_state
+    return shard_by_matrix_transitions(axis, scan, v, k.shape[-1], segment_ids, initial_state, q.dtype)

@@ -1,23 +1,19 @@
 """Sequence-parallel `chunk_dplr` (LASP-2; the shared machinery is `pallas_kernels.sequence_parallel`).
 
 The DPLR transition is a [K, K] matrix per token, Diag(exp(log_g_t)) + b_t a_t^T, so a shard
-passes an entering state on multiplied by the product P of its first segment's transitions. As
-for the delta rule, the op itself computes P and the correction: scanning the shard with zero
-values from the identity gives P as the final state, and scanning it with zero values from the
-entering state S_in gives exactly the outputs S_in contributes (scale * q_t^T P_{<=t} S_in in the
-first segment, nothing after a reset). Three scans per shard instead of one; the all-gather
-carries [B, H, K, V] states and [B, H, K, K] transitions, independent of T.
+passes an entering state on multiplied by the product P of its first segment's transitions; as
+for the delta rule, the op itself computes P and the correction
+(`sequence_parallel.shard_by_matrix_transitions`).
 """
 
 from __future__ import annotations
 
 import functools
 
-import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh
 
 from seqmix.pallas_kernels.dplr.local import local_dplr
-from seqmix.pallas_kernels.sequence_parallel import SEQUENCE_AXIS, entering_state, run_sharded, shard_segments
+from seqmix.pallas_kernels.sequence_parallel import SEQUENCE_AXIS, run_sharded, shard_by_matrix_transitions
 
 
 def sequence_parallel_dplr(q, k, v, a, b, *, mesh: Mesh | AbstractMesh, log_g, axis: str = SEQUENCE_AXIS, scale=None,
@@ -39,11 +35,4 @@ def _shard(q, k, v, a, b, log_g, segment_ids, initial_state, *, axis, chunk_size
     [B, t] of its shard; initial_state [B, H, K, V]. Returns (o [B, t, H, V], final state)."""
     scan = functools.partial(local_dplr, q, k, a=a, b=b, log_g=log_g, scale=scale, segment_ids=segment_ids,
                              chunk_size=chunk_size, impl=impl)
-    out, local_final = scan(v, initial_state=None)
-    (batch, length, heads), key_dim = v.shape[:3], k.shape[-1]
-    identity = jnp.broadcast_to(jnp.eye(key_dim, dtype=jnp.float32), (batch, heads, key_dim, key_dim))
-    _, transition = scan(jnp.zeros((batch, length, heads, key_dim), v.dtype), initial_state=identity)
-    state_in, final_state = entering_state(axis, local_final, transition, shard_segments(segment_ids), initial_state,
-                                           lambda product, state: jnp.einsum("bhkl,bhlv->bhkv", product, state))
-    carried, _ = scan(jnp.zeros_like(v), initial_state=state_in)
-    return (out.astype(jnp.float32) + carried.astype(jnp.float32)).astype(q.dtype), final_state
+    return shard_by_matrix_transitions(axis, scan, v, k.shape[-1], segment_ids, initial_state, q.dtype)

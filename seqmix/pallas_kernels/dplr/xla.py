@@ -42,7 +42,6 @@ backward pass recomputes the rest.
 """
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -201,42 +200,7 @@ def _backward(q, k, v, a, b, log_g, groups, incoming, d_out, d_final):
     return (dq, dk, dv, da, db, d_log_g), d_state0
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
-def _swept(q, k, v, a, b, log_g, groups, state0, chunk, block):
-    """Time-major float32 q, k, v, a, b, log_g [B,Tp,H,*] and groups [B,Tp,1,1], Tp a multiple of
-    chunk * block, state0 [B,H,K,V] -> (out [B,Tp,H,V], final state [B,H,K,V])."""
-    out, final, _ = _sweep_forward(q, k, v, a, b, log_g, groups, state0, chunk, block)
-    return out, final
-
-
-def _sweep_forward(q, k, v, a, b, log_g, groups, state0, chunk, block):
-    def block_forward(inputs, state):
-        inputs = tuple(chunked.chunk_major(x, chunk) for x in inputs)
-        out, state, residuals = _forward(*inputs, state)
-        return chunked.time_major(out), state, residuals
-
-    return chunked.sweep_forward(block_forward, (q, k, v, a, b, log_g, groups), state0, chunk * block)
-
-
-def _swept_forward(q, k, v, a, b, log_g, groups, state0, chunk, block):
-    out, final, incoming = _sweep_forward(q, k, v, a, b, log_g, groups, state0, chunk, block)
-    return (out, final), ((q, k, v, a, b, log_g, groups), incoming)
-
-
-def _swept_backward(chunk, block, residuals, cotangents):
-    inputs, incoming = residuals
-    d_out, d_final = cotangents
-
-    def block_backward(inputs, incoming, d_out, d_state):
-        inputs = tuple(chunked.chunk_major(x, chunk) for x in (*inputs, d_out))
-        grads, d_state = _backward(*inputs[:-1], incoming, inputs[-1], d_state)
-        return tuple(map(chunked.time_major, grads)), d_state
-
-    grads, d_state0 = chunked.sweep_backward(block_backward, inputs, incoming, d_out, d_final, chunk * block)
-    return (*grads, None, d_state0)
-
-
-_swept.defvjp(_swept_forward, _swept_backward)
+_swept = chunked.swept(_forward, _backward)
 
 
 def dplr_xla(q, k, v, *, a, b, log_g, scale, initial_state, segment_ids, chunk_size):
@@ -253,7 +217,7 @@ def dplr_xla(q, k, v, *, a, b, log_g, scale, initial_state, segment_ids, chunk_s
     valid, groups = reset_groups(segment_ids, batch, length)
     padded_f32 = lambda x: zero_padded(x, valid, padded, jnp.float32)
     state0 = initial_state_or_zeros(initial_state, batch, heads, key_dim, value_dim)
-    out, final = _swept(padded_f32(q.astype(jnp.float32) * scale), padded_f32(k), padded_f32(v), padded_f32(a),
-                        padded_f32(b), padded_f32(log_g), padded_groups(groups, padded, chunk_size)[..., None],
+    out, final = _swept((padded_f32(q.astype(jnp.float32) * scale), padded_f32(k), padded_f32(v), padded_f32(a),
+                         padded_f32(b), padded_f32(log_g), padded_groups(groups, padded, chunk_size)[..., None]),
                         state0, chunk_size, block)
     return out[:, :length].astype(out_dtype), final
