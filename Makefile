@@ -33,11 +33,22 @@ train: $(VENV)/.train-installed
 # pytest exits 5 when it collects no tests: make reports that as a failure like any other.
 # Three processes, not one: XLA:CPU maps each compiled program's code into its process, and the
 # whole suite in one process passes the kernel's limit on memory maps (vm.max_map_count, 65530)
-# and crashes inside a late compilation.
+# and crashes inside a late compilation. They run side by side, so that both cores of a small
+# machine stay busy (compiling is mostly single-threaded); each writes its own log, printed in
+# order when all have finished, and the first failing group's status is make's.
 TEST_GROUPS = "tests/layers tests/mixers tests/models tests/test_configuration.py tests/test_examples.py" \
 	tests/pallas_kernels tests/train
+TEST_LOGS := .test-logs
 test: $(VENV)/.test-installed
-	for group in $(TEST_GROUPS); do $(BIN)/python -m pytest $$group || exit $$?; done
+	@rm -rf $(TEST_LOGS) && mkdir -p $(TEST_LOGS); \
+	echo "running the test groups side by side (logs in $(TEST_LOGS)/)"; \
+	group_index=0; for group in $(TEST_GROUPS); do group_index=$$((group_index + 1)); \
+	  ( $(BIN)/python -m pytest $$group > $(TEST_LOGS)/$$group_index.log 2>&1; \
+	    echo $$? > $(TEST_LOGS)/$$group_index.status ) & \
+	done; wait; status=0; \
+	for log in $(TEST_LOGS)/*.log; do cat $$log; group_status=$$(cat $${log%.log}.status); \
+	  if [ $$status -eq 0 ] && [ $$group_status -ne 0 ]; then status=$$group_status; fi; done; \
+	exit $$status
 
 clean:
-	rm -rf $(VENV) runs .cache .pytest_cache
+	rm -rf $(VENV) runs .cache .pytest_cache $(TEST_LOGS)
