@@ -1,5 +1,5 @@
-"""Products of two chunk-major arrays under a per-key decay, and their cotangents, for the `xla`
-paths whose intra-chunk matrices carry a decay per key (the delta rule's KDA form, DPLR).
+"""Products of chunk-major arrays under a per-key decay, and their cotangents, for the `xla` paths
+whose intra-chunk matrices carry a decay per key (the delta rule's KDA form, DPLR).
 
     P(x, y)_ij = sum_d x_id y_jd exp(G_id - G_jd)    for j < i in one segment,
     P(x, y)_ii = x_i.y_i,                             0 elsewhere
@@ -10,23 +10,26 @@ float32, the inclusive prefix sums of the log decays inside each chunk (`chunked
 [N,B,1,C,C] bool (`chunked.SegmentMasks.earlier`). P [N,B,H,C,C] float32.
 
 The chunk is cut into 16-token sub-blocks; R_I is the gate at the last token before sub-block I.
-Two forms, chosen per block of chunks by `lax.cond`:
-- factored: exp(G_i - G_j) = exp(G_i - R_I) exp(R_I - G_j) for the queries i of sub-block I, folded
-  into x and into one copy of y per sub-block, then one matmul. The first factor is <= 1; the
-  second is <= 1 for keys before I and at most exp(sub-block I's own decay) inside it, so the form
-  is exact while no 16-token sub-block decays by more than `chunked.FACTORED_SPAN_LIMIT` nats
-  (3.75 nats per token: Kimi's gates, up to ~1.6, stay far inside). Factoring around the chunk start
-  instead would overflow past 60 nats per chunk, less than one per token. Its cotangents are
-  written out: with x~ = x exp(G - R), y^ = y exp(R - G) and dP masked like P,
-  dx = exp(G - R) (dP y^), dy = sum_I exp(R_I - G) (dP_I^T x~_I), dG = x~ (dP y^) - sum_I y^_I (dP_I^T x~_I)
-  (R cancels out of P, so it takes no cotangent). The factors are computed once for all operands.
-- exact, for any decay: the earlier sub-blocks' keys as above (every factor <= 1), a sub-block's
-  own pairs with exp(G_i - G_j) elementwise, masked before the exp. One chunk at a time
-  (`lax.map`: its [c, c, K] blocks are 16x the chunk's keys), every (x, y) pair in one call
-  (stacked along the heads), its cotangents by `jax.vjp` of the chunk's function.
-The diagonal x_i.y_i stays out of the gates' graph: its exp(G_i - G_i) would send +t and -t to G_i,
-whose rounding noise swamps the true gate gradient under strong decay.
+For the queries i of sub-block I, exp(G_i - G_j) = exp(G_i - R_I) exp(R_I - G_j), folded into x
+and into one copy of y per sub-block, then one matmul. The first factor is <= 1, and so is the
+second for keys before I; for keys inside I it is at most exp(sub-block I's own decay), exact while
+that stays within `chunked.FACTORED_SPAN_LIMIT` nats (3.75 nats per token; Kimi's gates, up to
+~1.6 per token at initialisation, stay far inside). A key channel whose sub-block decays by more
+("steep") leaves its pairs inside the sub-block out of the matmul; they are added elementwise,
+exp(G_i - G_j) on a masked [c, c, K] block (masked before the exp), only in blocks of chunks that
+have a steep channel at all (`lax.cond`). Every exponential is <= 1 or bounded by e^60, so any
+decay, -8 nats per token included, is exact. (Factoring around the chunk start instead would
+overflow past 60 nats per chunk, less than one nat per token.)
+
+Cotangents, written out: with x~ = x exp(G - R), y^ = y exp(R - G) and dP masked like P,
+dx = exp(G - R) (dP y^), dy = sum_I exp(R_I - G) (dP_I^T x~_I), dG = x~ (dP y^) - sum_I y^_I (dP_I^T x~_I)
+(R cancels out of P, so it takes no cotangent), and alike for the elementwise part. The factors are
+computed once for all operands. The diagonal x_i.y_i stays out of the gates' graph: its
+exp(G_i - G_i) would send +t and -t to G_i, whose rounding noise swamps the true gate gradient
+under strong decay.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -37,155 +40,145 @@ from seqmix.pallas_kernels import chunked
 SUB_BLOCK = 16
 
 
-def _self_products(x, y):
-    """x_i.y_i as a [..., C, 1] column."""
-    return jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32), axis=-1, keepdims=True)
-
-
-def _masked(products, x, y, earlier):
-    """P on `earlier`, x_i.y_i on the diagonal, 0 elsewhere."""
-    return jnp.where(chunked.eye(products.shape[-1]), _self_products(x, y), jnp.where(earlier, products, 0.0))
-
-
 def _by_block(a, blocks: int):
     """[..., C, D] -> [..., C/c, c, D]."""
     return a.reshape(a.shape[:-2] + (blocks, a.shape[-2] // blocks, a.shape[-1]))
 
 
-def _references(to_here, blocks: int):
-    """R_I [..., C/c, K], the gate at the last token before sub-block I (0 before the first)."""
-    ends = _by_block(to_here, blocks)[..., -1, :]
-    return jnp.concatenate([jnp.zeros_like(ends[..., :1, :]), ends[..., :-1, :]], axis=-2)
+def _square(blockwise):
+    """[..., C/c, c, C] -> [..., C, C]."""
+    return blockwise.reshape(blockwise.shape[:-3] + (-1, blockwise.shape[-1]))
 
 
-def _sub_blocks(chunk: int) -> int:
-    return chunk // min(SUB_BLOCK, chunk)
+def _self_products(x, y):
+    """x_i.y_i as a [..., C, 1] column."""
+    return jnp.sum(x * y, axis=-1, keepdims=True)
 
 
-def _factors(to_here):
-    """(rows exp(G_i - R_I) [..., C/c, c, K] for the queries of sub-block I, all <= 1; columns
-    exp(R_I - G_j) [..., C/c, C, K] for the keys of sub-blocks up to I, 0 after it: <= 1 before I,
-    at most exp(the sub-block's own decay) inside it)."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Factors:
+    """rows exp(G_i - R_I) [..., C/c, c, K] (<= 1); columns exp(R_I - G_j) [..., C/c, C, K] for
+    the keys before sub-block I, and inside it on channels that are not steep, 0 elsewhere; steep
+    [..., C/c, K] bool: the channel decays by more than the limit inside sub-block I."""
+
+    rows: jax.Array
+    columns: jax.Array
+    steep: jax.Array
+
+
+def _factors(to_here) -> _Factors:
     chunk = to_here.shape[-2]
-    blocks = _sub_blocks(chunk)
-    reference = _references(to_here, blocks)
-    rows = jnp.exp(_by_block(to_here, blocks) - reference[..., None, :])
+    blocks = chunk // min(SUB_BLOCK, chunk)
+    gate = _by_block(to_here, blocks)
+    ends = gate[..., -1, :]
+    reference = jnp.concatenate([jnp.zeros_like(ends[..., :1, :]), ends[..., :-1, :]], axis=-2)
+    steep = reference - ends > chunked.FACTORED_SPAN_LIMIT
     key_block = lax.broadcasted_iota(jnp.int32, (blocks, chunk, 1), 1) // (chunk // blocks)
-    reachable = key_block <= lax.broadcasted_iota(jnp.int32, (blocks, chunk, 1), 0)
-    columns = jnp.exp(jnp.where(reachable, reference[..., :, None, :] - to_here[..., None, :, :], -jnp.inf))
-    return rows, columns
+    query_block = lax.broadcasted_iota(jnp.int32, (blocks, chunk, 1), 0)
+    usable = (key_block < query_block) | ((key_block == query_block) & ~steep[..., :, None, :])
+    return _Factors(
+        rows=jnp.exp(gate - reference[..., None, :]),
+        columns=jnp.exp(jnp.where(usable, reference[..., :, None, :] - to_here[..., None, :, :], -jnp.inf)),
+        steep=steep,
+    )
 
 
-def _factored_operands(rows, columns, to_here):
-    """(x exp(G - R) [..., C/c, c, K] per row operand, y exp(R - G) [..., C/c, C, K] per column
-    operand, and the two factors), the factors computed once for all operands."""
-    row_factors, column_factors = _factors(to_here)
-    blocks = row_factors.shape[-3]
-    decayed = [_by_block(x.astype(jnp.float32), blocks) * row_factors for x in rows]
-    grown = [y.astype(jnp.float32)[..., None, :, :] * column_factors for y in columns]
-    return decayed, grown, row_factors, column_factors
-
-
-def _factored(rows, columns, to_here, earlier):
-    decayed, grown, _, _ = _factored_operands(rows, columns, to_here)
-    square = lambda p: p.reshape(p.shape[:-3] + (-1, p.shape[-1]))  # [..., C/c, c, C] -> [..., C, C]
-    return [[_masked(square(chunked.mm_nt(x_decayed, y_grown)), x, y, earlier)
-             for y, y_grown in zip(columns, grown, strict=True)] for x, x_decayed in zip(rows, decayed, strict=True)]
-
-
-def _factored_backward(rows, columns, to_here, earlier, d_products):
-    """The references R_I cancel out of P, so they take no cotangent: G_i's comes through the rows,
-    G_j's through the columns."""
-    decayed, grown, row_factors, column_factors = _factored_operands(rows, columns, to_here)
-    blocks = row_factors.shape[-3]
-    d_rows = [jnp.zeros(x.shape, jnp.float32) for x in rows]
-    d_columns = [jnp.zeros(y.shape, jnp.float32) for y in columns]
-    d_decayed, d_grown = [0.0] * len(rows), [0.0] * len(columns)
-    for r, (x, x_decayed) in enumerate(zip(rows, decayed, strict=True)):
-        for c, (y, y_grown) in enumerate(zip(columns, grown, strict=True)):
-            d_off = _by_block(jnp.where(earlier, d_products[r][c], 0.0), blocks)  # [..., C/c, c, C]
-            d_self = jnp.diagonal(d_products[r][c], axis1=-2, axis2=-1)[..., None]
-            d_decayed[r] = d_decayed[r] + chunked.mm(d_off, y_grown)
-            d_grown[c] = d_grown[c] + chunked.mm_tn(d_off, x_decayed)
-            d_rows[r] = d_rows[r] + d_self * y.astype(jnp.float32)
-            d_columns[c] = d_columns[c] + d_self * x.astype(jnp.float32)
-    d_to_here = sum((d * x_decayed).reshape(to_here.shape) for d, x_decayed in zip(d_decayed, decayed, strict=True))
-    d_to_here = d_to_here - sum(jnp.sum(d * y_grown, axis=-3) for d, y_grown in zip(d_grown, grown, strict=True))
-    d_rows = [d + (d_x * row_factors).reshape(d.shape) for d, d_x in zip(d_rows, d_decayed, strict=True)]
-    d_columns = [d + jnp.sum(d_y * column_factors, axis=-3) for d, d_y in zip(d_columns, d_grown, strict=True)]
-    return d_rows, d_columns, d_to_here
-
-
-def _exact_chunk(x, y, to_here, earlier):
-    """One chunk's P, [B,H,C,C], from x, y, to_here [B,H,C,K] and earlier [B,1,C,C]; any decay."""
-    chunk = x.shape[-2]
-    blocks = _sub_blocks(chunk)
-    size = chunk // blocks
-    x32, y32 = x.astype(jnp.float32), y.astype(jnp.float32)
-    gate, reference = _by_block(to_here, blocks), _references(to_here, blocks)
-    x_decayed = _by_block(x32, blocks) * jnp.exp(gate - reference[..., None, :])
-    key_block = lax.broadcasted_iota(jnp.int32, (blocks, chunk, 1), 1) // size
-    before = key_block < lax.broadcasted_iota(jnp.int32, (blocks, chunk, 1), 0)  # key j before sub-block I
-    y_decayed = y32[..., None, :, :] * jnp.exp(
-        jnp.where(before, reference[..., :, None, :] - to_here[..., None, :, :], -jnp.inf))
-    earlier_blocks = chunked.mm_nt(x_decayed, y_decayed).reshape(x.shape[:-1] + (chunk,))
-
+def _steep_decays(to_here, steep):
+    """exp(G_i - G_j) [..., C/c, c, c, K] for j < i inside one sub-block on its steep channels, 0
+    elsewhere (masked before the exp: every exponential <= 1)."""
+    blocks = steep.shape[-2]
+    gate = _by_block(to_here, blocks)
+    size = gate.shape[-2]
     within = lax.broadcasted_iota(jnp.int32, (size, size), 0) > lax.broadcasted_iota(jnp.int32, (size, size), 1)
-    exponent = jnp.where(within[..., None], gate[..., :, None, :] - gate[..., None, :, :], -jnp.inf)
-    own = jnp.sum(_by_block(x32, blocks)[..., :, None, :] * _by_block(y32, blocks)[..., None, :, :]
-                  * jnp.exp(exponent), axis=-1)
-    block_eye = jnp.eye(blocks, dtype=jnp.float32)[:, None, :, None]  # own blocks onto P's diagonal blocks
-    own = (own[..., :, :, None, :] * block_eye).reshape(earlier_blocks.shape)
-    return _masked(earlier_blocks + own, x, y, earlier)
+    mask = within[..., None] & steep[..., :, None, None, :]
+    return jnp.exp(jnp.where(mask, gate[..., :, None, :] - gate[..., None, :, :], -jnp.inf))
 
 
-def _pairs(rows, columns, per_pair):
-    """The (row, column) pairs' arrays stacked along the heads [N,B,P*H,...], so that one batched
-    call serves every pair; per_pair(x, y) picks what to stack of a pair."""
-    return jnp.concatenate([per_pair(x, y) for x in rows for y in columns], axis=2)
+def _onto_diagonal_blocks(blockwise):
+    """[..., C/c, c, c] -> [..., C, C] with the blocks on the diagonal, 0 elsewhere."""
+    blocks = blockwise.shape[-3]
+    block_eye = jnp.eye(blocks, dtype=blockwise.dtype)[:, None, :, None]
+    return (blockwise[..., :, :, None, :] * block_eye).reshape(blockwise.shape[:-3] + (blocks * blockwise.shape[-1],) * 2)
 
 
-def _exact(rows, columns, to_here, earlier):
-    pairs = len(rows) * len(columns)
-    stacked = (_pairs(rows, columns, lambda x, y: x), _pairs(rows, columns, lambda x, y: y),
-               jnp.concatenate([to_here] * pairs, axis=2))
-    products = jnp.split(lax.map(lambda chunk: _exact_chunk(*chunk), (*stacked, earlier)), pairs, axis=2)
-    return [products[r * len(columns):(r + 1) * len(columns)] for r in range(len(rows))]
+def _diagonal_blocks(square, blocks: int):
+    """[..., C, C] -> its diagonal blocks [..., C/c, c, c]."""
+    size = square.shape[-1] // blocks
+    tiles = square.reshape(square.shape[:-2] + (blocks, size, blocks, size))
+    return jnp.moveaxis(jnp.diagonal(tiles, axis1=-4, axis2=-2), -1, -3)
 
 
-def _exact_backward(rows, columns, to_here, earlier, d_products):
-    pairs = len(rows) * len(columns)
-    stacked = (_pairs(rows, columns, lambda x, y: x.astype(jnp.float32)),
-               _pairs(rows, columns, lambda x, y: y.astype(jnp.float32)),
-               jnp.concatenate([to_here] * pairs, axis=2))
-    d_stacked = jnp.concatenate([d for by_row in d_products for d in by_row], axis=2)
-
-    def chunk_backward(chunk):
-        *inputs, earlier, d_chunk = chunk
-        _, pullback = jax.vjp(lambda *a: _exact_chunk(*a, earlier), *inputs)
-        return pullback(d_chunk)
-
-    d_x, d_y, d_to_here = (jnp.split(d, pairs, axis=2) for d in lax.map(chunk_backward, (*stacked, earlier, d_stacked)))
-    width = len(columns)
-    return ([sum(d_x[r * width:(r + 1) * width]) for r in range(len(rows))],
-            [sum(d_y[c::width]) for c in range(width)], sum(d_to_here))
-
-
-def _factored_is_exact(to_here):
-    """Whether no sub-block of the block's chunks decays by more than the factored form's limit."""
-    blocks = _sub_blocks(to_here.shape[-2])
-    decays = _references(to_here, blocks) - _by_block(to_here, blocks)[..., -1, :]
-    return jnp.max(decays) <= chunked.FACTORED_SPAN_LIMIT
+def _operands(rows, columns, to_here):
+    """(float32 rows and columns, x exp(G - R) [..., C/c, c, K] per row, y exp(R - G) [..., C/c, C, K]
+    per column, the factors)."""
+    factors = _factors(to_here)
+    blocks = factors.steep.shape[-2]
+    rows = [x.astype(jnp.float32) for x in rows]
+    columns = [y.astype(jnp.float32) for y in columns]
+    decayed = [_by_block(x, blocks) * factors.rows for x in rows]
+    grown = [y[..., None, :, :] * factors.columns for y in columns]
+    return rows, columns, decayed, grown, factors
 
 
 def products(rows, columns, to_here, earlier):
     """[[P(x, y) for y in columns] for x in rows], each [N,B,H,C,C] float32 with x_i.y_i on its
     diagonal (see the module docstring); rows and columns: sequences of [N,B,H,C,K] arrays."""
-    return lax.cond(_factored_is_exact(to_here), _factored, _exact, list(rows), list(columns), to_here, earlier)
+    rows, columns, decayed, grown, factors = _operands(rows, columns, to_here)
+    blocks = factors.steep.shape[-2]
+    factored = [[_square(chunked.mm_nt(x, y)) for y in grown] for x in decayed]
+
+    def steep_pairs():
+        decays = _steep_decays(to_here, factors.steep)
+        return [[_onto_diagonal_blocks(jnp.sum(_by_block(x, blocks)[..., :, None, :] * _by_block(y, blocks)[..., None, :, :]
+                                               * decays, axis=-1)) for y in columns] for x in rows]
+
+    steep = lax.cond(jnp.any(factors.steep), steep_pairs, lambda: jax.tree.map(jnp.zeros_like, factored))
+    diagonal = chunked.eye(to_here.shape[-2])
+    return [[jnp.where(diagonal, _self_products(x, y), jnp.where(earlier, p + s, 0.0))
+             for y, p, s in zip(columns, by_row, steep_row, strict=True)]
+            for x, by_row, steep_row in zip(rows, factored, steep, strict=True)]
 
 
 def products_backward(rows, columns, to_here, earlier, d_products):
     """(d_rows, d_columns: lists of [N,B,H,C,K] float32, d_to_here [N,B,H,C,K]) of `products`, given
     d_products [[N,B,H,C,C]] nested like its result."""
-    return lax.cond(_factored_is_exact(to_here), _factored_backward, _exact_backward, list(rows), list(columns),
-                    to_here, earlier, [list(by_row) for by_row in d_products])
+    rows, columns, decayed, grown, factors = _operands(rows, columns, to_here)
+    blocks = factors.steep.shape[-2]
+    d_off = [[jnp.where(earlier, d, 0.0) for d in by_row] for by_row in d_products]
+    d_rows = [0.0] * len(rows)
+    d_columns = [0.0] * len(columns)
+    d_decayed, d_grown = [0.0] * len(rows), [0.0] * len(columns)
+    for r, x in enumerate(rows):
+        for c, y in enumerate(columns):
+            d_self = jnp.diagonal(d_products[r][c], axis1=-2, axis2=-1)[..., None]
+            d_rows[r] = d_rows[r] + d_self * y
+            d_columns[c] = d_columns[c] + d_self * x
+            d_blocks = _by_block(d_off[r][c], blocks)  # [..., C/c, c, C]
+            d_decayed[r] = d_decayed[r] + chunked.mm(d_blocks, grown[c])
+            d_grown[c] = d_grown[c] + chunked.mm_tn(d_blocks, decayed[r])
+    d_to_here = (sum((d * x).reshape(to_here.shape) for d, x in zip(d_decayed, decayed, strict=True))
+                 - sum(jnp.sum(d * y, axis=-3) for d, y in zip(d_grown, grown, strict=True)))
+    d_rows = [d + (d_x * factors.rows).reshape(to_here.shape) for d, d_x in zip(d_rows, d_decayed, strict=True)]
+    d_columns = [d + jnp.sum(d_y * factors.columns, axis=-3) for d, d_y in zip(d_columns, d_grown, strict=True)]
+
+    def steep_pairs():
+        """(d_rows, d_columns) through the steep channels' elementwise pairs; their d_to_here is
+        x dx - y dy, as for any product of x_i exp(G_i) and y_j exp(-G_j)."""
+        decays = _steep_decays(to_here, factors.steep)
+        d_x, d_y = [jnp.zeros(to_here.shape, jnp.float32) for _ in rows], [jnp.zeros(to_here.shape, jnp.float32)
+                                                                         for _ in columns]
+        for r, x in enumerate(rows):
+            for c, y in enumerate(columns):
+                weighted = _diagonal_blocks(d_off[r][c], blocks)[..., None] * decays  # [..., C/c, c, c, K]
+                d_x[r] = d_x[r] + jnp.sum(weighted * _by_block(y, blocks)[..., None, :, :], axis=-2).reshape(x.shape)
+                d_y[c] = d_y[c] + jnp.sum(weighted * _by_block(x, blocks)[..., :, None, :], axis=-3).reshape(y.shape)
+        return d_x, d_y
+
+    zeros = lambda: ([jnp.zeros(to_here.shape, jnp.float32) for _ in rows],
+                     [jnp.zeros(to_here.shape, jnp.float32) for _ in columns])
+    d_steep_rows, d_steep_columns = lax.cond(jnp.any(factors.steep), steep_pairs, zeros)
+    d_to_here = (d_to_here + sum(d * x for d, x in zip(d_steep_rows, rows, strict=True))
+                 - sum(d * y for d, y in zip(d_steep_columns, columns, strict=True)))
+    return ([d + s for d, s in zip(d_rows, d_steep_rows, strict=True)],
+            [d + s for d, s in zip(d_columns, d_steep_columns, strict=True)], d_to_here)
