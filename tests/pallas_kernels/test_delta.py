@@ -27,10 +27,12 @@ def make_inputs(seed, batch=2, length=45, heads=2, key_dim=16, value_dim=32, gat
     v = jnp.asarray(normal(batch, length, heads, value_dim), dtype)
     beta = jnp.asarray(rng.uniform(*beta_range, size=(batch, length, heads)), jnp.float32)
     log_a = jnp.asarray(rng.uniform(*log_decay, size=(batch, length, heads)), jnp.float32)
+    initial_state = jnp.asarray(normal(batch, heads, key_dim, value_dim), jnp.float32)
+    segment_ids = packed_segments(rng, batch, length)
+    # Drawn last, so that the per-head and plain cases keep the inputs they had before per-key gates.
     log_g = jnp.asarray(rng.uniform(*log_decay, size=(batch, length, heads, key_dim)), jnp.float32)
     gates = {"gated": dict(log_a=log_a), "plain": {}, "key": dict(log_g=log_g)}[gate]
-    initial_state = jnp.asarray(normal(batch, heads, key_dim, value_dim), jnp.float32)
-    return q, k, v, beta, gates, initial_state, packed_segments(rng, batch, length)
+    return q, k, v, beta, gates, initial_state, segment_ids
 
 
 def run(impl, q, k, v, beta, gates, initial_state=None, segment_ids=None, chunk_size=16, **kwargs):
