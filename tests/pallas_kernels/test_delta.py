@@ -67,7 +67,7 @@ def test_gradients_match_reference(impl, gate):
     assert_gradients_match(names, actual, expected)
 
 
-@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("gate", ["gated", "key"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_grouped_value_heads_match_reference(impl, gate):
     """Four value heads reading two q/k heads (value head j reads head j // 2): outputs, final state
@@ -177,16 +177,22 @@ def test_decode_steps_equal_the_chunked_output(gate):
     assert relative_error(state, chunked_state) < 1e-5
 
 
-@pytest.mark.parametrize("gate", ["gated", "key"])
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("beta_range, log_decay", [((1.9, 2.0), (-0.01, 0.0)), ((0.0, 1.0), (-8.0, -8.0)),
-                                                   ((0.0, 1.0), (-20.0, -20.0)), ((0.0, 2.0), (-60.0, 0.0))],
-                         ids=["beta_near_2", "minus8_per_step", "minus20_per_step", "mixed"])
-def test_extreme_betas_and_decays_stay_finite_and_exact(impl, gate, beta_range, log_decay):
+EXTREMES = {"beta_near_2": ((1.9, 2.0), (-0.01, 0.0)), "minus8_per_step": ((0.0, 1.0), (-8.0, -8.0)),
+            "minus20_per_step": ((0.0, 1.0), (-20.0, -20.0)), "mixed": ((0.0, 2.0), (-60.0, 0.0))}
+# Per-key gates where their numerics differ from the per-head ones: strong decay inside 16-token
+# sub-blocks (the xla and TPU paths factor around a reference token; the GPU kernel's 16-token
+# chunks take every decay elementwise, as the per-head cases already check).
+EXTREME_CASES = ([(case, impl, "gated") for case in EXTREMES for impl in IMPLS]
+                 + [(case, impl, "key") for case in ("minus8_per_step", "mixed") for impl in ("xla", "pallas_tpu")])
+
+
+@pytest.mark.parametrize("case, impl, gate", EXTREME_CASES)
+def test_extreme_betas_and_decays_stay_finite_and_exact(case, impl, gate):
     """beta near 2 makes each factor I - beta k k^T a reflection (eigenvalue -1): the state neither
     decays nor grows, and the chunk's triangular system has entries near 2. -8 nats per step puts
     exponents of +-512 inside a 64-token chunk (no exp(-G) from the chunk start may be formed);
     -20 underflows every cross-token decay; "mixed" draws each step's (or key's) decay in [-60, 0]."""
+    beta_range, log_decay = EXTREMES[case]
     q, k, v, beta, gates, h0, segments = make_inputs(6, batch=1, length=256, beta_range=beta_range,
                                                      log_decay=log_decay, gate=gate)
 
@@ -214,7 +220,7 @@ def test_a_gate_of_exactly_zero_equals_the_ungated_op(impl, gate):
         assert relative_error(a, e) < 1e-5
 
 
-@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("gate", ["gated", "key"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_a_padding_tail_leaves_the_final_state_unchanged(impl, gate):
     """Padding after a row's last token (transformers #46190: padded tokens in the last chunk

@@ -64,7 +64,7 @@ def test_gradients_match_reference(impl, gate):
     assert_gradients_match(names, actual, expected)
 
 
-@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("gate", ["key", "head"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_grouped_value_heads_match_reference(impl, gate):
     """Four value heads reading two q/k heads (value head j reads head j // 2; the Pallas kernels

@@ -42,7 +42,6 @@ def gates_of(case, key, length):
     return {"gla_per_key": {"log_g": decay((B, length, H, K))}, "gla_per_head": {"log_a": decay((B, length, H))},
             "gla_none": {}, "delta_gated": {"beta": beta, "log_a": decay((B, length, H))},
             "delta_negative_eigenvalues": {"beta": 2 * beta},
-            "delta_per_key": {"beta": beta, "log_g": decay((B, length, H, K))},
             "delta_grouped_per_key": {"beta": beta, "log_g": decay((B, length, H, K))},
             "dplr": dplr_gates(key, length), "dplr_grouped": dplr_gates(key, length)}[case]
 
@@ -66,7 +65,7 @@ def inputs(case):
 
 
 @pytest.mark.parametrize("case", ["gla_per_key", "gla_per_head", "gla_none", "delta_gated",
-                                  "delta_negative_eigenvalues", "delta_per_key", "delta_grouped_per_key", "dplr",
+                                  "delta_negative_eigenvalues", "delta_grouped_per_key", "dplr",
                                   "dplr_grouped"])
 def test_sequence_parallel_equals_the_single_device_op(case):
     mesh = jax.make_mesh((SHARDS,), ("sequence",), axis_types=(jax.sharding.AxisType.Auto,))
