@@ -47,9 +47,10 @@ doubling, 2(C^2-1)/3 per token and per build, which the forward and the backward
              W S, q S, P_qb U and P_qk V.
     backward 2C(15K+10V) + 18KV + 2K^2 + 2K^2V/C: the forward's terms again, the carry reversed
              (M^T), the solve's cotangents through X^T and the four products' (two each).
-  Per-key decayed products count as one [C,K] by [K,C] product: their factored form, which the
-  `xla` paths take for a block of chunks while no chunk decays by more than 60 nats; the exact
-  form beyond that does more work, uncounted (the header gives the share of such chunks).
+  Per-key decayed products count as one [C,K] by [K,C] product (`per_key_decay`'s factored form);
+  the elementwise pass it adds for key channels whose 16-token sub-block decays by more than 60
+  nats is uncounted (the header gives the share of such spans). DPLR's path walks chunks of at
+  most dplr.xla.LONGEST_CHUNK tokens whatever --chunk-size asks; its counts use that C.
 (The counts were checked against the dot_generals in the jaxprs of the `xla` paths' fwd and
 fwd+bwd, with the doubling's levels of 16 and more as the only difference.)
 """
@@ -65,7 +66,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqmix.pallas_kernels import chunked, delta, dplr, gla
+from seqmix.pallas_kernels import chunked, delta, dplr, gla, per_key_decay
+from seqmix.pallas_kernels.dplr.xla import LONGEST_CHUNK
 
 MATMUL_TILES = 256  # [64,64] tiles per batched matmul of the machine-rate measurement
 
@@ -165,6 +167,7 @@ def _kda_flops(chunk, key_dim, value_dim):
 
 
 def _dplr_flops(chunk, key_dim, value_dim):
+    chunk = min(chunk, LONGEST_CHUNK)
     carry = 2 * key_dim**2 + 2 * key_dim**2 * value_dim / chunk
     return (2 * chunk * (5 * key_dim + 4 * value_dim) + 8 * key_dim * value_dim + carry,
             2 * chunk * (15 * key_dim + 10 * value_dim) + 18 * key_dim * value_dim + carry)
@@ -238,18 +241,22 @@ def timed_pair(forward):
     return jax.jit(forward), jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
 
 
-def decay_spans(extras, chunk: int) -> str:
-    """How strong the inputs' decays are: the median per-step log decay and the share of (chunk,
-    key) spans that decay by more than `chunked.FACTORED_SPAN_LIMIT` nats (the `xla` paths take
-    their slower exact form for a block of chunks holding one such span); '' without decays."""
+def decay_spans(extras) -> str:
+    """How strong the inputs' decays are: the median per-step log decay and, for per-key gates, the
+    share of (16-token sub-block, key) spans that decay by more than `chunked.FACTORED_SPAN_LIMIT`
+    nats (`per_key_decay`: the `xla` paths add an elementwise pass for a block of chunks holding
+    one such span); '' without decays."""
     log_decay = next((np.asarray(extras[name]) for name in ("log_g", "log_a") if name in extras), None)
     if log_decay is None:
         return ""
-    usable = log_decay.shape[1] // chunk * chunk
-    spans = log_decay[:, :usable].reshape((log_decay.shape[0], -1, chunk) + log_decay.shape[2:]).sum(axis=2)
+    summary = f"; per-step log decay median {np.median(log_decay):.3g}, min {log_decay.min():.3g}"
+    if "log_g" not in extras:
+        return summary
+    block = per_key_decay.SUB_BLOCK
+    usable = log_decay.shape[1] // block * block
+    spans = log_decay[:, :usable].reshape((log_decay.shape[0], -1, block) + log_decay.shape[2:]).sum(axis=2)
     share = np.mean(spans < -chunked.FACTORED_SPAN_LIMIT)
-    return (f"; per-step log decay median {np.median(log_decay):.3g}, min {log_decay.min():.3g}; chunk spans "
-            f"beyond {chunked.FACTORED_SPAN_LIMIT:g} nats: {share:.1%}")
+    return f"{summary}; {block}-token spans of a key beyond {chunked.FACTORED_SPAN_LIMIT:g} nats: {share:.2%}"
 
 
 def growth_per_doubling(seconds: float, previous_seconds: float, length: int, previous_length: int) -> float:
@@ -295,7 +302,7 @@ def main():
         if index == 0:
             print(f"# {family.op_name} on {jax.devices()[0].device_kind} ({backend}), jax {jax.__version__}: "
                   f"B={args.batch} H={args.heads} (q/k heads {query_heads}) K=V={args.dim} {args.dtype}, "
-                  f"gate={gate}, chunk={args.chunk_size}{decay_spans(inputs[3], args.chunk_size)}")
+                  f"gate={gate}, chunk={args.chunk_size}{decay_spans(inputs[3])}")
             print("| impl | T | fwd ms | fwd+bwd ms | fwd vs reference | fwd+bwd vs reference "
                   "| fwd vs softmax | fwd+bwd vs softmax |")
             print("|---|---:|---:|---:|---:|---:|---:|---:|")
