@@ -48,9 +48,10 @@ doubling, 2(C^2-1)/3 per token and per build, which the forward and the backward
     backward 2C(15K+10V) + 18KV + 2K^2 + 2K^2V/C: the forward's terms again, the carry reversed
              (M^T), the solve's cotangents through X^T and the four products' (two each).
   Per-key decayed products count as one [C,K] by [K,C] product (`per_key_decay`'s factored form);
-  the elementwise pass it adds for key channels whose 16-token sub-block decays by more than 60
-  nats is uncounted (the header gives the share of such spans). DPLR's path walks chunks of at
-  most dplr.xla.LONGEST_CHUNK tokens whatever --chunk-size asks; its counts use that C.
+  the elementwise pass it adds for key channels whose half chunk decays by more than 60 nats is
+  uncounted (the header gives the share of such spans). The delta rule's and DPLR's paths walk
+  chunks of at most their LONGEST_CHUNK tokens (32) whatever --chunk-size asks; their counts, and
+  the header's chunk, use that C.
 (The counts were checked against the dot_generals in the jaxprs of the `xla` paths' fwd and
 fwd+bwd, with the doubling's levels of 16 and more as the only difference.)
 """
@@ -66,8 +67,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqmix.pallas_kernels import chunked, delta, dplr, gla, per_key_decay
-from seqmix.pallas_kernels.dplr.xla import LONGEST_CHUNK
+from seqmix.pallas_kernels import chunked, delta, dplr, gla
+from seqmix.pallas_kernels.delta import xla as delta_xla
+from seqmix.pallas_kernels.dplr import xla as dplr_xla
 
 MATMUL_TILES = 256  # [64,64] tiles per batched matmul of the machine-rate measurement
 
@@ -140,7 +142,8 @@ class Family:
     -> the op's other array arguments (all float32, all differentiated) for the value heads' shape
     [B,T,H,K]; gates: the --gate choices, the first the default; flops(C, K, V) -> (forward,
     backward) matmul FLOPs of the `xla` path per value head and token (see the module docstring);
-    normalised_keys: whether k is L2-normalised (the delta rules)."""
+    normalised_keys: whether k is L2-normalised (the delta rules); longest_chunk: the longest chunk
+    its `xla` path walks (None: any)."""
 
     op_name: str
     op: Callable
@@ -149,6 +152,10 @@ class Family:
     extras: Callable
     flops: Callable
     normalised_keys: bool
+    longest_chunk: int | None = None
+
+    def xla_chunk(self, chunk_size: int) -> int:
+        return chunk_size if self.longest_chunk is None else min(chunk_size, self.longest_chunk)
 
 
 def _gla_flops(chunk, key_dim, value_dim):
@@ -167,7 +174,6 @@ def _kda_flops(chunk, key_dim, value_dim):
 
 
 def _dplr_flops(chunk, key_dim, value_dim):
-    chunk = min(chunk, LONGEST_CHUNK)
     carry = 2 * key_dim**2 + 2 * key_dim**2 * value_dim / chunk
     return (2 * chunk * (5 * key_dim + 4 * value_dim) + 8 * key_dim * value_dim + carry,
             2 * chunk * (15 * key_dim + 10 * value_dim) + 18 * key_dim * value_dim + carry)
@@ -185,16 +191,16 @@ FAMILIES = {
         gates=("head", "none"),
         extras=lambda rng, shape, gate: {"beta": _beta(rng, shape[:3]),
                                          **({"log_a": _log_uniform_decay(rng, shape[:3])} if gate == "head" else {})},
-        flops=_delta_flops, normalised_keys=True),
+        flops=_delta_flops, normalised_keys=True, longest_chunk=delta_xla.LONGEST_CHUNK),
     "kda": Family(
         op_name="chunk_delta_rule (per-key log_g, KDA)", op=delta.chunk_delta_rule,
         implementations=delta.IMPLEMENTATIONS, gates=("key",),
         extras=lambda rng, shape, gate: {"beta": _beta(rng, shape[:3]), "log_g": _kda_log_g(rng, shape)},
-        flops=_kda_flops, normalised_keys=True),
+        flops=_kda_flops, normalised_keys=True, longest_chunk=delta_xla.LONGEST_CHUNK),
     "dplr": Family(
         op_name="chunk_dplr (RWKV-7 inputs)", op=dplr.chunk_dplr, implementations=dplr.IMPLEMENTATIONS,
         gates=("key",), extras=lambda rng, shape, gate: _rwkv7_inputs(rng, shape), flops=_dplr_flops,
-        normalised_keys=False),
+        normalised_keys=False, longest_chunk=dplr_xla.LONGEST_CHUNK),
 }
 GATES = ["key", "head", "none"]
 
@@ -241,22 +247,21 @@ def timed_pair(forward):
     return jax.jit(forward), jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
 
 
-def decay_spans(extras) -> str:
+def decay_spans(extras, half: int) -> str:
     """How strong the inputs' decays are: the median per-step log decay and, for per-key gates, the
-    share of (16-token sub-block, key) spans that decay by more than `chunked.FACTORED_SPAN_LIMIT`
-    nats (`per_key_decay`: the `xla` paths add an elementwise pass for a block of chunks holding
-    one such span); '' without decays."""
+    share of (half-chunk, key) spans (`half` tokens) that decay by more than
+    `chunked.FACTORED_SPAN_LIMIT` nats (`per_key_decay`: the `xla` paths add an elementwise pass for
+    a block of chunks holding one such span); '' without decays."""
     log_decay = next((np.asarray(extras[name]) for name in ("log_g", "log_a") if name in extras), None)
     if log_decay is None:
         return ""
     summary = f"; per-step log decay median {np.median(log_decay):.3g}, min {log_decay.min():.3g}"
     if "log_g" not in extras:
         return summary
-    block = per_key_decay.SUB_BLOCK
-    usable = log_decay.shape[1] // block * block
-    spans = log_decay[:, :usable].reshape((log_decay.shape[0], -1, block) + log_decay.shape[2:]).sum(axis=2)
+    usable = log_decay.shape[1] // half * half
+    spans = log_decay[:, :usable].reshape((log_decay.shape[0], -1, half) + log_decay.shape[2:]).sum(axis=2)
     share = np.mean(spans < -chunked.FACTORED_SPAN_LIMIT)
-    return f"{summary}; {block}-token spans of a key beyond {chunked.FACTORED_SPAN_LIMIT:g} nats: {share:.2%}"
+    return f"{summary}; {half}-token spans of a key beyond {chunked.FACTORED_SPAN_LIMIT:g} nats: {share:.2%}"
 
 
 def growth_per_doubling(seconds: float, previous_seconds: float, length: int, previous_length: int) -> float:
@@ -291,7 +296,8 @@ def main():
 
     backend = jax.default_backend()
     chunked_impls = [i.name for i in family.implementations if backend in i.native_backends]
-    forward_flops, backward_flops = family.flops(args.chunk_size, args.dim, args.dim)
+    xla_chunk = family.xla_chunk(args.chunk_size)
+    forward_flops, backward_flops = family.flops(xla_chunk, args.dim, args.dim)
     tiles = jnp.asarray(np.random.default_rng(1).normal(size=(MATMUL_TILES, 64, 64)), jnp.float32)
     matmul = jax.jit(chunked.mm)
     rng = np.random.default_rng(0)
@@ -302,7 +308,7 @@ def main():
         if index == 0:
             print(f"# {family.op_name} on {jax.devices()[0].device_kind} ({backend}), jax {jax.__version__}: "
                   f"B={args.batch} H={args.heads} (q/k heads {query_heads}) K=V={args.dim} {args.dtype}, "
-                  f"gate={gate}, chunk={args.chunk_size}{decay_spans(inputs[3])}")
+                  f"gate={gate}, chunk={xla_chunk}{decay_spans(inputs[3], xla_chunk // 2)}")
             print("| impl | T | fwd ms | fwd+bwd ms | fwd vs reference | fwd+bwd vs reference "
                   "| fwd vs softmax | fwd+bwd vs softmax |")
             print("|---|---:|---:|---:|---:|---:|---:|---:|")

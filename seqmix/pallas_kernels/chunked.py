@@ -13,6 +13,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from seqmix.pallas_kernels.grouped_heads import repeat_to_value_heads
+from seqmix.pallas_kernels.segments import initial_state_or_zeros, padded_groups, reset_groups, zero_padded
+
 CHUNK_AXIS = 3
 
 
@@ -251,16 +254,18 @@ def sweep_backward(block_backward, inputs, residuals, d_out, d_final, length: in
     return tuple(map(_joined, grads)), d_state0
 
 
-def swept(forward, backward):
+def swept(forward, backward, longest_chunk: int):
     """A chunked path's whole-sequence op with its written-out VJP, from its per-block math.
 
     forward(*inputs, state) -> (out [N,B,H,C,V], state, incoming [N,B,H,K,V]) and
     backward(*inputs, incoming, d_out, d_state) -> (grads, a tuple like inputs but for groups, and
-    d_state entering the block), both on chunk-major blocks (`chunk_major`), inputs ending with the
-    integer groups. Returns run(inputs, state0, chunk, block): time-major inputs [B,Tp,...], Tp a
-    multiple of chunk * block, and state0 [B,H,K,V] -> (out [B,Tp,H,V], final state), differentiable
-    in every float input and state0. The forward sweep keeps only the state entering each chunk;
-    the backward recomputes the rest, block by block in reverse.
+    d_state entering the block), both on chunk-major blocks (`chunk_major`) of the float32 inputs
+    (q * scale, k, v, *extras, groups [..., 1] int32). Returns
+    op(q, k, v, *extras, scale, initial_state, segment_ids, chunk_size): q, k [B,T,Hk,K] (repeated to
+    v's heads), v [B,T,H,V], extras [B,T,H,...] -> (o [B,T,H,V] in q.dtype, final state [B,H,K,V]
+    float32), differentiable in every float input and initial_state. Chunks are chunk_size tokens
+    long, at most longest_chunk. The forward sweep keeps only the state entering each chunk; the
+    backward recomputes the rest, block by block in reverse.
     """
 
     def sweep_forward_blocks(inputs, state0, chunk, block):
@@ -292,4 +297,19 @@ def swept(forward, backward):
         return (*grads, None), d_state0
 
     run.defvjp(run_forward, run_backward)
-    return run
+
+    def op(q, k, v, *extras, scale, initial_state, segment_ids, chunk_size):
+        batch, length, heads, value_dim = v.shape
+        key_dim, out_dtype = q.shape[-1], q.dtype
+        q, k = (repeat_to_value_heads(x, heads) for x in (q, k))
+        chunk = min(chunk_size, longest_chunk)
+        chunks = -(-length // chunk)
+        block = block_chunks(batch, heads, chunks, chunk, key_dim + value_dim)
+        padded = -(-chunks // block) * block * chunk
+        valid, groups = reset_groups(segment_ids, batch, length)
+        inputs = [zero_padded(x, valid, padded, jnp.float32) for x in (q.astype(jnp.float32) * scale, k, v, *extras)]
+        state0 = initial_state_or_zeros(initial_state, batch, heads, key_dim, value_dim)
+        out, final = run((*inputs, padded_groups(groups, padded, chunk)[..., None]), state0, chunk, block)
+        return out[:, :length].astype(out_dtype), final
+
+    return op

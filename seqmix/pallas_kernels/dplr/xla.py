@@ -30,8 +30,8 @@ Numerics: the four decayed products L_ab, L_ak, P_qb, P_qk are products of one g
 `per_key_decay.products` defines them: P_qx directly (its diagonal q_t.x_t undecayed), and
 L_ax[t, j] = P'[t-1, j] for the rows shifted by one, P' = products(a_{t+1}, x, G), whose diagonal
 a_{t+1}.x_t is L's first subdiagonal, a_t.x_{t-1}, where exp(G_{t-1} - G_{t-1}) = 1 stays out of
-the gates' graph. Every exponential is exp(G_i - G_j) with i >= j, factored around a reference
-token per 16-token sub-block, the factors shared by the four pairs, or exact under decays beyond
+the gates' graph. Every exponential is exp(G_i - G_j) with i >= j, factored around the gate at
+the middle of the chunk, the factors shared by the four pairs, or exact under decays beyond
 (`per_key_decay`; decays of -8 nats per token stay exact). A_read, Q_read, B_write and K_write
 decay, never grow.
 
@@ -48,13 +48,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from seqmix.pallas_kernels import chunked, per_key_decay
-from seqmix.pallas_kernels.grouped_heads import repeat_to_value_heads
-from seqmix.pallas_kernels.segments import initial_state_or_zeros, padded_groups, reset_groups, zero_padded
 
 # The longest chunk this path walks, whatever the call's chunk_size: at T = 4k, fwd+bwd on this
-# 2-core CPU took 196 / 228 / 283 ms at C = 16 / 32 / 64 for K = V = 64, 352 / 283 / 432 ms for
-# K = V = 128. Beyond 32 the decayed products and the inverse (O(C) and O(C^2) per token) outgrow
-# what longer chunks save on the carry (O(K^2 V / C) per token).
+# 2-core CPU took 114 / 105 / 118 ms at C = 16 / 32 / 64 for K = V = 64 on RWKV-7's gates. Beyond
+# 32 the decayed products and the inverse (O(C) and O(C^2) per token) outgrow what longer chunks
+# save on the carry (O(K^2 V / C) per token), and `per_key_decay`'s halves decay past its limit
+# sooner.
 LONGEST_CHUNK = 32
 
 
@@ -200,24 +199,12 @@ def _backward(q, k, v, a, b, log_g, groups, incoming, d_out, d_final):
     return (dq, dk, dv, da, db, d_log_g), d_state0
 
 
-_swept = chunked.swept(_forward, _backward)
+_swept = chunked.swept(_forward, _backward, LONGEST_CHUNK)
 
 
 def dplr_xla(q, k, v, *, a, b, log_g, scale, initial_state, segment_ids, chunk_size):
     """q, k [B,T,Hk,K]; v [B,T,Hv,V]; a, b, log_g [B,T,Hv,K] float32; initial_state [B,Hv,K,V] or
     None; segment_ids [B,T] or None. Returns (o [B,T,Hv,V] in q.dtype, final_state [B,Hv,K,V]
     float32). Chunks are chunk_size tokens long, at most LONGEST_CHUNK."""
-    batch, length, heads, value_dim = v.shape
-    key_dim, out_dtype = q.shape[-1], q.dtype
-    q, k = (repeat_to_value_heads(x, heads) for x in (q, k))
-    chunk_size = min(chunk_size, LONGEST_CHUNK)
-    chunks = -(-length // chunk_size)
-    block = chunked.block_chunks(batch, heads, chunks, chunk_size, key_dim + value_dim)
-    padded = -(-chunks // block) * block * chunk_size
-    valid, groups = reset_groups(segment_ids, batch, length)
-    padded_f32 = lambda x: zero_padded(x, valid, padded, jnp.float32)
-    state0 = initial_state_or_zeros(initial_state, batch, heads, key_dim, value_dim)
-    out, final = _swept((padded_f32(q.astype(jnp.float32) * scale), padded_f32(k), padded_f32(v), padded_f32(a),
-                         padded_f32(b), padded_f32(log_g), padded_groups(groups, padded, chunk_size)[..., None]),
-                        state0, chunk_size, block)
-    return out[:, :length].astype(out_dtype), final
+    return _swept(q, k, v, a, b, log_g, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
+                  chunk_size=chunk_size)
