@@ -15,8 +15,7 @@ The memories are laid out as extra heads of one `chunk_delta_rule` call: a memor
 reach gets beta = 0 and log a = 0 there, which leaves it as it was. The convolutions run along
 the whole sequence before routing (the paper's implementation convolves each memory's own tokens).
 
-Load balancing (Switch Transformer, over the batch's real tokens): with f_m the share of routing
-choices that go to memory m and P_m its mean router probability,
+Load balancing (`routing.load_balance`, Switch Transformer's, over the batch's real tokens):
 aux = aux_loss_weight * M * sum_m f_m P_m, which is aux_loss_weight at perfect balance. The mixer
 sows it as an `nnx.Intermediate` named "aux_loss" under `nnx.capture` (the trainer adds every such
 value to the loss); outside a capture, sowing does nothing.
@@ -29,9 +28,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax import lax
 
 from seqmix.configuration import require
+from seqmix.layers import routing
 from seqmix.layers.linear import projection
 from seqmix.layers.norms import l2_normalize
 from seqmix.layers.short_conv import ShortConvolution
@@ -109,18 +108,13 @@ class MixtureOfMemories(RecurrentMixer):
         """x [B, T, D] -> (weights [B, T, M] float32: the top_k router probabilities of each token
         renormalised to sum to 1, 0 for the other memories; chosen [B, T, M] bool: its top_k).
         Sows the load-balancing loss over the real tokens (segment_ids != 0)."""
-        probs = jax.nn.softmax(self.router(x).astype(jnp.float32), axis=-1)
-        top, index = lax.top_k(probs, self.top_k)
-        chosen = jnp.any(index[..., None] == jnp.arange(self.num_memories), axis=-2)
-        weights = jnp.where(chosen, probs, 0.0) / jnp.sum(top, axis=-1, keepdims=True)
-        real = jnp.ones(x.shape[:2], jnp.float32) if segment_ids is None else (segment_ids != 0).astype(jnp.float32)
-        tokens = jnp.maximum(jnp.sum(real), 1.0)
-        fraction = jnp.einsum("btm,bt->m", chosen.astype(jnp.float32), real) / (tokens * self.top_k)
-        mean_prob = jnp.einsum("btm,bt->m", probs, real) / tokens
-        balance = self.num_memories * jnp.sum(fraction * mean_prob)
+        chosen = routing.route(self.router(x), self.top_k, scoring="softmax", renormalize=True)
+        one_hot = jax.nn.one_hot(chosen.experts, self.num_memories, dtype=jnp.float32)  # [B, T, k, M]
+        real = None if segment_ids is None else segment_ids != 0
         # capture_noop: outside nnx.capture (decoding, plain forwards) the module stays unchanged.
-        self.sow(nnx.Intermediate, "aux_loss", self.aux_loss_weight * balance, capture_noop=True)
-        return weights, chosen
+        self.sow(nnx.Intermediate, "aux_loss", self.aux_loss_weight * routing.load_balance(chosen, real),
+                 capture_noop=True)
+        return jnp.einsum("btkm,btk->btm", one_hot, chosen.weights), jnp.any(one_hot > 0, axis=-2)
 
     def init_cache(self, batch: int, max_len: int, dtype) -> RecurrentCache:
         """An empty cache: the state [B, memories * H, K, V] float32 (memory-major) and the

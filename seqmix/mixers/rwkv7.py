@@ -112,8 +112,8 @@ class RWKV7(RecurrentMixer):
                            bias_init=-0.19 + 0.3 * zigzag + 0.4 * linear, std=std, rngs=rngs)
         self.g_lora = LoRA(d_model, config.gate_rank, width, activation=jax.nn.sigmoid, std=std, rngs=rngs)
         self.k_k = param(0.71 - 0.1 * linear, "heads")
-        self.k_a = param(jnp.full((width,), 1.02), "heads")
-        self.r_k = param(jnp.full((heads, head_dim), -0.04), "heads", None)
+        self.k_a = param(jnp.full((width,), 1.02, jnp.float32), "heads")
+        self.r_k = param(jnp.full((heads, head_dim), -0.04, jnp.float32), "heads", None)
         self.g_norm = GroupNorm(width, heads, eps=head_dim * model_config.norm_eps,
                                 scale=((layer_index + 1) / model_config.n_layers) ** 0.7)
         self.o_proj = projection(width, d_model, ("heads", "embed"), std=out_std, rngs=rngs)

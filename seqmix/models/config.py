@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 from seqmix.configuration import build, require
+from seqmix.layers.moe import MoEConfig
 from seqmix.layers.rotary import RopeScaling
 from seqmix.mixers import get_mixer
 from seqmix.mixers.registry import MixerSpec
@@ -13,7 +14,10 @@ from seqmix.mixers.registry import MixerSpec
 
 @dataclasses.dataclass
 class ModelConfig:
-    """A decoder-only LM: embed -> n_layers x (norm, mixer, residual, norm, SwiGLU, residual) -> norm -> head.
+    """A decoder-only LM: embed -> n_layers x (norm, mixer, residual, norm, MLP, residual) -> norm -> head.
+
+    The MLP is a SwiGLU of width mlp_hidden, or, with `moe`, a mixture of experts on the layers
+    it makes sparse (`MoEConfig.sparse`).
 
     `layer_pattern` names a layer kind per layer and is repeated to fill `n_layers`. A kind is
     either a key of `mixers` (`{type: <registered mixer>, <option>: ...}`) or directly the name
@@ -29,6 +33,7 @@ class ModelConfig:
     n_kv_heads: int | None = None  # None: as many as n_heads (multi-head attention)
     head_dim: int | None = None  # None: d_model // n_heads
     mlp_hidden: int | None = None  # None: 8/3 * d_model rounded up to a multiple of 64
+    moe: MoEConfig | None = None  # mixture-of-experts MLPs on the layers it selects
     layer_pattern: list[str] = dataclasses.field(default_factory=lambda: ["attention"])
     mixers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     rope_theta: float = 10000.0

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seqmix.layers.mlp import SwiGLU
+from seqmix.layers.moe import MixtureOfExperts
 from seqmix.layers.norms import RMSNorm
 from seqmix.layers.partitioning import logical
 from seqmix.models.config import ModelConfig
@@ -32,7 +33,8 @@ def _default_positions(segment_ids: jax.Array | None, positions: jax.Array | Non
 
 
 class Block(nnx.Module):
-    """x + mixer(norm(x)), then + SwiGLU(norm(.)). The mixer is chosen by the layer kind."""
+    """x + mixer(norm(x)), then + MLP(norm(.)). The mixer is chosen by the layer kind; the MLP is a
+    SwiGLU, or a mixture of experts on the layers `config.moe` makes sparse."""
 
     def __init__(self, config: ModelConfig, layer_index: int, *, rngs: nnx.Rngs):
         spec, mixer_config = config.mixer(config.layer_kinds()[layer_index])
@@ -40,17 +42,25 @@ class Block(nnx.Module):
         self.input_layernorm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.self_attn = spec.build(config, mixer_config, layer_index, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(config.d_model, eps=config.norm_eps)
-        self.mlp = SwiGLU(config.d_model, config.mlp_width, std=config.init_std, out_std=out_std, rngs=rngs)
+        if config.moe is not None and config.moe.sparse(layer_index):
+            self.mlp = MixtureOfExperts(config.d_model, config.moe.expert_hidden or config.mlp_width, config.moe,
+                                        std=config.init_std, out_std=out_std, rngs=rngs)
+        else:
+            self.mlp = SwiGLU(config.d_model, config.mlp_width, std=config.init_std, out_std=out_std, rngs=rngs)
 
     def __call__(self, x, *, segment_ids=None, positions=None, cache=None):
         mixed, cache = self.self_attn(self.input_layernorm(x), segment_ids=segment_ids, positions=positions,
                                       cache=cache)
-        return self.after_mixer(x, mixed), cache
+        return self.after_mixer(x, mixed, segment_ids), cache
 
-    def after_mixer(self, x, mixed):
-        """The block's output from its input x and its mixer's output `mixed` (both [B, T, D])."""
+    def after_mixer(self, x, mixed, segment_ids=None):
+        """The block's output from its input x and its mixer's output `mixed` (both [B, T, D]);
+        segment_ids [B, T] (0 = padding) keep padding out of a mixture of experts' balancing loss."""
         x = x + mixed
-        return x + self.mlp(self.post_attention_layernorm(x))
+        normed = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MixtureOfExperts):
+            return x + self.mlp(normed, segment_ids=segment_ids)
+        return x + self.mlp(normed)
 
 
 class LanguageModel(nnx.Module):
@@ -104,7 +114,7 @@ class LanguageModel(nnx.Module):
             mixer_input = layer.input_layernorm(x)
             mixed, _ = layer.self_attn(mixer_input, segment_ids=segment_ids, positions=positions)
             pairs.append((mixer_input, mixed))
-            x = layer.after_mixer(x, mixed)
+            x = layer.after_mixer(x, mixed, segment_ids)
         return pairs
 
     def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,

@@ -22,6 +22,16 @@ def queries_keys_values(op: str, q, k, v) -> None:
             raise ValueError(f"{op}: {name} must be floating point, got {array.dtype}")
 
 
+def decays(op: str, log_g, log_a, batch, length, heads, key_dim) -> None:
+    """At most one of log_g [B,T,H,K] (per key) and log_a [B,T,H] (per head), on v's heads."""
+    if log_g is not None and log_a is not None:
+        raise ValueError(f"{op}: pass log_g (per-key decay) or log_a (per-head decay), not both")
+    if log_g is not None:
+        shape(op, "log_g", log_g, (batch, length, heads, key_dim), "[B,T,H,K] (v's heads, q's K)")
+    if log_a is not None:
+        shape(op, "log_a", log_a, (batch, length, heads), "[B,T,H] (v's heads)")
+
+
 def state_and_segments(op: str, initial_state, segment_ids, batch, length, heads, key_dim, value_dim) -> None:
     if initial_state is not None:
         shape(op, "initial_state", initial_state, (batch, heads, key_dim, value_dim), "[B,H,K,V]")

@@ -91,12 +91,14 @@ class CheckpointConfig:
 
 @dataclasses.dataclass
 class MeshConfig:
-    """Device mesh axis sizes; -1 fills the axis with the devices the others leave."""
+    """Device mesh axis sizes; -1 fills the axis with the devices the others leave. `expert`
+    splits the experts of mixture-of-experts layers (and, like data, the batch)."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
     sequence: int = 1
+    expert: int = 1
 
     def validate(self, path: str) -> None:
         sizes = dataclasses.asdict(self)

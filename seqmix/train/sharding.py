@@ -3,7 +3,8 @@
 Parameters are annotated with logical axis names (`seqmix.layers.partitioning`); this table
 is the single place that says which mesh axes each logical axis is split over (MaxText's
 pattern). FSDP splits the model dimension of every weight, tensor parallelism splits heads,
-MLP width and vocabulary; the batch is split over data and fsdp together.
+MLP width and vocabulary, expert parallelism the experts of mixture-of-experts layers; the batch
+is split over data, fsdp and expert together.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from seqmix.configuration import ConfigError
 from seqmix.pallas_kernels.sequence_parallel import SEQUENCE_AXIS
 
-MESH_AXES = ("data", "fsdp", "tensor", SEQUENCE_AXIS)
+MESH_AXES = ("data", "fsdp", "expert", "tensor", SEQUENCE_AXIS)
 
 LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),
     "length": (SEQUENCE_AXIS,),  # the linear mixers' scans then run sequence-parallel (LASP-2)
     "embed": ("fsdp",),
     "vocab": ("tensor",),
     "mlp": ("tensor",),
+    "expert": ("expert",),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
     "norm": (),
@@ -34,7 +36,7 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
 
 
 def make_mesh(config, devices=None) -> Mesh:
-    """A mesh with axes (data, fsdp, tensor, sequence) sized by a MeshConfig (-1 fills)."""
+    """A mesh with axes (data, fsdp, expert, tensor, sequence) sized by a MeshConfig (-1 fills)."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = {axis: getattr(config, axis) for axis in MESH_AXES}
     known = math.prod(size for size in sizes.values() if size != -1)
@@ -78,7 +80,7 @@ def state_shardings(state: nnx.State, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh, leading_dims: int = 0) -> NamedSharding:
-    """Sharding of a [*leading, B, T] batch array: B over (data, fsdp), T over sequence."""
+    """Sharding of a [*leading, B, T] batch array: B over (data, fsdp, expert), T over sequence."""
     batch_axes = tuple(axis for axis in LOGICAL_AXIS_RULES["batch"] if mesh.shape[axis] > 1) or None
     length_axes = tuple(axis for axis in LOGICAL_AXIS_RULES["length"] if mesh.shape[axis] > 1) or None
     return NamedSharding(mesh, PartitionSpec(*([None] * leading_dims), batch_axes, length_axes))

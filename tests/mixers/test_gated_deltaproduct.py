@@ -5,12 +5,9 @@ row with padding, from an initial state, with grouped value heads; and its decod
 import jax
 import jax.numpy as jnp
 import numpy as np
+from mixer_checks import rel_err
 
 from seqmix.mixers.gated_deltaproduct import householder_product_rule, householder_product_step
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
 def random_tokens(seed, batch=2, length=23, steps=3, key_heads=1, heads=2, key_dim=4, value_dim=5):

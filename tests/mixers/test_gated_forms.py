@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from mixer_checks import rel_err
 
 from seqmix.configuration import build
 from seqmix.mixers.gla import GatedLinearAttention, GLAConfig
@@ -12,10 +13,6 @@ from seqmix.mixers.hgrn2 import HGRN2, HGRN2Config
 from seqmix.models.config import ModelConfig
 
 MODEL = build(ModelConfig, {"d_model": 16, "n_heads": 2}, "model")
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
 def gated_recurrence(q, k, v, log_g, scale):

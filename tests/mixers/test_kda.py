@@ -2,11 +2,10 @@
 both forms, delta rule, sigmoid-gated RMSNorm output) on random weights, over a packed row with
 padding, with as many and with more value heads than q/k heads (fla #624: NaN there)."""
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from mixer_checks import packed_row, recurrence_by_token, rel_err, with_random_weights
 
 from seqmix.configuration import build
 from seqmix.mixers.kda import KDAConfig, KimiDeltaAttention
@@ -15,25 +14,11 @@ from seqmix.models.config import ModelConfig
 MODEL = build(ModelConfig, {"d_model": 16, "n_heads": 2, "n_layers": 2}, "model")
 
 
-def rel_err(a, b):
-    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
-
-
-def random_kda(options, seed=0):
-    """A mixer whose parameters are all redrawn at scale 0.5, so that every gate matters."""
-    mixer = KimiDeltaAttention(MODEL, build(KDAConfig, options, "mixer"), rngs=nnx.Rngs(seed))
-    leaves, treedef = jax.tree.flatten(nnx.state(mixer, nnx.Param))
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    nnx.update(mixer, jax.tree.unflatten(treedef, [0.5 * jax.random.normal(key, leaf.shape)
-                                                    for key, leaf in zip(keys, leaves)]))
-    return mixer
-
-
 def kda_loop(mixer, x, segment_ids, lower_bound):
     """y [B, T, D] token by token in float64; padding outputs left at zero."""
     kernel = lambda layer: np.asarray(layer.kernel[...], np.float64)
     f64 = lambda a: np.asarray(a, np.float64)
-    ids, x64 = np.asarray(segment_ids), f64(x)
+    x64 = f64(x)
     batch, length, _ = x.shape
     heads, dim = mixer.heads, mixer.key_dim
     conv = lambda c, p: f64(c(p(x), segment_ids=segment_ids)[0]).reshape(batch, length, -1, dim)
@@ -49,19 +34,14 @@ def kda_loop(mixer, x, segment_ids, lower_bound):
     else:
         log_g = lower_bound / (1 + np.exp(-rate * f))
     group = heads // q.shape[2]
-    out = np.zeros((batch, length, heads, dim))
-    for b in range(batch):
-        for h in range(heads):
-            state = np.zeros((dim, dim))
-            for t in range(length):
-                if ids[b, t] == 0:
-                    continue
-                if t == 0 or ids[b, t] != ids[b, t - 1]:
-                    state = np.zeros_like(state)
-                key = k[b, t, h // group]
-                state = np.exp(log_g[b, t, h])[:, None] * state
-                state = state + beta[b, t, h] * np.outer(key, v[b, t, h] - state.T @ key)
-                out[b, t, h] = state.T @ q[b, t, h // group] / np.sqrt(dim)
+
+    def step(state, b, t, h):
+        key = k[b, t, h // group]
+        state = np.exp(log_g[b, t, h])[:, None] * state
+        state = state + beta[b, t, h] * np.outer(key, v[b, t, h] - state.T @ key)
+        return state, state.T @ q[b, t, h // group] / np.sqrt(dim)
+
+    out = recurrence_by_token(segment_ids, heads, (dim, dim), dim, step)
     normed = out / np.sqrt((out * out).mean(-1, keepdims=True) + MODEL.norm_eps) * f64(mixer.o_norm.weight[...])
     gate = 1 / (1 + np.exp(-(x64 @ kernel(mixer.g_a_proj) @ kernel(mixer.g_b_proj)).reshape(out.shape)))
     return (normed * gate).reshape(batch, length, -1) @ kernel(mixer.o_proj)
@@ -70,9 +50,8 @@ def kda_loop(mixer, x, segment_ids, lower_bound):
 @pytest.mark.parametrize("options", [{}, {"gate_lower_bound": -5.0, "num_v_heads": 4}],
                          ids=["softplus_gate", "lower_bound_grouped_value_heads"])
 def test_kda_matches_its_recurrence_on_a_packed_row(options):
-    mixer = random_kda(options)
-    x = jax.random.normal(jax.random.key(2), (2, 21, 16))
-    segment_ids = jnp.array([[1] * 9 + [2] * 8 + [0] * 4, [3] * 21])
+    mixer = with_random_weights(KimiDeltaAttention(MODEL, build(KDAConfig, options, "mixer"), rngs=nnx.Rngs(0)), 1)
+    x, segment_ids = packed_row(16)
     real = np.asarray(segment_ids) != 0
     y, _ = mixer(x, segment_ids=segment_ids)
     assert np.all(np.isfinite(np.asarray(y)))

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from mixer_checks import rel_err
 
 from seqmix.configuration import build
 from seqmix.layers.rotary import apply_rotary
@@ -16,10 +17,6 @@ from seqmix.models.config import ModelConfig
 
 MODEL = build(ModelConfig, {"d_model": 32, "n_heads": 4, "n_kv_heads": 2}, "model")  # head_dim 8
 WINDOW = 4
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
 def liger(seed=0, **options):

@@ -5,16 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from mixer_checks import rel_err
 
 from seqmix.configuration import build
 from seqmix.mixers.lightning import LightningAttention, LightningConfig, alibi_slopes
 from seqmix.models.config import ModelConfig
 
 MODEL = build(ModelConfig, {"d_model": 16, "n_heads": 4, "n_layers": 3}, "model")
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
 def decayed_recurrence(q, k, v, decay):

@@ -5,15 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from mixer_checks import rel_err
 
 from seqmix.configuration import ConfigError, build
 from seqmix.layers import feature_maps
 from seqmix.mixers.linear_attention import LinearAttention, LinearAttentionConfig
 from seqmix.models.config import ModelConfig
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
 @pytest.mark.parametrize("feature_map, normalize", [("elu", True), ("hedgehog", True), ("identity", False)])

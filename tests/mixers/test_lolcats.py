@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from mixer_checks import rel_err
 
 from seqmix.configuration import build
 from seqmix.layers.rotary import apply_rotary
@@ -15,10 +16,6 @@ from seqmix.models.config import ModelConfig
 
 MODEL = build(ModelConfig, {"d_model": 32, "n_heads": 4, "n_kv_heads": 2}, "model")  # head_dim 8
 WINDOW = 4
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
 def softmax(x):

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from mixer_checks import rel_err, with_random_weights
 
 from seqmix.configuration import build
 from seqmix.mixers.mom import MixtureOfMemories, MoMConfig
@@ -14,19 +15,10 @@ MODEL = build(ModelConfig, {"d_model": 16, "n_heads": 2}, "model")
 MEMORIES, TOP_K = 3, 2
 
 
-def rel_err(a, b):
-    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
-
-
 def random_mom(seed=0, **options):
     """A mixer whose parameters are all redrawn at unit scale, so that routing varies per token."""
     config = build(MoMConfig, {"num_memories": MEMORIES, "top_k": TOP_K, **options}, "mixer")
-    mixer = MixtureOfMemories(MODEL, config, rngs=nnx.Rngs(seed))
-    leaves, treedef = jax.tree.flatten(nnx.state(mixer, nnx.Param))
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    nnx.update(mixer, jax.tree.unflatten(treedef, [0.5 * jax.random.normal(key, leaf.shape)
-                                                    for key, leaf in zip(keys, leaves)]))
-    return mixer
+    return with_random_weights(MixtureOfMemories(MODEL, config, rngs=nnx.Rngs(seed)), seed + 1)
 
 
 def mom_loop(mixer, x, segment_ids):

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from mixer_checks import packed_row, previous_tokens, recurrence_by_token, rel_err, with_random_weights
 
 from seqmix.configuration import build
 from seqmix.mixers.rwkv6 import RWKV6, RWKV6Config
@@ -13,56 +14,35 @@ from seqmix.models.config import ModelConfig
 MODEL = build(ModelConfig, {"d_model": 16, "n_heads": 2, "n_layers": 2}, "model")
 
 
-def rel_err(a, b):
-    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
-
-
 def random_rwkv6(seed=0):
-    """A layer-1 mixer whose parameters are all redrawn at unit scale, so that token shift,
-    LoRAs, decays and bonus all matter."""
+    """A layer-1 mixer with random weights, so that token shift, LoRAs, decays and bonus all matter."""
     mixer = RWKV6(MODEL, build(RWKV6Config, {"mix_rank": 4, "decay_rank": 4}, "mixer"), layer_index=1,
                   rngs=nnx.Rngs(seed))
-    params = nnx.state(mixer, nnx.Param)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    nnx.update(mixer, jax.tree.unflatten(treedef, [0.5 * jax.random.normal(key, leaf.shape)
-                                                    for key, leaf in zip(keys, leaves)]))
-    return mixer
+    return with_random_weights(mixer, seed + 1)
 
 
 def rwkv6_loop(mixer, x, segment_ids):
     """y [B, T, D] from x [B, T, D] token by token: x_prev is the previous token of the segment (0
     at its start), o_t = r_t^T (S_{t-1} + diag(u) k_t v_t^T), S_t = diag(w_t) S_{t-1} + k_t v_t^T;
     padding outputs are left at zero."""
-    x_np, ids = np.asarray(x), np.asarray(segment_ids)
-    x_prev = np.zeros_like(x_np)
-    for b in range(x.shape[0]):
-        for t in range(1, x.shape[1]):
-            if ids[b, t] != 0 and ids[b, t - 1] == ids[b, t]:
-                x_prev[b, t] = x_np[b, t - 1]
-    mixed = mixer.ddlerp(x, jnp.asarray(x_prev) - x)
+    x_prev = jnp.asarray(previous_tokens(x, segment_ids), jnp.float32)
+    mixed = mixer.ddlerp(x, x_prev - x)
     r, k, v = (np.asarray(mixer.split_heads(p(mixed[n])), np.float64)
                for n, p in (("r", mixer.r_proj), ("k", mixer.k_proj), ("v", mixer.v_proj)))
     w = np.exp(np.asarray(mixer.log_decay(mixed["w"]), np.float64))
     u = np.asarray(mixer.bonus[...], np.float64)
-    out = np.zeros(v.shape)
-    for b in range(x.shape[0]):
-        for h in range(mixer.heads):
-            state = np.zeros((mixer.key_dim, mixer.value_dim))
-            for t in range(x.shape[1]):
-                if ids[b, t] == 0:
-                    continue
-                if t == 0 or ids[b, t] != ids[b, t - 1]:
-                    state = np.zeros_like(state)
-                out[b, t, h] = r[b, t, h] @ (state + np.outer(u[h] * k[b, t, h], v[b, t, h]))
-                state = w[b, t, h][:, None] * state + np.outer(k[b, t, h], v[b, t, h])
+
+    def step(state, b, t, h):
+        out = r[b, t, h] @ (state + np.outer(u[h] * k[b, t, h], v[b, t, h]))
+        return w[b, t, h][:, None] * state + np.outer(k[b, t, h], v[b, t, h]), out
+
+    out = recurrence_by_token(segment_ids, mixer.heads, (mixer.key_dim, mixer.value_dim), mixer.value_dim, step)
     return mixer.output(jnp.asarray(out, jnp.float32), mixed["g"])
 
 
 def test_rwkv6_matches_its_recurrence_on_a_packed_row():
     mixer = random_rwkv6()
-    x = jax.random.normal(jax.random.key(2), (2, 21, 16))
-    segment_ids = jnp.array([[1] * 9 + [2] * 8 + [0] * 4, [3] * 21])
+    x, segment_ids = packed_row(16)
     real = np.asarray(segment_ids) != 0
     y, _ = mixer(x, segment_ids=segment_ids)
     expected = rwkv6_loop(mixer, x, segment_ids)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from mixer_checks import rel_err
 
 from seqmix.configuration import build
 from seqmix.layers.rotary import apply_rotary
@@ -13,10 +14,6 @@ from seqmix.mixers.retnet import MultiScaleRetention, RetNetConfig, retention_lo
 from seqmix.models.config import ModelConfig
 
 MODEL = build(ModelConfig, {"d_model": 16, "n_heads": 2}, "model")
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
 def test_mamba2_matches_the_ssm_recurrence():

@@ -1,8 +1,10 @@
-"""Auxiliary losses sown by a mixer (MoM's load balancing) reach the training loss and its gradient."""
+"""Auxiliary losses sown by a layer (MoM's and a mixture of experts' load balancing) reach the
+training loss and its gradient."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from seqmix.configuration import build
@@ -18,6 +20,29 @@ def mom_model(aux_loss_weight):
                                  "layer_pattern": ["memories"],
                                  "mixers": {"memories": {"type": "mom", "aux_loss_weight": aux_loss_weight}}}, "model")
     return LanguageModel(config, rngs=nnx.Rngs(0))
+
+
+def moe_model(aux_loss_weight):
+    config = build(ModelConfig, {"vocab_size": VOCAB, "d_model": 32, "n_layers": 1, "n_heads": 2, "init_std": 0.2,
+                                 "moe": {"num_experts": 4, "top_k": 2, "expert_hidden": 16,
+                                         "load_balance_weight": aux_loss_weight}}, "model")
+    return LanguageModel(config, rngs=nnx.Rngs(0))
+
+
+def mom_router(model, inputs, segment_ids, positions):
+    """(the router module, its input [B, T, D])."""
+    layer = model.layers[0]
+    return layer.self_attn.router, layer.input_layernorm(model.embed_tokens(inputs))
+
+
+def moe_router(model, inputs, segment_ids, positions):
+    layer = model.layers[0]
+    x = model.embed_tokens(inputs)
+    mixed, _ = layer.self_attn(layer.input_layernorm(x), segment_ids=segment_ids, positions=positions)
+    return layer.mlp.router, layer.post_attention_layernorm(x + mixed)
+
+
+LAYERS = {"mom": (mom_model, mom_router, ("self_attn", "router")), "moe": (moe_model, moe_router, ("mlp", "router"))}
 
 
 def top_k_choices(router_kernel, h, real, top_k):
@@ -36,7 +61,9 @@ def load_balance(router_kernel, h, real, chosen):
     return probs.shape[-1] * jnp.sum(fraction * probs.mean(0))
 
 
-def test_the_load_balancing_loss_reaches_the_loss_and_its_gradient():
+@pytest.mark.parametrize("layer", LAYERS)
+def test_the_load_balancing_loss_reaches_the_loss_and_its_gradient(layer):
+    make_model, router_of, router_path = LAYERS[layer]
     inputs = jax.random.randint(jax.random.key(1), (2, 12), 0, VOCAB)
     segment_ids = jnp.array([[1] * 7 + [2] * 3 + [0] * 2, [1] * 12])
     batch = {"inputs": inputs, "targets": jnp.roll(inputs, -1, axis=1), "segment_ids": segment_ids,
@@ -46,18 +73,17 @@ def test_the_load_balancing_loss_reaches_the_loss_and_its_gradient():
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         grad_fn = jax.jit(jax.value_and_grad(_batch_loss, argnums=1, has_aux=True), static_argnums=(0, 4))
         (total, (cross_entropy, count)), grads = grad_fn(graphdef, params, rest, batch, None)
-        return total, cross_entropy, count, grads["layers"][0]["self_attn"]["router"]["kernel"][...]
+        return total, cross_entropy, count, grads["layers"][0][router_path[0]][router_path[1]]["kernel"][...]
 
-    weighted, plain = mom_model(0.5), mom_model(0.0)  # the same parameters
+    weighted, plain = make_model(0.5), make_model(0.0)  # the same parameters
     total, cross_entropy, count, grad = loss_and_router_grad(weighted)
     plain_total, plain_cross_entropy, _, plain_grad = loss_and_router_grad(plain)
     assert float(plain_total) == float(plain_cross_entropy) == float(cross_entropy)
     assert float(count) == 22
 
-    layer = weighted.layers[0]
-    h = layer.input_layernorm(weighted.embed_tokens(inputs))
+    router_module, h = router_of(weighted, inputs, segment_ids, batch["positions"])
     real = np.asarray(segment_ids) != 0
-    router = layer.self_attn.router.kernel[...]
+    router = router_module.kernel[...]
     chosen = top_k_choices(router, h, real, top_k=2)
     balance = load_balance(router, h, real, chosen)
     assert 1.0 <= float(balance) < 2.0  # 1 at perfect balance, num_memories / top_k at worst

@@ -1,7 +1,8 @@
 """Sharded training on 8 fake CPU devices: logical axis rules, parameter and optimizer placement,
 one train step on several meshes against a single device, gradient accumulation, bfloat16
 compute, and a Trainer run whose checkpoint is restored onto other meshes. The one-step
-comparison covers an attention model, a GLA model and a 3:1 Gated DeltaNet hybrid.
+comparison covers an attention model, a GLA model, a 3:1 Gated DeltaNet hybrid, and a mixture of
+experts on meshes with an expert axis.
 
 Train states are built once per mesh and kept on the host; every step starts from a fresh
 device copy (the train step donates its state). Compilation dominates the run time (about
@@ -35,6 +36,8 @@ MODELS = {
     "gated_deltanet_3to1": ["model.n_layers=4", "model.mixers={}",
                             "model.layer_pattern=[gated_deltanet, gated_deltanet, gated_deltanet, attention]"],
 }
+# A mixture of experts behind the attention layer: expert parallelism has a test of its own.
+MOE_MODEL = MODELS["attention"] + ["model.moe={num_experts: 4, top_k: 2, expert_hidden: 32, shared_hidden: 16}"]
 OVERRIDES = RUN + MODELS["attention"]
 MESHES = [(8, 1, 1, 1), (2, 4, 1, 1), (2, 2, 2, 1), (1, 2, 1, 4)]  # (data, fsdp, tensor, sequence)
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards hum".split()
@@ -116,10 +119,11 @@ def _assert_same_step(result, reference):
 
 
 class Setup:
-    """Shared config, fixed batch, train states per mesh (kept on the host) and step results."""
+    """Shared config, fixed batch, train states per mesh (kept on the host) and step results.
+    Meshes are (data, fsdp, tensor, sequence[, expert]) tuples."""
 
     def __init__(self, model: str):
-        self.config = load_train_config("configs/runs/smoke.yaml", RUN + MODELS[model])
+        self.config = load_train_config("configs/runs/smoke.yaml", RUN + (MOE_MODEL if model == "moe" else MODELS[model]))
         dataset = make_dataset(_documents(60, seed=1), ByteTokenizer(), seq_len=SEQ_LEN, batch_size=8,
                                seed=0, shuffle=True, repeat=True)
         self.batch = next(iter(dataset))  # dict of [8, T] int32
@@ -248,8 +252,14 @@ def test_create_train_state_shards_params_and_moments(setup):
         np.testing.assert_array_equal(_flat(host_init)[key], value, err_msg=str(key))
 
 
-@pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("model", MODELS)
+# Every mesh for the attention and GLA models; the hybrid (the slowest to compile) on the meshes
+# that split its scans' work, tensor and sequence parallelism: it adds nothing data or fsdp
+# parallelism has not shown on the others.
+STEP_CASES = ([(model, shape) for model in ("attention", "gla") for shape in MESHES]
+              + [("gated_deltanet_3to1", shape) for shape in MESHES if shape[2] > 1 or shape[3] > 1])
+
+
+@pytest.mark.parametrize("model, shape", STEP_CASES, ids=lambda c: c if isinstance(c, str) else "x".join(map(str, c)))
 def test_train_step_matches_single_device(model, shape):
     """Breaks if sharding changes the math: a batch split that drops or duplicates rows, a loss
     or token count summed per shard instead of globally, a wrong gradient reduction over data or
@@ -267,6 +277,19 @@ def test_train_step_matches_single_device(model, shape):
     result = setup.step(shape)
     assert float(result[2]["tokens"]) == float((segment_ids != 0).sum())
     _assert_same_step(result, reference)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 1, 1, 4), (1, 2, 2, 1, 2)], ids=lambda s: "x".join(map(str, s)))
+def test_expert_parallel_step_matches_single_device(shape):
+    """Breaks if the expert axis changes the math: experts split over devices that lose or
+    duplicate a token's expert outputs, a batch split over the expert axis that drops rows, or
+    expert weights left replicated (no expert parallelism at all)."""
+    setup = setup_for("moe")
+    _, train_state, _ = setup.state(shape)
+    experts = _flat(train_state.state)[("0", "layers", "0", "mlp", "gate_proj")]
+    assert experts.shape == (4, 64, 32) and experts.sharding.spec[0] == "expert"
+    assert {s.data.shape[0] for s in experts.addressable_shards} == {4 // shape[4]}
+    _assert_same_step(setup.step(shape), setup.step((1, 1, 1, 1)))
 
 
 def test_gradient_accumulation_matches_one_big_batch(setup):

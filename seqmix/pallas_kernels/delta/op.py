@@ -39,12 +39,7 @@ def chunk_delta_rule(q, k, v, beta, *, log_a=None, log_g=None, scale=None, initi
     batch, length, _, key_dim = q.shape
     heads, value_dim = v.shape[2:]
     checks.shape(op, "beta", beta, v.shape[:3], "[B,T,H] (v's heads)")
-    if log_a is not None and log_g is not None:
-        raise ValueError(f"{op}: pass log_a (per-head decay) or log_g (per-key decay), not both")
-    if log_a is not None:
-        checks.shape(op, "log_a", log_a, v.shape[:3], "[B,T,H] (v's heads)")
-    if log_g is not None:
-        checks.shape(op, "log_g", log_g, (batch, length, heads, key_dim), "[B,T,H,K] (v's heads, q's K)")
+    checks.decays(op, log_g, log_a, batch, length, heads, key_dim)
     checks.state_and_segments(op, initial_state, segment_ids, batch, length, heads, key_dim, value_dim)
     checks.chunk_size(op, chunk_size, CHUNK_MULTIPLE)
     scale = key_dim**-0.5 if scale is None else scale

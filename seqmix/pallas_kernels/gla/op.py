@@ -35,12 +35,7 @@ def chunk_gla(q, k, v, *, log_g=None, log_a=None, scale=None, initial_state=None
     checks.queries_keys_values(op, q, k, v)
     batch, length, _, key_dim = q.shape
     heads, value_dim = v.shape[2:]
-    if log_g is not None and log_a is not None:
-        raise ValueError("chunk_gla: pass log_g (per-key decay) or log_a (per-head decay), not both")
-    if log_g is not None:
-        checks.shape(op, "log_g", log_g, (batch, length, heads, key_dim), "[B,T,H,K] (v's heads, q's K)")
-    if log_a is not None:
-        checks.shape(op, "log_a", log_a, v.shape[:3], "[B,T,H] (v's heads)")
+    checks.decays(op, log_g, log_a, batch, length, heads, key_dim)
     log_gate = log_gate_of(log_g, log_a, v.shape[:3])
     checks.state_and_segments(op, initial_state, segment_ids, batch, length, heads, key_dim, value_dim)
     checks.chunk_size(op, chunk_size, chunk_math.SUB_BLOCK)

@@ -1,0 +1,145 @@
+"""Mixture-of-experts feed-forward layer (Mixtral, Qwen3-Next, DeepSeek-V3 and Kimi Linear): a
+router (`routing`) sends each token to top_k of num_experts SwiGLU experts; optional shared
+experts run on every token.
+
+    y = sum_{e in chosen(x)} w_e(x) SwiGLU_e(x)  +  [sigmoid(x W_shared_gate)] SwiGLU_shared(x)
+
+Dropless: every token reaches its k experts, whatever the balance, and no expert runs on tokens
+that did not choose it. The N*k (token, expert) pairs are sorted by expert, so that each expert's
+rows are contiguous, and each expert multiplies its own run of rows (`jax.lax.ragged_dot` over the
+experts' row counts); the rows go back to their tokens by the inverse permutation and are summed
+with the routing weights. No capacity factor, no padding to equal loads. (On TPU and GPU
+ragged_dot is a grouped matmul; XLA:CPU expands it into a masked product over all experts, which
+is exact but does E/k times the work: fine for tests and small models.)
+
+With `load_balance_weight` > 0 the layer sows `load_balance_weight * routing.load_balance` over the
+real tokens as an `nnx.Intermediate` named "aux_loss" (the trainer adds it to the loss).
+
+Parameters: router [D, E] (`gate` in transformers' checkpoints), selection_bias [E] (DeepSeek-V3's
+and Kimi's `e_score_correction_bias`: it only picks experts, so it takes no gradient; imported,
+not learned here), gate_proj and up_proj [E, D, F], down_proj [E, F, D], and with shared experts
+a SwiGLU `shared_expert` of width shared_hidden and, gated, `shared_expert_gate` [D, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from seqmix.configuration import require
+from seqmix.layers import routing
+from seqmix.layers.linear import projection
+from seqmix.layers.mlp import SwiGLU
+
+
+@dataclasses.dataclass
+class MoEConfig:
+    """The experts of a model's sparse layers, and which layers are sparse: layer i (from 0) is
+    when i is not in dense_layers, i >= first_dense and (i + 1) % every == 0 (Qwen's
+    mlp_only_layers and decoder_sparse_step, DeepSeek's and Kimi's first_k_dense_replace)."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    expert_hidden: int | None = None  # each expert's SwiGLU width; None: the model's mlp width
+    scoring: routing.Scoring = "softmax"
+    renormalize: bool = True  # divide the chosen experts' weights by their sum
+    selection_bias: bool = False  # a per-expert bias on the scores that only picks experts
+    expert_groups: int = 1  # experts in this many equal groups (DeepSeek-V3's n_group)
+    groups_per_token: int = 1  # groups a token chooses among (topk_group)
+    routed_scale: float = 1.0  # routed experts' weights times this (routed_scaling_factor)
+    shared_hidden: int = 0  # width of the shared SwiGLU expert, 0 for none
+    shared_gate: bool = False  # the shared expert times sigmoid(x W) (Qwen3-Next)
+    load_balance_weight: float = 0.0  # weight of the load-balancing loss, 0 for none
+    dense_layers: list[int] = dataclasses.field(default_factory=list)
+    first_dense: int = 0
+    every: int = 1
+
+    def validate(self, path: str) -> None:
+        require(self.num_experts >= 1, path, "num_experts", f"must be >= 1, got {self.num_experts}")
+        require(1 <= self.top_k <= self.num_experts, path, "top_k",
+                f"must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        require(self.expert_hidden is None or self.expert_hidden >= 1, path, "expert_hidden",
+                f"must be >= 1 or null, got {self.expert_hidden}")
+        require(self.expert_groups >= 1 and self.num_experts % self.expert_groups == 0, path, "expert_groups",
+                f"must divide num_experts={self.num_experts}, got {self.expert_groups}")
+        require(1 <= self.groups_per_token <= self.expert_groups, path, "groups_per_token",
+                f"must be in [1, expert_groups={self.expert_groups}], got {self.groups_per_token}")
+        require(self.top_k <= self.groups_per_token * self.num_experts // self.expert_groups, path, "top_k",
+                f"{self.top_k} exceeds the {self.groups_per_token * self.num_experts // self.expert_groups} experts "
+                f"of groups_per_token={self.groups_per_token} groups")
+        require(self.routed_scale > 0, path, "routed_scale", f"must be positive, got {self.routed_scale}")
+        require(self.shared_hidden >= 0, path, "shared_hidden", f"must be >= 0, got {self.shared_hidden}")
+        require(not self.shared_gate or self.shared_hidden > 0, path, "shared_gate",
+                "needs a shared expert (shared_hidden > 0)")
+        require(self.load_balance_weight >= 0, path, "load_balance_weight",
+                f"must be >= 0, got {self.load_balance_weight}")
+        require(self.first_dense >= 0, path, "first_dense", f"must be >= 0, got {self.first_dense}")
+        require(self.every >= 1, path, "every", f"must be >= 1, got {self.every}")
+
+    def sparse(self, layer_index: int) -> bool:
+        return (layer_index not in self.dense_layers and layer_index >= self.first_dense
+                and (layer_index + 1) % self.every == 0)
+
+
+class MixtureOfExperts(nnx.Module):
+    """x [B, T, D] -> [B, T, D] in x's dtype (see the module docstring)."""
+
+    def __init__(self, d_model: int, hidden: int, config: MoEConfig, *, std: float, out_std: float,
+                 rngs: nnx.Rngs):
+        experts = config.num_experts
+        self.top_k, self.scoring, self.renormalize = config.top_k, config.scoring, config.renormalize
+        self.expert_groups, self.groups_per_token = config.expert_groups, config.groups_per_token
+        self.routed_scale, self.load_balance_weight = config.routed_scale, config.load_balance_weight
+        self.router = projection(d_model, experts, ("embed", None), std=std, rngs=rngs)
+        self.selection_bias = nnx.Param(jnp.zeros((experts,), jnp.float32)) if config.selection_bias else None
+        def expert_weights(shape, axes, scale):
+            value = scale * jax.random.normal(rngs.params(), (experts,) + shape, jnp.float32)
+            return nnx.Param(value, out_sharding=("expert",) + axes, eager_sharding=False)
+
+        self.gate_proj = expert_weights((d_model, hidden), ("embed", "mlp"), std)
+        self.up_proj = expert_weights((d_model, hidden), ("embed", "mlp"), std)
+        self.down_proj = expert_weights((hidden, d_model), ("mlp", "embed"), out_std)
+        self.shared_expert = (SwiGLU(d_model, config.shared_hidden, std=std, out_std=out_std, rngs=rngs)
+                              if config.shared_hidden else None)
+        self.shared_expert_gate = (projection(d_model, 1, ("embed", None), std=std, rngs=rngs)
+                                   if config.shared_gate else None)
+
+    def route(self, tokens: jax.Array) -> routing.Routing:
+        """The routing of tokens [..., D]."""
+        bias = None if self.selection_bias is None else self.selection_bias[...]
+        return routing.route(self.router(tokens), self.top_k, scoring=self.scoring, renormalize=self.renormalize,
+                             bias=bias, groups=self.expert_groups, groups_per_token=self.groups_per_token,
+                             scale=self.routed_scale)
+
+    def experts(self, rows: jax.Array, group_sizes: jax.Array) -> jax.Array:
+        """Each expert's SwiGLU on its run of rows [M, D] (rows sorted by expert, group_sizes [E]
+        int32 rows per expert) -> [M, D]."""
+        weight = lambda w: w[...].astype(rows.dtype)
+        hidden = (jax.nn.silu(jax.lax.ragged_dot(rows, weight(self.gate_proj), group_sizes))
+                  * jax.lax.ragged_dot(rows, weight(self.up_proj), group_sizes))
+        return jax.lax.ragged_dot(hidden, weight(self.down_proj), group_sizes)
+
+    def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+        """x [B, T, D]; segment_ids [B, T] (0 = padding) only limit the load-balancing loss to
+        the real tokens."""
+        tokens = x.reshape(-1, x.shape[-1])
+        chosen = self.route(tokens)
+        if self.load_balance_weight:
+            real = None if segment_ids is None else segment_ids.reshape(-1) != 0
+            # capture_noop: outside nnx.capture (decoding, plain forwards) the module stays unchanged.
+            self.sow(nnx.Intermediate, "aux_loss", self.load_balance_weight * routing.load_balance(chosen, real),
+                     capture_noop=True)
+        pairs = chosen.experts.reshape(-1)  # [N * k], token n's choices at n * k ...
+        order = jnp.argsort(pairs, stable=True)
+        group_sizes = jnp.bincount(pairs, length=self.gate_proj.shape[0]).astype(jnp.int32)
+        out = self.experts(tokens[order // self.top_k], group_sizes)[jnp.argsort(order)]
+        out = jnp.einsum("nkd,nk->nd", out.reshape(tokens.shape[0], self.top_k, -1), chosen.weights.astype(x.dtype))
+        if self.shared_expert is not None:
+            shared = self.shared_expert(tokens)
+            if self.shared_expert_gate is not None:
+                shared = shared * jax.nn.sigmoid(self.shared_expert_gate(tokens))
+            out = out + shared
+        return out.reshape(x.shape)
