@@ -8,19 +8,23 @@ from flax import nnx
 
 
 class RMSNorm(nnx.Module):
-    """Root-mean-square norm with a learned scale (`weight`, as in Llama), statistics in float32.
+    """Root-mean-square norm with a learned scale, statistics in float32: x / rms(x) * w (`weight`
+    = w, initially 1, as in Llama), or with unit_offset x / rms(x) * (1 + w) (w initially 0, as in
+    Gemma and Qwen3-Next).
 
     x [..., D] any float dtype -> same shape and dtype.
     """
 
-    def __init__(self, dim: int, *, eps: float = 1e-6):
-        self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=("norm",), eager_sharding=False)
+    def __init__(self, dim: int, *, eps: float = 1e-6, unit_offset: bool = False):
+        self.eps, self.unit_offset = eps, unit_offset
+        initial = jnp.zeros if unit_offset else jnp.ones
+        self.weight = nnx.Param(initial((dim,), jnp.float32), out_sharding=("norm",), eager_sharding=False)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return (normed * self.weight[...]).astype(x.dtype)
+        scale = 1.0 + self.weight[...] if self.unit_offset else self.weight[...]
+        return (normed * scale).astype(x.dtype)
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:

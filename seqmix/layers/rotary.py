@@ -45,14 +45,20 @@ def rotary_frequencies(dim: int, theta: float, scaling: RopeScaling | None = Non
     return (1 - keep) * inv_freq / scaling.factor + keep * inv_freq
 
 
-def apply_rotary(x: jax.Array, positions: jax.Array, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
-    """Rotates pairs (x[..., i], x[..., i + D/2]) by angle position * frequency_i.
+def apply_rotary(x: jax.Array, positions: jax.Array, theta: float, scaling: RopeScaling | None = None,
+                 rotary_dim: int | None = None) -> jax.Array:
+    """Rotates pairs (x[..., i], x[..., i + R/2]) of the first R = rotary_dim channels (all of
+    them when None; partial RoPE, as Qwen3-Next's, leaves the rest as they are) by angle
+    position * frequency_i, the frequencies those of an R-channel rotation.
 
     x [B, T, H, D], positions [B, T] int -> [B, T, H, D] in x's dtype. Angles are computed in
     float32: positions reach 1e5+ and bfloat16 angles would lose the low-frequency channels.
     """
-    angles = positions.astype(jnp.float32)[:, :, None, None] * rotary_frequencies(x.shape[-1], theta, scaling)
+    rotary_dim = x.shape[-1] if rotary_dim is None else rotary_dim
+    if rotary_dim == 0:
+        return x
+    angles = positions.astype(jnp.float32)[:, :, None, None] * rotary_frequencies(rotary_dim, theta, scaling)
     cos, sin = jnp.cos(angles), jnp.sin(angles)
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x.dtype)
+    x1, x2 = jnp.split(x[..., :rotary_dim].astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    return rotated if rotary_dim == x.shape[-1] else jnp.concatenate([rotated, x[..., rotary_dim:]], axis=-1)

@@ -1,4 +1,8 @@
-"""Causal softmax attention: multi-head or grouped-query, global or sliding-window, with RoPE.
+"""Causal softmax attention: multi-head or grouped-query, global or sliding-window, with RoPE on
+all, part (Qwen3-Next's partial RoPE) or none (NoPE) of each head's dims, optional per-head q/k
+RMSNorms (Qwen3) and an optional output gate (Qwen3-Next's gated attention: q_proj gives each head
+a query and a gate half, [query_h | gate_h], and the heads' outputs are multiplied by
+sigmoid(gate) before o_proj).
 
 Masks come from array indices and `segment_ids`: a query attends to keys of its own segment
 (never across a packing boundary, never to padding) at or before it, and with a window W to the
@@ -18,6 +22,7 @@ from flax import nnx, struct
 
 from seqmix.configuration import require
 from seqmix.layers.linear import projection
+from seqmix.layers.norms import RMSNorm
 from seqmix.layers.rotary import apply_rotary
 from seqmix.mixers.registry import register_mixer
 
@@ -26,10 +31,15 @@ from seqmix.mixers.registry import register_mixer
 class AttentionConfig:
     sliding_window: int | None = None  # None: global attention; W: each query sees W tokens
     qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (the model's norm_unit_offset form)
+    output_gate: bool = False  # out * sigmoid(gate), the gate a second half of each head in q_proj
+    rotary_fraction: float = 1.0  # share of each head's dims that RoPE rotates; 0: no positions (NoPE)
 
     def validate(self, path: str) -> None:
         require(self.sliding_window is None or self.sliding_window > 0, path, "sliding_window",
                 f"must be positive, got {self.sliding_window}")
+        require(0.0 <= self.rotary_fraction <= 1.0, path, "rotary_fraction",
+                f"must be in [0, 1], got {self.rotary_fraction}")
 
 
 @struct.dataclass
@@ -66,7 +76,8 @@ def attention_mask(q_index, k_index, *, q_segment=None, k_segment=None, window=N
 
 
 def softmax_attention(q, k, v, mask, scale):
-    """q [B, Tq, H, D], k/v [B, Tk, H_kv, D], mask [B, Tq, Tk] -> [B, Tq, H, D] in q's dtype.
+    """q [B, Tq, H, D], k [B, Tk, H_kv, D], v [B, Tk, H_kv, Dv], mask [B, Tq, Tk] -> [B, Tq, H, Dv]
+    in q's dtype.
 
     Grouped-query heads share a key/value head (query head h uses kv head h // (H / H_kv)).
     Logits and softmax are float32; a query with no visible key (padding) gets uniform weights
@@ -74,7 +85,7 @@ def softmax_attention(q, k, v, mask, scale):
     """
     weights = jax.nn.softmax(grouped_logits(q, k, mask, scale), axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", weights, v, preferred_element_type=jnp.float32)
-    return out.reshape(q.shape).astype(q.dtype)
+    return out.reshape(q.shape[:-1] + v.shape[-1:]).astype(q.dtype)
 
 
 def grouped_logits(q, k, mask, scale):
@@ -87,18 +98,25 @@ def grouped_logits(q, k, mask, scale):
     return jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
 
 
-def cached_attention(q, k, v, real, cache: KVCache, scale):
-    """Global attention of T new tokens (q [B, T, H, D], k/v [B, T, H_kv, D], real [B, T] bool:
-    not padding) appended after each row's `lengths` cached tokens; every token stays cached.
-    Returns (out [B, T, H, D], the updated cache)."""
-    batch, length = q.shape[:2]
+def appended(cache: KVCache, k, v, real):
+    """The global cache with T new tokens (k/v [B, T, H_kv, ...], real [B, T] bool: not padding)
+    written after each row's `lengths`, and the mask [B, T, S] of what each new token attends to:
+    the real cached tokens at or before it."""
+    length = real.shape[1]
     write = jax.vmap(lambda buf, new, start: jax.lax.dynamic_update_slice_in_dim(buf, new, start, axis=0))
     cache = KVCache(k=write(cache.k, k.astype(cache.k.dtype), cache.lengths),
                     v=write(cache.v, v.astype(cache.v.dtype), cache.lengths),
                     valid=write(cache.valid, real, cache.lengths), lengths=cache.lengths + length)
     q_index = cache.lengths[:, None] - length + jnp.arange(length, dtype=jnp.int32)
     k_index = jnp.broadcast_to(jnp.arange(cache.k.shape[1], dtype=jnp.int32), cache.valid.shape)
-    mask = attention_mask(q_index, k_index) & cache.valid[:, None, :]
+    return cache, attention_mask(q_index, k_index) & cache.valid[:, None, :]
+
+
+def cached_attention(q, k, v, real, cache: KVCache, scale):
+    """Global attention of T new tokens (q [B, T, H, D], k/v [B, T, H_kv, D], real [B, T] bool:
+    not padding) appended after each row's `lengths` cached tokens; every token stays cached.
+    Returns (out [B, T, H, D], the updated cache)."""
+    cache, mask = appended(cache, k, v, real)
     return softmax_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask, scale), cache
 
 
@@ -144,16 +162,26 @@ class Attention(nnx.Module):
         d_model, heads, kv_heads = model_config.d_model, model_config.n_heads, model_config.kv_heads
         self.head_dim = model_config.dim_per_head
         self.rope_theta, self.rope_scaling = model_config.rope_theta, model_config.rope_scaling
-        self.window = config.sliding_window
+        # An even number of dims: RoPE rotates them in two halves.
+        self.rotary_dim = int(self.head_dim * config.rotary_fraction) // 2 * 2
+        self.window, self.output_gate = config.sliding_window, config.output_gate
         std, out_std = model_config.init_std, model_config.init_std / (2 * model_config.n_layers) ** 0.5
         input_projection = functools.partial(projection, d_model, std=std, rngs=rngs, bias=config.qkv_bias)
-        self.q_proj = input_projection(heads * self.head_dim, ("embed", "heads"))
+        self.q_proj = input_projection(heads * self.head_dim * (2 if config.output_gate else 1), ("embed", "heads"))
         self.k_proj = input_projection(kv_heads * self.head_dim, ("embed", "kv_heads"))
         self.v_proj = input_projection(kv_heads * self.head_dim, ("embed", "kv_heads"))
         self.o_proj = projection(heads * self.head_dim, d_model, ("heads", "embed"), std=out_std, rngs=rngs)
+        norm = functools.partial(RMSNorm, self.head_dim, eps=model_config.norm_eps,
+                                 unit_offset=model_config.norm_unit_offset)
+        self.q_norm, self.k_norm = (norm(), norm()) if config.qk_norm else (None, None)
 
     def _heads(self, x):
         return x.reshape(*x.shape[:2], -1, self.head_dim)
+
+    def _rotated(self, x, norm, positions):
+        """Heads [B, T, H, D] of a projection's output, normalised when asked, then rotated."""
+        x = x if norm is None else norm(x)
+        return apply_rotary(x, positions, self.rope_theta, self.rope_scaling, self.rotary_dim)
 
     def __call__(self, x, *, segment_ids=None, positions=None, cache: KVCache | None = None):
         """x [B, T, D]; segment_ids, positions [B, T] int32. Returns (y [B, T, D], cache).
@@ -165,10 +193,13 @@ class Attention(nnx.Module):
         batch, length, _ = x.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        q = apply_rotary(self._heads(self.q_proj(x)), positions, self.rope_theta, self.rope_scaling)
-        k = apply_rotary(self._heads(self.k_proj(x)), positions, self.rope_theta, self.rope_scaling)
+        queries = self.q_proj(x).reshape(batch, length, -1, self.head_dim * (2 if self.output_gate else 1))
+        q = self._rotated(queries[..., :self.head_dim], self.q_norm, positions)
+        k = self._rotated(self._heads(self.k_proj(x)), self.k_norm, positions)
         v = self._heads(self.v_proj(x))
         out, cache = self.attend(q, k, v, segment_ids=segment_ids, cache=cache)
+        if self.output_gate:
+            out = out * jax.nn.sigmoid(queries[..., self.head_dim:]).astype(out.dtype)
         return self.o_proj(out.reshape(batch, length, -1)), cache
 
     def attend(self, q, k, v, *, segment_ids, cache: KVCache | None):

@@ -35,10 +35,12 @@ class ModelConfig:
     mlp_hidden: int | None = None  # None: 8/3 * d_model rounded up to a multiple of 64
     moe: MoEConfig | None = None  # mixture-of-experts MLPs on the layers it selects
     layer_pattern: list[str] = dataclasses.field(default_factory=lambda: ["attention"])
+    post_norm_layers: list[str] = dataclasses.field(default_factory=list)  # layer kinds in post-norm blocks
     mixers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None  # Llama-3's long-context RoPE scaling
     norm_eps: float = 1e-6
+    norm_unit_offset: bool = False  # RMSNorms scale by (1 + w), w from 0 (Gemma, Qwen3-Next)
     tie_embeddings: bool = True
     init_std: float = 0.02
 
@@ -82,5 +84,7 @@ class ModelConfig:
         require(self.norm_eps > 0, path, "norm_eps", "must be positive")
         for kind in self.layer_pattern:
             self.mixer(kind, path)
+        for kind in self.post_norm_layers:
+            require(kind in self.layer_pattern, path, "post_norm_layers", f"{kind!r} is not a kind of layer_pattern")
         unused = sorted(set(self.mixers) - set(self.layer_pattern))
         require(not unused, path, f"mixers.{unused[0] if unused else ''}", "is not used by layer_pattern")

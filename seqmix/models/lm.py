@@ -33,15 +33,21 @@ def _default_positions(segment_ids: jax.Array | None, positions: jax.Array | Non
 
 
 class Block(nnx.Module):
-    """x + mixer(norm(x)), then + MLP(norm(.)). The mixer is chosen by the layer kind; the MLP is a
-    SwiGLU, or a mixture of experts on the layers `config.moe` makes sparse."""
+    """A pre-norm block, x + mixer(norm(x)) then + MLP(norm(.)), or, for the layer kinds in
+    `config.post_norm_layers`, a post-norm one (OLMo-hybrid's attention layers), x + norm(mixer(x))
+    then + norm(MLP(.)). The mixer is chosen by the layer kind; the MLP is a SwiGLU, or a mixture of
+    experts on the layers `config.moe` makes sparse."""
 
     def __init__(self, config: ModelConfig, layer_index: int, *, rngs: nnx.Rngs):
-        spec, mixer_config = config.mixer(config.layer_kinds()[layer_index])
+        kind = config.layer_kinds()[layer_index]
+        spec, mixer_config = config.mixer(kind)
         out_std = config.init_std / (2 * config.n_layers) ** 0.5
-        self.input_layernorm = RMSNorm(config.d_model, eps=config.norm_eps)
+        norm = lambda: RMSNorm(config.d_model, eps=config.norm_eps, unit_offset=config.norm_unit_offset)
+        self.post_norm = kind in config.post_norm_layers
+        self.input_layernorm = None if self.post_norm else norm()
         self.self_attn = spec.build(config, mixer_config, layer_index, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(config.d_model, eps=config.norm_eps)
+        self.post_attention_layernorm = norm()
+        self.post_feedforward_layernorm = norm() if self.post_norm else None
         if config.moe is not None and config.moe.sparse(layer_index):
             self.mlp = MixtureOfExperts(config.d_model, config.moe.expert_hidden or config.mlp_width, config.moe,
                                         std=config.init_std, out_std=out_std, rngs=rngs)
@@ -49,18 +55,26 @@ class Block(nnx.Module):
             self.mlp = SwiGLU(config.d_model, config.mlp_width, std=config.init_std, out_std=out_std, rngs=rngs)
 
     def __call__(self, x, *, segment_ids=None, positions=None, cache=None):
-        mixed, cache = self.self_attn(self.input_layernorm(x), segment_ids=segment_ids, positions=positions,
-                                      cache=cache)
+        mixed, cache = self.self_attn(self.mixer_input(x), segment_ids=segment_ids, positions=positions, cache=cache)
         return self.after_mixer(x, mixed, segment_ids), cache
+
+    def mixer_input(self, x):
+        """What the mixer reads from the block's input x [B, T, D]."""
+        return x if self.post_norm else self.input_layernorm(x)
 
     def after_mixer(self, x, mixed, segment_ids=None):
         """The block's output from its input x and its mixer's output `mixed` (both [B, T, D]);
         segment_ids [B, T] (0 = padding) keep padding out of a mixture of experts' balancing loss."""
+        if self.post_norm:
+            x = x + self.post_attention_layernorm(mixed)
+            return x + self.post_feedforward_layernorm(self._mlp(x, segment_ids))
         x = x + mixed
-        normed = self.post_attention_layernorm(x)
+        return x + self._mlp(self.post_attention_layernorm(x), segment_ids)
+
+    def _mlp(self, x, segment_ids):
         if isinstance(self.mlp, MixtureOfExperts):
-            return x + self.mlp(normed, segment_ids=segment_ids)
-        return x + self.mlp(normed)
+            return self.mlp(x, segment_ids=segment_ids)
+        return self.mlp(x)
 
 
 class LanguageModel(nnx.Module):
@@ -76,7 +90,7 @@ class LanguageModel(nnx.Module):
             embedding_init=logical(nnx.initializers.normal(config.init_std), "vocab", "embed"), rngs=rngs,
         )
         self.layers = nnx.List([Block(config, index, rngs=rngs) for index in range(config.n_layers)])
-        self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps, unit_offset=config.norm_unit_offset)
         self.lm_head = None if config.tie_embeddings else nnx.Linear(
             config.d_model, config.vocab_size, use_bias=False, dtype=None, param_dtype=jnp.float32,
             kernel_init=logical(nnx.initializers.normal(config.init_std), "embed", "vocab"), rngs=rngs,
@@ -111,7 +125,7 @@ class LanguageModel(nnx.Module):
         positions = _default_positions(segment_ids, positions)
         x, pairs = self.embed_tokens(tokens), []
         for layer in self.layers:
-            mixer_input = layer.input_layernorm(x)
+            mixer_input = layer.mixer_input(x)
             mixed, _ = layer.self_attn(mixer_input, segment_ids=segment_ids, positions=positions)
             pairs.append((mixer_input, mixed))
             x = layer.after_mixer(x, mixed, segment_ids)

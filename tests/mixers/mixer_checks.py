@@ -55,3 +55,40 @@ def recurrence_by_token(segment_ids, heads: int, state_shape, value_dim: int, st
                     state = np.zeros(state_shape)
                 state, out[b, t, h] = step(state, b, t, h)
     return out
+
+
+def segment_positions(segment_ids):
+    """[B, T] float64: each token's index within its segment (what the model's default positions are)."""
+    ids = np.asarray(segment_ids)
+    positions = np.zeros(ids.shape)
+    for b, row in enumerate(ids):
+        for t in range(1, len(row)):
+            positions[b, t] = 0 if row[t] != row[t - 1] else positions[b, t - 1] + 1
+    return positions
+
+
+def rotated(x, positions, rotary_dim: int, theta: float):
+    """NeoX-style RoPE of x [B, T, H, D] (float64) on its first rotary_dim dims, positions [B, T]."""
+    half = rotary_dim // 2
+    angle = positions[:, :, None, None] * theta ** (-np.arange(half) / half)
+    x1, x2 = x[..., :half], x[..., half:rotary_dim]
+    turned = [x1 * np.cos(angle) - x2 * np.sin(angle), x2 * np.cos(angle) + x1 * np.sin(angle)]
+    return np.concatenate(turned + [x[..., rotary_dim:]], axis=-1)
+
+
+def causal_attention_by_query(q, k, v, segment_ids, scale: float):
+    """out [B, T, H, Dv] float64 of softmax attention, query by query, over the keys at or before
+    it in its segment; q, k [B, T, H, D], v [B, T, H, Dv] (heads already matched); padding left zero."""
+    ids = np.asarray(segment_ids)
+    batch, length, heads = q.shape[:3]
+    out = np.zeros((batch, length, heads, v.shape[-1]))
+    for b in range(batch):
+        for t in range(length):
+            if ids[b, t] == 0:
+                continue
+            seen = [s for s in range(t + 1) if ids[b, s] == ids[b, t]]
+            for h in range(heads):
+                logits = np.array([q[b, t, h] @ k[b, s, h] for s in seen]) * scale
+                weights = np.exp(logits - logits.max())
+                out[b, t, h] = (weights / weights.sum()) @ v[b, seen, h]
+    return out

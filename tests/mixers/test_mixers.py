@@ -34,6 +34,8 @@ CASES = {
     "rwkv6": {"layer_pattern": ["rwkv6"]},
     "rwkv7": {"layer_pattern": ["rwkv7"]},
     "mom": {"layer_pattern": ["mom"]},
+    "mla": {"layer_pattern": ["mixer"], "mixers": {"mixer": {"type": "mla", "kv_lora_rank": 12,
+                                                               "qk_rope_head_dim": 4, "v_head_dim": 8}}},
     "linear_attention_hedgehog": {"layer_pattern": ["mixer"],
                                   "mixers": {"mixer": {"type": "linear_attention", "feature_map": "hedgehog"}}},
     "gated_conv": {"layer_pattern": ["gated_conv"]},
@@ -41,7 +43,7 @@ CASES = {
         "n_layers": 4, "layer_pattern": ["gated_deltanet", "gated_deltanet", "gated_deltanet", "attention"]},
     "gated_conv_attention": {"layer_pattern": ["gated_conv", "attention"]},  # Zoology's MQAR layout
 }
-GLOBAL_ATTENTION_CASES = ("gated_deltanet_3to1_hybrid", "gated_conv_attention")
+GLOBAL_ATTENTION_CASES = ("gated_deltanet_3to1_hybrid", "gated_conv_attention", "mla")
 
 
 VARIANTS = {
@@ -53,22 +55,34 @@ VARIANTS = {
         "type": "kda", "gate_lower_bound": -5.0, "num_v_heads": 4}}},
     **{f"linear_attention_{name}": {"layer_pattern": ["mixer"], "mixers": {"mixer": {
         "type": "linear_attention", "feature_map": name, "normalize": name != "identity"}}}
-       for name in ("identity", "elu", "relu", "softmax")},
+       for name in ("identity", "softmax")},  # un-normalised and normalised (the others: test_linear_attention)
+    "mla_q_lora_without_positions": {"layer_pattern": ["mixer"], "mixers": {"mixer": {
+        "type": "mla", "kv_lora_rank": 12, "q_lora_rank": 10, "qk_nope_head_dim": 6, "rope": False}}},
+    "qwen3_next_gated_attention": {"layer_pattern": ["mixer"], "norm_unit_offset": True, "mixers": {"mixer": {
+        "type": "attention", "output_gate": True, "qk_norm": True, "rotary_fraction": 0.25}}},
+    "olmo_hybrid_post_norm_attention": {"layer_pattern": ["gated_deltanet", "attention"],
+                                        "post_norm_layers": ["attention"]},
     "sliding_window_hybrid": {"layer_pattern": ["gated_deltanet", "local"],
                               "mixers": {"local": {"type": "attention", "sliding_window": 8}}},
     **{f"liger_{name}": {"layer_pattern": ["mixer"], "mixers": {"mixer": {
         "type": "liger_attention", "window": None, "recurrence": name}}} for name in ("gla", "hgrn2")},
+}
+# Models whose layers hold every kind of decode cache between them, for the left-padding test (each
+# layer's own decode is checked one mixer at a time above): short convolutions (mamba2), a ring
+# buffer next to a recurrent state (liger_attention, and lolcats, whose state takes the tokens leaving
+# the ring), a token-shift tail (rwkv6) and a global KV cache; and the delta rule's sub-steps per
+# token (gated_deltaproduct) beside the DPLR state and its token shift (rwkv7).
+MIXED_CACHES = {
     "every_cache_kind": {"n_layers": 5, "layer_pattern": ["mamba2", "liger", "lolcats", "rwkv6", "attention"],
                          "mixers": {"liger": {"type": "liger_attention", "window": 4},
                                     "lolcats": {"type": "lolcats", "window": 4}}},
-    "every_delta_rule_kind": {"n_layers": 4,
-                              "layer_pattern": ["gated_deltaproduct", "kda", "rwkv7", "gated_deltanet2"]},
+    "delta_rule_sub_steps_and_dplr": {"layer_pattern": ["gated_deltaproduct", "rwkv7"]},
 }
 
 
 def model_for(case, seed=0):
     options = {"vocab_size": VOCAB, "d_model": 32, "n_layers": 2, "n_heads": 2, "init_std": 0.2,
-               **{**CASES, **VARIANTS}[case]}
+               **{**CASES, **VARIANTS, **MIXED_CACHES}[case]}
     return LanguageModel(build(ModelConfig, options, "model"), rngs=nnx.Rngs(seed))
 
 
@@ -99,14 +113,11 @@ def test_decode_and_prefill_equal_the_chunked_forward(case):
     assert cache[0].lengths.tolist() == [80, 80]
 
 
-@pytest.mark.parametrize("case", ["every_cache_kind", "every_delta_rule_kind"])
+@pytest.mark.parametrize("case", MIXED_CACHES)
 def test_prompts_of_different_lengths_batched_with_left_padding_equal_each_alone(case):
-    """Short convolutions (mamba2), a ring buffer next to a recurrent state (liger_attention, and
-    lolcats, whose state takes the tokens leaving the ring), a token-shift tail (rwkv6) and a
-    global KV cache in one model; and the delta-rule and DPLR mixers (sub-steps per token,
-    per-key decays, a token-shift tail, the DPLR state) in another: a
-    batch of prompts of lengths 9 and 3 (left-padded) gives each row the logits it gets alone,
-    for the prompt and a decode step after it, and `generate` continues the batch that way."""
+    """A batch of prompts of lengths 9 and 3 (left-padded) gives each row the logits it gets
+    alone, for the prompt and a decode step after it, and `generate` continues the batch that
+    way, in models that hold every kind of cache (`MIXED_CACHES`)."""
     model = model_for(case)
     prompts = [tokens(10, (9,)), tokens(11, (3,))]
     padded, segment_ids = left_pad(prompts)
@@ -179,7 +190,7 @@ def test_parameters_are_strongly_typed_float32():
     """A weakly typed parameter (built from a Python float without a dtype) becomes a strong one
     after the first optimizer update, so a jitted train step traces and compiles again on its
     second and third calls (RWKV-7's k_a and r_k did, 5 s each here)."""
-    for case in {**CASES, **VARIANTS}:
+    for case in {**CASES, **VARIANTS, **MIXED_CACHES}:
         shapes = nnx.eval_shape(lambda: model_for(case))
         for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(shapes, nnx.Param)):
             assert leaf.dtype == jnp.float32 and not leaf.weak_type, (case, jax.tree_util.keystr(path))

@@ -100,3 +100,29 @@ def test_sampling_respects_temperature_and_top_p():
     assert np.all(greedy == 0)
     same = sample_token(logits[:8], jax.random.key(5), 0.8, 0.9), sample_token(logits[:8], jax.random.key(5), 0.8, 0.9)
     assert np.array_equal(*same)
+
+
+def test_post_norm_layers_normalise_what_they_add_and_pre_norm_layers_what_they_read():
+    """OLMo-hybrid's layout: a pre-norm linear layer, then a post-norm attention layer whose
+    mixer reads the raw residual stream, x + norm(attention(x)), then + norm(MLP(.)), every norm
+    scaling by (1 + w)."""
+    model = tiny_model(layer_pattern=["gated_deltanet", "attention"], mixers={}, post_norm_layers=["attention"],
+                       norm_unit_offset=True)
+    pre, post = model.layers
+    assert pre.post_feedforward_layernorm is None and post.input_layernorm is None
+    for norm in (pre.input_layernorm, post.post_attention_layernorm, post.post_feedforward_layernorm):
+        norm.weight[...] = 0.3 * jax.random.normal(jax.random.key(7), norm.weight.shape)
+    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, 256)
+    rms_norm = lambda norm, a: a / jnp.sqrt(jnp.mean(a * a, -1, keepdims=True) + 1e-6) * (1 + norm.weight[...])
+    x = model.embed_tokens(tokens)
+    x = x + pre.self_attn(rms_norm(pre.input_layernorm, x))[0]
+    x = x + pre.mlp(rms_norm(pre.post_attention_layernorm, x))
+    x = x + rms_norm(post.post_attention_layernorm, post.self_attn(x)[0])
+    x = x + rms_norm(post.post_feedforward_layernorm, post.mlp(x))
+    expected = rms_norm(model.norm, x) @ model.embed_tokens.embedding[...].T
+    assert rel_err(model(tokens), expected) < 1e-5
+
+
+def test_post_norm_layers_must_be_kinds_of_the_pattern():
+    with pytest.raises(Exception, match="model.post_norm_layers: 'global_attention' is not a kind of layer_pattern"):
+        build(ModelConfig, {"post_norm_layers": ["global_attention"]}, "model").validate("model")

@@ -17,7 +17,7 @@ def test_compile_only_reports_memory_per_device_and_runs_nothing(tmp_path, capsy
     assert main(["train", "configs/runs/smoke.yaml", "mesh.data=2", "mesh.fsdp=4", f"out_dir={run}",
                  "--compile-only"]) == 0
     out = capsys.readouterr().out
-    assert "compiled the train step for mesh data=2 x fsdp=4 x tensor=1 x sequence=1 (8 devices)" in out
+    assert "compiled the train step for mesh data=2 x fsdp=4 x expert=1 x tensor=1 x sequence=1 (8 devices)" in out
     assert "per device: arguments" in out and "peak" in out
     assert not run.exists()
 
