@@ -34,8 +34,10 @@ from seqmix.pallas_kernels.delta import chunk_delta_rule, delta_step
 @dataclasses.dataclass
 class DeltaNetConfig:
     conv_width: int = 4  # taps of the causal depthwise convolutions on q, k and v
+    num_heads: int | None = None  # q/k heads; None: the model's n_heads (Qwen3-Next's linear_num_key_heads)
+    head_dim: int | None = None  # key head dim; None: the model's head dim (linear_key_head_dim)
     expand_v: float = 1.0  # value head dim = expand_v * head_dim
-    num_v_heads: int | None = None  # value heads, a multiple of n_heads (grouped value heads); None: n_heads
+    num_v_heads: int | None = None  # value heads, a multiple of num_heads (grouped value heads); None: num_heads
     negative_eigenvalues: bool = False  # beta in (0, 2) instead of (0, 1)
     output_gate: bool = False  # y = RMSNorm(o) * silu(x W_g)
     decays: ClassVar[bool] = False
@@ -44,8 +46,9 @@ class DeltaNetConfig:
     def validate(self, path: str) -> None:
         require(self.conv_width >= 1, path, "conv_width", f"must be >= 1, got {self.conv_width}")
         require(self.expand_v > 0, path, "expand_v", f"must be positive, got {self.expand_v}")
-        require(self.num_v_heads is None or self.num_v_heads >= 1, path, "num_v_heads",
-                f"must be >= 1 or null, got {self.num_v_heads}")
+        for key in ("num_heads", "head_dim", "num_v_heads"):
+            value = getattr(self, key)
+            require(value is None or value >= 1, path, key, f"must be >= 1 or null, got {value}")
 
 
 @dataclasses.dataclass
@@ -58,14 +61,15 @@ class GatedDeltaNetConfig(DeltaNetConfig):
 @register_mixer("deltanet", DeltaNetConfig)
 @register_mixer("gated_deltanet", GatedDeltaNetConfig)
 class DeltaNet(RecurrentMixer):
-    """x [B, T, D] -> [B, T, D]; n_heads q/k heads of key dim head_dim, num_v_heads value heads
-    (the state's) of value dim expand_v * head_dim."""
+    """x [B, T, D] -> [B, T, D]; num_heads q/k heads of key dim head_dim (the model's unless set),
+    num_v_heads value heads (the state's) of value dim expand_v * head_dim."""
 
     def __init__(self, model_config, config: DeltaNetConfig, *, rngs: nnx.Rngs):
-        d_model, key_heads, key_dim = model_config.d_model, model_config.n_heads, model_config.dim_per_head
+        d_model = model_config.d_model
+        key_heads, key_dim = config.num_heads or model_config.n_heads, config.head_dim or model_config.dim_per_head
         heads = config.num_v_heads or key_heads
         if heads % key_heads:
-            raise ValueError(f"delta rule: num_v_heads = {heads} is not a multiple of n_heads = {key_heads}")
+            raise ValueError(f"delta rule: num_v_heads = {heads} is not a multiple of the {key_heads} q/k heads")
         self.init_state(heads, key_dim, int(round(config.expand_v * key_dim)))
         self.init_output(model_config, self.value_dim, gated=config.output_gate, rngs=rngs)
         self.decays = config.decays

@@ -13,8 +13,8 @@ Parameter names are those of Hugging Face's Kimi Linear KDA module (q/k/v_proj, 
 f_a_proj, f_b_proj, b_proj, A_log, dt_bias, g_a_proj, g_b_proj, o_norm, o_proj), so a checkpoint
 maps 1:1 (its A_log is stored [1, 1, H, 1], here [H]; its conv weights [C, 1, W], here [W, C]).
 Both low-rank projections have rank head_dim, as there. With `num_v_heads` (grouped value heads)
-v, beta, the decay, the output gate and the state have num_v_heads heads, q and k n_heads; value
-head j reads q/k head j // (num_v_heads / n_heads). Training runs `chunk_delta_rule` with log_g;
+v, beta, the decay, the output gate and the state have num_v_heads heads, q and k num_heads; value
+head j reads q/k head j // (num_v_heads / num_heads). Training runs `chunk_delta_rule` with log_g;
 a cache carries the state and the convolutions' tails (one `delta_step` per decoded token).
 """
 
@@ -38,27 +38,32 @@ from seqmix.pallas_kernels.delta import chunk_delta_rule, delta_step
 @dataclasses.dataclass
 class KDAConfig:
     conv_width: int = 4  # taps of the causal depthwise convolutions on q, k and v
-    num_v_heads: int | None = None  # value heads, a multiple of n_heads (grouped value heads); None: n_heads
+    num_heads: int | None = None  # q/k heads; None: the model's n_heads (Kimi's linear_attn_config.num_heads)
+    head_dim: int | None = None  # head dim; None: the model's (linear_attn_config.head_dim)
+    num_v_heads: int | None = None  # value heads, a multiple of num_heads (grouped value heads); None: num_heads
     negative_eigenvalues: bool = False  # beta in (0, 2) instead of (0, 1)
     gate_lower_bound: float | None = None  # L < 0: log g = L * sigmoid(exp(A_log) * f); None: the softplus form
 
     def validate(self, path: str) -> None:
         require(self.conv_width >= 1, path, "conv_width", f"must be >= 1, got {self.conv_width}")
-        require(self.num_v_heads is None or self.num_v_heads >= 1, path, "num_v_heads",
-                f"must be >= 1 or null, got {self.num_v_heads}")
+        for key in ("num_heads", "head_dim", "num_v_heads"):
+            value = getattr(self, key)
+            require(value is None or value >= 1, path, key, f"must be >= 1 or null, got {value}")
         require(self.gate_lower_bound is None or self.gate_lower_bound < 0, path, "gate_lower_bound",
                 f"must be negative or null, got {self.gate_lower_bound}")
 
 
 @register_mixer("kda", KDAConfig)
 class KimiDeltaAttention(RecurrentMixer):
-    """x [B, T, D] -> [B, T, D]; n_heads q/k heads and num_v_heads value heads, all of dim head_dim."""
+    """x [B, T, D] -> [B, T, D]; num_heads q/k heads and num_v_heads value heads, all of dim head_dim
+    (the model's heads and head dim unless set)."""
 
     def __init__(self, model_config, config: KDAConfig, *, rngs: nnx.Rngs):
-        d_model, key_heads, head_dim = model_config.d_model, model_config.n_heads, model_config.dim_per_head
+        d_model = model_config.d_model
+        key_heads, head_dim = config.num_heads or model_config.n_heads, config.head_dim or model_config.dim_per_head
         heads = config.num_v_heads or key_heads
         if heads % key_heads:
-            raise ValueError(f"kda: num_v_heads = {heads} is not a multiple of n_heads = {key_heads}")
+            raise ValueError(f"kda: num_v_heads = {heads} is not a multiple of the {key_heads} q/k heads")
         self.init_state(heads, head_dim, head_dim)
         self.init_output(model_config, head_dim, gated=False, rngs=rngs)  # KDA's own gate: sigmoid, low rank
         self.beta_scale = 2.0 if config.negative_eigenvalues else 1.0

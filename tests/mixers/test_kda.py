@@ -47,8 +47,9 @@ def kda_loop(mixer, x, segment_ids, lower_bound):
     return (normed * gate).reshape(batch, length, -1) @ kernel(mixer.o_proj)
 
 
-@pytest.mark.parametrize("options", [{}, {"gate_lower_bound": -5.0, "num_v_heads": 4}],
-                         ids=["softplus_gate", "lower_bound_grouped_value_heads"])
+@pytest.mark.parametrize("options", [{}, {"gate_lower_bound": -5.0, "num_v_heads": 4},
+                                     {"num_heads": 1, "head_dim": 6, "num_v_heads": 3}],
+                         ids=["softplus_gate", "lower_bound_grouped_value_heads", "own_head_geometry"])
 def test_kda_matches_its_recurrence_on_a_packed_row(options):
     mixer = with_random_weights(KimiDeltaAttention(MODEL, build(KDAConfig, options, "mixer"), rngs=nnx.Rngs(0)), 1)
     x, segment_ids = packed_row(16)

@@ -53,6 +53,8 @@ VARIANTS = {
         "layer_pattern": ["mixer"], "mixers": {"mixer": {"type": "gated_deltanet", "num_v_heads": 4}}},
     "kda_lower_bound_grouped_value_heads": {"layer_pattern": ["mixer"], "mixers": {"mixer": {
         "type": "kda", "gate_lower_bound": -5.0, "num_v_heads": 4}}},
+    "gated_deltanet_own_head_geometry": {"layer_pattern": ["mixer"], "mixers": {"mixer": {  # Qwen3-Next's
+        "type": "gated_deltanet", "num_heads": 1, "head_dim": 24, "num_v_heads": 3, "expand_v": 1.0}}},
     **{f"linear_attention_{name}": {"layer_pattern": ["mixer"], "mixers": {"mixer": {
         "type": "linear_attention", "feature_map": name, "normalize": name != "identity"}}}
        for name in ("identity", "softmax")},  # un-normalised and normalised (the others: test_linear_attention)
