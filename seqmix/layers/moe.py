@@ -135,7 +135,8 @@ class MixtureOfExperts(nnx.Module):
         pairs = chosen.experts.reshape(-1)  # [N * k], token n's choices at n * k ...
         order = jnp.argsort(pairs, stable=True)
         group_sizes = jnp.bincount(pairs, length=self.gate_proj.shape[0]).astype(jnp.int32)
-        out = self.experts(tokens[order // self.top_k], group_sizes)[jnp.argsort(order)]
+        back = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))  # order's inverse
+        out = self.experts(tokens[order // self.top_k], group_sizes)[back]
         out = jnp.einsum("nkd,nk->nd", out.reshape(tokens.shape[0], self.top_k, -1), chosen.weights.astype(x.dtype))
         if self.shared_expert is not None:
             shared = self.shared_expert(tokens)

@@ -106,7 +106,16 @@ def hf_config(config: ModelConfig) -> dict[str, Any]:
         if spec.name != "attention":
             raise CheckpointError(f"model.layers.{index}: a {spec.name!r} layer has no Hugging Face equivalent "
                                   "(only attention models are exported)")
+        unexported = [name for name, on in (("qk_norm", options.qk_norm), ("output_gate", options.output_gate),
+                                            ("rotary_fraction", options.rotary_fraction != 1.0)) if on]
+        if unexported:
+            raise CheckpointError(f"model.layers.{index}: attention with {', '.join(unexported)} has no Llama, "
+                                  "Mistral or Qwen2 equivalent")
         layer_options.append(options)
+    for key, on in (("moe", config.moe is not None), ("norm_unit_offset", config.norm_unit_offset),
+                    ("post_norm_layers", bool(config.post_norm_layers))):
+        if on:
+            raise CheckpointError(f"model.{key}: has no Llama, Mistral or Qwen2 equivalent (not exported)")
     biases = {options.qkv_bias for options in layer_options}
     windows = [options.sliding_window for options in layer_options]
     if len(biases) > 1:

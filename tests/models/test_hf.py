@@ -138,3 +138,19 @@ def test_windows_that_vary_by_layer_export_as_qwen2_layer_types():
     assert exported["model_type"] == "qwen2" and exported["layer_types"] == ["sliding_attention", "full_attention"]
     reread = config_from_hf(exported)
     assert [reread.mixer(kind)[1].sliding_window for kind in reread.layer_kinds()] == [8, None]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"mixers": {"a": {"type": "attention", "output_gate": True}}, "layer_pattern": ["a"]},
+     r"model\.layers\.0: attention with output_gate has no Llama"),
+    ({"mixers": {"a": {"type": "attention", "qk_norm": True, "rotary_fraction": 0.5}}, "layer_pattern": ["a"]},
+     r"model\.layers\.0: attention with qk_norm, rotary_fraction"),
+    ({"moe": {"num_experts": 4}}, r"model\.moe: has no Llama"),
+    ({"norm_unit_offset": True}, r"model\.norm_unit_offset: has no Llama"),
+    ({"post_norm_layers": ["attention"]}, r"model\.post_norm_layers: has no Llama"),
+])
+def test_export_refuses_what_the_llama_family_cannot_hold(options, message):
+    """Rather than a config.json that transformers would reload as a different model."""
+    config = build(ModelConfig, {"vocab_size": 96, "d_model": 32, "n_layers": 1, "n_heads": 2, **options}, "model")
+    with pytest.raises(CheckpointError, match=message):
+        hf_config(config)
