@@ -58,6 +58,7 @@ def _compile_only(config) -> int:
     mesh = make_mesh(config.mesh)
     report = compile_train_step(config, mesh)
     mib = lambda n: f"{n / 2**20:,.1f} MiB"
+    print(f"parameters: {report.parameters:,}, {report.active_parameters:,} of them per token")
     print(f"compiled the train step for mesh {describe(mesh)} ({mesh.size} devices); per device: "
           f"arguments {mib(report.arguments)} (parameters, optimizer state, batch), "
           f"temporaries {mib(report.temporaries)}, outputs {mib(report.outputs)} "

@@ -9,8 +9,8 @@
 
 Softmax with renormalisation is Mixtral's and Qwen's router; sigmoid scores with a selection bias,
 expert groups and a scale are DeepSeek-V3's and Kimi's. Experts of the groups a token does not
-keep are out of its choice entirely (-inf; transformers' DeepSeek-V3 and Kimi routers put 0.0 there,
-which a negative bias can rank above the kept groups' experts).
+keep are out of its choice entirely (-inf, as in transformers 5.24's DeepSeek-V3 and Kimi routers;
+a 0.0 there, as some older ports have, lets a negative bias rank them above the kept groups').
 
 Load balancing (Switch Transformer), over the real tokens: with f_e the share of the routing
 choices that go to expert e and P_e its mean score, balance = E * sum_e f_e P_e, 1 at perfect

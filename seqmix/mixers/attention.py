@@ -1,6 +1,6 @@
 """Causal softmax attention: multi-head or grouped-query, global or sliding-window, with RoPE on
-all, part (Qwen3-Next's partial RoPE) or none (NoPE) of each head's dims, optional per-head q/k
-RMSNorms (Qwen3) and an optional output gate (Qwen3-Next's gated attention: q_proj gives each head
+all, part (Qwen3-Next's partial RoPE) or none (NoPE) of each head's dims, optional q/k RMSNorms
+(per head as in Qwen3, or over the whole projection as in OLMo) and an optional output gate (Qwen3-Next's gated attention: q_proj gives each head
 a query and a gate half, [query_h | gate_h], and the heads' outputs are multiplied by
 sigmoid(gate) before o_proj).
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -27,11 +28,16 @@ from seqmix.layers.rotary import apply_rotary
 from seqmix.mixers.registry import register_mixer
 
 
+QKNorm = Literal["head", "projection"]
+
+
 @dataclasses.dataclass
 class AttentionConfig:
     sliding_window: int | None = None  # None: global attention; W: each query sees W tokens
     qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
-    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (the model's norm_unit_offset form)
+    # RMSNorms of q and k before RoPE (the model's norm_unit_offset form): "head", each head's own
+    # (Qwen3); "projection", one over all heads of the projection (OLMo); None: no norm
+    qk_norm: QKNorm | None = None
     output_gate: bool = False  # out * sigmoid(gate), the gate a second half of each head in q_proj
     rotary_fraction: float = 1.0  # share of each head's dims that RoPE rotates; 0: no positions (NoPE)
 
@@ -160,7 +166,7 @@ class Attention(nnx.Module):
 
     def __init__(self, model_config, config: AttentionConfig, *, rngs: nnx.Rngs):
         d_model, heads, kv_heads = model_config.d_model, model_config.n_heads, model_config.kv_heads
-        self.head_dim = model_config.dim_per_head
+        self.head_dim, self.kv_heads = model_config.dim_per_head, kv_heads
         self.rope_theta, self.rope_scaling = model_config.rope_theta, model_config.rope_scaling
         # An even number of dims: RoPE rotates them in two halves.
         self.rotary_dim = int(self.head_dim * config.rotary_fraction) // 2 * 2
@@ -171,16 +177,18 @@ class Attention(nnx.Module):
         self.k_proj = input_projection(kv_heads * self.head_dim, ("embed", "kv_heads"))
         self.v_proj = input_projection(kv_heads * self.head_dim, ("embed", "kv_heads"))
         self.o_proj = projection(heads * self.head_dim, d_model, ("heads", "embed"), std=out_std, rngs=rngs)
-        norm = functools.partial(RMSNorm, self.head_dim, eps=model_config.norm_eps,
-                                 unit_offset=model_config.norm_unit_offset)
-        self.q_norm, self.k_norm = (norm(), norm()) if config.qk_norm else (None, None)
+        self.norm_over_heads = config.qk_norm == "projection"
+        norm = functools.partial(RMSNorm, eps=model_config.norm_eps, unit_offset=model_config.norm_unit_offset)
+        widths = (heads * self.head_dim, kv_heads * self.head_dim) if self.norm_over_heads else (self.head_dim,) * 2
+        self.q_norm, self.k_norm = (norm(widths[0]), norm(widths[1])) if config.qk_norm else (None, None)
 
     def _heads(self, x):
         return x.reshape(*x.shape[:2], -1, self.head_dim)
 
     def _rotated(self, x, norm, positions):
         """Heads [B, T, H, D] of a projection's output, normalised when asked, then rotated."""
-        x = x if norm is None else norm(x)
+        if norm is not None:
+            x = norm(x.reshape(*x.shape[:2], -1)).reshape(x.shape) if self.norm_over_heads else norm(x)
         return apply_rotary(x, positions, self.rope_theta, self.rope_scaling, self.rotary_dim)
 
     def __call__(self, x, *, segment_ids=None, positions=None, cache: KVCache | None = None):
@@ -219,4 +227,4 @@ class Attention(nnx.Module):
         """An empty cache for `max_len` tokens per row: all of them for global attention, a ring
         of the last `sliding_window` for windowed attention."""
         slots = max_len if self.window is None else self.window
-        return empty_kv_cache(batch, slots, self.k_proj.out_features // self.head_dim, self.head_dim, dtype)
+        return empty_kv_cache(batch, slots, self.kv_heads, self.head_dim, dtype)

@@ -40,12 +40,15 @@ class DeltaNetConfig:
     num_v_heads: int | None = None  # value heads, a multiple of num_heads (grouped value heads); None: num_heads
     negative_eigenvalues: bool = False  # beta in (0, 2) instead of (0, 1)
     output_gate: bool = False  # y = RMSNorm(o) * silu(x W_g)
+    output_norm_eps: float | None = None  # the output RMSNorm's eps; None: the model's norm_eps (OLMo: 1e-5)
     decays: ClassVar[bool] = False
     householder_steps: ClassVar[int] = 1  # keys, values and betas per token (Gated DeltaProduct's n_h)
 
     def validate(self, path: str) -> None:
         require(self.conv_width >= 1, path, "conv_width", f"must be >= 1, got {self.conv_width}")
         require(self.expand_v > 0, path, "expand_v", f"must be positive, got {self.expand_v}")
+        require(self.output_norm_eps is None or self.output_norm_eps > 0, path, "output_norm_eps",
+                f"must be positive or null, got {self.output_norm_eps}")
         for key in ("num_heads", "head_dim", "num_v_heads"):
             value = getattr(self, key)
             require(value is None or value >= 1, path, key, f"must be >= 1 or null, got {value}")
@@ -71,7 +74,8 @@ class DeltaNet(RecurrentMixer):
         if heads % key_heads:
             raise ValueError(f"delta rule: num_v_heads = {heads} is not a multiple of the {key_heads} q/k heads")
         self.init_state(heads, key_dim, int(round(config.expand_v * key_dim)))
-        self.init_output(model_config, self.value_dim, gated=config.output_gate, rngs=rngs)
+        self.init_output(model_config, self.value_dim, gated=config.output_gate, rngs=rngs,
+                         eps=config.output_norm_eps or model_config.norm_eps)
         self.decays = config.decays
         self.beta_scale = 2.0 if config.negative_eigenvalues else 1.0
         steps, std = config.householder_steps, model_config.init_std

@@ -11,7 +11,8 @@
 
 Parameter names are those of Hugging Face's Kimi Linear KDA module (q/k/v_proj, q/k/v_conv1d,
 f_a_proj, f_b_proj, b_proj, A_log, dt_bias, g_a_proj, g_b_proj, o_norm, o_proj), so a checkpoint
-maps 1:1 (its A_log is stored [1, 1, H, 1], here [H]; its conv weights [C, 1, W], here [W, C]).
+maps 1:1 (its A_log is stored [1, 1, H, 1], here [H]; its conv weights [C, 1, W], here [W, C] with
+the taps reversed: `seqmix.models.hf.kimi_linear`).
 Both low-rank projections have rank head_dim, as there. With `num_v_heads` (grouped value heads)
 v, beta, the decay, the output gate and the state have num_v_heads heads, q and k num_heads; value
 head j reads q/k head j // (num_v_heads / num_heads). Training runs `chunk_delta_rule` with log_g;

@@ -52,14 +52,15 @@ class RecurrentMixer(nnx.Module):
         """The recurrence has `heads` states of [key_dim, value_dim]."""
         self.heads, self.key_dim, self.value_dim = heads, key_dim, value_dim
 
-    def init_output(self, model_config, value_dim: int, *, gated: bool, rngs: nnx.Rngs):
+    def init_output(self, model_config, value_dim: int, *, gated: bool, rngs: nnx.Rngs, eps: float | None = None):
         """The usual output head over `self.heads` heads of value_dim outputs: o_norm (RMSNorm
-        over each head), g_proj when `gated` (y = RMSNorm(o) * silu(x W_g)), o_proj."""
+        over each head, with `eps`, the model's norm_eps when None), g_proj when `gated`
+        (y = RMSNorm(o) * silu(x W_g)), o_proj."""
         d_model, width = model_config.d_model, self.heads * value_dim
         out_std = model_config.init_std / (2 * model_config.n_layers) ** 0.5
         gate = projection(d_model, width, ("embed", "heads"), std=model_config.init_std, rngs=rngs) if gated else None
         self.g_proj = nnx.data(gate)  # a submodule or None, a pytree child either way
-        self.o_norm = RMSNorm(value_dim, eps=model_config.norm_eps)
+        self.o_norm = RMSNorm(value_dim, eps=eps or model_config.norm_eps)
         self.o_proj = projection(width, d_model, ("heads", "embed"), std=out_std, rngs=rngs)
 
     def split_heads(self, x):

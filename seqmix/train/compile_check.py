@@ -10,8 +10,10 @@ import re
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import Mesh
 
+from seqmix.layers.moe import MixtureOfExperts
 from seqmix.train.config import TrainConfig
 from seqmix.train.data.pipeline import BATCH_KEYS
 from seqmix.train.sharding import batch_sharding
@@ -28,6 +30,8 @@ class CompiledStep:
     temporaries: int  # activations, gradients and everything else the step allocates
     aliased: int  # output bytes that reuse argument buffers
     compiled: jax.stages.Compiled
+    parameters: int = 0  # the model's parameters, all devices together
+    active_parameters: int = 0  # those one token runs through (a mixture of experts': top_k of its experts)
 
     @property
     def peak(self) -> int:
@@ -44,8 +48,24 @@ def compile_train_step(config: TrainConfig, mesh: Mesh) -> CompiledStep:
              for key in BATCH_KEYS}
     compiled = step.lower(train_state.state, batch).compile()
     memory = compiled.memory_analysis()
+    model, _optimizer = nnx.merge(train_state.graphdef, train_state.state)
+    parameters, active = parameter_counts(model)
     return CompiledStep(memory.argument_size_in_bytes, memory.output_size_in_bytes, memory.temp_size_in_bytes,
-                        memory.alias_size_in_bytes, compiled)
+                        memory.alias_size_in_bytes, compiled, parameters, active)
+
+
+def parameter_counts(model: nnx.Module) -> tuple[int, int]:
+    """(all of `model`'s parameters, those one token runs through): a mixture of experts' token
+    uses top_k of its num_experts routed experts (its router and shared experts all). The model may
+    be abstract (`nnx.eval_shape`)."""
+    total = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    idle = 0
+    for _path, module in nnx.iter_graph(model):
+        if isinstance(module, MixtureOfExperts):
+            experts = module.gate_proj.shape[0]
+            routed = sum(math.prod(w.shape) for w in (module.gate_proj, module.up_proj, module.down_proj))
+            idle += routed * (experts - module.top_k) // experts
+    return total, total - idle
 
 
 _COLLECTIVE = re.compile(r"=\s*(.+?)\s+(all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)(-start)?\(")

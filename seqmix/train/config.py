@@ -1,18 +1,21 @@
 """The config of a training run: model, data, optimizer, checkpoints, mesh and the loop itself.
 
 A run YAML (`configs/runs/*.yaml`) may give `model` as a mapping or as the path of a model YAML
-(`configs/models/*.yaml`, relative to the run file or to the working directory). Command-line
-overrides (`optim.lr=3e-4 model.n_layers=4`) apply after that path is resolved.
+(`configs/models/*.yaml`, relative to the run file or to the working directory); a run that
+starts from a Hugging Face checkpoint (`init_from`) and names no model gets the checkpoint's
+(its config.json). Command-line overrides (`optim.lr=3e-4 model.n_layers=4`) apply after that.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Literal
 
-from seqmix.configuration import ConfigError, apply_overrides, build, load_yaml, parse_override, require
+from seqmix.configuration import ConfigError, apply_overrides, build, load_yaml, parse_override, require, to_dict
 from seqmix.models.config import ModelConfig
+from seqmix.models.hf import CheckpointError, config_from_hf
 
 
 @dataclasses.dataclass
@@ -145,7 +148,8 @@ class TrainConfig:
     compute_dtype: Literal["float32", "bfloat16"] = "float32"  # parameters stay float32
     # > 0: the loss over blocks of this many tokens, never the whole [B, T, vocab] logits (large vocabularies)
     loss_chunk_tokens: int = 0
-    # A Hugging Face checkpoint directory whose weights start the run (matched to the model by name)
+    # A Hugging Face checkpoint directory whose weights start the run (matched to the model by name);
+    # without a `model`, the run's model is the checkpoint's
     init_from: str | None = None
     lora: LoRAConfig | None = None  # train LoRA adapters only, the other weights frozen
     attention_transfer: AttentionTransferConfig | None = None  # needs init_from (the teacher)
@@ -177,17 +181,34 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     mapping: dict[str, Any] = load_yaml(path) if path is not None else {}
     # `model=<file>` swaps the whole model config before `model.<field>=...` refine it.
     refinements = []
+    init_from = mapping.get("init_from")
     for text in overrides:
         keys, value = parse_override(text)
         if keys == ["model"]:
             mapping["model"] = value
         else:
             refinements.append(text)
+            init_from = value if keys == ["init_from"] else init_from
     model = mapping.get("model")
     if isinstance(model, str):
         mapping["model"] = load_yaml(_resolve_relative(model, path))
+    elif model is None and init_from is not None:
+        mapping["model"] = _checkpoint_model(str(init_from))
     apply_overrides(mapping, refinements)
     return build(TrainConfig, mapping)
+
+
+def _checkpoint_model(directory: str) -> dict[str, Any]:
+    """The model options of a Hugging Face checkpoint directory's config.json."""
+    config_file = Path(directory) / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"init_from: {directory} is not a Hugging Face checkpoint directory (no config.json)")
+    try:
+        return to_dict(config_from_hf(json.loads(config_file.read_text()), str(config_file)))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{config_file}: not JSON ({err})") from err
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from err
 
 
 def _resolve_relative(reference: str, config_path: str | Path | None) -> Path:

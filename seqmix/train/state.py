@@ -73,7 +73,7 @@ def create_train_state(config: TrainConfig, mesh: Mesh) -> TrainState:
         model, optimizer = nnx.merge(train_state.graphdef, train_state.state)
         # LoRA adapters and a conversion's new parameters keep their initialisation.
         base = nnx.state(model, CHECKPOINT_PARAMS)
-        weights = read_weights(config.init_from, base, tie_embeddings=config.model.tie_embeddings)
+        weights = read_weights(config.init_from, base, config.model)
         nnx.update(model, jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), weights, base))
         train_state.state = nnx.state((model, optimizer))
     return train_state

@@ -27,8 +27,10 @@ def attention_loop(mixer, model, options, x, segment_ids):
     k = (x @ p(mixer.k_proj.kernel)).reshape(batch, length, kv_heads, dim)
     v = (x @ p(mixer.v_proj.kernel)).reshape(batch, length, kv_heads, dim)
 
-    def norm(a, module):
-        return a / np.sqrt((a * a).mean(-1, keepdims=True) + model.norm_eps) * (1 + p(module.weight))
+    def norm(a, module):  # over each head, or over all heads of the projection at once
+        over = a.reshape(batch, length, -1) if options.get("qk_norm") == "projection" else a
+        return (over / np.sqrt((over * over).mean(-1, keepdims=True) + model.norm_eps) * (1 + p(module.weight))
+                ).reshape(a.shape)
 
     if options.get("qk_norm"):
         q, k = norm(q, mixer.q_norm), norm(k, mixer.k_norm)
@@ -42,9 +44,11 @@ def attention_loop(mixer, model, options, x, segment_ids):
 
 
 CASES = {
-    "qwen3_next_gated_partial_rope": {"output_gate": True, "qk_norm": True, "rotary_fraction": 0.25},
+    "qwen3_next_gated_partial_rope": {"output_gate": True, "qk_norm": "head", "rotary_fraction": 0.25},
     "nope_gated": {"output_gate": True, "rotary_fraction": 0.0},
-    "qk_norm_full_rope": {"qk_norm": True},
+    "qk_norm_full_rope": {"qk_norm": "head"},
+    "olmo_projection_norm_nope": {"qk_norm": "projection", "rotary_fraction": 0.0},
+    "projection_norm_gated_rope": {"qk_norm": "projection", "output_gate": True},
 }
 
 

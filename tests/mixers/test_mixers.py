@@ -61,7 +61,7 @@ VARIANTS = {
     "mla_q_lora_without_positions": {"layer_pattern": ["mixer"], "mixers": {"mixer": {
         "type": "mla", "kv_lora_rank": 12, "q_lora_rank": 10, "qk_nope_head_dim": 6, "rope": False}}},
     "qwen3_next_gated_attention": {"layer_pattern": ["mixer"], "norm_unit_offset": True, "mixers": {"mixer": {
-        "type": "attention", "output_gate": True, "qk_norm": True, "rotary_fraction": 0.25}}},
+        "type": "attention", "output_gate": True, "qk_norm": "head", "rotary_fraction": 0.25}}},
     "olmo_hybrid_post_norm_attention": {"layer_pattern": ["gated_deltanet", "attention"],
                                         "post_norm_layers": ["attention"]},
     "sliding_window_hybrid": {"layer_pattern": ["gated_deltanet", "local"],

@@ -142,9 +142,9 @@ def test_windows_that_vary_by_layer_export_as_qwen2_layer_types():
 
 @pytest.mark.parametrize("options, message", [
     ({"mixers": {"a": {"type": "attention", "output_gate": True}}, "layer_pattern": ["a"]},
-     r"model\.layers\.0: attention with output_gate has no Llama"),
-    ({"mixers": {"a": {"type": "attention", "qk_norm": True, "rotary_fraction": 0.5}}, "layer_pattern": ["a"]},
-     r"model\.layers\.0: attention with qk_norm, rotary_fraction"),
+     r"model\.layers\.0: attention with output_gate = True has no Llama"),
+    ({"mixers": {"a": {"type": "attention", "qk_norm": "head", "rotary_fraction": 0.5}}, "layer_pattern": ["a"]},
+     r"model\.layers\.0: attention with qk_norm = .head. has no Llama"),
     ({"moe": {"num_experts": 4}}, r"model\.moe: has no Llama"),
     ({"norm_unit_offset": True}, r"model\.norm_unit_offset: has no Llama"),
     ({"post_norm_layers": ["attention"]}, r"model\.post_norm_layers: has no Llama"),

@@ -2,11 +2,15 @@
 nothing allocated, trained or written, and XLA's bytes per device reported."""
 
 import math
+from pathlib import Path
 
 import jax
+import pytest
+from flax import nnx
 
 from seqmix.cli import main
-from seqmix.train.compile_check import compile_train_step
+from seqmix.models.lm import LanguageModel
+from seqmix.train.compile_check import compile_train_step, parameter_counts
 from seqmix.train.config import MeshConfig, load_train_config
 from seqmix.train.sharding import make_mesh
 from seqmix.train.state import abstract_train_state
@@ -17,6 +21,7 @@ def test_compile_only_reports_memory_per_device_and_runs_nothing(tmp_path, capsy
     assert main(["train", "configs/runs/smoke.yaml", "mesh.data=2", "mesh.fsdp=4", f"out_dir={run}",
                  "--compile-only"]) == 0
     out = capsys.readouterr().out
+    assert "parameters: 115,008, 115,008 of them per token" in out  # transformer_tiny, no experts
     assert "compiled the train step for mesh data=2 x fsdp=4 x expert=1 x tensor=1 x sequence=1 (8 devices)" in out
     assert "per device: arguments" in out and "peak" in out
     assert not run.exists()
@@ -32,3 +37,17 @@ def test_fsdp_holds_a_quarter_of_the_state_per_device():
     assert replicated.arguments >= state_bytes
     assert sharded.arguments <= 0.3 * state_bytes + batch_bytes, (sharded.arguments, state_bytes)
     assert sharded.peak > sharded.temporaries > 0
+
+
+@pytest.mark.parametrize("model, total, per_token", [
+    ("configs/models/qwen3_next_80b_a3b.yaml", 79_674_391_296, 3_874_929_408),
+    ("configs/models/kimi_linear_48b_a3b.yaml", 49_122_681_728, 3_484_459_904),
+])
+def test_real_size_configs_load_with_the_parameter_counts_they_state(model, total, per_token):
+    """The published sizes of Qwen3-Next-80B-A3B and Kimi-Linear-48B-A3B, built abstractly (no
+    allocation) through the dry run's config: the counts their headers and RESULTS.md state."""
+    config = load_train_config("configs/runs/dry_run_256.yaml", [f"model={model}"])
+    abstract = nnx.eval_shape(lambda: LanguageModel(config.model, rngs=nnx.Rngs(0)))
+    assert parameter_counts(abstract) == (total, per_token)
+    header = Path(model).read_text()
+    assert f"{total:,}" in header and f"{per_token:,}" in header
