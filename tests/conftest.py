@@ -1,11 +1,20 @@
-"""Test session set-up: 8 fake CPU devices, so sharding tests run on this CPU-only machine.
+"""Test session set-up: 8 fake CPU devices, so sharding tests run on this CPU-only machine, and
+one persistent compilation cache for the run.
 
 XLA reads the flag once, when jax initialises its backend, so it is set before anything imports jax.
+Many tests compile the same programs (the smoke model's train step in a dozen Trainers, the CLI
+subprocesses' steps): with the cache, which the three test groups and their subprocesses share
+(it lives in .cache/, which `make clean` removes), a fresh clone's suite spends about a third less
+CPU on the tests measured (test_trainer and test_checkpoint: 94 s -> 62 s).
 """
 
 import os
+from pathlib import Path
 
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).parents[1] / ".cache" / "jax-tests"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

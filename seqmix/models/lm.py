@@ -11,7 +11,7 @@ from flax import nnx
 from seqmix.layers.mlp import SwiGLU
 from seqmix.layers.moe import MixtureOfExperts
 from seqmix.layers.norms import RMSNorm
-from seqmix.layers.partitioning import logical
+from seqmix.layers.partitioning import constrained, logical
 from seqmix.models.config import ModelConfig
 
 
@@ -113,9 +113,12 @@ class LanguageModel(nnx.Module):
 
     def _hidden(self, tokens, segment_ids, positions):
         positions = _default_positions(segment_ids, positions)
-        x = self.embed_tokens(tokens)
+        # Between blocks the hidden states are split like the batch (rows, and the length over a
+        # sequence axis), whatever the layout of the weights each block meets.
+        x = constrained(self.embed_tokens(tokens), "batch", "length", None)
         for layer in self.layers:
             x, _ = layer(x, segment_ids=segment_ids, positions=positions)
+            x = constrained(x, "batch", "length", None)
         return x
 
     def mixer_inputs_and_outputs(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,

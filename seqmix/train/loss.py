@@ -29,28 +29,34 @@ def chunked_cross_entropy_sum(features: jax.Array, head: jax.Array, targets: jax
     """`cross_entropy_sum(features @ head, targets, mask)` without the [B, T, V] logits.
 
     features [B, T, D] (the model's `features`, in the compute dtype), head [D, V] (its
-    `head_kernel()`, same dtype), targets [B, T] int, mask [B, T] bool. The tokens are taken in
-    blocks of `chunk_tokens`; each block's [chunk_tokens, V] logits live only inside its step of
-    the scan, and the backward pass recomputes them (jax.checkpoint) instead of storing them, so
-    memory holds one block's logits however long the batch (as in Cut Cross-Entropy / fused
-    linear cross-entropy). Same value and gradients as the plain loss, up to float32 rounding.
+    `head_kernel()`, same dtype), targets [B, T] int, mask [B, T] bool. The positions are taken in
+    blocks of ceil(chunk_tokens / B), every row at once, so that a block holds about chunk_tokens
+    tokens and the rows stay split over the devices as the batch is (a block of the flattened
+    batch would gather every device's tokens); each block's [B, span, V] logits live only inside
+    its step of the scan, and the backward pass recomputes them (jax.checkpoint) instead of
+    storing them, so memory holds one block's logits however long the rows (as in Cut
+    Cross-Entropy / fused linear cross-entropy). Same value and gradients as the plain loss, up to
+    float32 rounding.
     """
-    dim = features.shape[-1]
-    flat_mask = mask.reshape(-1).astype(jnp.float32)
-    tokens = flat_mask.shape[0]
-    blocks = -(-tokens // chunk_tokens)
-    pad = blocks * chunk_tokens - tokens
-    blocked = lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(blocks, chunk_tokens, *x.shape[1:])
+    batch, length = targets.shape
+    span = -(-chunk_tokens // batch)
+    blocks = -(-length // span)
+    pad = blocks * span - length
+
+    def blocked(x):  # [B, T, ...] -> [blocks, B, span, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(batch, blocks, span, *x.shape[2:]), 1, 0)
 
     @jax.checkpoint
     def block_loss(head, x, target, weight):
         logits = (x @ head).astype(jnp.float32)
-        picked = jnp.take_along_axis(logits, target[:, None], axis=-1)[:, 0]
+        picked = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
         return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * weight)
 
     def accumulate(total, block):
         return total + block_loss(head, *block), None
 
-    total, _ = jax.lax.scan(accumulate, jnp.float32(0.0), (
-        blocked(features.reshape(-1, dim)), blocked(targets.reshape(-1).astype(jnp.int32)), blocked(flat_mask)))
-    return total, jnp.sum(flat_mask)
+    weights = mask.astype(jnp.float32)
+    total, _ = jax.lax.scan(accumulate, jnp.float32(0.0),
+                            (blocked(features), blocked(targets.astype(jnp.int32)), blocked(weights)))
+    return total, jnp.sum(weights)

@@ -1,11 +1,5 @@
-"""Device mesh and the logical-axis rules that place every parameter and activation on it.
-
-Parameters are annotated with logical axis names (`seqmix.layers.partitioning`); this table
-is the single place that says which mesh axes each logical axis is split over (MaxText's
-pattern). FSDP splits the model dimension of every weight, tensor parallelism splits heads,
-MLP width and vocabulary, expert parallelism the experts of mixture-of-experts layers; the batch
-is split over data, fsdp and expert together.
-"""
+"""The device mesh, and the placement of parameters, optimizer state and batches on it by the
+logical-axis rules of `seqmix.layers.partitioning`."""
 
 from __future__ import annotations
 
@@ -17,22 +11,10 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from seqmix.configuration import ConfigError
+from seqmix.layers.partitioning import LOGICAL_AXIS_RULES, logical_to_spec
 from seqmix.pallas_kernels.sequence_parallel import SEQUENCE_AXIS
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor", SEQUENCE_AXIS)
-
-LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp", "expert"),
-    "length": (SEQUENCE_AXIS,),  # the linear mixers' scans then run sequence-parallel (LASP-2)
-    "embed": ("fsdp",),
-    "vocab": ("tensor",),
-    "mlp": ("tensor",),
-    "expert": ("expert",),
-    "heads": ("tensor",),
-    "kv_heads": ("tensor",),
-    "norm": (),
-    "conv_width": (),
-}
 
 
 def make_mesh(config, devices=None) -> Mesh:
@@ -51,20 +33,6 @@ def make_mesh(config, devices=None) -> Mesh:
         )
     grid = np.asarray(devices).reshape(tuple(sizes[axis] for axis in MESH_AXES))
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-
-
-def logical_to_spec(names, shape, mesh: Mesh) -> PartitionSpec:
-    """PartitionSpec for an array of `shape` whose dimensions carry logical `names`.
-
-    A dimension stays replicated where its size is not divisible by the mesh axes it maps to
-    (e.g. 2 kv heads on a tensor axis of 4), so any model runs on any mesh.
-    """
-    spec = []
-    for name, dim in zip(names, shape):
-        axes = tuple(axis for axis in LOGICAL_AXIS_RULES.get(name, ()) if mesh.shape[axis] > 1) if name else ()
-        size = math.prod(mesh.shape[axis] for axis in axes)
-        spec.append(None if not axes or dim % size else axes[0] if len(axes) == 1 else axes)
-    return PartitionSpec(*spec)
 
 
 def _variable_sharding(variable: nnx.Variable, mesh: Mesh) -> NamedSharding:

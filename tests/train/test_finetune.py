@@ -1,8 +1,7 @@
 """Fine-tuning a Hugging Face checkpoint as a user does: `seqmix train configs/runs/finetune.yaml
 init_from=CHECKPOINT data.tokenizer=...` (the model comes from the checkpoint's config.json, LoRA
 adapters on q/k/v/o train, the rest stays frozen), on the hybrid families' transformers-made
-fixtures; the loss falls, the run samples at its end, and `seqmix generate` continues a prompt
-from the run's checkpoint."""
+fixtures; the loss falls and the run samples at its end."""
 
 import json
 import os
@@ -46,21 +45,25 @@ def train_losses(run: Path) -> list[float]:
     return [record["loss"] for record in records if record["kind"] == "train"]
 
 
-@pytest.mark.parametrize("name", ["qwen3_next", "olmo_hybrid"])
-def test_a_checkpoint_fine_tunes_with_lora_and_samples(tmp_path, capsys, name):
-    assert main(["train", FINETUNE, *finetune_overrides(tmp_path, name)]) == 0
+@pytest.mark.parametrize("name, samples", [("qwen3_next", True), ("olmo_hybrid", False)])
+def test_a_checkpoint_fine_tunes_with_lora(tmp_path, capsys, name, samples):
+    """In process, as `seqmix train`; Qwen3-Next also samples at the end of the run, through a
+    cache whose attention layers' k_proj is LoRA-wrapped (OLMo-hybrid's generation is the parity
+    test's)."""
+    overrides = finetune_overrides(tmp_path, name) + ([] if samples else ["sample_tokens=0"])
+    assert main(["train", FINETUNE, *overrides]) == 0
     out = capsys.readouterr().out
     losses = train_losses(tmp_path / "run")
     assert len(losses) == 8 and np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.1, losses
-    assert "--- sample ---\nROMEO:" in out
+    assert ("--- sample ---\nROMEO:" in out) == samples
     resolved = (tmp_path / "run" / "config.yaml").read_text()
     assert "lora:" in resolved and "layer_pattern" in resolved  # the checkpoint's model, recorded for generate
 
 
-def test_kimi_linear_fine_tunes_then_generates_through_the_cli(tmp_path):
-    """As processes: `seqmix train` on Kimi Linear (KDA, MLA without positions, experts with
+def test_kimi_linear_fine_tunes_and_samples_through_the_cli(tmp_path):
+    """As a process: `seqmix train` on Kimi Linear (KDA, MLA without positions, experts with
     sigmoid routing, expert groups and shared experts), whose end-of-run sample decodes through
-    the caches, then `seqmix generate` from the run's checkpoint."""
+    the caches."""
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     train = subprocess.run([sys.executable, "-m", "seqmix.cli", "train", FINETUNE,
                             *finetune_overrides(tmp_path, "kimi_linear")],
@@ -69,11 +72,6 @@ def test_kimi_linear_fine_tunes_then_generates_through_the_cli(tmp_path):
     losses = train_losses(tmp_path / "run")
     assert len(losses) == 8 and np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.1, losses
     assert "--- sample ---\nROMEO:" in train.stdout
-    generate = subprocess.run(
-        [sys.executable, "-m", "seqmix.cli", "generate", str(tmp_path / "run"), "--prompt", "KING", "--max-new-tokens",
-         "8", "--temperature", "0.8"], env=env, capture_output=True, text=True, timeout=600)
-    assert generate.returncode == 0, generate.stdout + generate.stderr
-    assert generate.stdout.startswith("KING") and len(generate.stdout.rstrip("\n")) > len("KING")
 
 
 def test_a_run_from_a_directory_that_is_not_a_checkpoint_is_refused(tmp_path, capsys):

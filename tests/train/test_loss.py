@@ -75,3 +75,23 @@ def test_the_train_step_loss_in_blocks_equals_the_plain_one():
         np.testing.assert_allclose([total_b, cross_entropy_b, count_b], [total, cross_entropy, count], rtol=1e-6)
         for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(grads_b), jax.tree.leaves(grads)):
             assert float(jnp.linalg.norm(got - want)) <= 1e-5 * float(jnp.linalg.norm(want)) + 1e-9, (tied, path)
+
+
+def test_blocks_keep_the_rows_on_their_devices():
+    """On 8 devices holding one row each, a device's blocks are its own row's: blocks of the
+    flattened batch would gather every row's features (8 x [2048, 32] float32) onto each."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from seqmix.train.config import MeshConfig
+    from seqmix.train.sharding import make_mesh
+
+    mesh = make_mesh(MeshConfig(data=8))
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    features, head, targets, _ = inputs(2, 2048, 32, 512)
+    features, targets = jnp.tile(features, (4, 1, 1)), jnp.tile(targets, (4, 1))
+    mask = jnp.ones(targets.shape, bool)
+    grad = jax.jit(jax.grad(lambda f: chunked_cross_entropy_sum(f, head, targets, mask, chunk_tokens=1024)[0]),
+                   in_shardings=rows)
+    temporaries = grad.lower(features).compile().memory_analysis().temp_size_in_bytes
+    one_row = 2048 * 32 * 4
+    assert temporaries < 4 * one_row, temporaries

@@ -207,6 +207,20 @@ def test_logical_rules_map_divide_and_drop_unit_axes():
     assert batch_sharding(_mesh((1, 1, 1, 1))).spec == P(None, None)
 
 
+def test_activations_are_pinned_to_the_batch_under_the_ambient_mesh():
+    """`constrained` splits the rows as the batch is inside a step traced under the mesh, and
+    leaves an array alone without one (decoding, tests)."""
+    from seqmix.layers.partitioning import constrained
+
+    mesh = _mesh((2, 4, 1, 1))
+    pinned = lambda x: constrained(x * 2, "batch", "length", None)
+    x = np.ones((8, 4, 16), np.float32)
+    with jax.set_mesh(mesh):
+        out = jax.jit(pinned)(x)
+    assert out.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), None, None)), 3)
+    np.testing.assert_array_equal(np.asarray(jax.jit(pinned)(x)), 2 * x)
+
+
 def test_create_train_state_shards_params_and_moments(setup):
     """Breaks if parameters are built replicated (no FSDP memory saving), if Adam's mu/nu are not
     laid out like their parameters (resharding every step, or full copies per device), or if
