@@ -5,12 +5,15 @@ experts run on every token.
     y = sum_{e in chosen(x)} w_e(x) SwiGLU_e(x)  +  [sigmoid(x W_shared_gate)] SwiGLU_shared(x)
 
 Dropless: every token reaches its k experts, whatever the balance, and no expert runs on tokens
-that did not choose it. The N*k (token, expert) pairs are sorted by expert, so that each expert's
-rows are contiguous, and each expert multiplies its own run of rows (`jax.lax.ragged_dot` over the
-experts' row counts); the rows go back to their tokens by the inverse permutation and are summed
-with the routing weights. No capacity factor, no padding to equal loads. (On TPU and GPU
-ragged_dot is a grouped matmul; XLA:CPU expands it into a masked product over all experts, which
-is exact but does E/k times the work: fine for tests and small models.)
+that did not choose it. The (token, expert) pairs are sorted by expert, so that each expert's
+rows are contiguous, and each expert multiplies its own run of rows (`jax.lax.ragged_dot_general`
+over the experts' row counts); the rows go back to their tokens by the inverse permutation and are
+summed with the routing weights. No capacity factor, no padding to equal loads. Under a mesh that
+splits the batch over G devices, the rows are dispatched in G groups, each sorted on its own
+device, and every device gathers the experts' weights for its group (the experts stay sharded
+between layers, FSDP-style); a sort of the whole batch would copy every device's rows to every
+device. (On TPU and GPU ragged_dot is a grouped matmul; XLA:CPU expands it into a masked product
+over all experts, which is exact but does E/k times the work: fine for tests and small models.)
 
 With `load_balance_weight` > 0 the layer sows `load_balance_weight * routing.load_balance` over the
 real tokens as an `nnx.Intermediate` named "aux_loss" (the trainer adds it to the loss).
@@ -33,6 +36,11 @@ from seqmix.configuration import require
 from seqmix.layers import routing
 from seqmix.layers.linear import projection
 from seqmix.layers.mlp import SwiGLU
+from seqmix.layers.partitioning import constrained, shard_count
+
+# ragged_dot_general: lhs [G, M, in] ragged along M, rhs [G, E, in, out] grouped along E, batch G.
+GROUPED_BY_EXPERT = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([2], [2]), ([0], [0])), lhs_ragged_dimensions=[1], rhs_group_dimensions=[1])
 
 
 @dataclasses.dataclass
@@ -115,29 +123,36 @@ class MixtureOfExperts(nnx.Module):
                              scale=self.routed_scale)
 
     def experts(self, rows: jax.Array, group_sizes: jax.Array) -> jax.Array:
-        """Each expert's SwiGLU on its run of rows [M, D] (rows sorted by expert, group_sizes [E]
-        int32 rows per expert) -> [M, D]."""
-        weight = lambda w: w[...].astype(rows.dtype)
-        hidden = (jax.nn.silu(jax.lax.ragged_dot(rows, weight(self.gate_proj), group_sizes))
-                  * jax.lax.ragged_dot(rows, weight(self.up_proj), group_sizes))
-        return jax.lax.ragged_dot(hidden, weight(self.down_proj), group_sizes)
+        """Each expert's SwiGLU on its run of rows, in G groups: rows [G, M, D] (each group's rows
+        sorted by expert), group_sizes [G, E] int32 (each group's rows per expert) -> [G, M, D]."""
+        def grouped(lhs, w):  # [G, M, in] x [E, in, out] per group -> [G, M, out]
+            weights = constrained(jnp.broadcast_to(w[...].astype(lhs.dtype), (lhs.shape[0],) + w.shape),
+                                  "batch", None, None, None)  # each device gathers the experts for its group
+            return jax.lax.ragged_dot_general(lhs, weights, group_sizes, GROUPED_BY_EXPERT)
+
+        hidden = jax.nn.silu(grouped(rows, self.gate_proj)) * grouped(rows, self.up_proj)
+        return grouped(hidden, self.down_proj)
 
     def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
         """x [B, T, D]; segment_ids [B, T] (0 = padding) only limit the load-balancing loss to
         the real tokens."""
-        tokens = x.reshape(-1, x.shape[-1])
+        groups = shard_count("batch", x.shape[0])  # one dispatch per device's rows (1 without a mesh)
+        tokens = x.reshape(groups, -1, x.shape[-1])  # [G, N, D]
         chosen = self.route(tokens)
         if self.load_balance_weight:
-            real = None if segment_ids is None else segment_ids.reshape(-1) != 0
+            real = None if segment_ids is None else segment_ids.reshape(groups, -1) != 0
             # capture_noop: outside nnx.capture (decoding, plain forwards) the module stays unchanged.
             self.sow(nnx.Intermediate, "aux_loss", self.load_balance_weight * routing.load_balance(chosen, real),
                      capture_noop=True)
-        pairs = chosen.experts.reshape(-1)  # [N * k], token n's choices at n * k ...
-        order = jnp.argsort(pairs, stable=True)
-        group_sizes = jnp.bincount(pairs, length=self.gate_proj.shape[0]).astype(jnp.int32)
-        back = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))  # order's inverse
-        out = self.experts(tokens[order // self.top_k], group_sizes)[back]
-        out = jnp.einsum("nkd,nk->nd", out.reshape(tokens.shape[0], self.top_k, -1), chosen.weights.astype(x.dtype))
+        pairs = chosen.experts.reshape(groups, -1)  # [G, N * k], token n's choices at n * k ...
+        order = jnp.argsort(pairs, axis=-1, stable=True)
+        experts = self.gate_proj.shape[0]
+        group_sizes = jax.vmap(lambda p: jnp.bincount(p, length=experts))(pairs).astype(jnp.int32)
+        back = jax.vmap(lambda o: jnp.zeros_like(o).at[o].set(jnp.arange(o.size, dtype=o.dtype)))(order)  # inverse
+        rows = jnp.take_along_axis(tokens, (order // self.top_k)[..., None], axis=1)
+        out = jnp.take_along_axis(self.experts(rows, group_sizes), back[..., None], axis=1)
+        out = jnp.einsum("gnkd,gnk->gnd", out.reshape(*tokens.shape[:2], self.top_k, -1),
+                         chosen.weights.astype(x.dtype))
         if self.shared_expert is not None:
             shared = self.shared_expert(tokens)
             if self.shared_expert_gate is not None:

@@ -54,6 +54,16 @@ def logical_to_spec(names, shape, mesh) -> PartitionSpec:
     return PartitionSpec(*spec)
 
 
+def shard_count(name: str, size: int) -> int:
+    """Into how many parts the ambient mesh splits a dimension of `size` named `name` (1 without
+    a mesh, or where the size does not divide)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    axes = logical_to_spec((name,), (size,), mesh)[0]
+    return math.prod(mesh.shape[axis] for axis in ((axes,) if isinstance(axes, str) else axes or ()))
+
+
 def constrained(x: jax.Array, *names: str | None) -> jax.Array:
     """x with its sharding pinned to the logical axes `names` (one per dimension) on the ambient
     mesh (the train step traces under one); x unchanged where there is none (decoding, tests).

@@ -4,13 +4,12 @@ Mistral (sliding window 5) and Qwen2 (q/k/v biases, tied embeddings) and their l
 
 import dataclasses
 import json
-import shutil
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hf_fixtures import FIXTURES, copy_fixture, hf_json, rel_err
 from safetensors.numpy import load_file, save_file
 
 from seqmix.configuration import build
@@ -18,20 +17,13 @@ from seqmix.models.config import ModelConfig
 from seqmix.models.hf import CheckpointError, config_from_hf, from_pretrained, hf_config, save_pretrained
 from seqmix.models.lm import LanguageModel
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "hf"
 
-
-def rel_err(a, b):
-    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
 def expected(name):
     files = load_file(FIXTURES / name / "expected.safetensors")
     return jnp.asarray(files["input_ids"], jnp.int32), files["logits"]
 
-
-def hf_json(name):
-    return json.loads((FIXTURES / name / "config.json").read_text())
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2"])
@@ -80,11 +72,6 @@ def test_export_and_reimport_keep_the_model(tmp_path, name):
         written = load_file(tmp_path / "model.safetensors")
         assert set(written) == set(original) and all(np.array_equal(written[k], original[k]) for k in original)
 
-
-def copy_fixture(name, tmp_path):
-    target = tmp_path / name
-    shutil.copytree(FIXTURES / name, target)
-    return target
 
 
 def test_a_missing_or_misshapen_tensor_is_named(tmp_path):

@@ -9,14 +9,13 @@ continuation through seqmix's decode caches, export in the hub layout, config al
 
 import dataclasses
 import json
-import shutil
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hf_fixtures import FIXTURES, copy_fixture, hf_json, rel_err
 from safetensors.numpy import load_file, save_file
 
 from seqmix.configuration import build
@@ -25,14 +24,10 @@ from seqmix.models.generate import generate
 from seqmix.models.hf import CheckpointError, config_from_hf, from_pretrained, hf_config, save_pretrained
 from seqmix.models.lm import LanguageModel
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "hf"
 HYBRIDS = ["qwen3_next", "qwen3_5_text", "qwen3_5", "olmo_hybrid", "kimi_linear", "kimi_linear_no_q_lora"]
 # What each exports as (the vision-language checkpoint's language model as a Qwen3.5 text model).
 EXPORTED_AS = {"qwen3_5": "qwen3_5_text", "kimi_linear_no_q_lora": "kimi_linear"}
 
-
-def rel_err(a, b):
-    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
 @nnx.jit
@@ -45,9 +40,6 @@ def logits_of(model, tokens):
 def expected(name):
     return load_file(FIXTURES / name / "expected.safetensors")
 
-
-def hf_json(name):
-    return json.loads((FIXTURES / name / "config.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +75,7 @@ def test_the_fixtures_exercise_the_options_that_make_each_family():
         for change in variants:
             variant = LanguageModel(change(config_from_hf(hf_json(name))), rngs=nnx.Rngs(0))
             nnx.update(variant, params)
-            assert rel_err(variant(tokens), files["logits"]) > 1e-3, name
+            assert rel_err(logits_of(variant, tokens), files["logits"]) > 1e-3, name
 
 
 def _mixer(config, kind, **options):
@@ -135,11 +127,6 @@ def test_configs_in_the_hub_forms_read_as_the_same_model():
     older |= {"full_attention_interval": 4, "rope_theta": 10000.0, "partial_rotary_factor": 0.25}
     assert config_from_hf(older) == config_from_hf(qwen)
 
-
-def copy_fixture(name, tmp_path):
-    target = tmp_path / name
-    shutil.copytree(FIXTURES / name, target)
-    return target
 
 
 def test_missing_misshapen_and_unexpected_tensors_are_named(tmp_path):

@@ -391,3 +391,31 @@ def test_trainer_checkpoint_restores_onto_other_meshes(tmp_path):
     assert np.isfinite(losses[0])
     for loss in losses[1:]:
         assert _rel(loss, losses[0]) < 1e-5, losses
+
+
+def test_a_mixture_of_experts_sorts_each_devices_rows_on_that_device():
+    """On 8 devices holding one row each, the dispatch's sorted rows and its grouped matmuls are
+    a device's own (XLA:CPU's masked expansion of ragged_dot: [experts, rows, hidden] per device);
+    a sort of the whole batch would give every device all 8 rows' copies."""
+    from flax import nnx
+
+    from seqmix.configuration import build
+    from seqmix.layers.moe import MixtureOfExperts, MoEConfig
+
+    config = build(MoEConfig, {"num_experts": 4, "top_k": 2, "expert_hidden": 64}, "moe")
+    moe = MixtureOfExperts(32, 64, config, std=0.1, out_std=0.1, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(moe)
+    mesh = _mesh((8, 1, 1, 1))
+    x = jax.random.normal(jax.random.key(0), (8, 512, 32))
+
+    def forward(params, x):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return nnx.merge(graphdef, params)(x)
+
+    rows = NamedSharding(mesh, P("data"))
+    compiled = jax.jit(forward, in_shardings=(NamedSharding(mesh, P()), rows)).lower(params, x).compile()
+    one_device_expansion = 4 * 512 * 2 * 64 * 4  # experts x (row's tokens x top_k) x hidden x float32
+    assert compiled.memory_analysis().temp_size_in_bytes < 4 * one_device_expansion
+    single = nnx.merge(graphdef, params)(x)
+    np.testing.assert_allclose(np.asarray(jax.jit(forward, in_shardings=(NamedSharding(mesh, P()), rows))(params, x)),
+                               np.asarray(single), rtol=1e-5, atol=1e-5)

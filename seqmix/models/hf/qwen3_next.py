@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from seqmix.layers.moe import MoEConfig
 from seqmix.models.config import ModelConfig
 from seqmix.models.hf.family import (Family, built, head_dim, layer_mixers, read, require_options, require_values,
                                      rope_parameters, same_options, shortest_period)
