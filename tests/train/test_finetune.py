@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
+import pytest
 from tokenizers import Tokenizer, decoders, models
 
 from seqmix.cli import main
@@ -32,11 +32,21 @@ def char_tokenizer(directory: Path, vocab_size: int) -> Path:
 
 
 def finetune_overrides(tmp_path, name):
+    """The run: 8 LoRA steps on a verse repeated (so that the loss must fall within them, not
+    wander with the batches of a varied corpus), then a sample."""
     checkpoint = FIXTURES / name
     vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
+    verse = tmp_path / "verse.txt"
+    verse.write_text("ROMEO: But soft, what light through yonder window breaks?\n" * 200)
     return [f"init_from={checkpoint}", f"data.tokenizer={char_tokenizer(tmp_path, vocab)}", f"out_dir={tmp_path / 'run'}",
+            "data.corpus=files", f"data.train_files=[{verse}]", f"data.eval_files=[{verse}]",
             "data.seq_len=32", "data.batch_size=8", "steps=8", "optim.lr=1e-2", "optim.warmup_steps=1",
             "log_every=1", "eval_every=100", "eval_batches=1", "checkpoint.every_steps=8", "sample_tokens=6"]
+
+
+def assert_the_loss_falls(run: Path) -> None:
+    losses = train_losses(run)
+    assert len(losses) == 8 and losses[-1] < losses[0] - 1.0, losses
 
 
 def train_losses(run: Path) -> list[float]:
@@ -44,14 +54,14 @@ def train_losses(run: Path) -> list[float]:
     return [record["loss"] for record in records if record["kind"] == "train"]
 
 
-def test_qwen3_next_fine_tunes_with_lora_and_samples(tmp_path, capsys):
-    """In process, as `seqmix train`; the end-of-run sample decodes through a cache whose
-    attention layers' k_proj is LoRA-wrapped."""
-    assert main(["train", FINETUNE, *finetune_overrides(tmp_path, "qwen3_next")]) == 0
-    out = capsys.readouterr().out
-    losses = train_losses(tmp_path / "run")
-    assert len(losses) == 8 and np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.1, losses
-    assert "--- sample ---\nROMEO:" in out
+@pytest.mark.parametrize("name, samples", [("qwen3_next", True), ("olmo_hybrid", False)])
+def test_a_checkpoint_fine_tunes_with_lora(tmp_path, capsys, name, samples):
+    """In process, as `seqmix train`. Qwen3-Next's run samples at its end, through a cache whose
+    attention layers' k_proj is LoRA-wrapped; OLMo-hybrid's generation is the parity test's."""
+    overrides = finetune_overrides(tmp_path, name) + ([] if samples else ["sample_tokens=0"])
+    assert main(["train", FINETUNE, *overrides]) == 0
+    assert_the_loss_falls(tmp_path / "run")
+    assert ("--- sample ---\nROMEO:" in capsys.readouterr().out) == samples
     resolved = (tmp_path / "run" / "config.yaml").read_text()
     assert "lora:" in resolved and "layer_pattern" in resolved  # the checkpoint's model, recorded for generate
 
@@ -65,8 +75,7 @@ def test_kimi_linear_fine_tunes_and_samples_through_the_cli(tmp_path):
                             *finetune_overrides(tmp_path, "kimi_linear")],
                            env=env, capture_output=True, text=True, timeout=600)
     assert train.returncode == 0, train.stdout + train.stderr
-    losses = train_losses(tmp_path / "run")
-    assert len(losses) == 8 and np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.1, losses
+    assert_the_loss_falls(tmp_path / "run")
     assert "--- sample ---\nROMEO:" in train.stdout
 
 
