@@ -54,10 +54,10 @@ def train_losses(run: Path) -> list[float]:
     return [record["loss"] for record in records if record["kind"] == "train"]
 
 
-@pytest.mark.parametrize("name, samples", [("qwen3_next", True), ("olmo_hybrid", False)])
+@pytest.mark.parametrize("name, samples", [("qwen3_next", True), ("qwen3_5_text", False), ("olmo_hybrid", False)])
 def test_a_checkpoint_fine_tunes_with_lora(tmp_path, capsys, name, samples):
     """In process, as `seqmix train`. Qwen3-Next's run samples at its end, through a cache whose
-    attention layers' k_proj is LoRA-wrapped; OLMo-hybrid's generation is the parity test's."""
+    attention layers' k_proj is LoRA-wrapped; the others' generation is the parity tests'."""
     overrides = finetune_overrides(tmp_path, name) + ([] if samples else ["sample_tokens=0"])
     assert main(["train", FINETUNE, *overrides]) == 0
     assert_the_loss_falls(tmp_path / "run")
