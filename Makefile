@@ -36,11 +36,10 @@ train: $(VENV)/.train-installed
 # and crashes inside a late compilation. They run side by side, so that both cores of a small
 # machine stay busy (compiling is mostly single-threaded); each writes its own log, printed in
 # order when all have finished, and the first failing group's status is make's.
-# The groups are balanced by measured time (the Hugging Face hybrids' tests run beside the kernels).
-HF_HYBRID_TESTS = tests/models/test_hf_hybrids.py tests/train/test_finetune.py
+# The groups are balanced by measured time (the Hugging Face hybrids' parity tests run beside the kernels).
 TEST_GROUPS = "tests/layers tests/mixers tests/test_configuration.py tests/test_examples.py" \
-	"tests/pallas_kernels $(HF_HYBRID_TESTS)" \
-	"tests/models tests/train $(addprefix --ignore=,$(HF_HYBRID_TESTS))"
+	"tests/pallas_kernels tests/models/test_hf_hybrids.py" \
+	"tests/models tests/train --ignore=tests/models/test_hf_hybrids.py"
 TEST_LOGS := .test-logs
 test: $(VENV)/.test-installed
 	@rm -rf $(TEST_LOGS) && mkdir -p $(TEST_LOGS); \
