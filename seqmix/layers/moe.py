@@ -35,7 +35,7 @@ from flax import nnx
 from seqmix.configuration import require
 from seqmix.layers import routing
 from seqmix.layers.linear import projection
-from seqmix.layers.mlp import SwiGLU
+from seqmix.layers.mlp import GatedMLP
 from seqmix.layers.partitioning import constrained, shard_count
 
 # ragged_dot_general: lhs [G, M, in] ragged along M, rhs [G, E, in, out] grouped along E, batch G.
@@ -110,7 +110,7 @@ class MixtureOfExperts(nnx.Module):
         self.gate_proj = expert_weights((d_model, hidden), ("embed", "mlp"), std)
         self.up_proj = expert_weights((d_model, hidden), ("embed", "mlp"), std)
         self.down_proj = expert_weights((hidden, d_model), ("mlp", "embed"), out_std)
-        self.shared_expert = (SwiGLU(d_model, config.shared_hidden, std=std, out_std=out_std, rngs=rngs)
+        self.shared_expert = (GatedMLP(d_model, config.shared_hidden, std=std, out_std=out_std, rngs=rngs)
                               if config.shared_hidden else None)
         self.shared_expert_gate = (projection(d_model, 1, ("embed", None), std=std, rngs=rngs)
                                    if config.shared_gate else None)

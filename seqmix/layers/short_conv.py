@@ -15,16 +15,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-
 class ShortConvolution(nnx.Module):
-    """x [B, T, C] -> y [B, T, C] in x's dtype (sums in float32); weight [width, C], no bias.
+    """x [B, T, C] -> y [B, T, C] in x's dtype (sums in float32); weight [width, C], and with
+    `bias` a bias [C] added before the activation (Mamba2's conv_bias, RecurrentGemma's conv).
 
     `tail` carries the previous `width - 1` inputs of each row [B, width-1, C] across calls
     (prefill, then decode steps); zeros mean "nothing before". The returned tail holds the last
     `width - 1` inputs seen, padding stored as zeros, so batched prompts are padded on the left.
     """
 
-    def __init__(self, channels: int, width: int, *, activation: bool = True, rngs: nnx.Rngs):
+    def __init__(self, channels: int, width: int, *, activation: bool = True, bias: bool = False, rngs: nnx.Rngs):
         if width < 1:
             raise ValueError(f"ShortConvolution width must be >= 1, got {width}")
         self.width = width
@@ -34,6 +34,8 @@ class ShortConvolution(nnx.Module):
             jax.random.uniform(rngs.params(), (width, channels), jnp.float32, -bound, bound),
             out_sharding=("conv_width", "heads"), eager_sharding=False,
         )
+        self.bias = nnx.data(nnx.Param(jnp.zeros((channels,), jnp.float32), out_sharding=("heads",),
+                                       eager_sharding=False) if bias else None)
 
     def empty_tail(self, batch: int, dtype) -> jax.Array:
         """The tail of rows with nothing before them: zeros [B, width-1, C]."""
@@ -61,6 +63,8 @@ class ShortConvolution(nnx.Module):
                 same = jax.lax.slice_in_dim(seen_segments, history - offset, history - offset + length, axis=1)
                 shifted = jnp.where((same == segment_ids)[..., None], shifted, 0.0)
             acc = acc + weight[offset] * shifted
+        if self.bias is not None:
+            acc = acc + self.bias[...]
         y = jax.nn.silu(acc) if self.activation else acc
         return y.astype(x.dtype), seen[:, length:]
 

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 from seqmix.configuration import build, require
+from seqmix.layers.mlp import Activation
 from seqmix.layers.moe import MoEConfig
 from seqmix.layers.rotary import RopeScaling
 from seqmix.mixers import get_mixer
@@ -16,8 +17,19 @@ from seqmix.mixers.registry import MixerSpec
 class ModelConfig:
     """A decoder-only LM: embed -> n_layers x (norm, mixer, residual, norm, MLP, residual) -> norm -> head.
 
-    The MLP is a SwiGLU of width mlp_hidden, or, with `moe`, a mixture of experts on the layers
-    it makes sparse (`MoEConfig.sparse`).
+    The MLP is a gated MLP (`GatedMLP`: SwiGLU, or GeGLU with mlp_activation gelu_tanh) of width
+    mlp_hidden, or, with `moe`, a mixture of experts on the layers it makes sparse
+    (`MoEConfig.sparse`). mlp_hidden 0: blocks of a norm and a mixer alone (Mamba-2; Nemotron-H,
+    whose feed-forward layers are layers of their own).
+
+    Blocks are pre-norm, or post-norm for the kinds in `post_norm_layers` (OLMo-hybrid's
+    attention), or take their residuals after the norms for the kinds in `residual_scales`
+    (MiniMax): kind -> [mixer_alpha, mixer_beta, mlp_alpha, mlp_beta], each half of the block
+    x <- alpha * norm(x) + beta * f(norm(x)).
+
+    The embeddings are multiplied by embedding_multiplier (Falcon-H1's muP multiplier, Gemma's
+    sqrt(d_model)), the logits by logit_multiplier, then soft-capped, cap * tanh(logits / cap),
+    when logit_soft_cap is set (Gemma 2, RecurrentGemma).
 
     `layer_pattern` names a layer kind per layer and is repeated to fill `n_layers`. A kind is
     either a key of `mixers` (`{type: <registered mixer>, <option>: ...}`) or directly the name
@@ -32,16 +44,23 @@ class ModelConfig:
     n_heads: int = 4
     n_kv_heads: int | None = None  # None: as many as n_heads (multi-head attention)
     head_dim: int | None = None  # None: d_model // n_heads
-    mlp_hidden: int | None = None  # None: 8/3 * d_model rounded up to a multiple of 64
+    mlp_hidden: int | None = None  # None: 8/3 * d_model rounded up to a multiple of 64; 0: no MLP
+    mlp_activation: Activation = "silu"  # the gated MLP's: silu (SwiGLU) or gelu_tanh (GeGLU)
+    mlp_bias: bool = False
+    mlp_multipliers: list[float] = dataclasses.field(default_factory=lambda: [1.0, 1.0])  # gate, down (Falcon-H1)
     moe: MoEConfig | None = None  # mixture-of-experts MLPs on the layers it selects
     layer_pattern: list[str] = dataclasses.field(default_factory=lambda: ["attention"])
     post_norm_layers: list[str] = dataclasses.field(default_factory=list)  # layer kinds in post-norm blocks
+    residual_scales: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     mixers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None  # Llama-3's long-context RoPE scaling
     norm_eps: float = 1e-6
     norm_unit_offset: bool = False  # RMSNorms scale by (1 + w), w from 0 (Gemma, Qwen3-Next)
     tie_embeddings: bool = True
+    embedding_multiplier: float = 1.0
+    logit_multiplier: float = 1.0
+    logit_soft_cap: float | None = None
     init_std: float = 0.02
 
     @property
@@ -54,7 +73,7 @@ class ModelConfig:
 
     @property
     def mlp_width(self) -> int:
-        return self.mlp_hidden or -(-(8 * self.d_model // 3) // 64) * 64
+        return -(-(8 * self.d_model // 3) // 64) * 64 if self.mlp_hidden is None else self.mlp_hidden
 
     def layer_kinds(self) -> list[str]:
         """The layer kind of each of the n_layers layers."""
@@ -76,7 +95,10 @@ class ModelConfig:
         require(self.kv_heads > 0 and self.n_heads % self.kv_heads == 0, path, "n_kv_heads",
                 f"{self.n_kv_heads} must be positive and divide n_heads={self.n_heads}")
         require(self.dim_per_head % 2 == 0, path, "head_dim", f"{self.dim_per_head} must be even for rotary embeddings")
-        require(self.mlp_width > 0, path, "mlp_hidden", f"must be positive, got {self.mlp_hidden}")
+        require(self.mlp_width >= 0, path, "mlp_hidden", f"must be >= 0 (0: no MLP), got {self.mlp_hidden}")
+        require(self.mlp_width > 0 or self.moe is None, path, "moe", "needs blocks with an MLP (mlp_hidden > 0)")
+        require(self.logit_soft_cap is None or self.logit_soft_cap > 0, path, "logit_soft_cap",
+                f"must be positive or null, got {self.logit_soft_cap}")
         require(len(self.layer_pattern) > 0, path, "layer_pattern", "must name at least one layer kind")
         require(self.n_layers % len(self.layer_pattern) == 0, path, "n_layers",
                 f"{self.n_layers} is not a multiple of the layer_pattern length {len(self.layer_pattern)}")
@@ -84,7 +106,15 @@ class ModelConfig:
         require(self.norm_eps > 0, path, "norm_eps", "must be positive")
         for kind in self.layer_pattern:
             self.mixer(kind, path)
-        for kind in self.post_norm_layers:
-            require(kind in self.layer_pattern, path, "post_norm_layers", f"{kind!r} is not a kind of layer_pattern")
+        for key in ("post_norm_layers", "residual_scales"):
+            for kind in getattr(self, key):
+                require(kind in self.layer_pattern, path, key, f"{kind!r} is not a kind of layer_pattern")
+        require(len(self.mlp_multipliers) == 2, path, "mlp_multipliers",
+                f"must be [gate, down], got {self.mlp_multipliers}")
+        for kind, scales in self.residual_scales.items():
+            require(len(scales) == 4, path, f"residual_scales.{kind}",
+                    f"must be [mixer_alpha, mixer_beta, mlp_alpha, mlp_beta], got {scales}")
+        both = sorted(set(self.post_norm_layers) & set(self.residual_scales))
+        require(not both, path, "residual_scales", f"{both} are post-norm layers too (a block has one form)")
         unused = sorted(set(self.mixers) - set(self.layer_pattern))
         require(not unused, path, f"mixers.{unused[0] if unused else ''}", "is not used by layer_pattern")

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from seqmix.layers.mlp import SwiGLU
+from seqmix.layers.mlp import GatedMLP
 from seqmix.layers.moe import MixtureOfExperts
 from seqmix.layers.norms import RMSNorm
 from seqmix.layers.partitioning import constrained, logical
@@ -33,10 +33,12 @@ def _default_positions(segment_ids: jax.Array | None, positions: jax.Array | Non
 
 
 class Block(nnx.Module):
-    """A pre-norm block, x + mixer(norm(x)) then + MLP(norm(.)), or, for the layer kinds in
-    `config.post_norm_layers`, a post-norm one (OLMo-hybrid's attention layers), x + norm(mixer(x))
-    then + norm(MLP(.)). The mixer is chosen by the layer kind; the MLP is a SwiGLU, or a mixture of
-    experts on the layers `config.moe` makes sparse."""
+    """A layer of the model: its mixer, chosen by the layer kind, and its MLP (a gated MLP, or a
+    mixture of experts on the layers `config.moe` makes sparse, or none when config.mlp_hidden is
+    0), each in a residual. Pre-norm, x + mixer(norm(x)) then + MLP(norm(.)); for the kinds in
+    `config.post_norm_layers` post-norm (OLMo-hybrid's attention layers), x + norm(mixer(x)) then
+    + norm(MLP(.)); for the kinds in `config.residual_scales` residuals taken after the norms
+    (MiniMax), alpha * norm(x) + beta * mixer(norm(x)), then likewise around the MLP."""
 
     def __init__(self, config: ModelConfig, layer_index: int, *, rngs: nnx.Rngs):
         kind = config.layer_kinds()[layer_index]
@@ -44,15 +46,21 @@ class Block(nnx.Module):
         out_std = config.init_std / (2 * config.n_layers) ** 0.5
         norm = lambda: RMSNorm(config.d_model, eps=config.norm_eps, unit_offset=config.norm_unit_offset)
         self.post_norm = kind in config.post_norm_layers
+        self.residual_scales = tuple(config.residual_scales[kind]) if kind in config.residual_scales else None
         self.input_layernorm = None if self.post_norm else norm()
         self.self_attn = spec.build(config, mixer_config, layer_index, rngs=rngs)
-        self.post_attention_layernorm = norm()
-        self.post_feedforward_layernorm = norm() if self.post_norm else None
-        if config.moe is not None and config.moe.sparse(layer_index):
+        has_mlp = config.mlp_width > 0
+        self.post_attention_layernorm = norm() if has_mlp or self.post_norm else None
+        self.post_feedforward_layernorm = norm() if has_mlp and self.post_norm else None
+        if not has_mlp:
+            self.mlp = None
+        elif config.moe is not None and config.moe.sparse(layer_index):
             self.mlp = MixtureOfExperts(config.d_model, config.moe.expert_hidden or config.mlp_width, config.moe,
                                         std=config.init_std, out_std=out_std, rngs=rngs)
         else:
-            self.mlp = SwiGLU(config.d_model, config.mlp_width, std=config.init_std, out_std=out_std, rngs=rngs)
+            self.mlp = GatedMLP(config.d_model, config.mlp_width, std=config.init_std, out_std=out_std, rngs=rngs,
+                                activation=config.mlp_activation, bias=config.mlp_bias,
+                                multipliers=tuple(config.mlp_multipliers))
 
     def __call__(self, x, *, segment_ids=None, positions=None, cache=None):
         mixed, cache = self.self_attn(self.mixer_input(x), segment_ids=segment_ids, positions=positions, cache=cache)
@@ -67,14 +75,26 @@ class Block(nnx.Module):
         segment_ids [B, T] (0 = padding) keep padding out of a mixture of experts' balancing loss."""
         if self.post_norm:
             x = x + self.post_attention_layernorm(mixed)
-            return x + self.post_feedforward_layernorm(self._mlp(x, segment_ids))
+            return x if self.mlp is None else x + self.post_feedforward_layernorm(self._mlp(x, segment_ids))
+        if self.residual_scales is not None:
+            mixer_alpha, mixer_beta, mlp_alpha, mlp_beta = self.residual_scales
+            # The mixer's input again: under jit XLA computes the norm once.
+            x = mixer_alpha * self.input_layernorm(x) + mixer_beta * mixed
+            normed = self.post_attention_layernorm(x)
+            return mlp_alpha * normed + mlp_beta * self._mlp(normed, segment_ids)
         x = x + mixed
-        return x + self._mlp(self.post_attention_layernorm(x), segment_ids)
+        return x if self.mlp is None else x + self._mlp(self.post_attention_layernorm(x), segment_ids)
 
     def _mlp(self, x, segment_ids):
         if isinstance(self.mlp, MixtureOfExperts):
             return self.mlp(x, segment_ids=segment_ids)
         return self.mlp(x)
+
+
+def soft_capped(logits: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(logits / cap) (Gemma's logit soft-capping: every logit within (-cap, cap)), or
+    the logits themselves when cap is None; any shape and float dtype."""
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
 class LanguageModel(nnx.Module):
@@ -85,6 +105,8 @@ class LanguageModel(nnx.Module):
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.embedding_multiplier, self.logit_multiplier = config.embedding_multiplier, config.logit_multiplier
+        self.logit_soft_cap = config.logit_soft_cap
         self.embed_tokens = nnx.Embed(
             config.vocab_size, config.d_model, param_dtype=jnp.float32,
             embedding_init=logical(nnx.initializers.normal(config.init_std), "vocab", "embed"), rngs=rngs,
@@ -97,25 +119,33 @@ class LanguageModel(nnx.Module):
         )
 
     def head_kernel(self) -> jax.Array:
-        """The output projection [D, vocab] (the embedding's transpose when they are tied)."""
-        return self.embed_tokens.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
+        """The output projection [D, vocab] (the embedding's transpose when they are tied) times
+        the logit multiplier: `features @ head_kernel()` are the logits before soft-capping."""
+        kernel = self.embed_tokens.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
+        return kernel if self.logit_multiplier == 1.0 else kernel * self.logit_multiplier
+
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        x = self.embed_tokens(tokens)
+        return x if self.embedding_multiplier == 1.0 else x * self.embedding_multiplier
 
     def _logits(self, x: jax.Array) -> jax.Array:
         x = self.norm(x)
-        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
-        return logits.astype(jnp.float32)
+        logits = (self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)).astype(jnp.float32)
+        return soft_capped(logits if self.logit_multiplier == 1.0 else logits * self.logit_multiplier,
+                           self.logit_soft_cap)
 
     def features(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None) -> jax.Array:
-        """The final normalised hidden states [B, T, D] that the head turns into logits: what a
-        loss that never materialises [B, T, vocab] starts from (`train.loss.chunked_cross_entropy_sum`)."""
+        """The final normalised hidden states [B, T, D] that the head turns into logits
+        (`soft_capped(features @ head_kernel(), logit_soft_cap)`): what a loss that never
+        materialises [B, T, vocab] starts from (`train.loss.chunked_cross_entropy_sum`)."""
         return self.norm(self._hidden(tokens, segment_ids, positions))
 
     def _hidden(self, tokens, segment_ids, positions):
         positions = _default_positions(segment_ids, positions)
         # Between blocks the hidden states are split like the batch (rows, and the length over a
         # sequence axis), whatever the layout of the weights each block meets.
-        x = constrained(self.embed_tokens(tokens), "batch", "length", None)
+        x = constrained(self._embed(tokens), "batch", "length", None)
         for layer in self.layers:
             x, _ = layer(x, segment_ids=segment_ids, positions=positions)
             x = constrained(x, "batch", "length", None)
@@ -126,7 +156,7 @@ class LanguageModel(nnx.Module):
         """(input, output) [B, T, D] of every layer's mixer in the training forward (arguments
         as `__call__`): what attention transfer fits a converted layer to, layer by layer."""
         positions = _default_positions(segment_ids, positions)
-        x, pairs = self.embed_tokens(tokens), []
+        x, pairs = self._embed(tokens), []
         for layer in self.layers:
             mixer_input = layer.mixer_input(x)
             mixed, _ = layer.self_attn(mixer_input, segment_ids=segment_ids, positions=positions)
@@ -154,7 +184,7 @@ class LanguageModel(nnx.Module):
         # depends on position differences alone, so a left-padded row scores as if unpadded.
         lengths = cache[0].lengths  # every layer has seen the same tokens
         positions = lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
-        x = self.embed_tokens(tokens)
+        x = self._embed(tokens)
         new_cache = []
         for layer, layer_cache in zip(self.layers, cache):
             x, layer_cache = layer(x, segment_ids=segment_ids, positions=positions, cache=layer_cache)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from seqmix.models.lm import soft_capped
+
 
 def cross_entropy_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Summed token cross-entropy and the number of tokens it covers.
@@ -25,8 +27,9 @@ def target_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def chunked_cross_entropy_sum(features: jax.Array, head: jax.Array, targets: jax.Array, mask: jax.Array, *,
-                              chunk_tokens: int) -> tuple[jax.Array, jax.Array]:
-    """`cross_entropy_sum(features @ head, targets, mask)` without the [B, T, V] logits.
+                              chunk_tokens: int, soft_cap: float | None = None) -> tuple[jax.Array, jax.Array]:
+    """`cross_entropy_sum(soft_capped(features @ head, soft_cap), targets, mask)` without the
+    [B, T, V] logits.
 
     features [B, T, D] (the model's `features`, in the compute dtype), head [D, V] (its
     `head_kernel()`, same dtype), targets [B, T] int, mask [B, T] bool. The positions are taken in
@@ -49,7 +52,7 @@ def chunked_cross_entropy_sum(features: jax.Array, head: jax.Array, targets: jax
 
     @jax.checkpoint
     def block_loss(head, x, target, weight):
-        logits = (x @ head).astype(jnp.float32)
+        logits = soft_capped((x @ head).astype(jnp.float32), soft_cap)
         picked = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
         return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * weight)
 

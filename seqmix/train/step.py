@@ -39,7 +39,7 @@ def _batch_loss(model_graphdef, params, rest, batch, compute_dtype, loss_chunk_t
         batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
     if loss_chunk_tokens:
         cross_entropy, count = chunked_cross_entropy_sum(outputs, model.head_kernel(), batch["targets"], scored,
-                                                         chunk_tokens=loss_chunk_tokens)
+                                                         chunk_tokens=loss_chunk_tokens, soft_cap=model.logit_soft_cap)
     else:
         cross_entropy, count = cross_entropy_sum(outputs, batch["targets"], scored)
     aux = sum((jnp.sum(value.astype(jnp.float32)) for path, value in jax.tree_util.tree_leaves_with_path(sown)

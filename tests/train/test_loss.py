@@ -53,7 +53,8 @@ def test_the_full_logits_are_never_held():
 
 def test_the_train_step_loss_in_blocks_equals_the_plain_one():
     """_batch_loss with loss_chunk_tokens: the same total (MoM's aux loss included), cross-entropy
-    and gradients of every parameter, for tied and untied heads."""
+    and gradients of every parameter, for tied and untied heads (the untied one with a logit
+    multiplier and soft-capping, which the blocks must apply as the model's logits do)."""
     from flax import nnx
 
     from seqmix.configuration import build
@@ -65,8 +66,9 @@ def test_the_train_step_loss_in_blocks_equals_the_plain_one():
     batch = {"inputs": inputs, "targets": jnp.roll(inputs, -1, axis=1), "positions": jnp.zeros_like(inputs),
              "segment_ids": jnp.array([[1] * 7 + [2] * 3 + [0] * 2, [1] * 12])}
     for tied in (True, False):
+        logits = {} if tied else {"logit_multiplier": 3.0, "logit_soft_cap": 1.0}
         config = build(ModelConfig, {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 2, "init_std": 0.2,
-                                     "tie_embeddings": tied, "layer_pattern": ["mom", "attention"]}, "model")
+                                     "tie_embeddings": tied, "layer_pattern": ["mom", "attention"], **logits}, "model")
         graphdef, params, rest = nnx.split(LanguageModel(config, rngs=nnx.Rngs(0)), nnx.Param, ...)
         grad_fn = jax.jit(jax.value_and_grad(_batch_loss, argnums=1, has_aux=True), static_argnums=(0, 4, 5))
         (total, (cross_entropy, count)), grads = grad_fn(graphdef, params, rest, batch, None, 0)
