@@ -51,6 +51,12 @@ def test_a_model_file_override_swaps_the_model_before_its_fields_are_set():
         (["model.vocab_size=100"], "model.vocab_size"),
         (["optim.warmup_steps=100000"], "optim.warmup_steps"),
         (["steps.x=1"], "steps"),
+        (["model.mlp_activation=relu"], "model.mlp_activation"),
+        (["model.mlp_multipliers=[2.0]"], "model.mlp_multipliers"),
+        (["model.logit_soft_cap=0"], "model.logit_soft_cap"),
+        (["model.residual_scales={mamba2: [1, 1, 1, 1]}"], "model.residual_scales"),
+        (["model.residual_scales={local: [1, 1]}"], "model.residual_scales.local"),
+        (["model.mlp_hidden=0", "model.moe={num_experts: 4}"], "model.moe"),
     ],
 )
 def test_config_errors_name_the_key(overrides, key):

@@ -15,8 +15,11 @@ def add_lora(model: nnx.Module, *, targets: Sequence[str] = DEFAULT_TARGETS, ran
              rngs: nnx.Rngs) -> int:
     """Wraps every `nnx.Linear` attribute named in `targets` (in any submodule, e.g. each layer's
     self_attn.q_proj or mlp.gate_proj) in a `LoRALinear`, in place. Returns how many it wrapped;
-    a target name that matches nothing is an error (a typo would otherwise train nothing)."""
+    a target name that matches nothing is an error naming the projections the model has (a typo,
+    or a name another architecture uses, would otherwise train nothing)."""
     found = {name: 0 for name in targets}
+    projections = sorted({name for _path, module in nnx.iter_modules(model) for name, child in vars(module).items()
+                          if isinstance(child, nnx.Linear)})
     for _path, module in list(nnx.iter_modules(model)):
         for name in targets:
             projection = getattr(module, name, None)
@@ -25,7 +28,8 @@ def add_lora(model: nnx.Module, *, targets: Sequence[str] = DEFAULT_TARGETS, ran
                 found[name] += 1
     missing = [name for name, count in found.items() if count == 0]
     if missing:
-        raise ValueError(f"LoRA target {missing[0]!r} names no projection of the model")
+        raise ValueError(f"LoRA target {missing[0]!r} names no projection of the model "
+                         f"(its projections: {', '.join(projections)})")
     return sum(found.values())
 
 

@@ -65,5 +65,6 @@ def test_lora_trains_the_adapters_alone_and_merges_exactly(tmp_path):
 
 
 def test_a_target_that_names_nothing_is_refused():
-    with pytest.raises(ValueError, match="LoRA target 'qproj' names no projection"):
+    with pytest.raises(ValueError, match=r"LoRA target 'qproj' names no projection of the model \(its projections: "
+                                         r"down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj\)"):
         add_lora(from_pretrained(FIXTURE), targets=("qproj",), rngs=nnx.Rngs(0))
