@@ -57,6 +57,7 @@ def test_a_model_file_override_swaps_the_model_before_its_fields_are_set():
         (["model.residual_scales={mamba2: [1, 1, 1, 1]}"], "model.residual_scales"),
         (["model.residual_scales={local: [1, 1]}"], "model.residual_scales.local"),
         (["model.mlp_hidden=0", "model.moe={num_experts: 4}"], "model.moe"),
+        (["model.mixers.local={type: moe, every: 2}"], "model.mixers.local.every"),  # a layer of experts
     ],
 )
 def test_config_errors_name_the_key(overrides, key):

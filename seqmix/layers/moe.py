@@ -1,8 +1,14 @@
-"""Mixture-of-experts feed-forward layer (Mixtral, Qwen3-Next, DeepSeek-V3 and Kimi Linear): a
-router (`routing`) sends each token to top_k of num_experts SwiGLU experts; optional shared
-experts run on every token.
+"""Mixture-of-experts feed-forward layer (Mixtral, Qwen3-Next, DeepSeek-V3, Kimi Linear and
+Nemotron-H): a router (`routing`) sends each token to top_k of num_experts experts; optional
+shared experts run on every token.
 
-    y = sum_{e in chosen(x)} w_e(x) SwiGLU_e(x)  +  [sigmoid(x W_shared_gate)] SwiGLU_shared(x)
+    y = sum_{e in chosen(x)} w_e(x) MLP_e(x)  +  [sigmoid(x W_shared_gate)] MLP_shared(x)
+
+The experts are gated MLPs, down(act(gate x) * up x) (SwiGLU with act silu), or with `gated`
+false plain ones, down(act(up x)) (Nemotron-H's squared ReLU); the shared expert is of the same
+form. With a `latent_size` L the routed experts work in a narrower space (Nemotron-H's latent
+MoE): their part becomes (sum_e w_e(x) MLP_e(x W_fc1)) W_fc2, each token projected into L and
+back once, while the router and the shared expert read x itself.
 
 Dropless: every token reaches its k experts, whatever the balance, and no expert runs on tokens
 that did not choose it. The (token, expert) pairs are sorted by expert, so that each expert's
@@ -18,10 +24,12 @@ over all experts, which is exact but does E/k times the work: fine for tests and
 With `load_balance_weight` > 0 the layer sows `load_balance_weight * routing.load_balance` over the
 real tokens as an `nnx.Intermediate` named "aux_loss" (the trainer adds it to the loss).
 
-Parameters: router [D, E] (`gate` in transformers' checkpoints), selection_bias [E] (DeepSeek-V3's
-and Kimi's `e_score_correction_bias`: it only picks experts, so it takes no gradient; imported,
-not learned here), gate_proj and up_proj [E, D, F], down_proj [E, F, D], and with shared experts
-a SwiGLU `shared_expert` of width shared_hidden and, gated, `shared_expert_gate` [D, 1].
+Parameters: router [D, E] (`gate` in transformers' checkpoints), selection_bias [E] (DeepSeek-V3's,
+Kimi's and Nemotron-H's `e_score_correction_bias`: it only picks experts, so it takes no gradient;
+imported, not learned here), gate_proj (gated experts only) and up_proj [E, D, F], down_proj
+[E, F, D] (D the latent size L when there is one, with fc1_latent_proj [D, L] and fc2_latent_proj
+[L, D]), and with shared experts a `shared_expert` (`GatedMLP`, or `MLP` when not gated) of width
+shared_hidden and, gated, `shared_expert_gate` [D, 1].
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from flax import nnx
 from seqmix.configuration import require
 from seqmix.layers import routing
 from seqmix.layers.linear import projection
-from seqmix.layers.mlp import GatedMLP
+from seqmix.layers.mlp import ACTIVATIONS, MLP, Activation, GatedMLP
 from seqmix.layers.partitioning import constrained, shard_count
 
 # ragged_dot_general: lhs [G, M, in] ragged along M, rhs [G, E, in, out] grouped along E, batch G.
@@ -51,14 +59,17 @@ class MoEConfig:
 
     num_experts: int = 8
     top_k: int = 2
-    expert_hidden: int | None = None  # each expert's SwiGLU width; None: the model's mlp width
+    expert_hidden: int | None = None  # each expert's hidden width; None: the model's mlp width
+    activation: Activation = "silu"  # the experts' and the shared expert's
+    gated: bool = True  # down(act(gate x) * up x), else down(act(up x))
+    latent_size: int | None = None  # routed experts in a space of this width (Nemotron-H), None: d_model
     scoring: routing.Scoring = "softmax"
     renormalize: bool = True  # divide the chosen experts' weights by their sum
     selection_bias: bool = False  # a per-expert bias on the scores that only picks experts
     expert_groups: int = 1  # experts in this many equal groups (DeepSeek-V3's n_group)
     groups_per_token: int = 1  # groups a token chooses among (topk_group)
     routed_scale: float = 1.0  # routed experts' weights times this (routed_scaling_factor)
-    shared_hidden: int = 0  # width of the shared SwiGLU expert, 0 for none
+    shared_hidden: int = 0  # width of the shared expert, 0 for none
     shared_gate: bool = False  # the shared expert times sigmoid(x W) (Qwen3-Next)
     load_balance_weight: float = 0.0  # weight of the load-balancing loss, 0 for none
     dense_layers: list[int] = dataclasses.field(default_factory=list)
@@ -78,6 +89,8 @@ class MoEConfig:
         require(self.top_k <= self.groups_per_token * self.num_experts // self.expert_groups, path, "top_k",
                 f"{self.top_k} exceeds the {self.groups_per_token * self.num_experts // self.expert_groups} experts "
                 f"of groups_per_token={self.groups_per_token} groups")
+        require(self.latent_size is None or self.latent_size >= 1, path, "latent_size",
+                f"must be >= 1 or null, got {self.latent_size}")
         require(self.routed_scale > 0, path, "routed_scale", f"must be positive, got {self.routed_scale}")
         require(self.shared_hidden >= 0, path, "shared_hidden", f"must be >= 0, got {self.shared_hidden}")
         require(not self.shared_gate or self.shared_hidden > 0, path, "shared_gate",
@@ -107,11 +120,19 @@ class MixtureOfExperts(nnx.Module):
             value = scale * jax.random.normal(rngs.params(), (experts,) + shape, jnp.float32)
             return nnx.Param(value, out_sharding=("expert",) + axes, eager_sharding=False)
 
-        self.gate_proj = expert_weights((d_model, hidden), ("embed", "mlp"), std)
-        self.up_proj = expert_weights((d_model, hidden), ("embed", "mlp"), std)
-        self.down_proj = expert_weights((hidden, d_model), ("mlp", "embed"), out_std)
-        self.shared_expert = (GatedMLP(d_model, config.shared_hidden, std=std, out_std=out_std, rngs=rngs)
-                              if config.shared_hidden else None)
+        self.activation = config.activation
+        width = config.latent_size or d_model  # what the routed experts read and write
+        latent = config.latent_size is not None
+        self.fc1_latent_proj = nnx.data(projection(d_model, width, ("embed", None), std=std, rngs=rngs)
+                                        if latent else None)
+        self.fc2_latent_proj = nnx.data(projection(width, d_model, (None, "embed"), std=out_std, rngs=rngs)
+                                        if latent else None)
+        self.gate_proj = expert_weights((width, hidden), ("embed", "mlp"), std) if config.gated else None
+        self.up_proj = expert_weights((width, hidden), ("embed", "mlp"), std)
+        self.down_proj = expert_weights((hidden, width), ("mlp", "embed"), out_std)
+        shared = GatedMLP if config.gated else MLP
+        self.shared_expert = (shared(d_model, config.shared_hidden, std=std, out_std=out_std, rngs=rngs,
+                                     activation=config.activation) if config.shared_hidden else None)
         self.shared_expert_gate = (projection(d_model, 1, ("embed", None), std=std, rngs=rngs)
                                    if config.shared_gate else None)
 
@@ -123,15 +144,18 @@ class MixtureOfExperts(nnx.Module):
                              scale=self.routed_scale)
 
     def experts(self, rows: jax.Array, group_sizes: jax.Array) -> jax.Array:
-        """Each expert's SwiGLU on its run of rows, in G groups: rows [G, M, D] (each group's rows
-        sorted by expert), group_sizes [G, E] int32 (each group's rows per expert) -> [G, M, D]."""
+        """Each expert's MLP on its run of rows, in G groups: rows [G, M, D] (D the latent size
+        when there is one; each group's rows sorted by expert), group_sizes [G, E] int32 (each
+        group's rows per expert) -> [G, M, D]."""
         def grouped(lhs, w):  # [G, M, in] x [E, in, out] per group -> [G, M, out]
             weights = constrained(jnp.broadcast_to(w[...].astype(lhs.dtype), (lhs.shape[0],) + w.shape),
                                   "batch", None, None, None)  # each device gathers the experts for its group
             return jax.lax.ragged_dot_general(lhs, weights, group_sizes, GROUPED_BY_EXPERT)
 
-        hidden = jax.nn.silu(grouped(rows, self.gate_proj)) * grouped(rows, self.up_proj)
-        return grouped(hidden, self.down_proj)
+        act = ACTIVATIONS[self.activation]
+        if self.gate_proj is None:
+            return grouped(act(grouped(rows, self.up_proj)), self.down_proj)
+        return grouped(act(grouped(rows, self.gate_proj)) * grouped(rows, self.up_proj), self.down_proj)
 
     def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
         """x [B, T, D]; segment_ids [B, T] (0 = padding) only limit the load-balancing loss to
@@ -146,13 +170,16 @@ class MixtureOfExperts(nnx.Module):
                      capture_noop=True)
         pairs = chosen.experts.reshape(groups, -1)  # [G, N * k], token n's choices at n * k ...
         order = jnp.argsort(pairs, axis=-1, stable=True)
-        experts = self.gate_proj.shape[0]
+        experts = self.up_proj.shape[0]
         group_sizes = jax.vmap(lambda p: jnp.bincount(p, length=experts))(pairs).astype(jnp.int32)
         back = jax.vmap(lambda o: jnp.zeros_like(o).at[o].set(jnp.arange(o.size, dtype=o.dtype)))(order)  # inverse
-        rows = jnp.take_along_axis(tokens, (order // self.top_k)[..., None], axis=1)
+        inputs = tokens if self.fc1_latent_proj is None else self.fc1_latent_proj(tokens)  # projected once per token
+        rows = jnp.take_along_axis(inputs, (order // self.top_k)[..., None], axis=1)
         out = jnp.take_along_axis(self.experts(rows, group_sizes), back[..., None], axis=1)
         out = jnp.einsum("gnkd,gnk->gnd", out.reshape(*tokens.shape[:2], self.top_k, -1),
                          chosen.weights.astype(x.dtype))
+        if self.fc2_latent_proj is not None:
+            out = self.fc2_latent_proj(out)
         if self.shared_expert is not None:
             shared = self.shared_expert(tokens)
             if self.shared_expert_gate is not None:

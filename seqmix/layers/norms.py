@@ -10,19 +10,22 @@ from flax import nnx
 class RMSNorm(nnx.Module):
     """Root-mean-square norm with a learned scale, statistics in float32: x / rms(x) * w (`weight`
     = w, initially 1, as in Llama), or with unit_offset x / rms(x) * (1 + w) (w initially 0, as in
-    Gemma and Qwen3-Next).
+    Gemma and Qwen3-Next). With `groups`, rms is taken over each of that many equal groups of
+    channels apart (Mamba2's gated norm, one per group of B/C), w still spanning all D.
 
     x [..., D] any float dtype -> same shape and dtype.
     """
 
-    def __init__(self, dim: int, *, eps: float = 1e-6, unit_offset: bool = False):
-        self.eps, self.unit_offset = eps, unit_offset
+    def __init__(self, dim: int, *, eps: float = 1e-6, unit_offset: bool = False, groups: int = 1):
+        if dim % groups:
+            raise ValueError(f"RMSNorm: {dim} channels do not split into {groups} groups")
+        self.eps, self.unit_offset, self.groups = eps, unit_offset, groups
         initial = jnp.zeros if unit_offset else jnp.ones
         self.weight = nnx.Param(initial((dim,), jnp.float32), out_sharding=("norm",), eager_sharding=False)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], self.groups, -1)
+        normed = (x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)).reshape(x.shape)
         scale = 1.0 + self.weight[...] if self.unit_offset else self.weight[...]
         return (normed * scale).astype(x.dtype)
 

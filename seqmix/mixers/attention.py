@@ -35,11 +35,13 @@ QKNorm = Literal["head", "projection"]
 class AttentionConfig:
     sliding_window: int | None = None  # None: global attention; W: each query sees W tokens
     qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
+    output_bias: bool = False  # a bias on o_proj (RecurrentGemma)
     # RMSNorms of q and k before RoPE (the model's norm_unit_offset form): "head", each head's own
     # (Qwen3); "projection", one over all heads of the projection (OLMo); None: no norm
     qk_norm: QKNorm | None = None
     output_gate: bool = False  # out * sigmoid(gate), the gate a second half of each head in q_proj
     rotary_fraction: float = 1.0  # share of each head's dims that RoPE rotates; 0: no positions (NoPE)
+    key_multiplier: float = 1.0  # k_proj's output times it, before norms and RoPE (Falcon-H1's muP multiplier)
 
     def validate(self, path: str) -> None:
         require(self.sliding_window is None or self.sliding_window > 0, path, "sliding_window",
@@ -171,12 +173,14 @@ class Attention(nnx.Module):
         # An even number of dims: RoPE rotates them in two halves.
         self.rotary_dim = int(self.head_dim * config.rotary_fraction) // 2 * 2
         self.window, self.output_gate = config.sliding_window, config.output_gate
+        self.key_multiplier = config.key_multiplier
         std, out_std = model_config.init_std, model_config.init_std / (2 * model_config.n_layers) ** 0.5
         input_projection = functools.partial(projection, d_model, std=std, rngs=rngs, bias=config.qkv_bias)
         self.q_proj = input_projection(heads * self.head_dim * (2 if config.output_gate else 1), ("embed", "heads"))
         self.k_proj = input_projection(kv_heads * self.head_dim, ("embed", "kv_heads"))
         self.v_proj = input_projection(kv_heads * self.head_dim, ("embed", "kv_heads"))
-        self.o_proj = projection(heads * self.head_dim, d_model, ("heads", "embed"), std=out_std, rngs=rngs)
+        self.o_proj = projection(heads * self.head_dim, d_model, ("heads", "embed"), std=out_std, rngs=rngs,
+                                 bias=config.output_bias)
         self.norm_over_heads = config.qk_norm == "projection"
         norm = functools.partial(RMSNorm, eps=model_config.norm_eps, unit_offset=model_config.norm_unit_offset)
         widths = (heads * self.head_dim, kv_heads * self.head_dim) if self.norm_over_heads else (self.head_dim,) * 2
@@ -203,7 +207,7 @@ class Attention(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         queries = self.q_proj(x).reshape(batch, length, -1, self.head_dim * (2 if self.output_gate else 1))
         q = self._rotated(queries[..., :self.head_dim], self.q_norm, positions)
-        k = self._rotated(self._heads(self.k_proj(x)), self.k_norm, positions)
+        k = self._rotated(self._heads(self.k_proj(x) * self.key_multiplier), self.k_norm, positions)
         v = self._heads(self.v_proj(x))
         out, cache = self.attend(q, k, v, segment_ids=segment_ids, cache=cache)
         if self.output_gate:

@@ -62,8 +62,9 @@ def parameter_counts(model: nnx.Module) -> tuple[int, int]:
     idle = 0
     for _path, module in nnx.iter_graph(model):
         if isinstance(module, MixtureOfExperts):
-            experts = module.gate_proj.shape[0]
-            routed = sum(math.prod(w.shape) for w in (module.gate_proj, module.up_proj, module.down_proj))
+            experts = module.up_proj.shape[0]
+            routed = sum(math.prod(w.shape) for w in (module.gate_proj, module.up_proj, module.down_proj)
+                         if w is not None)  # ungated experts (Nemotron-H) have no gate_proj
             idle += routed * (experts - module.top_k) // experts
     return total, total - idle
 

@@ -1,7 +1,8 @@
 """Routing against a per-token numpy loop of its rules; the dropless mixture of experts against a
 dense reference that runs every expert on every token and keeps the chosen ones (outputs and
-gradients); shared experts; the load-balancing loss; configuration errors; a model with sparse
-layers trains and its balancing loss reaches the train step."""
+gradients), gated and plain experts, in a latent space or not; shared experts; the load-balancing
+loss; configuration errors; a model with sparse layers trains and its balancing loss reaches the
+train step."""
 
 import jax
 import jax.numpy as jnp
@@ -70,11 +71,15 @@ def dense_reference(moe, x):
     """Every expert on every token, the chosen ones kept with their weights: [B, T, D]."""
     tokens = x.reshape(-1, x.shape[-1])
     chosen = moe.route(tokens)
-    hidden = (jax.nn.silu(jnp.einsum("nd,edf->enf", tokens, moe.gate_proj[...]))
-              * jnp.einsum("nd,edf->enf", tokens, moe.up_proj[...]))
-    every = jnp.einsum("enf,efd->end", hidden, moe.down_proj[...])  # [E, N, D]
+    act = {"silu": jax.nn.silu, "relu2": lambda h: jnp.maximum(h, 0.0) ** 2}[moe.activation]
+    inputs = tokens if moe.fc1_latent_proj is None else tokens @ moe.fc1_latent_proj.kernel[...]
+    up = jnp.einsum("nd,edf->enf", inputs, moe.up_proj[...])
+    hidden = act(up) if moe.gate_proj is None else act(jnp.einsum("nd,edf->enf", inputs, moe.gate_proj[...])) * up
+    every = jnp.einsum("enf,efd->end", hidden, moe.down_proj[...])  # [E, N, D or latent]
     dense_weights = jnp.sum(jax.nn.one_hot(chosen.experts, every.shape[0]) * chosen.weights[..., None], axis=1)
     out = jnp.einsum("end,ne->nd", every, dense_weights)
+    if moe.fc2_latent_proj is not None:
+        out = out @ moe.fc2_latent_proj.kernel[...]
     if moe.shared_expert is not None:
         shared = moe.shared_expert(tokens)
         if moe.shared_expert_gate is not None:
@@ -85,9 +90,10 @@ def dense_reference(moe, x):
 
 LAYERS = {
     "softmax_top2": {"num_experts": 6, "top_k": 2},
-    "sigmoid_groups_bias_shared": {"num_experts": 8, "top_k": 3, "scoring": "sigmoid", "selection_bias": True,
-                                   "expert_groups": 4, "groups_per_token": 2, "routed_scale": 2.0,
-                                   "shared_hidden": 24},
+    "sigmoid_groups_bias_shared_relu2_latent": {  # Nemotron-H's (Kimi's experts are SwiGLUs: the fixture's)
+        "num_experts": 8, "top_k": 3, "scoring": "sigmoid", "selection_bias": True, "expert_groups": 4,
+        "groups_per_token": 2, "routed_scale": 2.0, "shared_hidden": 24, "activation": "relu2", "gated": False,
+        "latent_size": 8},
     "gated_shared_unnormalised": {"num_experts": 4, "top_k": 1, "renormalize": False, "shared_hidden": 16,
                                   "shared_gate": True},
 }
@@ -138,6 +144,7 @@ def test_every_token_reaches_its_experts_however_unbalanced():
     ({"expert_groups": 3}, "moe.expert_groups: must divide num_experts=8"),
     ({"expert_groups": 4, "groups_per_token": 1, "top_k": 3}, "moe.top_k: 3 exceeds the 2 experts"),
     ({"shared_gate": True}, "moe.shared_gate: needs a shared expert"),
+    ({"latent_size": 0}, "moe.latent_size: must be >= 1 or null"),
     ({"scoring": "relu"}, "moe.scoring: 'relu' is not one of"),
 ])
 def test_bad_configs_name_the_key(options, message):

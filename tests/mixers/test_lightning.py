@@ -1,5 +1,6 @@
 """Lightning attention against a per-token loop of its recurrence, with q, k, v computed directly
-from the module's own projections, and the depth schedule of its decays."""
+from the module's own projections, and the depth schedule of its decays (MiniMax's formula; the
+whole model against transformers' MiniMax is in tests/models/test_hf_hybrids.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ from flax import nnx
 from mixer_checks import rel_err
 
 from seqmix.configuration import build
-from seqmix.mixers.lightning import LightningAttention, LightningConfig, alibi_slopes
+from seqmix.mixers.lightning import LightningAttention, LightningConfig, lightning_slopes
 from seqmix.models.config import ModelConfig
 
 MODEL = build(ModelConfig, {"d_model": 16, "n_heads": 4, "n_layers": 3}, "model")
@@ -27,16 +28,18 @@ def decayed_recurrence(q, k, v, decay):
     return jnp.asarray(out, jnp.float32)
 
 
-def test_alibi_slopes():
-    np.testing.assert_allclose(alibi_slopes(4), [2**-2, 2**-4, 2**-6, 2**-8])
-    # Not a power of two: the slopes of 4 heads, then every other one of 8 heads.
-    np.testing.assert_allclose(alibi_slopes(6), [2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3])
+def test_slopes_are_minimax_s_for_any_head_count():
+    np.testing.assert_allclose(lightning_slopes(4, 0, 3), np.array([2**-2, 2**-4, 2**-6, 2**-8]) * (1 + 1e-5),
+                               rtol=1e-6)
+    # Not a power of two: still the powers of 2^(-8/H) (ALiBi would interleave those of 4 and 8 heads).
+    np.testing.assert_allclose(lightning_slopes(6, 0, 3), 2.0 ** (-8 * np.arange(1, 7) / 6) * (1 + 1e-5), rtol=1e-6)
 
 
 def test_each_layer_matches_its_recurrence_with_decays_that_weaken_with_depth():
     x = jax.random.normal(jax.random.key(1), (2, 70, 16))  # longer than one 64-token chunk
-    slopes = np.array(alibi_slopes(4))
-    for layer_index, factor in enumerate([1 + 1e-5, 0.5 + 1e-5, 1e-5]):  # 1 - l / (L - 1) + 1e-5
+    slopes = 2.0 ** (-2.0 * np.arange(1, 5))
+    for layer_index in range(3):
+        factor = 1 - layer_index / (2 + 1e-5) + 1e-5  # 1 - l / (L - 1 + 1e-5) + 1e-5: 1, 1/2 and about 0
         mixer = LightningAttention(MODEL, build(LightningConfig, {}, "mixer"), layer_index=layer_index,
                                    rngs=nnx.Rngs(0))
         q, k, v = (jax.nn.silu(mixer.split_heads(p(x))) for p in (mixer.q_proj, mixer.k_proj, mixer.v_proj))
@@ -49,5 +52,5 @@ def test_a_one_layer_model_decays_as_a_first_layer():
     mixer = LightningAttention(model, build(LightningConfig, {}, "mixer"), layer_index=0, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(2), (1, 9, 16))
     q, k, v = (jax.nn.silu(mixer.split_heads(p(x))) for p in (mixer.q_proj, mixer.k_proj, mixer.v_proj))
-    expected = decayed_recurrence(q, k, v, np.exp(-np.array(alibi_slopes(4)) * (1 + 1e-5)))
+    expected = decayed_recurrence(q, k, v, np.exp(-(2.0 ** (-2.0 * np.arange(1, 5))) * (1 + 1e-5)))
     assert rel_err(mixer(x)[0], mixer.output(expected, x)) < 1e-5

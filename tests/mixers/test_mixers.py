@@ -39,11 +39,21 @@ CASES = {
     "linear_attention_hedgehog": {"layer_pattern": ["mixer"],
                                   "mixers": {"mixer": {"type": "linear_attention", "feature_map": "hedgehog"}}},
     "gated_conv": {"layer_pattern": ["gated_conv"]},
+    "gated_conv_lfm2": {"layer_pattern": ["mixer"], "mixers": {"mixer": {  # LFM2's: an input gate, biases
+        "type": "gated_conv", "input_gate": True, "bias": True}}},
     "gated_deltanet_3to1_hybrid": {
         "n_layers": 4, "layer_pattern": ["gated_deltanet", "gated_deltanet", "gated_deltanet", "attention"]},
     "gated_conv_attention": {"layer_pattern": ["gated_conv", "attention"]},  # Zoology's MQAR layout
+    "parallel_hybrid": {"layer_pattern": ["mixer"], "n_kv_heads": 1, "mixers": {"mixer": {  # Falcon-H1's
+        "type": "parallel_hybrid", "attention": {"key_multiplier": 1.5},
+        "mamba2": {"state_dim": 8, "num_heads": 3, "head_dim": 8, "output_norm": None},
+        "attention_multipliers": [0.8, 1.2], "mamba2_multipliers": [1.3, 0.7]}}},
+    "rg_lru": {"layer_pattern": ["mixer"], "mixers": {"mixer": {"type": "rg_lru", "lru_width": 48, "conv_width": 3}}},
+    # Nemotron-H's MLP layers (its `moe` layers: tests/layers/test_moe.py and the nemotron_h fixture's decode)
+    "feed_forward_layer": {"mlp_hidden": 0, "layer_pattern": ["gated_conv", "mlp"],
+                           "mixers": {"mlp": {"type": "mlp", "hidden": 48}}},
 }
-GLOBAL_ATTENTION_CASES = ("gated_deltanet_3to1_hybrid", "gated_conv_attention", "mla")
+GLOBAL_ATTENTION_CASES = ("gated_deltanet_3to1_hybrid", "gated_conv_attention", "mla", "parallel_hybrid")
 
 
 VARIANTS = {
@@ -68,14 +78,21 @@ VARIANTS = {
                               "mixers": {"local": {"type": "attention", "sliding_window": 8}}},
     **{f"liger_{name}": {"layer_pattern": ["mixer"], "mixers": {"mixer": {
         "type": "liger_attention", "window": None, "recurrence": name}}} for name in ("gla", "hgrn2")},
+    "mamba2_every_option": {"layer_pattern": ["mixer"], "mixers": {"mixer": {  # Mamba-2's, Nemotron-H's, Falcon-H1's
+        "type": "mamba2", "state_dim": 8, "num_heads": 4, "head_dim": 12, "n_groups": 2,
+        "time_step_limit": [0.05, 0.5], "conv_bias": True, "in_proj_bias": True, "out_proj_bias": True,
+        "chunk_size": 16, "output_norm": "norm_then_gate", "norm_eps": 1e-3,
+        "in_proj_multipliers": [0.5, 1.5, 0.7, 1.3, 2.0]}}},
 }
 # Models whose layers hold every kind of decode cache between them, for the left-padding test (each
 # layer's own decode is checked one mixer at a time above): short convolutions (mamba2), a ring
 # buffer next to a recurrent state (liger_attention, and lolcats, whose state takes the tokens leaving
-# the ring), a token-shift tail (rwkv6) and a global KV cache; and the delta rule's sub-steps per
+# the ring), a token-shift tail (rwkv6), a state that restarts at a row's first real token (rg_lru,
+# whose input scaling differs there) and a global KV cache; and the delta rule's sub-steps per
 # token (gated_deltaproduct) beside the DPLR state and its token shift (rwkv7).
 MIXED_CACHES = {
-    "every_cache_kind": {"n_layers": 5, "layer_pattern": ["mamba2", "liger", "lolcats", "rwkv6", "attention"],
+    "every_cache_kind": {"n_layers": 6, "layer_pattern": ["mamba2", "liger", "lolcats", "rwkv6", "rg_lru",
+                                                          "attention"],
                          "mixers": {"liger": {"type": "liger_attention", "window": 4},
                                     "lolcats": {"type": "lolcats", "window": 4}}},
     "delta_rule_sub_steps_and_dplr": {"layer_pattern": ["gated_deltaproduct", "rwkv7"]},

@@ -132,9 +132,10 @@ def test_windows_that_vary_by_layer_export_as_qwen2_layer_types():
      r"model\.layers\.0: attention with output_gate = True has no Llama"),
     ({"mixers": {"a": {"type": "attention", "qk_norm": "head", "rotary_fraction": 0.5}}, "layer_pattern": ["a"]},
      r"model\.layers\.0: attention with qk_norm = .head. has no Llama"),
-    ({"moe": {"num_experts": 4}}, r"model\.moe: has no Llama"),
-    ({"norm_unit_offset": True}, r"model\.norm_unit_offset: has no Llama"),
-    ({"post_norm_layers": ["attention"]}, r"model\.post_norm_layers: has no Llama"),
+    ({"moe": {"num_experts": 4}}, r"model\.moe: .* has no Llama"),
+    ({"norm_unit_offset": True}, r"model\.norm_unit_offset: .* has no Llama"),
+    ({"post_norm_layers": ["attention"]}, r"model\.post_norm_layers: .* has no Llama"),
+    ({"logit_soft_cap": 30.0}, r"model\.logit_soft_cap: 30\.0 has no Llama, Mistral or Qwen2 equivalent"),
 ])
 def test_export_refuses_what_the_llama_family_cannot_hold(options, message):
     """Rather than a config.json that transformers would reload as a different model."""

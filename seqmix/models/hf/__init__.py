@@ -1,6 +1,7 @@
 """Hugging Face checkpoints: `from_pretrained` and `save_pretrained` for Llama, Mistral, Qwen2,
-Qwen3-Next, Qwen3.5, OLMo-hybrid and Kimi Linear (`checkpoint`); one module per family says how
-its config and tensors map onto seqmix's (`family`, `tensors`)."""
+Qwen3-Next, Qwen3.5, OLMo-hybrid, Kimi Linear, Mamba-2, Nemotron-H, Falcon-H1, LFM2, MiniMax and
+RecurrentGemma (`checkpoint`); one module per family says how its config and tensors map onto
+seqmix's (`family`, `tensors`)."""
 
 from seqmix.models.hf.checkpoint import (CHECKPOINT_PARAMS, FAMILIES, config_from_hf, from_pretrained, hf_config,
                                          read_weights, save_pretrained, teacher_of)

@@ -26,7 +26,8 @@ from safetensors.numpy import save_file
 
 from seqmix.layers.transfer import TransferParam
 from seqmix.models.config import ModelConfig
-from seqmix.models.hf import kimi_linear, llama, olmo_hybrid, qwen3_next
+from seqmix.models.hf import (falcon_h1, kimi_linear, lfm2, llama, mamba2, minimax, nemotron_h, olmo_hybrid,
+                              qwen3_next, recurrent_gemma)
 from seqmix.models.hf.family import Family
 from seqmix.models.hf.tensors import CheckpointError, Conversion, torch_name
 from seqmix.models.lm import LanguageModel
@@ -34,7 +35,9 @@ from seqmix.models.lm import LanguageModel
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 FAMILIES = {model_type: family for family in (llama.FAMILY, qwen3_next.TEXT, qwen3_next.VISION_LANGUAGE,
-                                              olmo_hybrid.FAMILY, kimi_linear.FAMILY)
+                                              olmo_hybrid.FAMILY, kimi_linear.FAMILY, lfm2.FAMILY, minimax.FAMILY,
+                                              recurrent_gemma.FAMILY, mamba2.FAMILY, nemotron_h.FAMILY,
+                                              falcon_h1.FAMILY)
             for model_type in family.model_types}
 # Buffers some exporters store that carry no parameters (recomputed from the config).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -59,15 +62,17 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
 def hf_config(config: ModelConfig, model_type: str | None = None) -> dict[str, Any]:
     """The `config.json` mapping of a seqmix model as `model_type`; None: Llama, Mistral or Qwen2
     for a model made only of attention layers, else the first family that can express it
-    (qwen3_5_text, qwen3_next, olmo_hybrid, kimi_linear). A model that the format cannot hold
-    raises CheckpointError naming the layer and option."""
+    (qwen3_5_text, qwen3_next, olmo_hybrid, kimi_linear, lfm2, minimax, recurrent_gemma, mamba2,
+    nemotron_h, falcon_h1). A model that the format cannot hold raises CheckpointError naming the
+    layer and option."""
     if model_type is not None:
         family = _family({"model_type": model_type}, "model_type")
         if family.hf_config is None:
             raise CheckpointError(f"model_type {model_type!r}: seqmix exports its language model as qwen3_5_text")
         return family.hf_config(config, model_type)
     refusals = []
-    for candidate in (None, "qwen3_5_text", "qwen3_next", "olmo_hybrid", "kimi_linear"):
+    for candidate in (None, "qwen3_5_text", "qwen3_next", "olmo_hybrid", "kimi_linear", "lfm2", "minimax",
+                      "recurrent_gemma", "mamba2", "nemotron_h", "falcon_h1"):
         try:
             return llama.hf_config(config) if candidate is None else hf_config(config, candidate)
         except CheckpointError as err:
@@ -128,10 +133,11 @@ def read_weights(path: str | os.PathLike, params: nnx.State, config: ModelConfig
     for name, file in _tensor_files(directory).items():
         if name.startswith(family.ignored) or name.endswith(_IGNORED_SUFFIXES):
             continue
-        if name.startswith(family.prefix):
-            files["model." + name.removeprefix(family.prefix)] = (name, file)
+        current = next((new + name.removeprefix(old) for old, new in family.old_names if name.startswith(old)), name)
+        if current.startswith(family.prefix):
+            files["model." + current.removeprefix(family.prefix)] = (name, file)
         else:
-            files[name] = (name, file)
+            files[current] = (name, file)
     wanted = {torch_name(path)[0]: (path, variable, torch_name(path)[1]) for path, variable in
               nnx.to_flat_state(params) if not isinstance(variable, nnx.LoRAParam)}
     plan = _plan(family, config, hf, set(wanted))
@@ -223,7 +229,8 @@ def save_pretrained(model: LanguageModel, config: ModelConfig, path: str | os.Pa
     tensors = {}
     for conversion in _plan(family, config, hf, set(ours)):
         for name, array in zip(conversion.hub, conversion.to_hub([ours[name] for name in conversion.ours])):
-            tensors[name] = np.ascontiguousarray(jax.device_get(jnp.asarray(array).astype(dtype)))
+            hub_name = family.prefix + name.removeprefix("model.") if name.startswith("model.") else name
+            tensors[hub_name] = np.ascontiguousarray(jax.device_get(jnp.asarray(array).astype(dtype)))
     hf["torch_dtype"] = str(jnp.dtype(dtype))
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)

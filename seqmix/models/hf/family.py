@@ -4,6 +4,7 @@ and checking its families share."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,7 @@ from seqmix.models.config import ModelConfig
 from seqmix.models.hf.tensors import CheckpointError, Conversion
 
 _REQUIRED = object()
+_SPECIAL_FLOATS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
 # Special token ids are the tokenizer's business, which seqmix's model config does not hold; written
 # as null because some families' defaults (Kimi's 163839, OLMo's 100277) lie outside a small vocabulary.
 NO_SPECIAL_TOKENS = {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
@@ -27,7 +29,9 @@ class Family:
     the family cannot express the model. conversions(config, hf): the tensors laid out otherwise
     than seqmix's (see `tensors`). ignored: prefixes of hub tensors that are not the language
     model's (vision towers, multi-token prediction heads). prefix: what the hub writes for
-    seqmix's `model.` (a vision-language checkpoint's `model.language_model.`).
+    seqmix's `model.` (a vision-language checkpoint's `model.language_model.`, Mamba2's
+    `backbone.`), on import and export. old_names: (old, new) prefixes of hub tensor names, the
+    names of older checkpoints read as the new ones (Mamba2's `backbone.embedding.`).
     """
 
     model_types: tuple[str, ...]
@@ -36,6 +40,7 @@ class Family:
     conversions: Callable[[ModelConfig, dict[str, Any]], list[Conversion]] = lambda config, hf: []
     ignored: tuple[str, ...] = ()
     prefix: str = "model."
+    old_names: tuple[tuple[str, str], ...] = ()
 
 
 def read(hf: dict[str, Any], source: str, *keys: str, default: Any = _REQUIRED) -> Any:
@@ -55,6 +60,21 @@ def require_values(hf: dict[str, Any], source: str, supported: dict[str, Any]) -
     for key, value in supported.items():
         if hf.get(key, value) != value:
             raise CheckpointError(f"{source}: {key} = {hf[key]!r} is not supported (only {value!r})")
+
+
+def json_float(value: Any, source: str, key: str) -> float:
+    """A float of a config.json: a number, or transformers' form of those JSON cannot write
+    (`{"__float__": "Infinity"}`, "-Infinity", "NaN")."""
+    if isinstance(value, dict) and set(value) == {"__float__"} and value["__float__"] in _SPECIAL_FLOATS:
+        return _SPECIAL_FLOATS[value["__float__"]]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise CheckpointError(f"{source}: {key} holds {value!r}, not a number")
+
+
+def float_json(value: float) -> Any:
+    """A float as transformers writes it into a config.json (infinities as `{"__float__": "Infinity"}`)."""
+    return {"__float__": "Infinity" if value > 0 else "-Infinity"} if math.isinf(value) else value
 
 
 def rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
@@ -110,6 +130,15 @@ def require_options(index: int, mixer: str, options: Any, expected: dict[str, An
                                   f"{family} equivalent (it needs {value!r})")
 
 
+def default_options(options_class: type, *mapped: str, **values: Any) -> dict[str, Any]:
+    """What `require_options` expects of the mixer options a family has no config key for: every
+    field of `options_class` but those `mapped` to keys, at its default (or as in `values`). A
+    field a mixer gains later is then refused until the family learns to write it."""
+    default = options_class(**values)
+    return {field.name: getattr(default, field.name) for field in dataclasses.fields(options_class)
+            if field.name not in mapped}
+
+
 def same_options(layers: list[tuple[str, Any]], mixer: str) -> Any:
     """The options that every `mixer` layer shares (a config.json holds one set per kind); None
     when there is no such layer."""
@@ -119,3 +148,22 @@ def same_options(layers: list[tuple[str, Any]], mixer: str) -> Any:
             raise CheckpointError(f"model.layers.{index}: its {mixer} options differ from layer {found[0][0]}'s "
                                   "(a config.json holds one set per kind of layer)")
     return found[0][1] if found else None
+
+
+# ModelConfig's options of a model's form beside its layers' mixers: a family that has no place
+# for one refuses a model that sets it (`require_plain`).
+FORM_OPTIONS = ("moe", "norm_unit_offset", "post_norm_layers", "residual_scales", "rope_scaling", "mlp_activation",
+                "mlp_bias", "mlp_multipliers", "embedding_multiplier", "logit_multiplier", "logit_soft_cap")
+
+
+def require_plain(config: ModelConfig, family: str, *, allowed: tuple[str, ...] = ()) -> None:
+    """Refuses a model that sets one of FORM_OPTIONS, other than those `allowed`, to anything but
+    ModelConfig's default, naming the option (`family` has no place for it)."""
+    fields = {field.name: field for field in dataclasses.fields(ModelConfig)}
+    as_compared = lambda value: tuple(value) if isinstance(value, (list, tuple)) else value  # lists read from YAML
+    for key in FORM_OPTIONS:
+        field = fields[key]
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        value = getattr(config, key)
+        if key not in allowed and as_compared(value) != as_compared(default):
+            raise CheckpointError(f"model.{key}: {value!r} has no {family} equivalent (it needs {default!r})")

@@ -20,8 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 from seqmix.models.config import ModelConfig
-from seqmix.models.hf.family import (NO_SPECIAL_TOKENS, Family, built, layer_mixers, read, require_options, require_values,
-                                     same_options, shortest_period)
+from seqmix.models.hf.family import (NO_SPECIAL_TOKENS, Family, built, layer_mixers, read, require_options,
+                                     require_plain, require_values, same_options, shortest_period)
 from seqmix.models.hf.tensors import CheckpointError, Conversion, renamed, split, stacked
 
 KINDS = {"linear_attention": "kda", "full_attention": "mla"}
@@ -96,6 +96,7 @@ def hf_config(config: ModelConfig, model_type: str) -> dict[str, Any]:
         raise CheckpointError("model: Kimi Linear has mixtures of experts, pre-norm blocks of plain RMSNorms and a "
                               "head of its own (moe set, norm_unit_offset false, no post_norm_layers, "
                               "tie_embeddings false)")
+    require_plain(config, "Kimi Linear", allowed=("moe",))
     expected = {"scoring": "sigmoid", "selection_bias": True, "shared_gate": False}
     for key, value in expected.items():
         if getattr(moe, key) != value:

@@ -7,9 +7,10 @@ from typing import Any
 import numpy as np
 
 from seqmix.configuration import to_dict
+from seqmix.mixers.attention import AttentionConfig
 from seqmix.models.config import ModelConfig
-from seqmix.models.hf.family import (Family, built, head_dim, layer_mixers, require_options, require_values,
-                                     rope_parameters, shortest_period)
+from seqmix.models.hf.family import (Family, built, head_dim, default_options, layer_mixers, require_options, require_plain,
+                                     require_values, rope_parameters, shortest_period)
 from seqmix.models.hf.tensors import CheckpointError, Conversion
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -70,13 +71,10 @@ def hf_config(config: ModelConfig, model_type: str | None = None) -> dict[str, A
     """A Llama, Mistral or Qwen2 config.json (`model_type`; None: the one `_model_type` picks);
     Qwen2 with per-layer `layer_types` where windows vary (export then writes zero biases if the
     model has none)."""
-    for key, on in (("moe", config.moe is not None), ("norm_unit_offset", config.norm_unit_offset),
-                    ("post_norm_layers", bool(config.post_norm_layers))):
-        if on:
-            raise CheckpointError(f"model.{key}: has no Llama, Mistral or Qwen2 equivalent (not exported)")
+    require_plain(config, "Llama, Mistral or Qwen2", allowed=("rope_scaling",))
     layers = layer_mixers(config, {"attention": "softmax attention"})
     for index, (_, options) in enumerate(layers):
-        require_options(index, "attention", options, {"qk_norm": None, "output_gate": False, "rotary_fraction": 1.0},
+        require_options(index, "attention", options, default_options(AttentionConfig, "sliding_window", "qkv_bias"),
                         "Llama, Mistral or Qwen2")
     model_type = model_type or _model_type(config)
     biases = {options.qkv_bias for _, options in layers}

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from seqmix.mixers.attention import AttentionConfig
 from seqmix.models.config import ModelConfig
-from seqmix.models.hf.family import (NO_SPECIAL_TOKENS, Family, built, head_dim, layer_mixers, read, require_options, require_values,
-                                     rope_parameters, same_options, shortest_period)
+from seqmix.models.hf.family import (NO_SPECIAL_TOKENS, Family, built, default_options, head_dim, layer_mixers, read, require_options,
+                                     require_plain, require_values, rope_parameters, same_options, shortest_period)
 from seqmix.models.hf.tensors import CheckpointError, Conversion, renamed, split
 
 OUTPUT_NORM_EPS = 1e-5  # the linear layers' output norm (fla's FusedRMSNormGated default), whatever rms_norm_eps
@@ -67,6 +68,7 @@ def hf_config(config: ModelConfig, model_type: str) -> dict[str, Any]:
     if config.moe is not None or config.norm_unit_offset or config.rope_scaling is not None:
         raise CheckpointError("model: OLMo-hybrid has dense MLPs, plain RMSNorms and plain RoPE "
                               "(no moe, norm_unit_offset false, no rope_scaling)")
+    require_plain(config, "OLMo-hybrid", allowed=("post_norm_layers",))
     layers = layer_mixers(config, {"gated_deltanet": "linear_attention", "attention": "full_attention"})
     kinds = config.layer_kinds()
     linear, full = same_options(layers, "gated_deltanet"), same_options(layers, "attention")
@@ -75,7 +77,7 @@ def hf_config(config: ModelConfig, model_type: str) -> dict[str, Any]:
             raise CheckpointError(f"model.layers.{index}: OLMo-hybrid's attention layers are post-norm and its "
                                   "linear layers pre-norm (post_norm_layers)")
         expected = ({"output_gate": True, "output_norm_eps": OUTPUT_NORM_EPS} if name == "gated_deltanet" else
-                    {"qk_norm": "projection", "output_gate": False, "sliding_window": None, "qkv_bias": False})
+                    default_options(AttentionConfig, "rotary_fraction", qk_norm="projection"))
         require_options(index, name, options, expected, "OLMo-hybrid")
     if full is not None and full.rotary_fraction not in (0.0, 1.0):
         raise CheckpointError(f"model.mixers: OLMo-hybrid rotates all of each head or nothing, not "

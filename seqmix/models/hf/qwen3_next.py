@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from seqmix.mixers.attention import AttentionConfig
 from seqmix.models.config import ModelConfig
-from seqmix.models.hf.family import (Family, built, head_dim, layer_mixers, read, require_options, require_values,
-                                     rope_parameters, same_options, shortest_period)
+from seqmix.models.hf.family import (Family, built, default_options, head_dim, layer_mixers, read, require_options, require_plain,
+                                     require_values, rope_parameters, same_options, shortest_period)
 from seqmix.models.hf.tensors import CheckpointError, Conversion, renamed, split, stacked
 
 ARCHITECTURES = {"qwen3_next": "Qwen3NextForCausalLM", "qwen3_5_text": "Qwen3_5ForCausalLM"}
@@ -76,12 +77,13 @@ def hf_config(config: ModelConfig, model_type: str) -> dict[str, Any]:
     if not config.norm_unit_offset or config.post_norm_layers or config.rope_scaling is not None:
         raise CheckpointError(f"model: {family} has pre-norm blocks of (1 + w) RMSNorms and plain RoPE "
                               "(norm_unit_offset true, no post_norm_layers, no rope_scaling)")
+    require_plain(config, family, allowed=("moe", "norm_unit_offset"))
     layers = layer_mixers(config, {"gated_deltanet": "linear_attention", "attention": "full_attention"})
     linear, full = same_options(layers, "gated_deltanet"), same_options(layers, "attention")
     for index, (name, options) in enumerate(layers):
         expected = ({"output_gate": True, "negative_eigenvalues": False, "output_norm_eps": None}
                     if name == "gated_deltanet" else
-                    {"qk_norm": "head", "output_gate": True, "sliding_window": None, "qkv_bias": False})
+                    default_options(AttentionConfig, "rotary_fraction", qk_norm="head", output_gate=True))
         require_options(index, name, options, expected, family)
     key_heads = (linear and linear.num_heads) or config.n_heads
     key_dim = (linear and linear.head_dim) or config.dim_per_head
