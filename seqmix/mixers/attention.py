@@ -1,8 +1,9 @@
 """Causal softmax attention: multi-head or grouped-query, global or sliding-window, with RoPE on
 all, part (Qwen3-Next's partial RoPE) or none (NoPE) of each head's dims, optional q/k RMSNorms
-(per head as in Qwen3, or over the whole projection as in OLMo) and an optional output gate (Qwen3-Next's gated attention: q_proj gives each head
-a query and a gate half, [query_h | gate_h], and the heads' outputs are multiplied by
-sigmoid(gate) before o_proj).
+(per head as in Qwen3, or over the whole projection as in OLMo), an optional output gate
+(Qwen3-Next's gated attention: q_proj gives each head a query and a gate half, [query_h | gate_h],
+and the heads' outputs are multiplied by sigmoid(gate) before o_proj), biases on q/k/v (Qwen2)
+and on o_proj (RecurrentGemma), and a multiplier on the keys (Falcon-H1's muP key multiplier).
 
 Masks come from array indices and `segment_ids`: a query attends to keys of its own segment
 (never across a packing boundary, never to padding) at or before it, and with a window W to the

@@ -9,8 +9,8 @@ import numpy as np
 from seqmix.configuration import to_dict
 from seqmix.mixers.attention import AttentionConfig
 from seqmix.models.config import ModelConfig
-from seqmix.models.hf.family import (Family, built, head_dim, default_options, layer_mixers, require_options, require_plain,
-                                     require_values, rope_parameters, shortest_period)
+from seqmix.models.hf.family import (Family, built, default_options, head_dim, layer_mixers, require_options,
+                                     require_plain, require_values, rope_parameters, shortest_period)
 from seqmix.models.hf.tensors import CheckpointError, Conversion
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}

@@ -101,14 +101,20 @@ def hf_config(config: ModelConfig, model_type: str) -> dict[str, Any]:
     }
 
 
+def backbone_names(config: ModelConfig) -> list[Conversion]:
+    """The `backbone.` layout's names (Mamba-2, Nemotron-H) for seqmix's embeddings, final norm and
+    block norms: `embeddings`, `norm_f`, `layers.N.norm`."""
+    return [renamed("model.embeddings.weight", "model.embed_tokens.weight"),
+            renamed("model.norm_f.weight", "model.norm.weight"),
+            *(renamed(f"model.layers.{index}.norm.weight", f"model.layers.{index}.input_layernorm.weight")
+              for index in range(config.n_layers))]
+
+
 def conversions(config: ModelConfig, hf: dict[str, Any]) -> list[Conversion]:
-    found = [renamed("model.embeddings.weight", "model.embed_tokens.weight"),
-             renamed("model.norm_f.weight", "model.norm.weight")]
+    found = backbone_names(config)
     for index, kind in enumerate(config.layer_kinds()):
         _, options = config.mixer(kind)
-        layer = f"model.layers.{index}"
-        found += [renamed(f"{layer}.norm.weight", f"{layer}.input_layernorm.weight"),
-                  *mixer_conversions(f"{layer}.mixer", f"{layer}.self_attn", options, config)]
+        found += mixer_conversions(f"model.layers.{index}.mixer", f"model.layers.{index}.self_attn", options, config)
     return found
 
 

@@ -163,13 +163,11 @@ def hf_config(config: ModelConfig, model_type: str) -> dict[str, Any]:
 
 
 def conversions(config: ModelConfig, hf: dict[str, Any]) -> list[Conversion]:
-    found = [renamed("model.embeddings.weight", "model.embed_tokens.weight"),
-             renamed("model.norm_f.weight", "model.norm.weight")]
+    found = mamba2.backbone_names(config)
     for index, kind in enumerate(config.layer_kinds()):
         spec, options = config.mixer(kind)
         layer = f"model.layers.{index}"
         hub, ours = f"{layer}.mixer", f"{layer}.self_attn"
-        found.append(renamed(f"{layer}.norm.weight", f"{layer}.input_layernorm.weight"))
         if spec.name == "mamba2":
             found += mamba2.mixer_conversions(hub, ours, options, config)
         elif spec.name == "attention":

@@ -18,8 +18,9 @@ from typing import Any
 
 from seqmix.mixers.attention import AttentionConfig
 from seqmix.models.config import ModelConfig
-from seqmix.models.hf.family import (NO_SPECIAL_TOKENS, Family, built, default_options, head_dim, layer_mixers, read, require_options,
-                                     require_plain, require_values, rope_parameters, same_options, shortest_period)
+from seqmix.models.hf.family import (NO_SPECIAL_TOKENS, Family, built, default_options, head_dim, layer_mixers, read,
+                                     require_options, require_plain, require_values, rope_parameters, same_options,
+                                     shortest_period)
 from seqmix.models.hf.tensors import CheckpointError, Conversion, renamed, split
 
 OUTPUT_NORM_EPS = 1e-5  # the linear layers' output norm (fla's FusedRMSNormGated default), whatever rms_norm_eps

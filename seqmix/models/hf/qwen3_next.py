@@ -21,8 +21,8 @@ from typing import Any
 
 from seqmix.mixers.attention import AttentionConfig
 from seqmix.models.config import ModelConfig
-from seqmix.models.hf.family import (Family, built, default_options, head_dim, layer_mixers, read, require_options, require_plain,
-                                     require_values, rope_parameters, same_options, shortest_period)
+from seqmix.models.hf.family import (Family, built, default_options, head_dim, layer_mixers, read, require_options,
+                                     require_plain, require_values, rope_parameters, same_options, shortest_period)
 from seqmix.models.hf.tensors import CheckpointError, Conversion, renamed, split, stacked
 
 ARCHITECTURES = {"qwen3_next": "Qwen3NextForCausalLM", "qwen3_5_text": "Qwen3_5ForCausalLM"}
