@@ -33,6 +33,16 @@ def add_lora(model: nnx.Module, *, targets: Sequence[str] = DEFAULT_TARGETS, ran
     return sum(found.values())
 
 
+def principal_adapters(model: nnx.Module) -> int:
+    """Initialises every LoRA adapter of `model` by PiSSA (`LoRALinear.take_principal_part`), in
+    place: the model computes what it did, its adapters hold each projection's principal part.
+    Returns how many it initialised."""
+    adapted = [module for _path, module in nnx.iter_modules(model) if isinstance(module, LoRALinear)]
+    for module in adapted:
+        module.take_principal_part()
+    return len(adapted)
+
+
 def merge_lora(model: nnx.Module) -> int:
     """Replaces every `LoRALinear` by its merged `nnx.Linear`, in place, so the model has its
     original parameter names (ready for `save_pretrained`). Returns how many it merged."""

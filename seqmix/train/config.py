@@ -117,6 +117,9 @@ class LoRAConfig:
     rank: int = 8
     alpha: float = 8.0
     targets: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+    # lora: B = 0, the adapters start as nothing (Hu et al.); pissa: they start as each
+    # projection's top singular part, which the frozen base then lacks (`LoRALinear.take_principal_part`)
+    init: Literal["lora", "pissa"] = "lora"
 
     def validate(self, path: str) -> None:
         require(self.rank > 0, path, "rank", f"must be positive, got {self.rank}")
@@ -171,6 +174,8 @@ class TrainConfig:
                 f"{self.optim.warmup_steps} exceeds steps={self.steps}")
         require(self.attention_transfer is None or self.init_from is not None, path, "attention_transfer",
                 "needs init_from: the checkpoint whose attention layers the converted ones learn from")
+        require(self.attention_transfer is None or self.lora is None or self.lora.init != "pissa", path, "lora.init",
+                "pissa changes the base weights, from which attention transfer reads its teacher")
         if self.data.tokenizer == "byte":
             require(self.model.vocab_size >= 256, path, "model.vocab_size",
                     f"{self.model.vocab_size} is smaller than the byte tokenizer's 256 symbols")

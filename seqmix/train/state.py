@@ -10,7 +10,7 @@ from jax.sharding import Mesh
 
 from seqmix.models.hf import CHECKPOINT_PARAMS, read_weights
 from seqmix.models.lm import LanguageModel
-from seqmix.models.lora import add_lora
+from seqmix.models.lora import add_lora, principal_adapters
 from seqmix.train.config import TrainConfig
 from seqmix.train.optim import make_optimizer
 from seqmix.train.sharding import state_shardings
@@ -76,4 +76,9 @@ def create_train_state(config: TrainConfig, mesh: Mesh) -> TrainState:
         weights = read_weights(config.init_from, base, config.model)
         nnx.update(model, jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), weights, base))
         train_state.state = nnx.state((model, optimizer))
+    if config.lora is not None and config.lora.init == "pissa":  # from the weights the run starts from
+        model, optimizer = nnx.merge(train_state.graphdef, train_state.state)
+        principal_adapters(model)
+        train_state.state = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding),
+                                         nnx.state((model, optimizer)), train_state.state)
     return train_state

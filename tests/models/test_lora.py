@@ -1,6 +1,7 @@
 """LoRA on a model loaded from the Hugging Face fixtures: adapters start as the identity change,
 an optimizer over LoRAParam trains them alone (state for them only, base weights bit-identical),
-and merging gives the adapted model's logits with the original parameter names."""
+and merging gives the adapted model's logits with the original parameter names; PiSSA's adapters
+start as each projection's principal part."""
 
 import json
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from flax import nnx
 
 from seqmix.models.hf import config_from_hf, from_pretrained, save_pretrained
-from seqmix.models.lora import add_lora, merge_lora
+from seqmix.models.lora import add_lora, merge_lora, principal_adapters
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "hf" / "qwen2"
 
@@ -68,3 +69,22 @@ def test_a_target_that_names_nothing_is_refused():
     with pytest.raises(ValueError, match=r"LoRA target 'qproj' names no projection of the model \(its projections: "
                                          r"down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj\)"):
         add_lora(from_pretrained(FIXTURE), targets=("qproj",), rngs=nnx.Rngs(0))
+
+
+def test_pissa_adapters_hold_the_principal_part_and_merge_back_to_the_original():
+    """At step 0 the PiSSA-initialised model computes the original function, its frozen residual
+    lacks the top `rank` singular values, and merging gives back the original kernels."""
+    model = from_pretrained(FIXTURE)
+    tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 96)
+    before = model(tokens)
+    original = np.asarray(model.layers[0].self_attn.q_proj.kernel[...])
+    add_lora(model, rank=4, alpha=8.0, rngs=nnx.Rngs(1))
+    assert principal_adapters(model) == 6
+    assert rel_err(model(tokens), before) < 1e-5
+    singular = np.linalg.svd(original, compute_uv=False)
+    residual = np.linalg.svd(np.asarray(model.layers[0].self_attn.q_proj.base.kernel[...]), compute_uv=False)
+    np.testing.assert_allclose(residual[0], singular[4], rtol=1e-4)  # the top 4 moved to the adapter
+    merge_lora(model)
+    merged = np.asarray(model.layers[0].self_attn.q_proj.kernel[...])
+    assert rel_err(merged, original) < 1e-6
+    assert rel_err(model(tokens), before) < 1e-5
