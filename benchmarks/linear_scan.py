@@ -5,28 +5,17 @@ sequential (`jax.lax.scan`, what it runs on CPU), forward + backward, side by si
     python benchmarks/linear_scan.py
 """
 
-import time
-
 import jax
 import jax.numpy as jnp
+from kernels import median_seconds
 
 from seqmix.mixers.rg_lru import _parallel_scan, _sequential_scan
 
 SHAPES = [(4, 2048, 256), (2, 8192, 512), (1, 65536, 256)]  # B, T, C
 
 
-def best_ms(fn, *args, repeats=5):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
-
-
 def main() -> None:
-    print(f"backend: {jax.default_backend()}; float32, forward + backward of sum(h^2), best of 5")
+    print(f"backend: {jax.default_backend()}; float32, forward + backward of sum(h^2), median of 7 after a warm-up")
     print("| B x T x C | parallel (associative_scan) | sequential (scan) | parallel / sequential |")
     print("|---|---:|---:|---:|")
     for batch, length, channels in SHAPES:
@@ -36,7 +25,8 @@ def main() -> None:
         timed = {}
         for name, scan in (("parallel", _parallel_scan), ("sequential", _sequential_scan)):
             grad = jax.jit(jax.value_and_grad(lambda a, u, h0, scan=scan: jnp.sum(scan(a, u, h0) ** 2), argnums=(0, 1, 2)))
-            timed[name] = best_ms(grad, *args)
+            jax.block_until_ready(grad(*args))  # compile
+            timed[name] = 1e3 * median_seconds(grad, *args, repeats=7, budget=30.0)
         print(f"| {batch} x {length} x {channels} | {timed['parallel']:.1f} ms | {timed['sequential']:.1f} ms | "
               f"{timed['parallel'] / timed['sequential']:.2f}x |")
 

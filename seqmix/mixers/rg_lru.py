@@ -75,7 +75,7 @@ def _sqrt_bounded_derivative_jvp(primals, tangents):
 def linear_scan(a: jax.Array, u: jax.Array, initial: jax.Array) -> jax.Array:
     """h_t = a_t h_{t-1} + u_t from h_{-1} = initial, for every t: a, u [B, T, C] float32,
     initial [B, C] float32 -> h [B, T, C] float32. On accelerators a parallel (associative) scan,
-    log T steps deep; on CPU a sequential one, which XLA:CPU runs 1.8-3.3x faster forward and
+    log T steps deep; on CPU a sequential one, which XLA:CPU runs 1.8-3.6x faster forward and
     backward (benchmarks/linear_scan.py, RESULTS.md)."""
     return (_sequential_scan if jax.default_backend() == "cpu" else _parallel_scan)(a, u, initial)
 
