@@ -302,6 +302,8 @@ def test_unsupported_configs_name_the_key(name, change, message):
 @pytest.mark.parametrize("model_type, options, message", [
     ("qwen3_next", {"moe": {"num_experts": 4, "scoring": "sigmoid", "shared_hidden": 8, "shared_gate": True}},
      r"model\.moe\.scoring: 'sigmoid' has no Qwen3-Next equivalent"),
+    ("qwen3_next", {"moe": {"num_experts": 4, "shared_hidden": 8, "shared_gate": True, "activation": "relu2"}},
+     r"model\.moe\.activation: 'relu2' has no Qwen3-Next equivalent"),
     ("qwen3_5_text", {"moe": {"num_experts": 4}}, r"model\.moe: Qwen3\.5's dense models have no mixture"),
     ("olmo_hybrid", {"post_norm_layers": []}, r"model\.layers\.1: OLMo-hybrid's attention layers are post-norm"),
     ("kimi_linear", {"norm_unit_offset": False, "tie_embeddings": False, "layer_pattern": ["kda", "attention"]},

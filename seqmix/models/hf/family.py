@@ -130,6 +130,19 @@ def require_options(index: int, mixer: str, options: Any, expected: dict[str, An
                                   f"{family} equivalent (it needs {value!r})")
 
 
+# What a mixture of experts of the SwiGLU families (Qwen3-Next, Kimi Linear, MiniMax) must have.
+SWIGLU_EXPERTS = {"activation": "silu", "gated": True, "latent_size": None}
+
+
+def require_moe(moe: Any, expected: dict[str, Any], family: str) -> None:
+    """Refuses a mixture of experts (`MoEConfig`) whose options differ from `expected` and, unless
+    `expected` says otherwise, from SwiGLU experts in the model's width, naming the option."""
+    for key, value in {**SWIGLU_EXPERTS, **expected}.items():
+        if getattr(moe, key) != value:
+            raise CheckpointError(f"model.moe.{key}: {getattr(moe, key)!r} has no {family} equivalent "
+                                  f"(it needs {value!r})")
+
+
 def default_options(options_class: type, *mapped: str, **values: Any) -> dict[str, Any]:
     """What `require_options` expects of the mixer options a family has no config key for: every
     field of `options_class` but those `mapped` to keys, at its default (or as in `values`). A

@@ -20,8 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 from seqmix.models.config import ModelConfig
-from seqmix.models.hf.family import (NO_SPECIAL_TOKENS, Family, built, layer_mixers, read, require_options,
-                                     require_plain, require_values, same_options, shortest_period)
+from seqmix.models.hf.family import (NO_SPECIAL_TOKENS, Family, built, layer_mixers, read, require_moe,
+                                     require_options, require_plain, require_values, same_options, shortest_period)
 from seqmix.models.hf.tensors import CheckpointError, Conversion, renamed, split, stacked
 
 KINDS = {"linear_attention": "kda", "full_attention": "mla"}
@@ -98,10 +98,7 @@ def hf_config(config: ModelConfig, model_type: str) -> dict[str, Any]:
                               "tie_embeddings false)")
     require_plain(config, "Kimi Linear", allowed=("moe",))
     expected = {"scoring": "sigmoid", "selection_bias": True, "shared_gate": False}
-    for key, value in expected.items():
-        if getattr(moe, key) != value:
-            raise CheckpointError(f"model.moe.{key}: {getattr(moe, key)!r} has no Kimi Linear equivalent "
-                                  f"(it needs {value!r})")
+    require_moe(moe, expected, "Kimi Linear")
     expert_hidden = moe.expert_hidden or config.mlp_width
     if moe.shared_hidden % expert_hidden:
         raise CheckpointError(f"model.moe.shared_hidden: {moe.shared_hidden} is not a whole number of experts "

@@ -32,8 +32,9 @@ import numpy as np
 
 from seqmix.mixers.lightning import lightning_slopes
 from seqmix.models.config import ModelConfig
-from seqmix.models.hf.family import (NO_SPECIAL_TOKENS, Family, built, head_dim, layer_mixers, read, require_options,
-                                     require_plain, require_values, rope_parameters, same_options, shortest_period)
+from seqmix.models.hf.family import (NO_SPECIAL_TOKENS, Family, built, head_dim, layer_mixers, read, require_moe,
+                                     require_options, require_plain, require_values, rope_parameters, same_options,
+                                     shortest_period)
 from seqmix.models.hf.tensors import CheckpointError, Conversion, renamed, split, stacked
 
 DEFAULT_ROPE_THETA = 1000000.0  # MiniMaxConfig.default_theta
@@ -138,10 +139,7 @@ def _experts(config: ModelConfig) -> dict[str, Any]:
         raise CheckpointError("model.moe: MiniMax has a mixture of experts in every layer")
     expected = {"scoring": "softmax", "renormalize": True, "selection_bias": False, "expert_groups": 1,
                 "routed_scale": 1.0, "shared_hidden": 0}
-    for key, value in expected.items():
-        if getattr(moe, key) != value:
-            raise CheckpointError(f"model.moe.{key}: {getattr(moe, key)!r} has no MiniMax equivalent "
-                                  f"(it needs {value!r})")
+    require_moe(moe, expected, "MiniMax")
     return {"num_local_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
             "intermediate_size": moe.expert_hidden or config.mlp_width}
 

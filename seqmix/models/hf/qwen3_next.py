@@ -21,8 +21,9 @@ from typing import Any
 
 from seqmix.mixers.attention import AttentionConfig
 from seqmix.models.config import ModelConfig
-from seqmix.models.hf.family import (Family, built, default_options, head_dim, layer_mixers, read, require_options,
-                                     require_plain, require_values, rope_parameters, same_options, shortest_period)
+from seqmix.models.hf.family import (Family, built, default_options, head_dim, layer_mixers, read, require_moe,
+                                     require_options, require_plain, require_values, rope_parameters, same_options,
+                                     shortest_period)
 from seqmix.models.hf.tensors import CheckpointError, Conversion, renamed, split, stacked
 
 ARCHITECTURES = {"qwen3_next": "Qwen3NextForCausalLM", "qwen3_5_text": "Qwen3_5ForCausalLM"}
@@ -112,10 +113,7 @@ def _experts(config: ModelConfig, model_type: str) -> dict[str, Any]:
         raise CheckpointError("model.moe: Qwen3.5's dense models have no mixture of experts (export as qwen3_next)")
     expected = {"scoring": "softmax", "selection_bias": False, "expert_groups": 1, "routed_scale": 1.0,
                 "shared_gate": True}
-    for key, value in expected.items():
-        if getattr(moe, key) != value:
-            raise CheckpointError(f"model.moe.{key}: {getattr(moe, key)!r} has no Qwen3-Next equivalent "
-                                  f"(it needs {value!r})")
+    require_moe(moe, expected, "Qwen3-Next")
     return {"num_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
             "moe_intermediate_size": moe.expert_hidden or config.mlp_width, "norm_topk_prob": moe.renormalize,
             "shared_expert_intermediate_size": moe.shared_hidden, "decoder_sparse_step": 1,
