@@ -8,7 +8,10 @@ vocabulary 64, weights ~ N(0, 1/d_model)) trains for a fixed budget of
 `--steps` AdamW steps on fresh MQAR batches (seqmix.train.data.recall) of one setting, then is
 scored on 1024 held-out rows: the fraction of recurring keys whose value it predicts. Settings
 grow harder with more pairs, longer rows, and (`@32`) a smaller model width, i.e. a smaller
-recurrent state. Prints one markdown table of accuracies.
+recurrent state. A bidirectional model (hydra, bidirectional attention), which would read each
+answer right after its key, is trained and scored on masked recall instead: the answers hidden
+behind a mask token, the same recall with the tokens after the query visible too
+(`masked_recall`). Prints one markdown table of accuracies.
 """
 
 import argparse
@@ -32,10 +35,16 @@ MODELS = {
     "attention": {"layer_pattern": ["attention"]},
     "sliding_window(16)": {"layer_pattern": ["local"], "mixers": {"local": {"type": "attention", "sliding_window": 16}}},
     "linear_attention": {"layer_pattern": ["linear_attention"]},
+    "local_linear_attention": {"layer_pattern": ["local_linear_attention"]},
+    "nalaformer": {"layer_pattern": ["nalaformer"]},
     "retnet": {"layer_pattern": ["retnet"]},
     "gla": {"layer_pattern": ["gla"]},
     "hgrn2": {"layer_pattern": ["hgrn2"]},
     "mamba2": {"layer_pattern": ["mamba2"]},
+    "mamba": {"layer_pattern": ["mamba"]},
+    "longhorn": {"layer_pattern": ["longhorn"]},
+    "s4d": {"layer_pattern": ["s4d"]},
+    "spectral_ssm": {"layer_pattern": ["spectral_ssm"]},
     "deltanet": {"layer_pattern": ["deltanet"]},
     "gated_deltanet": {"layer_pattern": ["gated_deltanet"]},
     "gated_deltaproduct": {"layer_pattern": ["gated_deltaproduct"]},
@@ -46,6 +55,12 @@ MODELS = {
     "mom": {"layer_pattern": ["mom"]},
     "lightning": {"layer_pattern": ["lightning"]},
     "liger_attention(16)": {"layer_pattern": ["liger"], "mixers": {"liger": {"type": "liger_attention", "window": 16}}},
+    # B'MOJO: a 16-token window, 16 eidetic slots (tokens elected for their innovation) and a fading SSM read-out
+    "bmojo(16+16)": {"layer_pattern": ["bmojo"], "mixers": {"bmojo": {"window": 16, "memory": 16}}},
+    # Bidirectional: masked recall (`masked_recall`), with a mask token past the task's vocabulary
+    "hydra": {"layer_pattern": ["hydra"], "vocab_size": VOCAB + 1},
+    "bidirectional_attention": {"layer_pattern": ["attention"], "mixers": {"attention": {"causal": False}},
+                                "vocab_size": VOCAB + 1},
     "gated_deltanet+attention": {"layer_pattern": ["gated_deltanet", "attention"]},
     # Zoology's layout: a gated short convolution in front of each attention layer.
     "gated_conv+attention": {"n_layers": 4, "layer_pattern": ["gated_conv", "attention"]},
@@ -56,6 +71,14 @@ SETTINGS = {"4x64": (4, 64, 64), "8x128": (8, 128, 64), "16x128": (16, 128, 64),
             "8x128@32": (8, 128, 32)}
 
 
+def masked_recall(inputs, targets, scored):
+    """MQAR for a bidirectional model, which would read each answer as the token after its key:
+    the value after each recurring key is hidden behind the mask token VOCAB and predicted there.
+    Same arrays in, same arrays out (inputs, targets [B, T] int32, scored [B, T] bool)."""
+    answers = np.roll(scored, 1, axis=1)  # a recurring key is never a row's last token
+    return np.where(answers, VOCAB, inputs), np.roll(targets, 1, axis=1), answers
+
+
 def train_and_score(model_options: dict, pairs: int, length: int, width: int, *, steps: int, batch: int,
                     lr: float, seed: int) -> float:
     """Trains a fresh model on MQAR(pairs, length) and returns its held-out accuracy."""
@@ -64,11 +87,12 @@ def train_and_score(model_options: dict, pairs: int, length: int, width: int, *,
     config = build(ModelConfig, {"vocab_size": VOCAB, "d_model": width, "n_layers": 2, "n_heads": 2,
                                  "mlp_hidden": 2 * width, "init_std": width ** -0.5, **model_options}, "model")
     model = LanguageModel(config, rngs=nnx.Rngs(seed))
+    task = masked_recall if config.non_causal_layers() else lambda *batch: batch
     step, params, opt_state = adamw_training(model, optax.warmup_cosine_decay_schedule(0.0, lr, steps // 10, steps))
     step = jax.jit(step, donate_argnums=(0, 1))
     rng = np.random.default_rng(seed)
     for _ in range(steps):
-        params, opt_state, _ = step(params, opt_state, *mqar_batch(rng, batch, length, pairs, VOCAB))
+        params, opt_state, _ = step(params, opt_state, *task(*mqar_batch(rng, batch, length, pairs, VOCAB)))
     nnx.update(model, params)
 
     @nnx.jit
@@ -76,7 +100,7 @@ def train_and_score(model_options: dict, pairs: int, length: int, width: int, *,
         return jnp.sum((jnp.argmax(model(inputs), axis=-1) == targets) & scored)
 
     held_out = np.random.default_rng(10_000 + seed)
-    hits = sum(int(correct(model, *mqar_batch(held_out, 256, length, pairs, VOCAB))) for _ in range(4))
+    hits = sum(int(correct(model, *task(*mqar_batch(held_out, 256, length, pairs, VOCAB)))) for _ in range(4))
     return hits / (4 * 256 * pairs)
 
 

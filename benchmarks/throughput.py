@@ -8,7 +8,8 @@ trains on `--tokens` tokens (batch = tokens / T, at least 1 row) with AdamW. Per
 table gives training tokens/s (the best of 3 rounds, each the median of 3 steps, the models
 taking turns) and the peak memory of the compiled step (arguments + temporaries + outputs not
 aliased to the donated arguments, from XLA's buffer assignment), each also as a ratio to the
-transformer's in the same run.
+transformer's in the same run. hydra_small, a bidirectional encoder, is timed on the same step
+(its objective would be masked tokens; the work per step is the same).
 """
 
 import argparse
@@ -25,7 +26,9 @@ from kernels import measure
 from training import adamw_training
 
 CONFIGS = pathlib.Path(__file__).parent.parent / "configs" / "models"
-MODELS = ["transformer_small", "gla_small", "gated_deltanet_small", "mamba2_small", "hybrid_small"]
+MODELS = ["transformer_small", "gla_small", "gated_deltanet_small", "mamba2_small", "hybrid_small", "mamba_small",
+          "longhorn_small", "s4d_small", "spectral_ssm_small", "nalaformer_small", "local_linear_attention_small",
+          "bmojo_small", "hydra_small"]
 
 
 def compiled_step(name: str, length: int, tokens: int):

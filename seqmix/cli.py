@@ -81,6 +81,11 @@ def cmd_generate(args) -> int:
         raise ConfigError(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
     if not all(args.prompt):
         raise ConfigError("--prompt: an empty prompt gives generation nothing to continue")
+    from seqmix.train.config import load_train_config
+
+    if load_train_config(_run_dir(args.checkpoint) / "config.yaml").objective == "mlm":
+        raise ConfigError(f"{args.checkpoint}: trained with objective mlm, an encoder that fills in masked tokens; "
+                          "it cannot generate text left to right")
     trainer = _load_trained(args.checkpoint, [])
     if args.seed is not None:
         trainer.rng = jax.random.key(args.seed)

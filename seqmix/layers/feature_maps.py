@@ -1,6 +1,7 @@
 """Feature maps phi of linear attention: softmax(q k^T) is replaced by phi(q) phi(k)^T.
 
-Each maps [B, T, H, d] to [B, T, H, d'] in float32: d' = d, except Hedgehog's 2d.
+Each maps [B, T, H, d] to [B, T, H, d'] in float32: d' = d, except Hedgehog's and NaLaFormer's 2d.
+NaLaFormer's map differs between queries and keys (`QUERY_KEY`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,42 @@ FIXED = {
     "relu": jax.nn.relu,
     "softmax": lambda x: jax.nn.softmax(x, axis=-1),
 }
-POSITIVE = ("elu", "relu", "softmax", "hedgehog")  # maps whose scores phi(q).phi(k) are >= 0
-NAMES = (*FIXED, "hedgehog")
+
+
+def _power(x, exponent):
+    """x ** exponent for x >= 0, with zero value and gradients (also the exponent's) where x = 0."""
+    positive = x > 0
+    return jnp.where(positive, jnp.where(positive, x, 1.0) ** exponent, 0.0)
+
+
+NORM_AWARE_POWER = 3.0  # NaLaFormer's lambda: query powers span lambda * [1/2, 3/2]; keys are cubed
+
+
+def norm_aware_query(q):
+    """NaLaFormer's query map: the direction's positive and negative parts, each raised to a power
+    that grows with the query norm, p = lambda (1/2 + tanh ||q||):
+        phi_q(q) = [relu(q / ||q||) ** p, relu(-q / ||q||) ** p]      [..., d] -> [..., 2d]
+    A long query gets a larger power, hence spikier scores (lower entropy), as softmax gives it."""
+    q = q.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(jnp.square(q), axis=-1, keepdims=True) + 1e-6)
+    direction, power = q / norm, NORM_AWARE_POWER * (0.5 + jnp.tanh(norm))
+    return jnp.concatenate([_power(jax.nn.relu(direction), power), _power(jax.nn.relu(-direction), power)], axis=-1)
+
+
+def norm_aware_key(k):
+    """NaLaFormer's key map: the positive and negative parts of k ** 3 (a fixed, norm-keeping power):
+        phi_k(k) = [relu(k) ** 3, relu(-k) ** 3]      [..., d] -> [..., 2d]
+    phi_q(q).phi_k(k) pairs only dimensions where q and k agree in sign: opposite directions are
+    inhibited to 0 rather than made negative, and the scores stay >= 0 without discarding half of
+    each vector (the negative parts keep their own half of the features)."""
+    k = k.astype(jnp.float32)
+    return jnp.concatenate([jax.nn.relu(k) ** 3, jax.nn.relu(-k) ** 3], axis=-1)
+
+
+QUERY_KEY = {"nalaformer": (norm_aware_query, norm_aware_key)}  # (query map, key map)
+POSITIVE = ("elu", "relu", "softmax", "hedgehog", "nalaformer")  # maps whose scores phi(q).phi(k) are >= 0
+DOUBLING = ("hedgehog", "nalaformer")  # maps to 2d features
+NAMES = (*FIXED, *QUERY_KEY, "hedgehog")
 
 
 class Hedgehog(nnx.Module):
@@ -34,6 +69,9 @@ class Hedgehog(nnx.Module):
         return jnp.concatenate([jax.nn.softmax(projected, axis=-1), jax.nn.softmax(-projected, axis=-1)], axis=-1)
 
 
-def apply_fixed(name: str, x):
-    """The parameter-free map `name` (a key of FIXED) of x, in float32."""
+def apply_fixed(name: str, x, *, key: bool = False):
+    """The parameter-free map `name` (a key of FIXED or QUERY_KEY) of x, in float32: for a map of
+    QUERY_KEY, its query side, or its key side when `key`."""
+    if name in QUERY_KEY:
+        return QUERY_KEY[name][int(key)](x)
     return FIXED[name](x.astype(jnp.float32))

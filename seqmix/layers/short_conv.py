@@ -15,6 +15,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+def depthwise_filter(channels: int, width: int, *, bias: bool, rngs: nnx.Rngs) -> tuple[nnx.Param, nnx.Param | None]:
+    """A depthwise convolution's parameters: weight [width, channels] ~ U(+-width^-1/2) (PyTorch's
+    Conv1d init: a depthwise filter's fan-in is its width) and bias [channels] zeros, or None."""
+    bound = width ** -0.5
+    weight = nnx.Param(jax.random.uniform(rngs.params(), (width, channels), jnp.float32, -bound, bound),
+                       out_sharding=("conv_width", "heads"), eager_sharding=False)
+    bias_param = nnx.Param(jnp.zeros((channels,), jnp.float32), out_sharding=("heads",), eager_sharding=False)
+    return weight, bias_param if bias else None
+
+
 class ShortConvolution(nnx.Module):
     """x [B, T, C] -> y [B, T, C] in x's dtype (sums in float32); weight [width, C], and with
     `bias` a bias [C] added before the activation (Mamba2's conv_bias, RecurrentGemma's conv).
@@ -29,13 +39,8 @@ class ShortConvolution(nnx.Module):
             raise ValueError(f"ShortConvolution width must be >= 1, got {width}")
         self.width = width
         self.activation = activation
-        bound = width ** -0.5  # a depthwise filter's fan-in is its width (PyTorch's Conv1d init)
-        self.weight = nnx.Param(
-            jax.random.uniform(rngs.params(), (width, channels), jnp.float32, -bound, bound),
-            out_sharding=("conv_width", "heads"), eager_sharding=False,
-        )
-        self.bias = nnx.data(nnx.Param(jnp.zeros((channels,), jnp.float32), out_sharding=("heads",),
-                                       eager_sharding=False) if bias else None)
+        self.weight, bias_param = depthwise_filter(channels, width, bias=bias, rngs=rngs)
+        self.bias = nnx.data(bias_param)
 
     def empty_tail(self, batch: int, dtype) -> jax.Array:
         """The tail of rows with nothing before them: zeros [B, width-1, C]."""

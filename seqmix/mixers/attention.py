@@ -1,15 +1,18 @@
-"""Causal softmax attention: multi-head or grouped-query, global or sliding-window, with RoPE on
-all, part (Qwen3-Next's partial RoPE) or none (NoPE) of each head's dims, optional q/k RMSNorms
-(per head as in Qwen3, or over the whole projection as in OLMo), an optional output gate
-(Qwen3-Next's gated attention: q_proj gives each head a query and a gate half, [query_h | gate_h],
-and the heads' outputs are multiplied by sigmoid(gate) before o_proj), biases on q/k/v (Qwen2)
-and on o_proj (RecurrentGemma), and a multiplier on the keys (Falcon-H1's muP key multiplier).
+"""Softmax attention, causal or (`causal: false`, an encoder's) bidirectional: multi-head or
+grouped-query, global or sliding-window, with RoPE on all, part (Qwen3-Next's partial RoPE) or
+none (NoPE) of each head's dims, optional q/k RMSNorms (per head as in Qwen3, or over the whole
+projection as in OLMo), an optional output gate (Qwen3-Next's gated attention: q_proj gives each
+head a query and a gate half, [query_h | gate_h], and the heads' outputs are multiplied by
+sigmoid(gate) before o_proj), biases on q/k/v (Qwen2) and on o_proj (RecurrentGemma), and a
+multiplier on the keys (Falcon-H1's muP key multiplier).
 
 Masks come from array indices and `segment_ids`: a query attends to keys of its own segment
 (never across a packing boundary, never to padding) at or before it, and with a window W to the
-W most recent of those (itself included). Decoding appends to a KV cache of fixed capacity:
-every token for global attention, a ring buffer of the last W for windowed attention, each
-slot flagged real or padding so that left-padded prompts of different lengths share a batch.
+W most recent of those (itself included); without causality, to every key of its own segment
+(no window, no decode: a token's output then depends on the tokens after it). Decoding appends
+to a KV cache of fixed capacity: every token for global attention, a ring buffer of the last W
+for windowed attention, each slot flagged real or padding so that left-padded prompts of
+different lengths share a batch.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from seqmix.mixers.registry import register_mixer
 
 
 QKNorm = Literal["head", "projection"]
+BIDIRECTIONAL_DECODE = ("attention with causal: false is not causal (each token reads the tokens after it): it has "
+                        "no decode cache, so a model holding it cannot decode or generate; "
+                        "train it with objective: mlm")
 
 
 @dataclasses.dataclass
@@ -43,8 +49,13 @@ class AttentionConfig:
     output_gate: bool = False  # out * sigmoid(gate), the gate a second half of each head in q_proj
     rotary_fraction: float = 1.0  # share of each head's dims that RoPE rotates; 0: no positions (NoPE)
     key_multiplier: float = 1.0  # k_proj's output times it, before norms and RoPE (Falcon-H1's muP multiplier)
+    # false: each token attends to every token of its segment, before and after it (a bidirectional
+    # encoder, trained with objective mlm); such a layer has no decode cache
+    causal: bool = True
 
     def validate(self, path: str) -> None:
+        require(self.causal or self.sliding_window is None, path, "sliding_window",
+                "must be null when causal is false (bidirectional attention sees its whole segment)")
         require(self.sliding_window is None or self.sliding_window > 0, path, "sliding_window",
                 f"must be positive, got {self.sliding_window}")
         require(0.0 <= self.rotary_fraction <= 1.0, path, "rotary_fraction",
@@ -70,13 +81,14 @@ def empty_kv_cache(batch: int, slots: int, kv_heads: int, head_dim: int, dtype) 
                    lengths=jnp.zeros((batch,), jnp.int32))
 
 
-def attention_mask(q_index, k_index, *, q_segment=None, k_segment=None, window=None):
-    """Boolean [B, Tq, Tk] mask from absolute indices q_index [B, Tq], k_index [B, Tk] (int32).
+def attention_mask(q_index, k_index, *, q_segment=None, k_segment=None, window=None, causal=True):
+    """Boolean [B, Tq, Tk] mask from absolute indices q_index [B, Tq], k_index [B, Tk] (int32):
+    keys at or before the query (every key when not `causal`), the `window` most recent of them.
 
     Segments [B, T] (0 = padding) restrict keys to the query's own non-padding segment.
     """
     q_idx, k_idx = q_index[:, :, None], k_index[:, None, :]
-    mask = k_idx <= q_idx
+    mask = k_idx <= q_idx if causal else jnp.ones(q_idx.shape[:2] + k_idx.shape[2:], bool)
     if window is not None:
         mask &= q_idx - k_idx < window
     if q_segment is not None:
@@ -173,7 +185,7 @@ class Attention(nnx.Module):
         self.rope_theta, self.rope_scaling = model_config.rope_theta, model_config.rope_scaling
         # An even number of dims: RoPE rotates them in two halves.
         self.rotary_dim = int(self.head_dim * config.rotary_fraction) // 2 * 2
-        self.window, self.output_gate = config.sliding_window, config.output_gate
+        self.window, self.output_gate, self.causal = config.sliding_window, config.output_gate, config.causal
         self.key_multiplier = config.key_multiplier
         std, out_std = model_config.init_std, model_config.init_std / (2 * model_config.n_layers) ** 0.5
         input_projection = functools.partial(projection, d_model, std=std, rngs=rngs, bias=config.qkv_bias)
@@ -222,14 +234,19 @@ class Attention(nnx.Module):
         scale = self.head_dim ** -0.5
         if cache is None:
             index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-            mask = attention_mask(index, index, q_segment=segment_ids, k_segment=segment_ids, window=self.window)
+            mask = attention_mask(index, index, q_segment=segment_ids, k_segment=segment_ids, window=self.window,
+                                  causal=self.causal)
             return softmax_attention(q, k, v, mask, scale), None
+        if not self.causal:
+            raise ValueError(BIDIRECTIONAL_DECODE)
         real = jnp.ones((batch, length), bool) if segment_ids is None else segment_ids != 0
         attend = cached_attention if self.window is None else functools.partial(windowed_attention, window=self.window)
         return attend(q, k, v, real, cache, scale)
 
     def init_cache(self, batch: int, max_len: int, dtype) -> KVCache:
         """An empty cache for `max_len` tokens per row: all of them for global attention, a ring
-        of the last `sliding_window` for windowed attention."""
+        of the last `sliding_window` for windowed attention. Refused for bidirectional attention."""
+        if not self.causal:
+            raise ValueError(BIDIRECTIONAL_DECODE)
         slots = max_len if self.window is None else self.window
         return empty_kv_cache(batch, slots, self.kv_heads, self.head_dim, dtype)

@@ -66,6 +66,10 @@ class ParallelHybrid(nnx.Module):
         y = attended * attention_out + mixed * mamba_out
         return y, None if cache is None else ParallelHybridCache(attention=attention_cache, mamba2=mamba_cache)
 
+    def learn_initial_state(self):
+        """State tuning: the SSM half learns its initial state (attention has none)."""
+        self.mamba.learn_initial_state()
+
     def init_cache(self, batch: int, max_len: int, dtype) -> ParallelHybridCache:
         """Both halves' empty caches (the attention's for max_len tokens, or its window)."""
         return ParallelHybridCache(attention=self.attention.init_cache(batch, max_len, dtype),

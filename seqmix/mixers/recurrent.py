@@ -4,6 +4,10 @@ chunked op and its decode step, and the output head (per-head RMSNorm, optional 
 A linear mixer subclasses `RecurrentMixer`, sets its state's shape (`init_state`), builds its
 q/k/v (and gates) in `__call__`, hands them to `recur`, and the result to `output` (set up by
 `init_output`) or its own output head.
+
+State tuning ("State Tuning: State-based Test-Time Scaling on RWKV-7"): `learn_initial_state`
+gives a layer a trainable state (`InitialState`) that replaces the zero state before each row's
+first token, in training (`recur`) and in decoding (`init_cache`).
 """
 
 from __future__ import annotations
@@ -45,12 +49,34 @@ class WindowedRecurrentCache:
         return self.recurrent.lengths
 
 
+class InitialState(nnx.Param):
+    """A recurrent layer's learned state before each row's first token, [H, K, V] float32: what
+    `tune: state` trains, the rest of the model frozen."""
+
+
 class RecurrentMixer(nnx.Module):
     """Base of the linear mixers: `heads` heads with [key_dim, value_dim] states."""
+
+    initial_state: InitialState | None = None  # set by `learn_initial_state`
 
     def init_state(self, heads: int, key_dim: int, value_dim: int):
         """The recurrence has `heads` states of [key_dim, value_dim]."""
         self.heads, self.key_dim, self.value_dim = heads, key_dim, value_dim
+
+    def learn_initial_state(self):
+        """Gives the layer a trainable state before each row's first token, zeros at first (the
+        layer's function is unchanged until it is trained). The state still resets to zero at a
+        packed row's later segments (the kernels' contract), so state tuning trains on rows of one
+        document each (`data.pack: false`)."""
+        self.initial_state = InitialState(jnp.zeros((self.heads, self.key_dim, self.value_dim), jnp.float32),
+                                          out_sharding=("heads", None, None), eager_sharding=False)
+
+    def start_state(self, batch: int) -> jax.Array | None:
+        """[batch, H, K, V] float32: the learned state for every row, or None without one."""
+        if self.initial_state is None:
+            return None
+        # float32 whatever the compute dtype: the kernels keep their states in float32.
+        return jnp.broadcast_to(self.initial_state[...].astype(jnp.float32), (batch, *self.initial_state.shape))
 
     def init_output(self, model_config, value_dim: int, *, gated: bool, rngs: nnx.Rngs, eps: float | None = None):
         """The usual output head over `self.heads` heads of value_dim outputs: o_norm (RMSNorm
@@ -77,7 +103,9 @@ class RecurrentMixer(nnx.Module):
         the cached state (prefill). Returns (o [B, T, H, V], the updated cache or None).
         """
         if cache is None:
-            return chunked(**tokens, segment_ids=segment_ids), None
+            start = self.start_state(tokens["q"].shape[0])
+            learned = {} if start is None else {"initial_state": start}
+            return chunked(**tokens, segment_ids=segment_ids, **learned), None
         if segment_ids is None and tokens["q"].shape[1] == 1:
             out, state = step(**{name: None if x is None else x[:, 0] for name, x in tokens.items()}, state=cache.state)
             out = out[:, None]
@@ -101,9 +129,11 @@ class RecurrentMixer(nnx.Module):
         return self.o_proj(out.reshape(*out.shape[:2], -1))
 
     def init_cache(self, batch: int, max_len: int, dtype, conv_tails=()) -> RecurrentCache:
-        """An empty cache; its size does not depend on max_len."""
+        """An empty cache (its state the learned one, if any); its size does not depend on max_len."""
         del max_len, dtype
-        return RecurrentCache(state=jnp.zeros((batch, self.heads, self.key_dim, self.value_dim), jnp.float32),
+        start = self.start_state(batch)
+        state = jnp.zeros((batch, self.heads, self.key_dim, self.value_dim), jnp.float32) if start is None else start
+        return RecurrentCache(state=state,
                               conv_tails=conv_tails, lengths=jnp.zeros((batch,), jnp.int32))
 
 

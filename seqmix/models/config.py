@@ -62,6 +62,9 @@ class ModelConfig:
     logit_multiplier: float = 1.0
     logit_soft_cap: float | None = None
     init_std: float = 0.02
+    # A trainable state before each row's first token in every recurrent layer (state tuning,
+    # `tune: state`), zeros at first; the layers' mixers must provide `learn_initial_state`.
+    learned_initial_state: bool = False
 
     @property
     def kv_heads(self) -> int:
@@ -86,6 +89,17 @@ class ModelConfig:
         where = f"{path}.mixers.{kind}" if kind in self.mixers else f"{path}.layer_pattern"
         spec = get_mixer(mixer_name, f"{where}.type" if kind in self.mixers else where)
         return spec, build(spec.config_cls, options, where)
+
+    def non_causal_layers(self) -> list[str]:
+        """The layer kinds whose mixers read the tokens after each token (`causal` false in their
+        options or their options class, or in options nested there, e.g. a parallel hybrid's
+        attention): such a model cannot be trained to predict the next token, nor generate."""
+
+        def causal(options) -> bool:
+            nested = [getattr(options, field.name) for field in dataclasses.fields(options)]
+            return getattr(options, "causal", True) and all(causal(o) for o in nested if dataclasses.is_dataclass(o))
+
+        return [kind for kind in dict.fromkeys(self.layer_pattern) if not causal(self.mixer(kind)[1])]
 
     def validate(self, path: str) -> None:
         for key in ("vocab_size", "d_model", "n_layers", "n_heads"):
@@ -116,5 +130,10 @@ class ModelConfig:
                     f"must be [mixer_alpha, mixer_beta, mlp_alpha, mlp_beta], got {scales}")
         both = sorted(set(self.post_norm_layers) & set(self.residual_scales))
         require(not both, path, "residual_scales", f"{both} are post-norm layers too (a block has one form)")
+        if self.learned_initial_state:
+            stateless = [kind for kind in self.layer_pattern
+                         if not hasattr(self.mixer(kind, path)[0].module_cls, "learn_initial_state")]
+            require(len(stateless) < len(self.layer_pattern), path, "learned_initial_state",
+                    f"no layer kind of layer_pattern has a recurrent state to learn ({', '.join(stateless)})")
         unused = sorted(set(self.mixers) - set(self.layer_pattern))
         require(not unused, path, f"mixers.{unused[0] if unused else ''}", "is not used by layer_pattern")

@@ -49,6 +49,8 @@ class Block(nnx.Module):
         self.residual_scales = tuple(config.residual_scales[kind]) if kind in config.residual_scales else None
         self.input_layernorm = None if self.post_norm else norm()
         self.self_attn = spec.build(config, mixer_config, layer_index, rngs=rngs)
+        if config.learned_initial_state and hasattr(self.self_attn, "learn_initial_state"):
+            self.self_attn.learn_initial_state()
         has_mlp = config.mlp_width > 0
         self.post_attention_layernorm = norm() if has_mlp or self.post_norm else None
         self.post_feedforward_layernorm = norm() if has_mlp and self.post_norm else None

@@ -42,7 +42,8 @@ class CompiledStep:
 def compile_train_step(config: TrainConfig, mesh: Mesh) -> CompiledStep:
     """Lowers and compiles `config`'s train step for `mesh` from abstract state and batch shapes."""
     train_state = abstract_train_state(config, mesh)
-    step = make_train_step(train_state, mesh, config.compute_dtype, config.loss_chunk_tokens)
+    step = make_train_step(train_state, mesh, config.compute_dtype, config.loss_chunk_tokens,
+                           mlm=config.mlm if config.objective == "mlm" else None, seed=config.seed)
     shape = (config.grad_accum, config.data.batch_size, config.data.seq_len)
     batch = {key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh, leading_dims=1))
              for key in BATCH_KEYS}

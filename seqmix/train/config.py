@@ -35,6 +35,9 @@ class DataConfig:
     tokenizer: str = "byte"  # "byte" or the path of a Hugging Face tokenizer.json
     seq_len: int = 256
     batch_size: int = 16
+    # Several documents per row, told apart by segment ids; false: one document (piece) per row,
+    # padded, which state tuning needs (its learned state starts each row).
+    pack: bool = True
     shuffle_seed: int = 0
     cache_dir: str = ".cache/seqmix"
 
@@ -140,6 +143,20 @@ class AttentionTransferConfig:
 
 
 @dataclasses.dataclass
+class MLMConfig:
+    """Masked language modelling (`objective: mlm`, `seqmix.train.mlm`): `mask_rate` of the real
+    tokens, drawn anew each step, become `mask_token`, and the loss is on recovering them."""
+
+    mask_rate: float = 0.15
+    # An id no text encodes to: the byte tokenizer's are 0..255, so an MLM model has vocab_size 257
+    mask_token: int = 256
+
+    def validate(self, path: str) -> None:
+        require(0 < self.mask_rate < 1, path, "mask_rate", f"must be in (0, 1), got {self.mask_rate}")
+        require(self.mask_token >= 0, path, "mask_token", f"must be a token id (>= 0), got {self.mask_token}")
+
+
+@dataclasses.dataclass
 class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -155,6 +172,12 @@ class TrainConfig:
     # without a `model`, the run's model is the checkpoint's
     init_from: str | None = None
     lora: LoRAConfig | None = None  # train LoRA adapters only, the other weights frozen
+    # all: every parameter (or the LoRA adapters); state: only each recurrent layer's learned
+    # initial state (state tuning), which gives the model `model.learned_initial_state`
+    tune: Literal["all", "state"] = "all"
+    # next_token: causal language modelling; mlm: masked language modelling (bidirectional encoders)
+    objective: Literal["next_token", "mlm"] = "next_token"
+    mlm: MLMConfig = dataclasses.field(default_factory=MLMConfig)  # read with objective mlm
     attention_transfer: AttentionTransferConfig | None = None  # needs init_from (the teacher)
     eval_every: int = 200
     eval_batches: int = 8
@@ -164,6 +187,10 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # stop after this many consecutive non-finite losses
     sample_prompt: str = "ROMEO:"
     sample_tokens: int = 200
+
+    def __post_init__(self):
+        if self.tune == "state" and not self.model.learned_initial_state:
+            self.model = dataclasses.replace(self.model, learned_initial_state=True)
 
     def validate(self, path: str) -> None:
         for key in ("steps", "grad_accum", "eval_every", "eval_batches", "log_every", "max_nonfinite_steps"):
@@ -176,9 +203,29 @@ class TrainConfig:
                 "needs init_from: the checkpoint whose attention layers the converted ones learn from")
         require(self.attention_transfer is None or self.lora is None or self.lora.init != "pissa", path, "lora.init",
                 "pissa changes the base weights, from which attention transfer reads its teacher")
+        if self.tune == "state":
+            self.model.validate(f"{path}.model" if path else "model")  # again, with the states it was given
+            for key, value in (("lora", self.lora), ("attention_transfer", self.attention_transfer)):
+                require(value is None, path, key, "cannot be combined with tune: state (which trains the states alone)")
+            require(not self.data.pack, path, "data.pack",
+                    "must be false with tune: state (the learned state starts each row; a packed row's later "
+                    "documents would start from zero)")
         if self.data.tokenizer == "byte":
             require(self.model.vocab_size >= 256, path, "model.vocab_size",
                     f"{self.model.vocab_size} is smaller than the byte tokenizer's 256 symbols")
+        if self.objective == "mlm":
+            require(self.mlm.mask_token < self.model.vocab_size, path, "mlm.mask_token",
+                    f"{self.mlm.mask_token} is not an id of the model's vocabulary "
+                    f"(vocab_size {self.model.vocab_size})")
+            require(self.data.tokenizer != "byte" or self.mlm.mask_token >= 256, path, "mlm.mask_token",
+                    f"{self.mlm.mask_token} is a byte of the text; use 256 (with model.vocab_size 257)")
+            require(self.data.corpus != "alpaca", path, "data.corpus",
+                    "alpaca scores responses to instructions, a next-token objective; mlm reads plain text")
+        else:
+            non_causal = self.model.non_causal_layers()
+            require(not non_causal, path, "objective",
+                    f"next_token needs a causal model, but the model's {', '.join(non_causal)} layers read the "
+                    "tokens after each token: use objective mlm")
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:

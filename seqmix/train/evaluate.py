@@ -17,10 +17,11 @@ def to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> di
 
 
 def held_out_loss(eval_step, state, batches, sharding: NamedSharding, max_batches: int) -> dict[str, float]:
-    """Mean token cross-entropy (nats) and perplexity over up to `max_batches` batches."""
+    """Mean token cross-entropy (nats) and perplexity over up to `max_batches` batches (each
+    given to eval_step with its index: an MLM run's fixed masking)."""
     total, count = 0.0, 0.0
-    for batch in itertools.islice(batches, max_batches):
-        loss_sum, tokens = eval_step(state, to_global(batch, sharding))
+    for index, batch in enumerate(itertools.islice(batches, max_batches)):
+        loss_sum, tokens = eval_step(state, to_global(batch, sharding), index)
         total, count = total + float(loss_sum), count + float(tokens)
     if count == 0:
         raise ValueError("the held-out set produced no tokens to evaluate")

@@ -42,7 +42,7 @@ def _packed_batches(config: DataConfig, corpus: Corpus, documents: list[str], *,
         raise DataError(f"data.batch_size={config.batch_size} is not divisible by {jax.process_count()} processes")
     dataset = make_dataset(
         documents, corpus.tokenizer, seq_len=config.seq_len, batch_size=config.batch_size,
-        seed=seed, shuffle=training, repeat=training,
+        seed=seed, shuffle=training, repeat=training, pack=config.pack,
         process_index=jax.process_index(), process_count=jax.process_count(),
     )
     return iter(dataset)

@@ -21,6 +21,11 @@ from seqmix.train.config import OptimConfig
 # Parameters under these attribute names are trained by AdamW even with `name: muon`.
 ADAMW_ONLY_MODULES = ("embed_tokens", "lm_head")
 
+# A state space's dynamics, not weight matrices: Mamba and S4 train them without weight decay, and
+# Muon does not orthogonalise them (Mamba's A_log [E, N], S4D's eigenvalues [D, N/2], the learned
+# initial states of state tuning [H, K, V]).
+DYNAMICS_PARAMETERS = ("A_log", "log_neg_real_a", "imag_a", "initial_state")
+
 # Muon's updates are rescaled to this RMS (Liu et al. 2025, "Muon is Scalable for LLM Training"),
 # which matches AdamW's typical update RMS, so both optimizers share `OptimConfig.lr`.
 MUON_UPDATE_RMS = 0.2
@@ -71,7 +76,7 @@ def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTrans
     """Global-norm clipping (when `grad_clip > 0`) followed by `config.name`, under `make_schedule`.
 
     `adamw`: AdamW (b1, b2, eps) with decoupled weight decay on parameters of rank >= 2 only
-    (matrices and embeddings; norm scales and biases are not decayed).
+    (matrices and embeddings; norm scales, biases and `DYNAMICS_PARAMETERS` are not decayed).
     `muon`: Muon (optax.contrib.muon, Nesterov momentum 0.95, updates rescaled to RMS
     `MUON_UPDATE_RMS` * lr, weight decay `weight_decay`) on the 2-D hidden matrices, and the
     AdamW above on everything else: the token embedding and output head (`ADAMW_ONLY_MODULES`),
@@ -109,16 +114,21 @@ def _key_path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _is_dynamics(path: tuple[Any, ...]) -> bool:
+    return bool(set(_key_path_names(path)) & set(DYNAMICS_PARAMETERS))
+
+
 def _decay_mask(params: Any) -> Any:
-    """True for the leaves of `params` that get weight decay: those of rank >= 2."""
-    return jax.tree.map(lambda leaf: leaf.ndim >= 2, params)
+    """True for the leaves of `params` that get weight decay: those of rank >= 2, but dynamics."""
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: leaf.ndim >= 2 and not _is_dynamics(path), params)
 
 
 def _muon_labels(params: Any) -> Any:
-    """'muon' for the 2-D leaves of `params` outside `ADAMW_ONLY_MODULES`, 'adamw' for the rest."""
+    """'muon' for the 2-D leaves of `params` outside `ADAMW_ONLY_MODULES` and
+    `DYNAMICS_PARAMETERS`, 'adamw' for the rest."""
 
     def label(path: tuple[Any, ...], leaf: jax.Array) -> str:
         hidden = not set(_key_path_names(path)) & set(ADAMW_ONLY_MODULES)
-        return "muon" if leaf.ndim == 2 and hidden else "adamw"
+        return "muon" if leaf.ndim == 2 and hidden and not _is_dynamics(path) else "adamw"
 
     return jax.tree_util.tree_map_with_path(label, params)

@@ -8,6 +8,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
+from seqmix.mixers.recurrent import InitialState
 from seqmix.models.hf import CHECKPOINT_PARAMS, read_weights
 from seqmix.models.lm import LanguageModel
 from seqmix.models.lora import add_lora, principal_adapters
@@ -19,7 +20,8 @@ from seqmix.train.sharding import state_shardings
 @dataclasses.dataclass
 class TrainState:
     """`nnx.merge(graphdef, state)` gives (model, optimizer); `shardings` mirrors `state`;
-    `trainable`: the variable type the optimizer updates (nnx.Param, or nnx.LoRAParam with LoRA)."""
+    `trainable`: the variable type the optimizer updates (nnx.Param, nnx.LoRAParam with LoRA, or
+    InitialState with state tuning)."""
 
     graphdef: nnx.GraphDef
     state: nnx.State
@@ -38,6 +40,8 @@ class TrainState:
 
 
 def trainable_type(config: TrainConfig) -> type:
+    if config.tune == "state":
+        return InitialState
     return nnx.LoRAParam if config.lora is not None else nnx.Param
 
 

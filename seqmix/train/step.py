@@ -11,6 +11,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from seqmix.train.loss import chunked_cross_entropy_sum, cross_entropy_sum
+from seqmix.train.mlm import held_out_key, masked_for_mlm, training_key
 from seqmix.train.sharding import batch_sharding
 from seqmix.train.state import TrainState
 
@@ -47,7 +48,8 @@ def _batch_loss(model_graphdef, params, rest, batch, compute_dtype, loss_chunk_t
     return cross_entropy + aux * count, (cross_entropy, count)
 
 
-def make_train_step(train_state: TrainState, mesh: Mesh, compute_dtype: str, loss_chunk_tokens: int = 0):
+def make_train_step(train_state: TrainState, mesh: Mesh, compute_dtype: str, loss_chunk_tokens: int = 0,
+                    mlm=None, seed: int = 0):
     """Returns step(state, batch) -> (state, metrics), jitted with the state donated.
 
     batch: dict of [A, B, T] int32 (A micro-batches accumulated into one update). Gradients of
@@ -55,6 +57,8 @@ def make_train_step(train_state: TrainState, mesh: Mesh, compute_dtype: str, los
     micro-batches of B rows give the same update as one batch of A*B rows. A step whose loss,
     gradient norm or updated parameters are not finite leaves the state unchanged and reports
     finite=False. loss_chunk_tokens > 0: the cross-entropy in blocks (see `_batch_loss`).
+    mlm (an `MLMConfig`, objective mlm): the batch is masked first (`seqmix.train.mlm`), from `seed`
+    and the optimizer's step count.
     """
     graphdef, dtype = train_state.graphdef, COMPUTE_DTYPES[compute_dtype]
 
@@ -62,6 +66,9 @@ def make_train_step(train_state: TrainState, mesh: Mesh, compute_dtype: str, los
         # copy: the optimizer updates the merged Variables in place, and `state` must keep
         # the old values for a skipped (non-finite) step.
         model, optimizer = nnx.merge(graphdef, state, copy=True)
+        if mlm is not None:
+            batch = masked_for_mlm(batch, training_key(seed, optimizer.step[...]), rate=mlm.mask_rate,
+                                   mask_token=mlm.mask_token)
         model_graphdef, params, rest = nnx.split(model, train_state.trainable, ...)
         grad_fn = jax.value_and_grad(
             lambda p, micro: _batch_loss(model_graphdef, p, rest, micro, dtype, loss_chunk_tokens), has_aux=True
@@ -87,7 +94,9 @@ def make_train_step(train_state: TrainState, mesh: Mesh, compute_dtype: str, los
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
         # "loss" stays the cross-entropy, comparable across models; "aux_loss" is what the
         # model's auxiliary losses added to the optimised total.
-        metrics = {"loss": cross_entropy, "aux_loss": loss - cross_entropy, "grad_norm": grad_norm, "tokens": count,
+        # "tokens": what the step read (under mlm, every real token, not only the masked ones it scores)
+        read = count if mlm is None else jnp.sum(batch["segment_ids"] != 0).astype(jnp.float32)
+        metrics = {"loss": cross_entropy, "aux_loss": loss - cross_entropy, "grad_norm": grad_norm, "tokens": read,
                    "finite": finite}
         return new_state, metrics
 
@@ -99,17 +108,20 @@ def make_train_step(train_state: TrainState, mesh: Mesh, compute_dtype: str, los
     )
 
 
-def make_eval_step(train_state: TrainState, mesh: Mesh, compute_dtype: str, loss_chunk_tokens: int = 0):
-    """Returns eval(state, batch [B, T]) -> (sum of token losses, token count), jitted."""
+def make_eval_step(train_state: TrainState, mesh: Mesh, compute_dtype: str, loss_chunk_tokens: int = 0, mlm=None):
+    """Returns eval(state, batch [B, T], index) -> (sum of token losses, token count), jitted;
+    index: the batch's place in the held-out pass, which fixes its masking under `mlm`."""
     graphdef, dtype = train_state.graphdef, COMPUTE_DTYPES[compute_dtype]
 
-    def evaluate(state, batch):
+    def evaluate(state, batch, index):
+        if mlm is not None:
+            batch = masked_for_mlm(batch, held_out_key(index), rate=mlm.mask_rate, mask_token=mlm.mask_token)
         model, _optimizer = nnx.merge(graphdef, state)
         model_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         _, (cross_entropy, count) = _batch_loss(model_graphdef, params, rest, batch, dtype, loss_chunk_tokens)
         return cross_entropy, count
 
-    return jax.jit(_under_mesh(evaluate, mesh), in_shardings=(train_state.shardings, batch_sharding(mesh)))
+    return jax.jit(_under_mesh(evaluate, mesh), in_shardings=(train_state.shardings, batch_sharding(mesh), None))
 
 
 def _under_mesh(function, mesh: Mesh):

@@ -100,8 +100,11 @@ class Trainer:
                 f"{self.corpus.tokenizer.vocab_size} tokens ({config.data.tokenizer})"
             )
         self.train_state: TrainState = create_train_state(config, self.mesh)
-        self.train_step = make_train_step(self.train_state, self.mesh, config.compute_dtype, config.loss_chunk_tokens)
-        self.eval_step = make_eval_step(self.train_state, self.mesh, config.compute_dtype, config.loss_chunk_tokens)
+        mlm = config.mlm if config.objective == "mlm" else None
+        self.train_step = make_train_step(self.train_state, self.mesh, config.compute_dtype, config.loss_chunk_tokens,
+                                          mlm=mlm, seed=config.seed)
+        self.eval_step = make_eval_step(self.train_state, self.mesh, config.compute_dtype, config.loss_chunk_tokens,
+                                        mlm=mlm)
         self.schedule = make_schedule(config.optim, config.steps)
         self.checkpointer = Checkpointer(
             self.out_dir / "checkpoints", keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
@@ -258,7 +261,8 @@ class Trainer:
         if writer:
             plot_loss(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png", baseline=unigram)
         sample = None
-        if stop_signal is None and config.sample_tokens > 0:
+        # An MLM run's model is an encoder: it fills in masks, it does not continue text.
+        if stop_signal is None and config.sample_tokens > 0 and config.objective == "next_token":
             sample = self.sample([config.sample_prompt], config.sample_tokens)[0]
         return TrainResult(self.step, losses, eval_loss, unigram, skipped, stop_signal, sample, self.out_dir)
 

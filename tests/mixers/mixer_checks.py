@@ -92,3 +92,32 @@ def causal_attention_by_query(q, k, v, segment_ids, scale: float):
                 weights = np.exp(logits - logits.max())
                 out[b, t, h] = (weights / weights.sum()) @ v[b, seen, h]
     return out
+
+
+def selective_block_by_token(mixer, x, segment_ids, advance):
+    """y [B, T, D] float64 of Mamba's block (Mamba-1, Longhorn) from the module's parameters, token
+    by token: x, z = x W_in; x = silu(causal depthwise conv of x within its segment + bias);
+    dt, B, C = x W_x; state h [E, N] advanced by advance(h, dt W_dt + b_dt, B, x) (zeroed at each
+    segment start); y = (h C + D x) * silu(z); out = y W_out. Padding tokens stay zero."""
+    p = lambda a: np.asarray(a[...], np.float64)
+    silu = lambda a: a / (1 + np.exp(-a))
+    ids = np.asarray(segment_ids)
+    xz = np.asarray(x, np.float64) @ p(mixer.in_proj.kernel)
+    values, z = np.split(xz, 2, axis=-1)
+    weight, bias = p(mixer.conv1d.weight), p(mixer.conv1d.bias)
+    rank, state_dim = mixer.dt_proj.kernel.shape[0], mixer.state_dim
+    out = np.zeros((*ids.shape, mixer.out_proj.kernel.shape[1]))
+    for b in range(ids.shape[0]):
+        h = np.zeros((values.shape[-1], state_dim))
+        for t in range(ids.shape[1]):
+            if ids[b, t] == 0:
+                continue
+            if t > 0 and ids[b, t] != ids[b, t - 1]:
+                h = np.zeros_like(h)
+            taps = [weight[i] * values[b, t - i] for i in range(len(weight))
+                    if t - i >= 0 and ids[b, t - i] == ids[b, t]]
+            u = silu(sum(taps) + bias)
+            dt, k, q = np.split(u @ p(mixer.x_proj.kernel), [rank, rank + state_dim])
+            h = advance(h, dt @ p(mixer.dt_proj.kernel) + p(mixer.dt_proj.bias), k, u)
+            out[b, t] = ((h @ q + p(mixer.D) * u) * silu(z[b, t])) @ p(mixer.out_proj.kernel)
+    return out

@@ -13,7 +13,8 @@ from seqmix.mixers.linear_attention import LinearAttention, LinearAttentionConfi
 from seqmix.models.config import ModelConfig
 
 
-@pytest.mark.parametrize("feature_map, normalize", [("elu", True), ("hedgehog", True), ("identity", False)])
+@pytest.mark.parametrize("feature_map, normalize", [("elu", True), ("hedgehog", True), ("nalaformer", True),
+                                                  ("identity", False)])
 def test_matches_quadratic_form(feature_map, normalize):
     """o_t = sum_{j<=t} (phi(q_t).phi(k_j)) v_j [/ sum_{j<=t} phi(q_t).phi(k_j)], per head."""
     model_config = build(ModelConfig, {"d_model": 16, "n_heads": 2}, "model")
@@ -21,8 +22,8 @@ def test_matches_quadratic_form(feature_map, normalize):
     mixer = LinearAttention(model_config, config, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 11, 16))
     y, _ = mixer(x)
-    q = mixer._phi(mixer.split_heads(mixer.q_proj(x)), mixer.q_map)
-    k = mixer._phi(mixer.split_heads(mixer.k_proj(x)), mixer.k_map)
+    q = mixer._phi(mixer.split_heads(mixer.q_proj(x)), mixer.q_map, key=False)
+    k = mixer._phi(mixer.split_heads(mixer.k_proj(x)), mixer.k_map, key=True)
     v = mixer.split_heads(mixer.v_proj(x))
     scores = jnp.einsum("bthd,bshd->bhts", q, k) * jnp.tril(jnp.ones((11, 11)))
     out = jnp.einsum("bhts,bshd->bthd", scores, v)

@@ -28,6 +28,8 @@ CASES = {
     "retnet": {"layer_pattern": ["retnet"]},
     "hgrn2": {"layer_pattern": ["hgrn2"]},
     "mamba2": {"layer_pattern": ["mixer"], "mixers": {"mixer": {"type": "mamba2", "state_dim": 8}}},
+    "mamba": {"layer_pattern": ["mixer"], "mixers": {"mixer": {"type": "mamba", "state_dim": 8}}},
+    "longhorn": {"layer_pattern": ["mixer"], "mixers": {"mixer": {"type": "longhorn", "state_dim": 8}}},
     "lightning": {"layer_pattern": ["lightning"]},
     "liger_attention": {"layer_pattern": ["mixer"], "mixers": {"mixer": {"type": "liger_attention", "window": 8}}},
     "lolcats": {"layer_pattern": ["mixer"], "mixers": {"mixer": {"type": "lolcats", "window": 8}}},
@@ -49,11 +51,25 @@ CASES = {
         "mamba2": {"state_dim": 8, "num_heads": 3, "head_dim": 8, "output_norm": None},
         "attention_multipliers": [0.8, 1.2], "mamba2_multipliers": [1.3, 0.7]}}},
     "rg_lru": {"layer_pattern": ["mixer"], "mixers": {"mixer": {"type": "rg_lru", "lru_width": 48, "conv_width": 3}}},
+    "hydra": {"layer_pattern": ["mixer"], "mixers": {"mixer": {"type": "hydra", "state_dim": 8}}},
+    # a window of 8 and 4 eidetic slots: 80 decoded tokens elect and evict
+    "bmojo": {"layer_pattern": ["mixer"], "mixers": {"mixer": {"type": "bmojo", "window": 8, "memory": 4}}},
+    "nalaformer": {"layer_pattern": ["nalaformer"]},
+    "local_linear_attention": {"layer_pattern": ["mixer"], "n_kv_heads": 1,  # grouped-query heads
+                               "mixers": {"mixer": {"type": "local_linear_attention"}}},
+    "s4d": {"layer_pattern": ["mixer"], "mixers": {"mixer": {"type": "s4d", "state_dim": 8}}},
+    # filters of 16 taps: the 66-token prefill reaches back into the cached window
+    "spectral_ssm": {"layer_pattern": ["mixer"], "mixers": {"mixer": {
+        "type": "spectral_ssm", "num_filters": 4, "filter_length": 16}}},
     # Nemotron-H's MLP layers (its `moe` layers: tests/layers/test_moe.py and the nemotron_h fixture's decode)
     "feed_forward_layer": {"mlp_hidden": 0, "layer_pattern": ["gated_conv", "mlp"],
                            "mixers": {"mlp": {"type": "mlp", "hidden": 48}}},
 }
-GLOBAL_ATTENTION_CASES = ("gated_deltanet_3to1_hybrid", "gated_conv_attention", "mla", "parallel_hybrid")
+GLOBAL_ATTENTION_CASES = ("gated_deltanet_3to1_hybrid", "gated_conv_attention", "mla", "parallel_hybrid",
+                          "local_linear_attention")
+# Bidirectional mixers (each token reads the tokens after it): no decode, so the decode and cache
+# tests skip them; packing, gradients and overfitting apply.
+NON_CAUSAL_CASES = ("hydra",)
 
 
 VARIANTS = {
@@ -117,7 +133,7 @@ def tokens(seed, shape):
     return jax.random.randint(jax.random.key(seed), shape, 0, VOCAB)
 
 
-@pytest.mark.parametrize("case", [*CASES, *VARIANTS])
+@pytest.mark.parametrize("case", [case for case in [*CASES, *VARIANTS] if case not in NON_CAUSAL_CASES])
 def test_decode_and_prefill_equal_the_chunked_forward(case):
     """From an empty cache: 5 one-token decode steps, a 66-token prefill (more than one 64-token
     chunk, starting from the cached state), then decode steps again; logits == one full forward."""
@@ -153,7 +169,10 @@ def test_prompts_of_different_lengths_batched_with_left_padding_equal_each_alone
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_packed_row_equals_documents_run_separately(case):
+def test_packed_row_equals_documents_run_separately_also_in_bfloat16(case):
+    """A packed row gives each document what it gets alone; and with the parameters cast to
+    bfloat16, as the trainer's compute_dtype does, the logits stay finite and within bfloat16's
+    precision of float32's (states, gates and softmax statistics stay float32 in the mixers)."""
     model = model_for(case)
     doc_a, doc_b = tokens(3, (11,)), tokens(4, (7,))
     pad = lambda doc, n: jnp.concatenate([doc, jnp.zeros((n,), jnp.int32)])
@@ -162,6 +181,12 @@ def test_packed_row_equals_documents_run_separately(case):
     logits = forward(model, rows, segment_ids)  # one call: the packed row and each document alone
     assert rel_err(logits[0, :11], logits[1, :11]) < 1e-4
     assert rel_err(logits[0, 11:18], logits[2, :7]) < 1e-4
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    low = nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(jnp.bfloat16), params), rest)
+    scored = np.asarray(segment_ids) != 0
+    low_logits = np.asarray(forward(low, rows, segment_ids))[scored]
+    assert np.all(np.isfinite(low_logits)) and rel_err(low_logits, np.asarray(logits)[scored]) < 0.05
 
 
 def next_token_loss(model, batch):
@@ -196,7 +221,8 @@ def cache_bytes(model, max_len):
 
 
 def test_decode_cache_does_not_grow_with_context_except_for_global_attention():
-    for constant in [case for case in CASES if case not in GLOBAL_ATTENTION_CASES] + ["sliding_window_hybrid"]:
+    for constant in [case for case in CASES if case not in GLOBAL_ATTENTION_CASES + NON_CAUSAL_CASES] + [
+            "sliding_window_hybrid"]:
         model = model_for(constant)
         assert cache_bytes(model, 64) == cache_bytes(model, 65536), constant
     hybrid = model_for("gated_deltanet_3to1_hybrid")  # one global attention layer in four

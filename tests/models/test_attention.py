@@ -16,9 +16,9 @@ def rel_err(a, b):
     return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
-def make_attention(window=None, heads=4, kv_heads=2, d_model=32, seed=0):
+def make_attention(window=None, heads=4, kv_heads=2, d_model=32, seed=0, causal=True):
     model_config = build(ModelConfig, {"d_model": d_model, "n_heads": heads, "n_kv_heads": kv_heads})
-    return Attention(model_config, AttentionConfig(sliding_window=window), rngs=nnx.Rngs(seed))
+    return Attention(model_config, AttentionConfig(sliding_window=window, causal=causal), rngs=nnx.Rngs(seed))
 
 
 def rotate_np(x, positions, theta=10000.0):
@@ -33,7 +33,7 @@ def rotate_np(x, positions, theta=10000.0):
     return out
 
 
-def attention_np(layer, x, segment_ids, positions, window):
+def attention_np(layer, x, segment_ids, positions, window, causal=True):
     """Loops over batch, heads and queries; visible keys chosen by explicit conditions."""
     x = np.asarray(x, np.float64)
     w = {name: np.asarray(getattr(layer, name).kernel[...], np.float64) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
@@ -48,7 +48,8 @@ def attention_np(layer, x, segment_ids, positions, window):
         for h in range(heads):
             g = h // (heads // kv_heads)
             for i in range(length):
-                visible = [j for j in range(length) if j <= i and segment_ids[b, j] == segment_ids[b, i] != 0
+                visible = [j for j in range(length) if (j <= i or not causal)
+                           and segment_ids[b, j] == segment_ids[b, i] != 0
                            and (window is None or i - j < window)]
                 if not visible:
                     continue
@@ -58,17 +59,22 @@ def attention_np(layer, x, segment_ids, positions, window):
     return out.reshape(batch, length, -1) @ w["o_proj"]
 
 
-@pytest.mark.parametrize("window", [None, 3])
-def test_packed_attention_matches_direct_implementation(window):
-    layer = make_attention(window)
+@pytest.mark.parametrize("window, causal", [(None, True), (3, True), (None, False)])
+def test_packed_attention_matches_direct_implementation(window, causal):
+    """Causal (global, windowed) and bidirectional (an encoder's: each token sees its whole segment,
+    which leaves it nothing to decode with)."""
+    layer = make_attention(window, causal=causal)
     x = jax.random.normal(jax.random.key(1), (2, 13, 32))
     segment_ids = np.array([[1] * 5 + [2] * 6 + [0] * 2, [1] * 13], np.int32)
     positions = np.array([list(range(5)) + list(range(6)) + [0, 0], list(range(13))], np.int32)
     y, _ = layer(x, segment_ids=jnp.asarray(segment_ids), positions=jnp.asarray(positions))
-    expected = attention_np(layer, x, segment_ids, positions, window)
+    expected = attention_np(layer, x, segment_ids, positions, window, causal)
     valid = segment_ids != 0
     assert rel_err(np.asarray(y)[valid], expected[valid]) < 1e-5
     assert np.all(np.isfinite(np.asarray(y)))  # padding rows included
+    if not causal:
+        with pytest.raises(ValueError, match="causal: false is not causal"):
+            layer.init_cache(2, 13, jnp.float32)
 
 
 def test_packed_rows_do_not_attend_across_segments():

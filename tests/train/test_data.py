@@ -224,6 +224,20 @@ def test_packed_rows_are_consistent():
     assert n_segments > 30 * 3  # short pieces were packed several to a row
 
 
+def test_unpacked_rows_hold_one_piece_each():
+    """`pack=False` (state tuning's rows): every piece, once per epoch, alone at the start of its
+    row, with segment id 1 and positions from 0, then padding."""
+    docs = random_documents(0, 40, 2, 60)
+    batches = list(make_dataset(docs, BYTES, seq_len=16, batch_size=1, seed=1, repeat=False, pack=False))
+    assert collections.Counter(s for batch in batches for s in segments(batch)) == collections.Counter(
+        all_pieces(docs, 16))
+    for batch in batches:
+        length = int(np.sum(batch["segment_ids"] != 0))
+        np.testing.assert_array_equal(batch["segment_ids"][0], [1] * length + [0] * (16 - length))
+        np.testing.assert_array_equal(batch["positions"][0], list(range(length)) + [0] * (16 - length))
+        assert not np.any(batch["inputs"][0, length:]) and not np.any(batch["loss_mask"][0, length:])
+
+
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_one_epoch_reassembles_the_documents(batch_size):
     seq_len = 10

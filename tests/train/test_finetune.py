@@ -4,7 +4,6 @@ adapters on q/k/v/o, or on the projections a family has instead, train, the rest
 on the hybrid families' transformers-made fixtures; the loss falls and the run samples at its end."""
 
 import json
-import os
 import string
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, decoders, models
 
+from cli_env import cli_env
 from seqmix.cli import main
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "hf"
@@ -91,7 +91,7 @@ def test_the_second_hybrid_families_fine_tune_with_lora(tmp_path, name):
 def test_falcon_h1_fine_tunes_and_samples_through_the_cli(tmp_path):
     """As a process: `seqmix train` on Falcon-H1 (attention and Mamba-2 side by side in every
     layer, muP multipliers), whose end-of-run sample decodes through both caches."""
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = cli_env()
     train = subprocess.run([sys.executable, "-m", "seqmix.cli", "train", FINETUNE,
                             *finetune_overrides(tmp_path, "falcon_h1"),
                             f"lora.targets=[{', '.join(PROJECTIONS['falcon_h1'])}]"],
@@ -105,7 +105,7 @@ def test_kimi_linear_fine_tunes_and_samples_through_the_cli(tmp_path):
     """As a process: `seqmix train` on Kimi Linear (KDA, MLA without positions, experts with
     sigmoid routing, expert groups and shared experts), whose end-of-run sample decodes through
     the caches."""
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = cli_env()
     train = subprocess.run([sys.executable, "-m", "seqmix.cli", "train", FINETUNE,
                             *finetune_overrides(tmp_path, "kimi_linear")],
                            env=env, capture_output=True, text=True, timeout=600)

@@ -3,7 +3,6 @@ in time): it trains, both processes write its checkpoints, and a single process 
 and trains the next steps to the losses the 2-process run logged."""
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -11,6 +10,7 @@ import sys
 
 import pytest
 
+from cli_env import cli_env
 from seqmix.train.config import load_train_config
 from seqmix.train.trainer import Trainer
 
@@ -33,7 +33,7 @@ def test_two_processes_train_and_checkpoint_and_one_process_resumes_their_run(tm
     overrides = ["steps=4", "optim.warmup_steps=1", "log_every=1", "eval_every=4", "eval_batches=1", "sample_tokens=0", "data.seq_len=32",
                  "checkpoint.every_steps=2", "checkpoint.keep=3", f"out_dir={run}"]
     port = free_port()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = cli_env(devices=4)
     processes = [subprocess.Popen(
         [sys.executable, "-m", "seqmix.cli", "train", "configs/runs/smoke.yaml", *overrides,
          "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(index)],

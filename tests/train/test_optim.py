@@ -61,16 +61,19 @@ def test_wsd_holds_lr_through_stable_phase():
 
 
 class Tiny(nnx.Module):
-    """Token embedding -> hidden Linear -> RMSNorm -> output head, with seqmix's attribute names."""
+    """Token embedding -> hidden Linear -> RMSNorm -> output head, with seqmix's attribute names,
+    and a state space's decay matrix `A_log` (Mamba's name) scaling the hidden features."""
 
     def __init__(self, rngs: nnx.Rngs, vocab: int = 10, d: int = 32, hidden: int = 64):
         self.embed_tokens = nnx.Embed(vocab, d, rngs=rngs)
         self.hidden = nnx.Linear(d, hidden, rngs=rngs)
+        self.A_log = nnx.Param(jnp.zeros((hidden, 2)))
         self.norm = nnx.RMSNorm(hidden, rngs=rngs)
         self.lm_head = nnx.Linear(hidden, vocab, use_bias=False, rngs=rngs)
 
     def __call__(self, tokens):
-        return self.lm_head(self.norm(self.hidden(self.embed_tokens(tokens))))
+        features = self.hidden(self.embed_tokens(tokens)) * jnp.exp(self.A_log[...]).sum(-1)
+        return self.lm_head(self.norm(features))
 
 
 def flat(tree) -> dict[str, np.ndarray]:
@@ -106,10 +109,10 @@ def test_weight_decay_only_on_matrices(name):
     one_update(model, step_config(name, weight_decay=0.5), jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param)))
     after = flat_params(model)
     for key in before:
-        factor = 1 - 0.1 * 0.5 if before[key].ndim >= 2 else 1.0
+        factor = 1 - 0.1 * 0.5 if before[key].ndim >= 2 and key != "A_log" else 1.0
         np.testing.assert_allclose(after[key], factor * before[key], rtol=1e-6, err_msg=key)
     assert {key for key in before if before[key].ndim >= 2} == {
-        "embed_tokens/embedding", "hidden/kernel", "lm_head/kernel"}
+        "A_log", "embed_tokens/embedding", "hidden/kernel", "lm_head/kernel"}
 
 
 @pytest.mark.parametrize("scale", [1e-3, 1e3])
@@ -151,8 +154,8 @@ def test_muon_orthogonalises_hidden_matrix_only():
     assert np.sqrt(np.mean(kernel**2)) == pytest.approx(0.1 * MUON_UPDATE_RMS, rel=0.3)
     assert np.sum(kernel * grad["hidden/kernel"]) < 0  # a descent direction
 
-    # Embedding, head, norm and bias: AdamW, whose first update is -lr * sign(grad).
-    for key in ("embed_tokens/embedding", "lm_head/kernel", "norm/scale", "hidden/bias"):
+    # Embedding, head, norm, bias and the decay matrix: AdamW, whose first update is -lr * sign(grad).
+    for key in ("embed_tokens/embedding", "lm_head/kernel", "norm/scale", "hidden/bias", "A_log"):
         np.testing.assert_allclose(updates[key], -0.1 * jnp.sign(grad[key]), atol=1e-5, err_msg=key)
 
 

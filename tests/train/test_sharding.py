@@ -33,8 +33,7 @@ MODELS = {
     "attention": ["model.n_layers=1", "model.layer_pattern=[local]",
                   "model.mixers={local: {type: attention, sliding_window: 16}}"],
     "gla": ["model.n_layers=1", "model.layer_pattern=[gla]", "model.mixers={}"],
-    "gated_deltanet_3to1": ["model.n_layers=4", "model.mixers={}",
-                            "model.layer_pattern=[gated_deltanet, gated_deltanet, gated_deltanet, attention]"],
+    "gated_deltanet_hybrid": ["model.n_layers=2", "model.mixers={}", "model.layer_pattern=[gated_deltanet, attention]"],
 }
 # A mixture of experts behind the attention layer: expert parallelism has a test of its own.
 MOE_MODEL = MODELS["attention"] + ["model.moe={num_experts: 4, top_k: 2, expert_hidden: 32, shared_hidden: 16}"]
@@ -270,7 +269,7 @@ def test_create_train_state_shards_params_and_moments(setup):
 # that splits its delta-rule scans over the sequence (LASP-2): data, fsdp and tensor parallelism
 # treat its layers as they treat GLA's.
 STEP_CASES = ([(model, shape) for model in ("attention", "gla") for shape in MESHES]
-              + [("gated_deltanet_3to1", shape) for shape in MESHES if shape[3] > 1])
+              + [("gated_deltanet_hybrid", shape) for shape in MESHES if shape[3] > 1])
 
 
 @pytest.mark.parametrize("model, shape", STEP_CASES, ids=lambda c: c if isinstance(c, str) else "x".join(map(str, c)))

@@ -1,7 +1,6 @@
 """End to end: the trainer on the real Shakespeare corpus with a tiny model."""
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -12,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from cli_env import cli_env
 from seqmix.cli import main
 from seqmix.train.checkpoint import Checkpointer
 from seqmix.train.config import DataConfig, load_train_config
@@ -96,7 +96,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, corpus):
 
 def test_sigterm_saves_a_restorable_checkpoint(tmp_path, corpus):
     out = tmp_path / "run"
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = cli_env()
     process = subprocess.Popen(
         [sys.executable, "-m", "seqmix.cli", "train", SMOKE, f"out_dir={out}", "steps=100000",
          "log_every=1", "eval_every=100000", "checkpoint.every_steps=100000"],

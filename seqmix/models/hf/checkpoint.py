@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from seqmix.layers.transfer import TransferParam
+from seqmix.mixers.recurrent import InitialState
 from seqmix.models.config import ModelConfig
 from seqmix.models.hf import (falcon_h1, kimi_linear, lfm2, llama, mamba2, minimax, nemotron_h, olmo_hybrid,
                               qwen3_next, recurrent_gemma)
@@ -41,8 +42,9 @@ FAMILIES = {model_type: family for family in (llama.FAMILY, qwen3_next.TEXT, qwe
             for model_type in family.model_types}
 # Buffers some exporters store that carry no parameters (recomputed from the config).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-# The parameters of a model that a checkpoint holds: not LoRA adapters, nor what a conversion adds.
-CHECKPOINT_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.Any(nnx.LoRAParam, TransferParam)))
+# The parameters of a model that a checkpoint holds: not LoRA adapters, nor what a conversion adds,
+# nor the initial states that state tuning learns.
+CHECKPOINT_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.Any(nnx.LoRAParam, TransferParam, InitialState)))
 
 
 def _family(hf: dict[str, Any], source: str) -> Family:

@@ -166,7 +166,7 @@ def same_options(layers: list[tuple[str, Any]], mixer: str) -> Any:
 # ModelConfig's options of a model's form beside its layers' mixers: a family that has no place
 # for one refuses a model that sets it (`require_plain`).
 FORM_OPTIONS = ("moe", "norm_unit_offset", "post_norm_layers", "residual_scales", "rope_scaling", "mlp_activation",
-                "mlp_bias", "mlp_multipliers", "embedding_multiplier", "logit_multiplier", "logit_soft_cap")
+                "mlp_bias", "mlp_multipliers", "embedding_multiplier", "logit_multiplier", "logit_soft_cap", "learned_initial_state")
 
 
 def require_plain(config: ModelConfig, family: str, *, allowed: tuple[str, ...] = ()) -> None:

@@ -5,7 +5,7 @@ one token (piece k covers tokens [k*seq_len, (k+1)*seq_len]), so that every next
 document is a target exactly once. A piece gives `inputs = piece[:-1]`, `targets = piece[1:]`
 and `loss_mask` (1 where the target is scored: everywhere in plain text, in the response of an
 instruction); grain's first-fit packing puts several short pieces into one row, told apart by
-segment ids.
+segment ids, or (`pack=False`) each piece has a row of its own, padded.
 """
 
 from __future__ import annotations
@@ -60,10 +60,18 @@ def _rename(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return dict(zip(BATCH_KEYS, renamed))
 
 
+def _own_row(piece: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+    """A piece alone in a row of seq_len, padded at its end (the packer's keys and layout)."""
+    length = len(piece["inputs"])
+    padded = {key: np.pad(value, (0, seq_len - length)) for key, value in piece.items()}
+    segment_ids = (np.arange(seq_len) < length).astype(np.int32)
+    return {**padded, "inputs_segment_ids": segment_ids, "inputs_positions": np.arange(seq_len, dtype=np.int32) * segment_ids}
+
+
 def make_dataset(documents: list[str | Instruction], tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
-                 seed: int, shuffle: bool = True, repeat: bool = True, process_index: int = 0,
+                 seed: int, shuffle: bool = True, repeat: bool = True, pack: bool = True, process_index: int = 0,
                  process_count: int = 1) -> grain.IterDataset:
-    """Packed batches of next-token examples from `documents`.
+    """Packed batches of next-token examples from `documents` (`pack=False`: a piece per row).
 
     Yields dicts of int32 numpy arrays, each of shape [batch_size / process_count, seq_len]:
       inputs, targets: token ids, targets[b, t] the token after inputs[b, t]; 0 at padding.
@@ -91,13 +99,14 @@ def make_dataset(documents: list[str | Instruction], tokenizer: Tokenizer, *, se
     if repeat:
         ds = ds.repeat()
     # Reading a piece is a slice of one array: prefetch threads would cost more than they save.
-    packed = grain.experimental.FirstFitPackIterDataset(
-        ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)),
-        length_struct={"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len},
-        num_packing_bins=batch_size,
-        shuffle_bins=False,
-    )
-    batches = packed.batch(batch_size, drop_remainder=True).map(_rename)
+    pieces = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    if pack:
+        rows = grain.experimental.FirstFitPackIterDataset(
+            pieces, length_struct={"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len},
+            num_packing_bins=batch_size, shuffle_bins=False)
+    else:
+        rows = pieces.map(lambda piece: _own_row(piece, seq_len))
+    batches = rows.batch(batch_size, drop_remainder=True).map(_rename)
     if process_count == 1:
         return batches
     rows = slice(process_index * batch_size // process_count, (process_index + 1) * batch_size // process_count)
