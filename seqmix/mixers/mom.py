@@ -62,11 +62,11 @@ class MixtureOfMemories(RecurrentMixer):
 
     def __init__(self, model_config, config: MoMConfig, *, rngs: nnx.Rngs):
         d_model, heads, head_dim = model_config.d_model, model_config.n_heads, model_config.dim_per_head
-        self.init_state(heads, head_dim, head_dim)
-        self.init_output(model_config, head_dim, gated=True, rngs=rngs)
         self.num_memories, self.top_k, self.aux_loss_weight = config.num_memories, config.top_k, config.aux_loss_weight
         self.shared_memory = config.shared_memory
         self.memories = config.num_memories + int(config.shared_memory)  # states per head, the shared one last
+        self.init_state(heads, head_dim, head_dim, memories=self.memories)
+        self.init_output(model_config, head_dim, gated=True, rngs=rngs)
         std, width, slots = model_config.init_std, heads * head_dim, self.memories * heads
         self.router = projection(d_model, config.num_memories, ("embed", None), std=std, rngs=rngs)
         self.q_proj = projection(d_model, width, ("embed", "heads"), std=std, rngs=rngs)
@@ -119,7 +119,5 @@ class MixtureOfMemories(RecurrentMixer):
     def init_cache(self, batch: int, max_len: int, dtype) -> RecurrentCache:
         """An empty cache: the state [B, memories * H, K, V] float32 (memory-major) and the
         convolutions' tails; its size does not depend on max_len."""
-        del max_len
         tails = tuple(conv.empty_tail(batch, dtype) for conv in (self.q_conv, self.k_conv, self.v_conv))
-        state = jnp.zeros((batch, self.memories * self.heads, self.key_dim, self.value_dim), jnp.float32)
-        return RecurrentCache(state=state, conv_tails=tails, lengths=jnp.zeros((batch,), jnp.int32))
+        return super().init_cache(batch, max_len, dtype, conv_tails=tails)

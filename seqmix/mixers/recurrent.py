@@ -59,20 +59,22 @@ class RecurrentMixer(nnx.Module):
 
     initial_state: InitialState | None = None  # set by `learn_initial_state`
 
-    def init_state(self, heads: int, key_dim: int, value_dim: int):
-        """The recurrence has `heads` states of [key_dim, value_dim]."""
+    def init_state(self, heads: int, key_dim: int, value_dim: int, memories: int = 1):
+        """The recurrence has `memories` states of [key_dim, value_dim] per head (more than one
+        for Mixture of Memories' routed memories), memories * heads in all."""
         self.heads, self.key_dim, self.value_dim = heads, key_dim, value_dim
+        self.state_heads = memories * heads
 
     def learn_initial_state(self):
         """Gives the layer a trainable state before each row's first token, zeros at first (the
         layer's function is unchanged until it is trained). The state still resets to zero at a
         packed row's later segments (the kernels' contract), so state tuning trains on rows of one
         document each (`data.pack: false`)."""
-        self.initial_state = InitialState(jnp.zeros((self.heads, self.key_dim, self.value_dim), jnp.float32),
+        self.initial_state = InitialState(jnp.zeros((self.state_heads, self.key_dim, self.value_dim), jnp.float32),
                                           out_sharding=("heads", None, None), eager_sharding=False)
 
     def start_state(self, batch: int) -> jax.Array | None:
-        """[batch, H, K, V] float32: the learned state for every row, or None without one."""
+        """[batch, state_heads, K, V] float32: the learned state for every row, or None without one."""
         if self.initial_state is None:
             return None
         # float32 whatever the compute dtype: the kernels keep their states in float32.
@@ -132,9 +134,8 @@ class RecurrentMixer(nnx.Module):
         """An empty cache (its state the learned one, if any); its size does not depend on max_len."""
         del max_len, dtype
         start = self.start_state(batch)
-        state = jnp.zeros((batch, self.heads, self.key_dim, self.value_dim), jnp.float32) if start is None else start
-        return RecurrentCache(state=state,
-                              conv_tails=conv_tails, lengths=jnp.zeros((batch,), jnp.int32))
+        state = jnp.zeros((batch, self.state_heads, self.key_dim, self.value_dim), jnp.float32) if start is None else start
+        return RecurrentCache(state=state, conv_tails=conv_tails, lengths=jnp.zeros((batch,), jnp.int32))
 
 
 def decay_parameters(heads: int, rngs: nnx.Rngs, keys_per_head: int = 1) -> tuple[nnx.Param, nnx.Param]:

@@ -5,7 +5,10 @@ A mixer is an `nnx.Module` constructed as `Mixer(model_config, mixer_config, rng
 `init_cache(batch, max_len, dtype)`. Its options live in a dataclass (`config_cls`) whose fields
 a model config may set per layer kind (`model.mixers.<kind>.<field>`). A mixer registered with
 `depth_aware=True` also gets `layer_index=` (0-based) to construct, for designs that vary with
-depth (Lightning's decays shrink from the first layer to the last).
+depth (Lightning's decays shrink from the first layer to the last). A mixer with a recurrent state
+may also define `learn_initial_state()`, which turns the state it starts each row from into a
+trained `InitialState` parameter (state tuning); `MixerSpec.learns_initial_state` says whether it
+does.
 """
 
 from __future__ import annotations
@@ -22,6 +25,11 @@ class MixerSpec:
     module_cls: type
     config_cls: type
     depth_aware: bool = False
+
+    @property
+    def learns_initial_state(self) -> bool:
+        """Whether the mixer can learn the state it starts each row from (`tune: state`)."""
+        return callable(getattr(self.module_cls, "learn_initial_state", None))
 
     def build(self, model_config, mixer_config, layer_index: int, *, rngs):
         """The mixer module of layer `layer_index` of a model."""

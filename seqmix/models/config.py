@@ -132,7 +132,7 @@ class ModelConfig:
         require(not both, path, "residual_scales", f"{both} are post-norm layers too (a block has one form)")
         if self.learned_initial_state:
             stateless = [kind for kind in self.layer_pattern
-                         if not hasattr(self.mixer(kind, path)[0].module_cls, "learn_initial_state")]
+                         if not self.mixer(kind, path)[0].learns_initial_state]
             require(len(stateless) < len(self.layer_pattern), path, "learned_initial_state",
                     f"no layer kind of layer_pattern has a recurrent state to learn ({', '.join(stateless)})")
         unused = sorted(set(self.mixers) - set(self.layer_pattern))

@@ -42,6 +42,13 @@ def left_pad(prompts) -> tuple[jax.Array, jax.Array]:
     return jnp.asarray(tokens), jnp.asarray(segment_ids)
 
 
+def prompt_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions [B, P] int32 of `left_pad`'s rows, counted from each prompt's first token (0 on
+    the padding), so that a padded row is positioned as it would be alone."""
+    return jnp.maximum(jnp.arange(segment_ids.shape[1], dtype=jnp.int32) - jnp.sum(segment_ids == 0, axis=1,
+                                                                               keepdims=True, dtype=jnp.int32), 0)
+
+
 def generate(model: nnx.Module, prompts, max_new_tokens: int, *, rng: jax.Array,
              temperature: float = 1.0, top_p: float = 1.0, cache_dtype=jnp.float32) -> jax.Array:
     """Continues each prompt by max_new_tokens tokens; returns them, [B, max_new_tokens] int32.
@@ -57,13 +64,16 @@ def generate(model: nnx.Module, prompts, max_new_tokens: int, *, rng: jax.Array,
     def prefill(state, tokens, segment_ids):
         model = nnx.merge(graphdef, state)
         cache = model.init_cache(batch, prompt_len + max_new_tokens, cache_dtype)
-        logits, cache = model.extend(tokens, cache, segment_ids)
+        logits, cache = model.extend(tokens, cache, segment_ids, prompt_positions(segment_ids))
         return logits[:, -1], cache
 
     @jax.jit
     def decode(state, token, cache):
-        logits, cache = nnx.merge(graphdef, state).extend(token[:, None], cache)
+        positions = cache[0].lengths[:, None] - padding[:, None]
+        logits, cache = nnx.merge(graphdef, state).extend(token[:, None], cache, positions=positions)
         return logits[:, -1], cache
+
+    padding = jnp.sum(segment_ids == 0, axis=1, dtype=jnp.int32)
 
     logits, cache = prefill(state, tokens, segment_ids)
     new_tokens = []

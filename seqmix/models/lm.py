@@ -49,7 +49,7 @@ class Block(nnx.Module):
         self.residual_scales = tuple(config.residual_scales[kind]) if kind in config.residual_scales else None
         self.input_layernorm = None if self.post_norm else norm()
         self.self_attn = spec.build(config, mixer_config, layer_index, rngs=rngs)
-        if config.learned_initial_state and hasattr(self.self_attn, "learn_initial_state"):
+        if config.learned_initial_state and spec.learns_initial_state:
             self.self_attn.learn_initial_state()
         has_mlp = config.mlp_width > 0
         self.post_attention_layernorm = norm() if has_mlp or self.post_norm else None
@@ -177,15 +177,18 @@ class LanguageModel(nnx.Module):
         return [layer.self_attn.init_cache(batch, max_len, dtype) for layer in self.layers]
 
     def extend(self, tokens: jax.Array, cache: list[Any], segment_ids: jax.Array | None = None,
-               ) -> tuple[jax.Array, list[Any]]:
+               positions: jax.Array | None = None) -> tuple[jax.Array, list[Any]]:
         """Appends tokens [B, T] to every row's cached context: prefill (T = prompt length) or a
         decode step (T = 1). segment_ids [B, T] (optional) mark padding with 0, e.g. the left
         padding of prompts of different lengths; no later token sees a padding token, and the
-        recurrent states skip them. Returns (logits [B, T, vocab] float32, the updated cache)."""
-        # Positions count padding too: they only enter through rotary embeddings, whose q.k
-        # depends on position differences alone, so a left-padded row scores as if unpadded.
-        lengths = cache[0].lengths  # every layer has seen the same tokens
-        positions = lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+        recurrent states skip them. positions [B, T] int32 (optional): the tokens' positions,
+        by default the cached length onward, which counts padding; a left-padded row scores as if
+        unpadded only with its positions counted from its first real token (as `generate` does),
+        because not every mixer depends on position differences alone (LoLCATs' feature maps of
+        rotated queries and keys do not). Returns (logits [B, T, vocab] float32, the updated cache)."""
+        if positions is None:
+            lengths = cache[0].lengths  # every layer has seen the same tokens
+            positions = lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
         x = self._embed(tokens)
         new_cache = []
         for layer, layer_cache in zip(self.layers, cache):

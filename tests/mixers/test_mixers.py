@@ -12,8 +12,9 @@ from flax import nnx
 from mixer_checks import rel_err
 
 from seqmix.configuration import build
+from seqmix.mixers.recurrent import InitialState
 from seqmix.models.config import ModelConfig
-from seqmix.models.generate import generate, left_pad
+from seqmix.models.generate import generate, left_pad, prompt_positions
 from seqmix.models.lm import LanguageModel
 
 VOCAB = 64
@@ -115,10 +116,20 @@ MIXED_CACHES = {
 }
 
 
-def model_for(case, seed=0):
+def model_for(case, seed=0, learned_states=False):
+    """The case's model. learned_states: its layers that can learn their start state (state
+    tuning) have one, random and non-zero, so that decoding has to carry it (for the other cases
+    the model is the same either way)."""
     options = {"vocab_size": VOCAB, "d_model": 32, "n_layers": 2, "n_heads": 2, "init_std": 0.2,
                **{**CASES, **VARIANTS, **MIXED_CACHES}[case]}
-    return LanguageModel(build(ModelConfig, options, "model"), rngs=nnx.Rngs(seed))
+    config = build(ModelConfig, options, "model")
+    if learned_states and any(config.mixer(kind)[0].learns_initial_state for kind in config.layer_pattern):
+        config = build(ModelConfig, {**options, "learned_initial_state": True}, "model")
+    model = LanguageModel(config, rngs=nnx.Rngs(seed))
+    states = nnx.state(model, InitialState)
+    # Non-negative, so that the normalisers (the last column of a normalised linear attention's state) stay positive.
+    nnx.update(model, jax.tree.map(lambda x: jax.random.uniform(jax.random.key(seed), x.shape, maxval=0.5), states))
+    return model
 
 
 @nnx.jit
@@ -126,7 +137,8 @@ def forward(model, tokens, segment_ids=None):
     return model(tokens, segment_ids=segment_ids)
 
 
-extend = nnx.jit(lambda model, tokens, cache, segment_ids=None: model.extend(tokens, cache, segment_ids))
+extend = nnx.jit(lambda model, tokens, cache, segment_ids=None, positions=None:
+                 model.extend(tokens, cache, segment_ids, positions))
 
 
 def tokens(seed, shape):
@@ -136,29 +148,37 @@ def tokens(seed, shape):
 @pytest.mark.parametrize("case", [case for case in [*CASES, *VARIANTS] if case not in NON_CAUSAL_CASES])
 def test_decode_and_prefill_equal_the_chunked_forward(case):
     """From an empty cache: 5 one-token decode steps, a 66-token prefill (more than one 64-token
-    chunk, starting from the cached state), then decode steps again; logits == one full forward."""
-    model = model_for(case)
+    chunk, starting from the cached state), then decode steps again; logits == one full forward.
+    The recurrent layers start from learned, non-zero states (state tuning's), which must make a
+    difference."""
+    model = model_for(case, learned_states=True)
     batch = tokens(1, (2, 80))
     cache = model.init_cache(2, 80)
     pieces = []
     for start, stop in [(t, t + 1) for t in range(5)] + [(5, 71)] + [(t, t + 1) for t in range(71, 80)]:
         logits, cache = extend(model, batch[:, start:stop], cache)
         pieces.append(logits)
-    assert rel_err(jnp.concatenate(pieces, axis=1), forward(model, batch)) < 1e-4
+    full = forward(model, batch)
+    assert rel_err(jnp.concatenate(pieces, axis=1), full) < 1e-4
     assert cache[0].lengths.tolist() == [80, 80]
+    states = nnx.state(model, InitialState)
+    if jax.tree.leaves(states):
+        nnx.update(model, jax.tree.map(jnp.zeros_like, states))
+        assert rel_err(forward(model, batch), full) > 1e-3
 
 
 @pytest.mark.parametrize("case", MIXED_CACHES)
 def test_prompts_of_different_lengths_batched_with_left_padding_equal_each_alone(case):
     """A batch of prompts of lengths 9 and 3 (left-padded) gives each row the logits it gets
     alone, for the prompt and a decode step after it, and `generate` continues the batch that
-    way, in models that hold every kind of cache (`MIXED_CACHES`)."""
-    model = model_for(case)
+    way, in models that hold every kind of cache (`MIXED_CACHES`), their recurrent layers starting
+    from learned states (which the padding must leave alone)."""
+    model = model_for(case, learned_states=True)
     prompts = [tokens(10, (9,)), tokens(11, (3,))]
     padded, segment_ids = left_pad(prompts)
-    batch_logits, cache = extend(model, padded, model.init_cache(2, 12), segment_ids)
+    batch_logits, cache = extend(model, padded, model.init_cache(2, 12), segment_ids, prompt_positions(segment_ids))
     greedy = jnp.argmax(batch_logits[:, -1], axis=-1)
-    step_logits, _ = extend(model, greedy[:, None], cache)
+    step_logits, _ = extend(model, greedy[:, None], cache, None, jnp.array([[9], [3]]))
     for row, prompt in enumerate(prompts):
         alone, alone_cache = extend(model, prompt[None], model.init_cache(1, 12))
         assert rel_err(batch_logits[row, -len(prompt):], alone[0]) < 1e-4, row
