@@ -3,11 +3,8 @@ chunked op and its decode step, and the output head (per-head RMSNorm, optional 
 
 A linear mixer subclasses `RecurrentMixer`, sets its state's shape (`init_state`), builds its
 q/k/v (and gates) in `__call__`, hands them to `recur`, and the result to `output` (set up by
-`init_output`) or its own output head.
-
-State tuning ("State Tuning: State-based Test-Time Scaling on RWKV-7"): `learn_initial_state`
-gives a layer a trainable state (`InitialState`) that replaces the zero state before each row's
-first token, in training (`recur`) and in decoding (`init_cache`).
+`init_output`) or its own output head. Every linear mixer can learn its start state
+(`mixers.state_tuning`), which `recur` and `init_cache` use.
 """
 
 from __future__ import annotations
@@ -21,6 +18,7 @@ from flax import nnx, struct
 from seqmix.layers.linear import projection
 from seqmix.layers.norms import RMSNorm
 from seqmix.mixers.attention import KVCache
+from seqmix.mixers.state_tuning import LearnsInitialState
 
 
 @struct.dataclass
@@ -49,15 +47,8 @@ class WindowedRecurrentCache:
         return self.recurrent.lengths
 
 
-class InitialState(nnx.Param):
-    """A recurrent layer's learned state before each row's first token, [H, K, V] float32: what
-    `tune: state` trains, the rest of the model frozen."""
-
-
-class RecurrentMixer(nnx.Module):
+class RecurrentMixer(LearnsInitialState, nnx.Module):
     """Base of the linear mixers: `heads` heads with [key_dim, value_dim] states."""
-
-    initial_state: InitialState | None = None  # set by `learn_initial_state`
 
     def init_state(self, heads: int, key_dim: int, value_dim: int, memories: int = 1):
         """The recurrence has `memories` states of [key_dim, value_dim] per head (more than one
@@ -65,20 +56,8 @@ class RecurrentMixer(nnx.Module):
         self.heads, self.key_dim, self.value_dim = heads, key_dim, value_dim
         self.state_heads = memories * heads
 
-    def learn_initial_state(self):
-        """Gives the layer a trainable state before each row's first token, zeros at first (the
-        layer's function is unchanged until it is trained). The state still resets to zero at a
-        packed row's later segments (the kernels' contract), so state tuning trains on rows of one
-        document each (`data.pack: false`)."""
-        self.initial_state = InitialState(jnp.zeros((self.state_heads, self.key_dim, self.value_dim), jnp.float32),
-                                          out_sharding=("heads", None, None), eager_sharding=False)
-
-    def start_state(self, batch: int) -> jax.Array | None:
-        """[batch, state_heads, K, V] float32: the learned state for every row, or None without one."""
-        if self.initial_state is None:
-            return None
-        # float32 whatever the compute dtype: the kernels keep their states in float32.
-        return jnp.broadcast_to(self.initial_state[...].astype(jnp.float32), (batch, *self.initial_state.shape))
+    def initial_state_shape(self) -> tuple[int, ...]:
+        return self.state_heads, self.key_dim, self.value_dim
 
     def init_output(self, model_config, value_dim: int, *, gated: bool, rngs: nnx.Rngs, eps: float | None = None):
         """The usual output head over `self.heads` heads of value_dim outputs: o_norm (RMSNorm
@@ -134,7 +113,7 @@ class RecurrentMixer(nnx.Module):
         """An empty cache (its state the learned one, if any); its size does not depend on max_len."""
         del max_len, dtype
         start = self.start_state(batch)
-        state = jnp.zeros((batch, self.state_heads, self.key_dim, self.value_dim), jnp.float32) if start is None else start
+        state = jnp.zeros((batch, *self.initial_state_shape()), jnp.float32) if start is None else start
         return RecurrentCache(state=state, conv_tails=conv_tails, lengths=jnp.zeros((batch,), jnp.int32))
 
 

@@ -8,6 +8,10 @@ convolution and the RG-LRU, a real-gated diagonal linear recurrence of lru_width
     h_t    = a_t h_{t-1} + sqrt(1 - a_t^2) (i_t c_t)     (a segment's first token: h_t = i_t c_t)
     out    = (h * y) W_out + b_out
 
+With a learned start state h_0 (state tuning, `mixers.state_tuning`), a row's first token is
+h_1 = a_1 h_0 + i_1 c_1: its input term as at any segment start, plus the start state decayed once
+(with h_0 = 0, the default, the block is unchanged).
+
 The state is h [B, lru_width] and the convolution's last K - 1 inputs, whatever the length.
 Training and prefill run the recurrence as one scan over (a, u) pairs (`linear_scan`: parallel on
 accelerators, sequential on CPU; a reset is a = 0, so no state crosses a packing boundary); a
@@ -27,6 +31,7 @@ from seqmix.configuration import require
 from seqmix.layers.linear import projection
 from seqmix.layers.short_conv import ShortConvolution
 from seqmix.mixers.registry import register_mixer
+from seqmix.mixers.state_tuning import LearnsInitialState
 
 # Griffin clips the derivative of the input normaliser's square root, 1 / (2 sqrt(x)), at this
 # value: near a = 1 it would otherwise blow up (NaNs in bfloat16 training).
@@ -129,10 +134,11 @@ class RGLRU(nnx.Module):
         logits = jnp.einsum("bthi,hij->bthj", blocks, weight[...]) + bias[...]
         return jax.nn.sigmoid(logits).reshape(*blocks.shape[:2], -1)
 
-    def __call__(self, c, *, reset, real, initial):
+    def __call__(self, c, *, reset, real, initial, from_initial):
         """c [B, T, C]; reset [B, T] bool (a segment's first token: the state starts there); real
         [B, T] bool (not padding: padding leaves the state as it is); initial [B, C] float32 (the
-        state before the first token). Returns h [B, T, C] float32."""
+        state before the first token); from_initial [B, T] bool (reset tokens whose state before
+        them is `initial`, which they decay: a row's first token). Returns h [B, T, C] float32."""
         c = c.astype(jnp.float32)
         blocks = c.reshape(*c.shape[:2], self.heads, -1)
         input_gate = self._gate(blocks, self.input_gate_weight, self.input_gate_bias)
@@ -141,14 +147,14 @@ class RGLRU(nnx.Module):
         # sqrt(1 - a^2) normalises the input's contribution to the state; 1 - a^2 as -expm1(2 log a),
         # exact where a is near 1 (transformers' 1 - exp(2 log a) loses digits there).
         multiplier = jnp.where(reset[..., None], 1.0, sqrt_bounded_derivative(-jnp.expm1(2.0 * log_a)))
-        a = jnp.where(reset[..., None], 0.0, jnp.exp(log_a))
+        a = jnp.where((reset & ~from_initial)[..., None], 0.0, jnp.exp(log_a))
         u = c * input_gate * multiplier
         a, u = jnp.where(real[..., None], a, 1.0), jnp.where(real[..., None], u, 0.0)
         return linear_scan(a, u, initial)
 
 
 @register_mixer("rg_lru", RGLRUConfig)
-class RecurrentBlock(nnx.Module):
+class RecurrentBlock(LearnsInitialState, nnx.Module):
     """x [B, T, D] -> [B, T, D]: linear_y, linear_x [D, C] and linear_out [C, D] (all with biases),
     conv_1d [K, C] with a bias, and the RG-LRU (`rg_lru`) over C = lru_width channels."""
 
@@ -175,17 +181,23 @@ class RecurrentBlock(nnx.Module):
         real = segments != 0
         y = jax.nn.gelu(self.linear_y(x), approximate=True)
         c, tail = self.conv_1d(self.linear_x(x), segment_ids=segment_ids, tail=None if cache is None else cache.tail)
-        initial = jnp.zeros((batch, c.shape[-1]), jnp.float32) if cache is None else cache.state
-        h = self.rg_lru(c, reset=real & (segments != before), real=real, initial=initial)
+        initial = self.init_cache(batch, 0, x.dtype).state if cache is None else cache.state
+        # The row's first real token starts from `initial` (zero, or the learned start state).
+        first = real & (jnp.cumsum(real, axis=1) == 1) & ~started[:, None]
+        h = self.rg_lru(c, reset=real & (segments != before), real=real, initial=initial, from_initial=first)
         out = self.linear_out(h.astype(x.dtype) * y)
         if cache is None:
             return out, None
         return out, RGLRUCache(state=h[:, -1], tail=tail, lengths=cache.lengths + length,
                                started=started | jnp.any(real, axis=1))
 
+    def initial_state_shape(self) -> tuple[int, ...]:
+        return self.rg_lru.recurrent_param.shape  # [lru_width]
+
     def init_cache(self, batch: int, max_len: int, dtype) -> RGLRUCache:
-        """An empty cache; its size does not depend on max_len."""
+        """An empty cache (its state the learned start, if any); its size does not depend on max_len."""
         del max_len
-        width = self.rg_lru.recurrent_param.shape[0]
-        return RGLRUCache(state=jnp.zeros((batch, width), jnp.float32), tail=self.conv_1d.empty_tail(batch, dtype),
+        start = self.start_state(batch)
+        state = jnp.zeros((batch, *self.initial_state_shape()), jnp.float32) if start is None else start
+        return RGLRUCache(state=state, tail=self.conv_1d.empty_tail(batch, dtype),
                           lengths=jnp.zeros((batch,), jnp.int32), started=jnp.zeros((batch,), bool))

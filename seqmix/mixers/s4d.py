@@ -22,15 +22,15 @@ z = GELU(y), out = GLU(z W_out) with W_out [H, 2H] (a * sigmoid(b)).
 Decode carries s [B, H, N/2] complex as float32 (real, imag) pairs. A prefill from a cached state
 adds the state's zero-input response 2 Re(sum_n C_n dA_n^(t+1) s_n) to the tokens of the call's
 first segment and returns the state after the call (another Vandermonde contraction), so prefill,
-decode and the full forward agree.
+decode and the full forward agree. A learned start state (state tuning, `mixers.state_tuning`)
+enters the forward the same way, as the state cached before the row.
 
 Departures from the paper, and why:
 - B is not a parameter: only the products C_n B_n reach the output (in the kernel and through the
   recurrence's state scale alike), so B = 1 with C trained is the same family of functions.
-- Every parameter trains with the model's one learning rate, and the trainer's weight decay
-  reaches A's two [H, N/2] parameters (it decays every leaf of rank >= 2; under `muon` they get
-  Muon's updates): the paper gives A and dt a smaller learning rate and no weight decay, which the
-  trainer has no per-parameter setting for. No dropout.
+- Every parameter trains with the model's one learning rate: the paper gives A and dt a smaller
+  one, which the trainer has no per-parameter setting for. As in the paper, A and dt get no weight
+  decay (the optimizer's dynamics parameters, `train.optim`). No dropout.
 - Packed rows: a convolution is positional, a recurrent state ignores padding; the layer compacts
   each row (`long_convolution`) so that padding never takes a time slot, as the recurrence has it.
 """
@@ -50,6 +50,7 @@ from seqmix.configuration import require
 from seqmix.layers.linear import projection
 from seqmix.mixers.long_convolution import compaction, last_tokens, take_rows
 from seqmix.mixers.registry import register_mixer
+from seqmix.mixers.state_tuning import LearnsInitialState
 from seqmix.pallas_kernels.fftconv import causal_conv
 from seqmix.pallas_kernels.segments import reset_groups
 
@@ -89,7 +90,7 @@ class S4DCache:
 
 
 @register_mixer("s4d", S4DConfig)
-class S4D(nnx.Module):
+class S4D(LearnsInitialState, nnx.Module):
     """x [B, T, D] -> [B, T, D]: log_dt [D], log_neg_real_a and imag_a [D, N/2], c [D, N/2, 2]
     (real, imag), d [D], out_proj [D, 2D]."""
 
@@ -120,7 +121,8 @@ class S4D(nnx.Module):
         positional). Returns (out [B, T, D] in x's dtype, the updated cache or None)."""
         del positions
         u = x.astype(jnp.float32)
-        state = None if cache is None else cache.state[..., 0] + 1j * cache.state[..., 1]
+        stored = self.start_state(x.shape[0]) if cache is None else cache.state  # a learned start or None
+        state = None if stored is None else stored[..., 0] + 1j * stored[..., 1]
         if cache is not None and x.shape[1] == 1:
             y, state = self.step(u[:, 0], state, None if segment_ids is None else segment_ids[:, 0] != 0)
             y = y[:, None]
@@ -174,6 +176,12 @@ class S4D(nnx.Module):
         y = jnp.where(valid[..., None], y, 0.0)
         return (y if segment_ids is None else take_rows(y, restore)), state
 
+    def initial_state_shape(self) -> tuple[int, ...]:
+        return self.c.shape  # [H, N/2, 2]: the complex state's real and imaginary parts
+
     def init_cache(self, batch: int, max_len: int, dtype) -> S4DCache:
+        """An empty cache (its state the learned start, if any); its size does not depend on max_len."""
         del max_len, dtype  # the state is float32 whatever the compute dtype
-        return S4DCache(state=jnp.zeros((batch, *self.c.shape), jnp.float32), lengths=jnp.zeros((batch,), jnp.int32))
+        start = self.start_state(batch)
+        state = jnp.zeros((batch, *self.c.shape), jnp.float32) if start is None else start
+        return S4DCache(state=state, lengths=jnp.zeros((batch,), jnp.int32))

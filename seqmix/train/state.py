@@ -8,7 +8,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from seqmix.mixers.recurrent import InitialState
+from seqmix.mixers.state_tuning import InitialState
 from seqmix.models.hf import CHECKPOINT_PARAMS, read_weights
 from seqmix.models.lm import LanguageModel
 from seqmix.models.lora import add_lora, principal_adapters

@@ -12,7 +12,7 @@ from flax import nnx
 from mixer_checks import rel_err
 
 from seqmix.configuration import build
-from seqmix.mixers.recurrent import InitialState
+from seqmix.mixers.state_tuning import InitialState
 from seqmix.models.config import ModelConfig
 from seqmix.models.generate import generate, left_pad, prompt_positions
 from seqmix.models.lm import LanguageModel

@@ -44,7 +44,8 @@ def estimates_by_query(q, k, v, segment_ids, ridge: float):
 def estimate_and_gradients(q, k, v, ridge, impl):
     """The estimate and the gradients of a loss of it with respect to q, k and v."""
     index = jnp.arange(q.shape[1])
-    mask = (index[:, None] >= index) & (SEGMENT_IDS[:, :, None] == SEGMENT_IDS[:, None, :]) & (SEGMENT_IDS != 0)[:, None]
+    same_segment = (SEGMENT_IDS[:, :, None] == SEGMENT_IDS[:, None, :]) & (SEGMENT_IDS != 0)[:, None]
+    mask = (index[:, None] >= index) & same_segment
     estimate = lambda q, k, v: local_linear_attention(q, k, v, mask, scale=SCALE, ridge=ridge, block_size=8, impl=impl)
     loss = lambda *args: jnp.sum(jnp.sin(estimate(*args)) * (SEGMENT_IDS != 0)[..., None, None])
     return estimate(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)

@@ -10,7 +10,7 @@ from test_finetune import FINETUNE, finetune_overrides, train_losses
 
 from seqmix.cli import main
 from seqmix.configuration import ConfigError
-from seqmix.mixers.recurrent import InitialState
+from seqmix.mixers.state_tuning import InitialState
 from seqmix.train.config import load_train_config
 from seqmix.train.trainer import Trainer
 

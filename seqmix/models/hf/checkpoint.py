@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from seqmix.layers.transfer import TransferParam
-from seqmix.mixers.recurrent import InitialState
+from seqmix.mixers.state_tuning import InitialState
 from seqmix.models.config import ModelConfig
 from seqmix.models.hf import (falcon_h1, kimi_linear, lfm2, llama, mamba2, minimax, nemotron_h, olmo_hybrid,
                               qwen3_next, recurrent_gemma)
