@@ -1,6 +1,6 @@
-"""`seqmix train | data prepare | generate | eval`: the command line.
+"""`seqmix train | data prepare | generate | linearize | export | eval`: the command line.
 
-Configuration and data errors are reported as one line naming the key or file, exit code 2.
+Configuration, data and checkpoint errors are reported as one line naming the key or file, exit code 2.
 """
 
 from __future__ import annotations
@@ -46,9 +46,14 @@ def cmd_train(args) -> int:
     print(f"\ntrained {result.step} steps -> {result.out_dir}")
     if result.eval_loss is not None:
         print(f"held-out loss {result.eval_loss:.4f} nats/token (unigram baseline {result.unigram_loss:.4f})")
+    _print_sample(result)
+    return 0 if result.stop_signal is None else 128 + result.stop_signal
+
+
+def _print_sample(result) -> None:
+    """The end-of-run sample of a `TrainResult`, if the run took one."""
     if result.sample is not None:
         print(f"\n--- sample ---\n{result.sample}\n--------------")
-    return 0 if result.stop_signal is None else 128 + result.stop_signal
 
 
 def _compile_only(config) -> int:
@@ -138,6 +143,30 @@ def cmd_linearize(args) -> int:
     print(f"\nlinearized ({args.method}) and trained {result.step} LoRA steps -> {result.out_dir}")
     if result.eval_loss is not None:
         print(f"held-out loss {result.eval_loss:.4f} nats/token")
+    _print_sample(result)
+    return 0 if result.stop_signal is None else 128 + result.stop_signal
+
+
+def cmd_export(args) -> int:
+    import shutil
+
+    import jax.numpy as jnp
+
+    from seqmix.models.hf import export_pretrained
+    from seqmix.models.lora import merge_lora
+
+    directory = Path(args.directory)
+    if directory.exists() and (not directory.is_dir() or (any(directory.iterdir())
+                                                          and not (directory / "config.json").is_file())):
+        raise ConfigError(f"{directory}: exists and is not a model directory; export writes into a new or empty "
+                          "directory, or over an earlier export")
+    trainer = _load_trained(args.run, [])
+    model = trainer.train_state.model()
+    merged = merge_lora(model)
+    written = export_pretrained(model, trainer.config.model, directory, form=args.format, dtype=jnp.dtype(args.dtype))
+    if trainer.config.data.tokenizer != "byte":
+        shutil.copyfile(trainer.config.data.tokenizer, directory / "tokenizer.json")
+    print(f"exported {args.run} at step {trainer.step} ({merged} LoRA projections merged) to {directory}: {written}")
     return 0
 
 
@@ -184,6 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument("overrides", nargs="*", help="dotted overrides of the run, e.g. steps=500 lora.rank=16")
     lin.set_defaults(func=cmd_linearize)
 
+    export = commands.add_parser("export", help="write a trained run as a model directory that seqmix.from_pretrained "
+                                                "(and, in the Hugging Face format, transformers) loads, LoRA merged")
+    export.add_argument("run", help="run directory (the out_dir of seqmix train or linearize)")
+    export.add_argument("directory", help="where to write config.json and model.safetensors (new, empty, or an "
+                                          "earlier export)")
+    export.add_argument("--format", choices=["auto", "hf", "seqmix"], default="auto",
+                        help="hf: the Hugging Face layout; seqmix: seqmix's own (any model); auto (default): hf "
+                             "when a Hugging Face model_type holds the model, else seqmix")
+    export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the tensors")
+    export.set_defaults(func=cmd_export)
+
     ev = commands.add_parser("eval", help="held-out loss and perplexity, or multiple-choice accuracy, of a trained model")
     ev.add_argument("checkpoint", help="run directory (out_dir) or its checkpoints/ folder")
     ev.add_argument("--batches", type=int, default=None, help="held-out batches (default: the run's eval_batches)")
@@ -195,11 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from seqmix.models.hf import CheckpointError
     from seqmix.train.data import DataError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, CheckpointError) as err:
         print(f"seqmix: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,10 +1,15 @@
 """Hugging Face import/export against fixtures that transformers itself made
 (tests/fixtures/hf/make_fixtures.py): tiny random Llama (GQA, Llama-3 RoPE scaling, sharded),
-Mistral (sliding window 5) and Qwen2 (q/k/v biases, tied embeddings) and their logits."""
+Mistral (sliding window 5) and Qwen2 (q/k/v biases, tied embeddings) and their logits; the
+teachers Qwen3 (per-head q/k norms, a head_dim of its own, a sliding layer, untied) and Gemma
+((1 + w) norms, sqrt(hidden) embeddings, GeGLU, a head_dim of its own, q/k/v/o biases, tied),
+every tensor perturbed, with transformers' greedy continuation too."""
 
 import dataclasses
 import json
+import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,6 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 from seqmix.configuration import build
 from seqmix.models.config import ModelConfig
+from seqmix.models.generate import generate
 from seqmix.models.hf import CheckpointError, config_from_hf, from_pretrained, hf_config, save_pretrained
 from seqmix.models.lm import LanguageModel
 
@@ -26,10 +32,51 @@ def expected(name):
 
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2"])
+ATTENTION = ["llama", "mistral", "qwen2", "qwen3", "gemma"]
+TEACHERS = ["qwen3", "gemma"]  # fixtures with every tensor perturbed and a greedy continuation
+
+
+@pytest.mark.parametrize("name", ATTENTION)
 def test_fixture_logits_match_transformers(name):
     tokens, logits = expected(name)
     assert rel_err(from_pretrained(FIXTURES / name)(tokens), logits) < 1e-5
+
+
+@pytest.mark.parametrize("name", TEACHERS)
+def test_teachers_continue_greedily_as_transformers_does(name):
+    """transformers' own cached `generate`, greedy, through seqmix's decode caches (Qwen3's
+    5-token window in a ring cache)."""
+    tokens, _ = expected(name)
+    greedy = load_file(FIXTURES / name / "expected.safetensors")["greedy"]
+    continued = generate(from_pretrained(FIXTURES / name), tokens, greedy.shape[1], rng=jax.random.key(0),
+                         temperature=0.0)
+    np.testing.assert_array_equal(np.asarray(continued), greedy)
+
+
+def test_the_teacher_fixtures_exercise_their_options():
+    """Loading without one of these would not pass the parity test: Qwen3's q/k norms and its
+    window; Gemma's (1 + w) norms, GeGLU and sqrt(hidden) not rounded to bfloat16 (6.9375), which
+    transformers 5.24 does only to a bfloat16 model's."""
+    def without_qk_norm(config):
+        return dataclasses.replace(config, mixers={k: {**v, "qk_norm": None} for k, v in config.mixers.items()})
+
+    variants = {"qwen3": [without_qk_norm, lambda c: dataclasses.replace(
+                    c, mixers={k: {**v, "sliding_window": None} for k, v in c.mixers.items()})],
+                "gemma": [lambda c: dataclasses.replace(c, norm_unit_offset=False),
+                          lambda c: dataclasses.replace(c, mlp_activation="silu"),
+                          lambda c: dataclasses.replace(c, embedding_multiplier=6.9375)]}
+    for name, changes in variants.items():
+        tokens, logits = expected(name)
+        params = nnx.to_flat_state(nnx.state(from_pretrained(FIXTURES / name), nnx.Param))
+        for change in changes:
+            variant = LanguageModel(change(config_from_hf(hf_json(name))), rngs=nnx.Rngs(0))
+            kept = {path for path, _ in nnx.to_flat_state(nnx.state(variant, nnx.Param))}
+            nnx.update(variant, nnx.from_flat_state([(path, v) for path, v in params if path in kept]))
+            assert rel_err(variant(tokens), logits) > 1e-4, name
+    gemma = config_from_hf(hf_json("gemma"))
+    assert gemma.embedding_multiplier == math.sqrt(48) and gemma.head_dim == 16
+    qwen3 = from_pretrained(FIXTURES / "qwen3")
+    assert qwen3.lm_head is not None and qwen3.layers[0].self_attn.q_norm.weight.shape == (24,)
 
 
 def test_public_entry_point_loads_in_bfloat16():
@@ -56,7 +103,7 @@ def test_the_fixtures_exercise_the_window_the_rope_scaling_and_the_biases():
     assert qwen2.lm_head is None  # tied embeddings
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("name", ATTENTION)
 def test_export_and_reimport_keep_the_model(tmp_path, name):
     model = from_pretrained(FIXTURES / name)
     config = config_from_hf(hf_json(name))
@@ -142,3 +189,83 @@ def test_export_refuses_what_the_llama_family_cannot_hold(options, message):
     config = build(ModelConfig, {"vocab_size": 96, "d_model": 32, "n_layers": 1, "n_heads": 2, **options}, "model")
     with pytest.raises(CheckpointError, match=message):
         hf_config(config)
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("qwen3", {"attention_bias": True}, "attention_bias = True is not supported"),
+    ("qwen3", {"hidden_act": "gelu"}, "hidden_act = 'gelu' is not supported"),
+    ("qwen3", {"use_sliding_window": False, "sliding_window": None},
+     "layer_types lists sliding_attention, but use_sliding_window = False"),
+    ("qwen3", {"layer_types": ["sliding_attention", "chunked_attention"]}, "layer_types must list 2 of"),
+    ("qwen3", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}},
+     "rope_type 'yarn' is not supported"),
+    ("gemma", {"hidden_act": "relu"}, "hidden_act = 'relu' is not supported"),
+    ("gemma", {"hidden_activation": "gelu_new"}, "hidden_activation = 'gelu_new' is not supported"),
+    ("gemma", {"use_bidirectional_attention": True}, "use_bidirectional_attention = True is not supported"),
+])
+def test_teacher_configs_seqmix_cannot_hold_are_refused_naming_the_key(name, change, message):
+    with pytest.raises(CheckpointError, match=message):
+        config_from_hf(hf_json(name) | change, "config.json")
+
+
+def test_teacher_configs_in_other_forms_read_as_transformers_reads_them():
+    """Qwen3's windows from max_window_layers when there are no layer_types; the default head_dim
+    of each class (Qwen3 128, Gemma 256) when a config has none; Gemma's legacy hidden_act "gelu"."""
+    qwen3 = {key: value for key, value in hf_json("qwen3").items() if key != "layer_types"}
+    derived = config_from_hf(qwen3 | {"max_window_layers": 1})
+    assert [derived.mixer(kind)[1].sliding_window for kind in derived.layer_kinds()] == [None, 5]
+    assert config_from_hf(qwen3 | {"use_sliding_window": False}).layer_pattern == ["attention"]
+    no_head_dim = {key: value for key, value in hf_json("qwen3").items() if key != "head_dim"}
+    assert config_from_hf(no_head_dim).head_dim == 128
+    gemma = hf_json("gemma")
+    assert config_from_hf({k: v for k, v in gemma.items() if k != "head_dim"}).head_dim == 256
+    assert config_from_hf(gemma | {"hidden_act": "gelu"}) == config_from_hf(gemma)
+
+
+def test_attention_models_with_qk_norms_or_gemma_form_export_as_those_families():
+    base = {"vocab_size": 96, "d_model": 32, "n_layers": 2, "n_heads": 2}
+    qwen3 = build(ModelConfig, base | {"layer_pattern": ["local", "global"], "mixers": {
+        "local": {"type": "attention", "qk_norm": "head", "sliding_window": 8},
+        "global": {"type": "attention", "qk_norm": "head"}}}, "model")
+    exported = hf_config(qwen3)
+    assert exported["model_type"] == "qwen3" and exported["layer_types"] == ["sliding_attention", "full_attention"]
+    explicit = {"n_kv_heads": 2, "mlp_hidden": qwen3.mlp_width}  # what a config.json spells out
+    mixers = {"window_8": qwen3.mixers["local"], "attention": {**qwen3.mixers["global"], "sliding_window": None}}
+    assert config_from_hf(exported) == dataclasses.replace(qwen3, **explicit, layer_pattern=["window_8", "attention"],
+                                                           mixers=mixers)
+    gemma = build(ModelConfig, base | {"norm_unit_offset": True, "mlp_activation": "gelu_tanh",
+                                       "embedding_multiplier": math.sqrt(32), "head_dim": 24}, "model")
+    exported = hf_config(gemma)
+    assert exported["model_type"] == "gemma" and exported["head_dim"] == 24
+    assert config_from_hf(exported) == dataclasses.replace(gemma, **explicit, mixers={
+        "attention": {"type": "attention", "qkv_bias": False, "output_bias": False}})
+
+
+@pytest.mark.parametrize("model_type, options, message", [
+    ("qwen3", {"mixers": {"a": {"type": "attention", "qk_norm": "head", "output_gate": True}}, "layer_pattern": ["a"]},
+     r"model\.layers\.0: attention with output_gate = True has no Qwen3 equivalent"),
+    ("qwen3", {"mixers": {"a": {"type": "attention", "qk_norm": "projection"}}, "layer_pattern": ["a"]},
+     r"model\.layers\.0: attention with qk_norm = 'projection' has no Qwen3 equivalent \(it needs 'head'\)"),
+    ("qwen3", {"layer_pattern": ["a", "b"],
+               "mixers": {"a": {"type": "attention", "qk_norm": "head", "sliding_window": 4},
+                          "b": {"type": "attention", "qk_norm": "head", "sliding_window": 8}}},
+     r"model\.mixers: sliding windows of different sizes \[4, 8\] have no Qwen3 equivalent"),
+    ("qwen3", {"norm_unit_offset": True, "mixers": {"a": {"type": "attention", "qk_norm": "head"}},
+               "layer_pattern": ["a"]}, r"model\.norm_unit_offset: True has no Qwen3 equivalent"),
+    ("gemma", {"norm_unit_offset": True, "mlp_activation": "gelu_tanh"},
+     r"model\.embedding_multiplier: 1\.0 has no Gemma equivalent \(it needs sqrt\(d_model\) = 5\.65"),
+    ("gemma", {"norm_unit_offset": True, "mlp_activation": "gelu_tanh", "embedding_multiplier": 32 ** 0.5,
+               "mixers": {"a": {"type": "attention", "qkv_bias": True}}, "layer_pattern": ["a"]},
+     r"model\.layers\.0: attention with qkv_bias = True and output_bias = False has no Gemma equivalent"),
+    ("gemma", {"norm_unit_offset": True, "mlp_activation": "gelu_tanh", "embedding_multiplier": 32 ** 0.5,
+               "logit_soft_cap": 30.0}, r"model\.logit_soft_cap: 30\.0 has no Gemma equivalent"),
+    ("gemma", {"norm_unit_offset": True, "mlp_activation": "silu", "embedding_multiplier": 32 ** 0.5},
+     r"model\.mlp_activation: 'silu' has no Gemma equivalent"),
+    ("gemma", {"norm_unit_offset": True, "mlp_activation": "gelu_tanh", "embedding_multiplier": 32 ** 0.5,
+               "mixers": {"a": {"type": "attention", "sliding_window": 4}}, "layer_pattern": ["a"]},
+     r"model\.layers\.0: attention with sliding_window = 4 has no Gemma equivalent"),
+])
+def test_export_refuses_what_a_teacher_family_cannot_hold(model_type, options, message):
+    config = build(ModelConfig, {"vocab_size": 96, "d_model": 32, "n_layers": 2, "n_heads": 2, **options}, "model")
+    with pytest.raises(CheckpointError, match=message):
+        hf_config(config, model_type)

@@ -1,9 +1,11 @@
 """`seqmix linearize`: a Hugging Face checkpoint becomes a Liger or LoLCATs model whose LoRA
 adapters train while every weight it read from the checkpoint stays frozen (LoLCATs first runs
-attention transfer); the run restores like any other."""
+attention transfer); the run samples at its end, restores like any other, generates, and exports
+(LoRA merged, in seqmix's format) to a directory `seqmix.from_pretrained` loads with its logits."""
 
 import json
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -13,7 +15,7 @@ from seqmix.layers.lora import LoRALinear
 from seqmix.mixers.liger_attention import LigerAttention
 from seqmix.mixers.lolcats import LolcatsAttention
 from seqmix.models.config import ModelConfig
-from seqmix.models.hf import save_pretrained
+from seqmix.models.hf import from_pretrained, save_pretrained
 from seqmix.models.lm import LanguageModel
 
 
@@ -24,9 +26,10 @@ def test_linearize_trains_the_adapters_of_the_converted_model_only(tmp_path, cap
     save_pretrained(teacher, config, tmp_path / "teacher")
     run = tmp_path / "run"
     assert main(["linearize", str(tmp_path / "teacher"), "steps=4", f"out_dir={run}", "eval_every=4",
-                 "eval_batches=1", "sample_tokens=0", "data.seq_len=32", "data.batch_size=8", "optim.warmup_steps=1",
+                 "eval_batches=1", "sample_tokens=8", "data.seq_len=32", "data.batch_size=8", "optim.warmup_steps=1",
                  "checkpoint.every_steps=4", "--method", "liger_attention", "--keep", "1"]) == 0
-    assert "linearized (liger_attention) and trained 4 LoRA steps" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "linearized (liger_attention) and trained 4 LoRA steps" in out and "--- sample ---" in out
 
     student = _load_trained(str(run), []).train_state.model()
     converted, kept = student.layers[0].self_attn, student.layers[1].self_attn
@@ -37,6 +40,12 @@ def test_linearize_trains_the_adapters_of_the_converted_model_only(tmp_path, cap
         np.testing.assert_array_equal(layer.o_proj.kernel[...], source.o_proj.kernel[...])
         assert np.abs(layer.q_proj.adapter.lora_b[...]).max() > 0  # trained from zero
     np.testing.assert_array_equal(student.embed_tokens.embedding[...], teacher.embed_tokens.embedding[...])
+    generates_and_exports(run, student, tmp_path, capsys)
+
+    assert main(["export", str(run), str(tmp_path / "hf"), "--format", "hf"]) == 2
+    assert "no Hugging Face format seqmix exports" in capsys.readouterr().err
+    assert main(["export", str(run), str(run)]) == 2  # over the run itself
+    assert "exists and is not a model directory" in capsys.readouterr().err
 
     assert main(["linearize", str(tmp_path), "--method", "liger_gla"]) == 2
     assert "not a Hugging Face checkpoint directory" in capsys.readouterr().err
@@ -49,9 +58,10 @@ def test_lolcats_runs_attention_transfer_then_lora_on_q_k_v_o(tmp_path, capsys):
     save_pretrained(teacher, config, tmp_path / "teacher")
     run = tmp_path / "run"  # rows of 80 tokens: older ones than the 64-token window exist
     assert main(["linearize", str(tmp_path / "teacher"), "steps=2", f"out_dir={run}", "eval_every=2",
-                 "eval_batches=1", "sample_tokens=0", "data.seq_len=80", "data.batch_size=8", "optim.warmup_steps=1",
+                 "eval_batches=1", "sample_tokens=8", "data.seq_len=80", "data.batch_size=8", "optim.warmup_steps=1",
                  "checkpoint.every_steps=2", "attention_transfer.steps=3", "--method", "lolcats"]) == 0
-    assert "linearized (lolcats) and trained 2 LoRA steps" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "linearized (lolcats) and trained 2 LoRA steps" in out and "--- sample ---" in out
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["steps"] for r in records if r["kind"] == "attention_transfer"] == [3]
 
@@ -63,3 +73,17 @@ def test_lolcats_runs_attention_transfer_then_lora_on_q_k_v_o(tmp_path, capsys):
         np.testing.assert_array_equal(mixer.o_proj.base.kernel[...], source.self_attn.o_proj.kernel[...])
         assert np.abs(mixer.o_proj.adapter.lora_b[...]).max() > 0
         assert mixer.o_proj.scale == 2.0  # alpha 16 / rank 8
+    generates_and_exports(run, student, tmp_path, capsys)
+
+
+def generates_and_exports(run, student, tmp_path, capsys):
+    """`seqmix generate` continues a prompt from the run; `seqmix export` writes the student, LoRA
+    merged, in seqmix's format, and it reloads with the run's logits."""
+    assert main(["generate", str(run), "--prompt", "To be", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.startswith("To be")
+    exported = tmp_path / "exported"
+    assert main(["export", str(run), str(exported)]) == 0
+    assert "seqmix (no Hugging Face model_type holds this model" in capsys.readouterr().out
+    tokens = jax.random.randint(jax.random.key(0), (2, 70), 0, 256)
+    logits = student(tokens)
+    assert float(np.abs(from_pretrained(exported)(tokens) - logits).max() / np.abs(logits).max()) < 1e-5

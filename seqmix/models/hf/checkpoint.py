@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +26,19 @@ from safetensors.numpy import save_file
 from seqmix.layers.transfer import TransferParam
 from seqmix.mixers.state_tuning import InitialState
 from seqmix.models.config import ModelConfig
-from seqmix.models.hf import (falcon_h1, kimi_linear, lfm2, llama, mamba2, minimax, nemotron_h, olmo_hybrid,
-                              qwen3_next, recurrent_gemma)
+from seqmix.models.hf import (falcon_h1, gemma, kimi_linear, lfm2, llama, mamba2, minimax, nemotron_h, olmo_hybrid,
+                              qwen3, qwen3_next, recurrent_gemma, seqmix_format)
 from seqmix.models.hf.family import Family
+from seqmix.models.hf.files import read_config, write_atomically
 from seqmix.models.hf.tensors import CheckpointError, Conversion, torch_name
 from seqmix.models.lm import LanguageModel
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-FAMILIES = {model_type: family for family in (llama.FAMILY, qwen3_next.TEXT, qwen3_next.VISION_LANGUAGE,
-                                              olmo_hybrid.FAMILY, kimi_linear.FAMILY, lfm2.FAMILY, minimax.FAMILY,
-                                              recurrent_gemma.FAMILY, mamba2.FAMILY, nemotron_h.FAMILY,
-                                              falcon_h1.FAMILY)
+FAMILIES = {model_type: family for family in (llama.FAMILY, qwen3.FAMILY, gemma.FAMILY, qwen3_next.TEXT,
+                                              qwen3_next.VISION_LANGUAGE, olmo_hybrid.FAMILY, kimi_linear.FAMILY,
+                                              lfm2.FAMILY, minimax.FAMILY, recurrent_gemma.FAMILY, mamba2.FAMILY,
+                                              nemotron_h.FAMILY, falcon_h1.FAMILY)
             for model_type in family.model_types}
 # Buffers some exporters store that carry no parameters (recomputed from the config).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -63,9 +63,9 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
 
 def hf_config(config: ModelConfig, model_type: str | None = None) -> dict[str, Any]:
     """The `config.json` mapping of a seqmix model as `model_type`; None: Llama, Mistral or Qwen2
-    for a model made only of attention layers, else the first family that can express it
-    (qwen3_5_text, qwen3_next, olmo_hybrid, kimi_linear, lfm2, minimax, recurrent_gemma, mamba2,
-    nemotron_h, falcon_h1). A model that the format cannot hold raises CheckpointError naming the
+    for a model made only of plain attention layers, else the first family that can express it
+    (qwen3, gemma, qwen3_5_text, qwen3_next, olmo_hybrid, kimi_linear, lfm2, minimax, recurrent_gemma,
+    mamba2, nemotron_h, falcon_h1). A model that the format cannot hold raises CheckpointError naming the
     layer and option."""
     if model_type is not None:
         family = _family({"model_type": model_type}, "model_type")
@@ -73,23 +73,13 @@ def hf_config(config: ModelConfig, model_type: str | None = None) -> dict[str, A
             raise CheckpointError(f"model_type {model_type!r}: seqmix exports its language model as qwen3_5_text")
         return family.hf_config(config, model_type)
     refusals = []
-    for candidate in (None, "qwen3_5_text", "qwen3_next", "olmo_hybrid", "kimi_linear", "lfm2", "minimax",
-                      "recurrent_gemma", "mamba2", "nemotron_h", "falcon_h1"):
+    for candidate in (None, "qwen3", "gemma", "qwen3_5_text", "qwen3_next", "olmo_hybrid", "kimi_linear", "lfm2",
+                      "minimax", "recurrent_gemma", "mamba2", "nemotron_h", "falcon_h1"):
         try:
             return llama.hf_config(config) if candidate is None else hf_config(config, candidate)
         except CheckpointError as err:
             refusals.append(f"{candidate or 'llama/mistral/qwen2'}: {err}")
     raise CheckpointError("the model has no Hugging Face format seqmix exports:\n  " + "\n  ".join(refusals))
-
-
-def _read_config(directory: Path) -> dict[str, Any]:
-    config_file = directory / "config.json"
-    if not config_file.exists():
-        raise CheckpointError(f"{directory}: no config.json")
-    try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_file}: not JSON ({err})") from err
 
 
 def _tensor_files(directory: Path) -> dict[str, Path]:
@@ -129,7 +119,7 @@ def read_weights(path: str | os.PathLike, params: nnx.State, config: ModelConfig
     out), so a converted model whose layers keep attention's projections reads its teacher's
     checkpoint."""
     directory = Path(path)
-    hf = _read_config(directory)
+    hf = read_config(directory)
     family = _family(hf, str(directory / "config.json"))
     files = {}
     for name, file in _tensor_files(directory).items():
@@ -183,15 +173,20 @@ def read_weights(path: str | os.PathLike, params: nnx.State, config: ModelConfig
 
 def _abstract_model(directory: Path) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
     """(config, graph, abstract parameters) of the model a checkpoint's config.json describes."""
-    config = config_from_hf(_read_config(directory), str(directory / "config.json"))
+    config = config_from_hf(read_config(directory), str(directory / "config.json"))
     graphdef, params = nnx.split(nnx.eval_shape(lambda: LanguageModel(config, rngs=nnx.Rngs(0))))
     return config, graphdef, params
 
 
 def from_pretrained(path: str | os.PathLike, dtype=jnp.float32) -> LanguageModel:
-    """A seqmix LanguageModel with the weights of a local Hugging Face checkpoint directory (any
-    model_type of `FAMILIES`), parameters in `dtype`; `model(tokens)` gives [B, T, vocab] logits."""
-    config, graphdef, params = _abstract_model(Path(path))
+    """A seqmix LanguageModel with the weights of a local checkpoint directory, a Hugging Face one
+    (any model_type of `FAMILIES`) or one in seqmix's own format (`seqmix_format`), parameters
+    in `dtype`; `model(tokens)` gives [B, T, vocab] logits."""
+    directory = Path(path)
+    document = read_config(directory)
+    if document.get("model_type") == seqmix_format.MODEL_TYPE:
+        return seqmix_format.load_seqmix(directory, document, dtype)
+    config, graphdef, params = _abstract_model(directory)
     return nnx.merge(graphdef, read_weights(path, params, config, dtype=dtype))
 
 
@@ -220,8 +215,11 @@ def save_pretrained(model: LanguageModel, config: ModelConfig, path: str | os.Pa
     """Writes `config.json` and `model.safetensors` (tensors in `dtype`) of a seqmix model to
     directory `path`, in the hub layout of `model_type` (None: see `hf_config`), which
     `from_pretrained` and transformers read. Each file is written to a temporary name and renamed
-    into place, so an interrupted export never leaves a half-written file under the final name."""
+    into place, so an interrupted export never leaves a half-written file under the final name.
+    `config` must describe `model` (`seqmix_format.require_described`: no LoRA adapters left
+    unmerged, no linearized layer saved under its teacher's config)."""
     hf = hf_config(config, model_type)
+    seqmix_format.require_described(model, config)
     family = FAMILIES[hf["model_type"]]
     ours = {}
     for param_path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
@@ -236,16 +234,27 @@ def save_pretrained(model: LanguageModel, config: ModelConfig, path: str | os.Pa
     hf["torch_dtype"] = str(jnp.dtype(dtype))
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
+    write_atomically(directory, SINGLE_FILE, lambda file: save_file(tensors, file, metadata={"format": "pt"}))
+    write_atomically(directory, "config.json", lambda file: Path(file).write_text(json.dumps(hf, indent=2) + "\n"))
 
-    def write(file_name: str, writer) -> None:
-        handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{file_name}.")
-        os.close(handle)
+
+def export_pretrained(model: LanguageModel, config: ModelConfig, path: str | os.PathLike, *, form: str = "auto",
+                      dtype=jnp.float32) -> str:
+    """Writes `model` (described by `config`, LoRA merged) to directory `path`: form "hf" in the
+    Hugging Face layout (`save_pretrained`), "seqmix" in seqmix's own format, "auto" the Hugging
+    Face layout when `hf_config` can express the model, else seqmix's. Returns what was written:
+    "hf (<model_type>)" or "seqmix (...)"."""
+    if form not in ("auto", "hf", "seqmix"):
+        raise ValueError(f"form must be auto, hf or seqmix, got {form!r}")
+    if form != "seqmix":
         try:
-            writer(temporary)
-            os.replace(temporary, directory / file_name)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
-
-    write(SINGLE_FILE, lambda file: save_file(tensors, file, metadata={"format": "pt"}))
-    write("config.json", lambda file: Path(file).write_text(json.dumps(hf, indent=2) + "\n"))
+            model_type = hf_config(config)["model_type"]
+        except CheckpointError:
+            if form == "hf":
+                raise
+            seqmix_format.save_seqmix(model, config, path, dtype)
+            return "seqmix (no Hugging Face model_type holds this model; --format hf says why)"
+        save_pretrained(model, config, path, dtype, model_type)
+        return f"hf ({model_type})"
+    seqmix_format.save_seqmix(model, config, path, dtype)
+    return "seqmix"
