@@ -99,8 +99,49 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _reference_model(source: str, trainer):
+    """The model of a run directory or a model directory (`from_pretrained`) to compare with."""
+    from seqmix.models.hf import from_pretrained
+
+    source = source or trainer.config.init_from
+    if not source:
+        raise ConfigError("--agreement: name the reference model (the run has no init_from to default to)")
+    if (Path(source) / "config.yaml").is_file():
+        return source, _load_trained(source, []).train_state.model()
+    return source, from_pretrained(source)
+
+
 def cmd_eval(args) -> int:
+    if args.prompts < 1 or args.trials < 1 or any(length < 1 for length in args.needle or []):
+        raise ConfigError(f"--prompts, --trials and --needle lengths must be positive, got {args.prompts}, "
+                          f"{args.trials}, {args.needle}")
+    from seqmix.train.inputs import held_out_tokens
+
     trainer = _load_trained(args.checkpoint, [f"eval_batches={args.batches}"] if args.batches else [])
+    text = held_out_tokens(trainer.corpus)
+    if args.agreement is not None:
+        from seqmix.train.agreement import agreement, greedy_continuations, held_out_prompts
+
+        source, reference = _reference_model(args.agreement, trainer)
+        if reference.embed_tokens.embedding.shape != trainer.train_state.model().embed_tokens.embedding.shape:
+            raise ConfigError(f"--agreement: {source} has another vocabulary or width of embeddings than the run")
+        prompts = held_out_prompts(text, args.prompts, 64)
+        result = agreement(greedy_continuations(trainer.train_state.model(), prompts, 32),
+                           greedy_continuations(reference, prompts, 32))
+        print(f"agreement with {source} over {result.prompts} held-out prompts of 64 tokens: the first "
+              f"{result.tokens} generated tokens identical in {100 * result.exact:.1f}% of them; common prefix "
+              f"{result.common_prefix:.1f} tokens on average")
+        return 0
+    if args.needle:
+        from seqmix.train.agreement import greedy_continuations
+        from seqmix.train.needle import needle_accuracy
+
+        model = trainer.train_state.model()
+        accuracy = needle_accuracy(lambda prompts, n: greedy_continuations(model, prompts, n), trainer.corpus.tokenizer,
+                                   text, args.needle, trials=args.trials)
+        print(f"needle (pass key) retrieval, {args.trials} trials per length: "
+              + ", ".join(f"{length} tokens {100 * share:.1f}%" for length, share in accuracy.items()))
+        return 0
     if args.choices:
         from seqmix.train.multiple_choice import evaluate_choices, load_choice_tasks
 
@@ -224,11 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the tensors")
     export.set_defaults(func=cmd_export)
 
-    ev = commands.add_parser("eval", help="held-out loss and perplexity, or multiple-choice accuracy, of a trained model")
+    ev = commands.add_parser("eval", help="held-out loss and perplexity, multiple-choice accuracy, generation "
+                                          "agreement or pass-key retrieval of a trained model")
     ev.add_argument("checkpoint", help="run directory (out_dir) or its checkpoints/ folder")
     ev.add_argument("--batches", type=int, default=None, help="held-out batches (default: the run's eval_batches)")
     ev.add_argument("--choices", action="append", metavar="TASK.jsonl",
                     help="score a multiple-choice task (JSON lines: context, choices, gold) instead; repeatable")
+    ev.add_argument("--agreement", nargs="?", const="", metavar="REFERENCE",
+                    help="greedy continuations of held-out prompts compared with those of REFERENCE (a model "
+                         "directory or run; default: the run's init_from, a linearized run's teacher) instead")
+    ev.add_argument("--prompts", type=int, default=32, help="--agreement: held-out prompts (64 tokens, continued 32)")
+    ev.add_argument("--needle", nargs="+", type=int, metavar="LENGTH",
+                    help="pass-key retrieval accuracy at these context lengths (tokens) instead")
+    ev.add_argument("--trials", type=int, default=20, help="--needle: trials per length")
     ev.set_defaults(func=cmd_eval)
     return parser
 

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 
 import jax
+import numpy as np
 
 from seqmix.train.config import DataConfig
 from seqmix.train.data import DataError, load_tokenizer, make_dataset, prepare_shakespeare, read_documents
@@ -34,6 +35,13 @@ def load_corpus(config: DataConfig) -> Corpus:
     train = read(train_files)
     held_out = read(eval_files) if eval_files else []
     return Corpus(tokenizer, train, held_out)
+
+
+def held_out_tokens(corpus: Corpus) -> np.ndarray:
+    """The held-out plain-text documents encoded and joined in order, [n] int32 (instruction
+    records left out): the text that generation-based evaluations draw their prompts from."""
+    encoded = [corpus.tokenizer.encode(doc) for doc in corpus.eval_documents if isinstance(doc, str)]
+    return np.concatenate(encoded).astype(np.int32) if encoded else np.zeros(0, np.int32)
 
 
 def _packed_batches(config: DataConfig, corpus: Corpus, documents: list[str], *, seed: int, training: bool):

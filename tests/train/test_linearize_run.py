@@ -4,6 +4,7 @@ attention transfer); the run samples at its end, restores like any other, genera
 (LoRA merged, in seqmix's format) to a directory `seqmix.from_pretrained` loads with its logits."""
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -41,6 +42,15 @@ def test_linearize_trains_the_adapters_of_the_converted_model_only(tmp_path, cap
         assert np.abs(layer.q_proj.adapter.lora_b[...]).max() > 0  # trained from zero
     np.testing.assert_array_equal(student.embed_tokens.embedding[...], teacher.embed_tokens.embedding[...])
     generates_and_exports(run, student, tmp_path, capsys)
+
+    # Judged by generation: against its teacher (the run's init_from), and at retrieving a pass key.
+    assert main(["eval", str(run), "--agreement", "--prompts", "4"]) == 0
+    assert re.fullmatch(rf"agreement with {tmp_path / 'teacher'} over 4 held-out prompts of 64 tokens: the first 32 "
+                        r"generated tokens identical in \d+\.\d% of them; common prefix \d+\.\d tokens on average\n",
+                        capsys.readouterr().out)
+    assert main(["eval", str(run), "--needle", "100", "--trials", "3"]) == 0
+    assert re.fullmatch(r"needle \(pass key\) retrieval, 3 trials per length: 100 tokens \d+\.\d%\n",
+                        capsys.readouterr().out)
 
     assert main(["export", str(run), str(tmp_path / "hf"), "--format", "hf"]) == 2
     assert "no Hugging Face format seqmix exports" in capsys.readouterr().err
