@@ -1,5 +1,6 @@
 """Next-token cross-entropy over packed rows, from logits or, for large vocabularies, from the
-final hidden states and the head in blocks of tokens."""
+final hidden states and the head in blocks of tokens (`token_blocks`, which distillation's KL
+shares)."""
 
 from __future__ import annotations
 
@@ -33,22 +34,11 @@ def chunked_cross_entropy_sum(features: jax.Array, head: jax.Array, targets: jax
 
     features [B, T, D] (the model's `features`, in the compute dtype), head [D, V] (its
     `head_kernel()`, same dtype), targets [B, T] int, mask [B, T] bool. The positions are taken in
-    blocks of ceil(chunk_tokens / B), every row at once, so that a block holds about chunk_tokens
-    tokens and the rows stay split over the devices as the batch is (a block of the flattened
-    batch would gather every device's tokens); each block's [B, span, V] logits live only inside
-    its step of the scan, and the backward pass recomputes them (jax.checkpoint) instead of
-    storing them, so memory holds one block's logits however long the rows (as in Cut
-    Cross-Entropy / fused linear cross-entropy). Same value and gradients as the plain loss, up to
-    float32 rounding.
+    blocks (`token_blocks`); each block's [B, span, V] logits live only inside its step of the
+    scan, and the backward pass recomputes them (jax.checkpoint) instead of storing them, so
+    memory holds one block's logits however long the rows (as in Cut Cross-Entropy / fused linear
+    cross-entropy). Same value and gradients as the plain loss, up to float32 rounding.
     """
-    batch, length = targets.shape
-    span = -(-chunk_tokens // batch)
-    blocks = -(-length // span)
-    pad = blocks * span - length
-
-    def blocked(x):  # [B, T, ...] -> [blocks, B, span, ...]
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape(batch, blocks, span, *x.shape[2:]), 1, 0)
 
     @jax.checkpoint
     def block_loss(head, x, target, weight):
@@ -61,5 +51,21 @@ def chunked_cross_entropy_sum(features: jax.Array, head: jax.Array, targets: jax
 
     weights = mask.astype(jnp.float32)
     total, _ = jax.lax.scan(accumulate, jnp.float32(0.0),
-                            (blocked(features), blocked(targets.astype(jnp.int32)), blocked(weights)))
+                            token_blocks(chunk_tokens, features, targets.astype(jnp.int32), weights))
     return total, jnp.sum(weights)
+
+
+def token_blocks(chunk_tokens: int, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """Each of `arrays` [B, T, ...] (one B and T) as [blocks, B, span, ...]: positions in blocks of
+    span = ceil(chunk_tokens / B), every row at once (about chunk_tokens tokens a block, the rows
+    still split over the devices as the batch is), the last block zero-padded. What a loss scans
+    over to hold one block's [B, span, vocab] logits at a time."""
+    batch, length = arrays[0].shape[:2]
+    span = -(-chunk_tokens // batch)
+    blocks = -(-length // span)
+
+    def blocked(x):
+        x = jnp.pad(x, [(0, 0), (0, blocks * span - length)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(batch, blocks, span, *x.shape[2:]), 1, 0)
+
+    return tuple(blocked(x) for x in arrays)
