@@ -158,6 +158,27 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _selected_layers(args, config, teacher_config) -> list[int]:
+    """The --select-layers attention layers of the teacher to keep, by the KL that linearizing each
+    alone costs on the run's first --calibration-batches training batches (printed)."""
+    import itertools
+
+    from seqmix.models.hf import from_pretrained
+    from seqmix.train.inputs import load_corpus, train_iterator
+    from seqmix.train.layer_selection import linearization_kl, select_layers
+
+    if args.calibration_batches < 1:
+        raise ConfigError(f"--calibration-batches must be positive, got {args.calibration_batches}")
+    batches = itertools.islice(train_iterator(config.data, load_corpus(config.data), config.seed),
+                               args.calibration_batches)
+    scores = linearization_kl(from_pretrained(args.checkpoint), teacher_config, args.method, batches)
+    keep = select_layers(scores, args.select_layers)
+    print(f"layer selection, KL(teacher || teacher with the layer alone linearized) in nats/token over "
+          f"{args.calibration_batches} batches: " + ", ".join(f"{layer}: {kl:.4g}" for layer, kl in scores.items())
+          + f"; kept as attention: {', '.join(map(str, keep))}")
+    return keep
+
+
 def cmd_linearize(args) -> int:
     import dataclasses
     import json
@@ -177,7 +198,12 @@ def cmd_linearize(args) -> int:
     run = args.run or f"configs/runs/{'lolcats' if args.method == 'lolcats' else 'linearize'}.yaml"
     # A JSON string is a YAML scalar that stays the path, whatever characters it holds.
     config = load_train_config(run, [*args.overrides, f"init_from={json.dumps(str(args.checkpoint))}"])
-    config = dataclasses.replace(config, model=linearized_config(teacher, args.method, keep=args.keep),
+    keep = args.keep
+    if args.select_layers is not None:
+        if keep:
+            raise ConfigError("--select-layers chooses the layers that stay attention; do not also give --keep")
+        keep = _selected_layers(args, config, teacher)
+    config = dataclasses.replace(config, model=linearized_config(teacher, args.method, keep=keep),
                                  lora=config.lora or LoRAConfig())
     config.validate("")
     result = train(config)
@@ -248,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument("--method", required=True, choices=["liger_gla", "liger_hgrn2", "liger_attention", "lolcats"])
     lin.add_argument("--keep", type=int, action="append", default=[], metavar="LAYER",
                      help="a layer index that stays softmax attention; repeatable")
+    lin.add_argument("--select-layers", type=int, metavar="N",
+                     help="keep as attention the N layers whose linearization alone moves the teacher's "
+                          "next-token distribution most (KL on calibration batches), instead of --keep")
+    lin.add_argument("--calibration-batches", type=int, default=4,
+                     help="--select-layers: training batches of the run to score the layers on")
     lin.add_argument("--run", default=None, help="run YAML for data, optimizer, steps, lora, attention transfer "
                                                   "(default: configs/runs/lolcats.yaml for lolcats, else "
                                                   "configs/runs/linearize.yaml)")
@@ -283,7 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Dotted overrides may come after the options too (`linearize CKPT --method lolcats steps=8`):
+    # argparse leaves those it meets after an option unparsed.
+    args, extra = parser.parse_known_args(argv)
+    late_overrides = [token for token in extra if "=" in token and not token.startswith("-")]
+    if len(late_overrides) < len(extra) or (late_overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if late_overrides:
+        args.overrides = [*args.overrides, *late_overrides]
     from seqmix.models.hf import CheckpointError
     from seqmix.train.data import DataError
 

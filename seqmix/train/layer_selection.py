@@ -1,0 +1,59 @@
+"""Which layers of a teacher stay softmax attention when the rest are linearized: each attention
+layer is scored by how far the teacher's next-token distribution moves when that one layer alone
+is linearized, KL(teacher || teacher with layer i converted) per token on calibration batches, and
+the layers that move it most are kept (layer selection by KL, which beats uniform interleaving in
+the hybrid-distillation studies). The conversion is scored as initialised, before any training:
+what the layer loses by becoming linear with the teacher's own projections.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+from flax import nnx
+
+from seqmix.configuration import ConfigError
+from seqmix.models.config import ModelConfig
+from seqmix.models.linearize import linearize
+from seqmix.models.lm import LanguageModel
+from seqmix.train.distillation import chunked_kl_sum
+
+# Tokens per block of the KL (as `loss_chunk_tokens`): no [B, T, vocab] logits of a large
+# vocabulary exist whole, for either model.
+KL_CHUNK_TOKENS = 2048
+
+
+@nnx.jit
+def _kl_sum(student: LanguageModel, teacher: LanguageModel, batch: dict) -> tuple:
+    inputs = dict(segment_ids=batch["segment_ids"], positions=batch["positions"])
+    return chunked_kl_sum(student.features(batch["inputs"], **inputs), student.head_kernel(),
+                          teacher.features(batch["inputs"], **inputs), teacher.head_kernel(), batch["segment_ids"] != 0,
+                          chunk_tokens=KL_CHUNK_TOKENS, soft_cap=student.logit_soft_cap,
+                          teacher_soft_cap=teacher.logit_soft_cap)
+
+
+def linearization_kl(teacher: LanguageModel, config: ModelConfig, method: str,
+                     batches: Iterable[Mapping[str, np.ndarray]]) -> dict[int, float]:
+    """{attention layer index: mean KL(teacher || teacher with that layer alone converted by
+    `method`), nats per real token over `batches`} (dicts of [B, T] "inputs", "segment_ids",
+    "positions", as the input pipeline yields them)."""
+    batches = list(batches)
+    attention = [index for index, kind in enumerate(config.layer_kinds()) if config.mixer(kind)[0].name == "attention"]
+    scores = {}
+    for layer in attention:
+        student, _ = linearize(teacher, config, method, keep=[index for index in attention if index != layer])
+        total = count = 0.0
+        for batch in batches:
+            kl, tokens = _kl_sum(student, teacher, batch)
+            total, count = total + float(kl), count + float(tokens)
+        scores[layer] = total / count
+    return scores
+
+
+def select_layers(scores: Mapping[int, float], keep: int) -> list[int]:
+    """The `keep` layers of highest score (ties to the earlier layer), in layer order."""
+    if not 0 < keep < len(scores):
+        raise ConfigError(f"--select-layers: keep between 1 and {len(scores) - 1} of the {len(scores)} attention "
+                          f"layers, got {keep}")
+    return sorted(sorted(scores, key=lambda layer: (-scores[layer], layer))[:keep])
