@@ -1,6 +1,7 @@
 """The training loop: data -> jitted step -> metrics, evaluation, checkpoints, and a sample.
 
-A run directory holds `config.yaml` (the resolved config), `checkpoints/` (orbax, written by
+A run directory holds `config.yaml` (the resolved config), `run.lock` while a run trains in it
+(`run_lock`), `checkpoints/` (orbax, written by
 every process of a multi-process run; the other files by process 0 alone),
 `metrics.jsonl` and, at the end, `loss.png`. `resume=True` continues from the newest complete
 checkpoint with the same next batch; SIGTERM/SIGINT save a checkpoint before the loop exits.
@@ -8,6 +9,7 @@ checkpoint with the same next batch; SIGTERM/SIGINT save a checkpoint before the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
@@ -34,6 +36,7 @@ from seqmix.train.evaluate import held_out_loss, to_global
 from seqmix.train.inputs import Corpus, eval_iterator, load_corpus, train_iterator
 from seqmix.train.metrics import MetricsLog, plot_loss
 from seqmix.train.optim import make_schedule
+from seqmix.train.run_lock import run_lock
 from seqmix.train.sharding import batch_sharding, describe, make_mesh
 from seqmix.train.state import TrainState, create_train_state
 from seqmix.train.step import make_eval_step, make_train_step
@@ -273,6 +276,9 @@ def _count_params(train_state: TrainState) -> int:
 
 
 def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
-    """Trains a model as `config` says; see `Trainer`."""
-    return Trainer(config).run(resume=resume)
+    """Trains a model as `config` says, holding out_dir's lock throughout (`run_lock`: one
+    trainer per run directory; of several processes, process 0 holds it); see `Trainer`."""
+    owner = run_lock(Path(config.out_dir)) if jax.process_index() == 0 else contextlib.nullcontext()
+    with owner:
+        return Trainer(config).run(resume=resume)
 
