@@ -94,7 +94,12 @@ def cmd_generate(args) -> int:
     trainer = _load_trained(args.checkpoint, [])
     if args.seed is not None:
         trainer.rng = jax.random.key(args.seed)
-    samples = trainer.sample(args.prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    from seqmix.models.generate import CacheTooLarge
+
+    try:
+        samples = trainer.sample(args.prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    except CacheTooLarge as err:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: {err}") from None
     print("\n\n".join(samples))
     return 0
 

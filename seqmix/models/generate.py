@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+
+class CacheTooLarge(ValueError):
+    """The decode caches of a generation would not fit in the device's free memory."""
+
+
+def require_cache_fits(model: nnx.Module, batch: int, max_len: int, dtype) -> None:
+    """Refuses (CacheTooLarge) a generation whose caches, `model.init_cache(batch, max_len, dtype)`,
+    would not fit in the free memory of the first device (the host's available memory on CPU),
+    estimated from their shapes before anything is allocated."""
+    shapes = jax.eval_shape(lambda: model.init_cache(batch, max_len, dtype))
+    needed = sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(shapes))
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if needed > free:
+        raise CacheTooLarge(f"the decode caches of {batch} row(s) of {max_len} tokens need {needed / 2**30:.1f} GiB, "
+                            f"more than the {free / 2**30:.1f} GiB free on {device.platform}")
 
 
 def sample_token(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float) -> jax.Array:
@@ -55,10 +78,12 @@ def generate(model: nnx.Module, prompts, max_new_tokens: int, *, rng: jax.Array,
 
     prompts: a sequence of 1-D token sequences, of different lengths if need be (they are
     left-padded, see `left_pad`; padding changes no row's result), or an int array [B, P].
+    Caches that would not fit in memory are refused before anything is allocated (CacheTooLarge).
     """
     tokens, segment_ids = left_pad(prompts)
     graphdef, state = nnx.split(model)
     batch, prompt_len = tokens.shape
+    require_cache_fits(model, batch, prompt_len + max_new_tokens, cache_dtype)
 
     @jax.jit
     def prefill(state, tokens, segment_ids):

@@ -31,9 +31,9 @@ from seqmix.models.hf import teacher_of
 from seqmix.train.attention_transfer import attention_transfer
 from seqmix.train.checkpoint import Checkpointer
 from seqmix.train.config import TrainConfig
-from seqmix.train.data import unigram_entropy
+from seqmix.train.data import DataError, unigram_entropy
 from seqmix.train.evaluate import held_out_loss, to_global
-from seqmix.train.inputs import Corpus, eval_iterator, load_corpus, train_iterator
+from seqmix.train.inputs import Corpus, eval_iterator, held_out_tokens, load_corpus, train_iterator
 from seqmix.train.metrics import MetricsLog, plot_loss
 from seqmix.train.optim import make_schedule
 from seqmix.train.run_lock import run_lock
@@ -189,6 +189,11 @@ class Trainer:
                 f"out_dir: {self.out_dir} already holds checkpoints (latest step {existing}); "
                 "pass --resume to continue that run or choose another out_dir"
             )
+        if self.corpus.eval_documents and next(eval_iterator(config.data, self.corpus), None) is None:
+            # Found now, not at the first evaluation after steps that no checkpoint holds yet.
+            raise DataError(f"data.eval_files: the held-out documents ({len(held_out_tokens(self.corpus))} tokens) "
+                            f"do not fill one batch of {config.data.batch_size} rows of {config.data.seq_len} "
+                            "tokens; give more held-out text or a smaller data.batch_size or data.seq_len")
         if resume and existing is not None:
             self.restore_latest()
         self.out_dir.mkdir(parents=True, exist_ok=True)

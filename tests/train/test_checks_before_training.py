@@ -1,0 +1,26 @@
+"""Inputs that cannot work are refused before the first compiled step, with exit code 2 and one
+line naming what is wrong, and nothing of the run written: here held-out text too short to fill
+one evaluation batch (which used to crash the run at its first evaluation, after steps that no
+checkpoint held yet)."""
+
+import subprocess
+import sys
+
+from cli_env import cli_env
+
+SMOKE = "configs/runs/smoke.yaml"
+
+
+def test_held_out_text_shorter_than_one_batch_is_refused_before_training(tmp_path):
+    (tmp_path / "train.txt").write_text("To be, or not to be, that is the question. " * 500)
+    (tmp_path / "eval.txt").write_text("Whether 'tis nobler in the mind to suffer.")
+    run = subprocess.run([sys.executable, "-m", "seqmix.cli", "train", SMOKE, f"out_dir={tmp_path / 'run'}",
+                          "data.corpus=files", f"data.train_files=[{tmp_path / 'train.txt'}]",
+                          f"data.eval_files=[{tmp_path / 'eval.txt'}]"],
+                         capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert ("seqmix: error: data.eval_files: the held-out documents (42 tokens) do not fill one batch of 8 rows "
+            "of 64 tokens") in run.stderr
+    written = sorted(str(path.relative_to(tmp_path / "run")) for path in (tmp_path / "run").rglob("*"))
+    assert written in ([], ["checkpoints"]), written  # orbax's empty directory at most
