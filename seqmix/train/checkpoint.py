@@ -132,6 +132,20 @@ class Checkpointer:
             f"no checkpoint in {self.directory} could be restored:\n" + "\n".join(failures)
         )
 
+    def newest_metadata(self) -> dict | None:
+        """The metadata saved with the newest checkpoint, read without its state (to check a
+        resume before restoring arrays of other shapes); None if there is none or it is unreadable
+        (`restore` then reports and skips that checkpoint)."""
+        self._manager.wait_until_finished()
+        step = self.latest_step()
+        if step is None:
+            return None
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+        except Exception:  # a corrupt checkpoint: `restore` reports it
+            return None
+        return dict(restored["metadata"])
+
     def latest_step(self) -> int | None:
         """The newest step in the directory (including a save still in flight), or None."""
         return max(self._manager.all_steps(), default=None)

@@ -79,14 +79,25 @@ class _StopRequests:
             signal.signal(sig, handler)
 
 
+def _first_difference(saved, current, path: str) -> tuple[str, object, object] | None:
+    """(dotted key, saved value, current value) of the first difference of two plain-data configs."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for key in [*saved, *(key for key in current if key not in saved)]:
+            found = _first_difference(saved.get(key), current.get(key), f"{path}.{key}")
+            if found:
+                return found
+        return None
+    return None if saved == current else (path, saved, current)
+
+
 def _check_resumable(saved: dict, config: TrainConfig, checkpoint_dir: Path) -> None:
     saved_config = build(TrainConfig, saved["config"])
     for section in ("model", "data"):
-        if getattr(saved_config, section) != getattr(config, section):
-            raise ConfigError(
-                f"{section}: differs from the config the checkpoints in {checkpoint_dir} were trained with; "
-                f"resume with the same {section} settings or choose another out_dir"
-            )
+        found = _first_difference(to_dict(getattr(saved_config, section)), to_dict(getattr(config, section)), section)
+        if found:
+            key, before, now = found
+            raise ConfigError(f"{key}: the checkpoints in {checkpoint_dir} were trained with {before!r}, this run "
+                              f"has {now!r}; resume with the same {section} settings or choose another out_dir")
 
 
 class Trainer:
@@ -117,12 +128,16 @@ class Trainer:
         self.step = 0
 
     def restore_latest(self) -> None:
-        """Loads the newest complete checkpoint of out_dir (state, data position, RNG)."""
+        """Loads the newest complete checkpoint of out_dir (state, data position, RNG), after
+        checking that it was trained with this run's model and data settings."""
+        saved = self.checkpointer.newest_metadata()
+        if saved is not None:
+            _check_resumable(saved, self.config, self.checkpointer.directory)
         restored = self.checkpointer.restore(self.train_state.abstract(), self.data)
         if restored is None:
             raise ConfigError(f"out_dir: no checkpoint to resume from in {self.checkpointer.directory}")
         step, state, metadata = restored
-        _check_resumable(metadata, self.config, self.checkpointer.directory)
+        _check_resumable(metadata, self.config, self.checkpointer.directory)  # an older one, if the newest failed
         self.train_state.state, self.step = state, step
         self.rng = jax.random.wrap_key_data(np.asarray(metadata["rng"], np.uint32))
         print(f"resumed from step {step} ({self.checkpointer.directory})", file=sys.stderr)

@@ -8,6 +8,8 @@ import sys
 
 from cli_env import cli_env
 
+from seqmix.cli import main
+
 SMOKE = "configs/runs/smoke.yaml"
 
 
@@ -24,3 +26,14 @@ def test_held_out_text_shorter_than_one_batch_is_refused_before_training(tmp_pat
             "of 64 tokens") in run.stderr
     written = sorted(str(path.relative_to(tmp_path / "run")) for path in (tmp_path / "run").rglob("*"))
     assert written in ([], ["checkpoints"]), written  # orbax's empty directory at most
+
+
+def test_a_resume_with_another_model_names_the_first_differing_key(tmp_path, capsys):
+    common = ["train", SMOKE, f"out_dir={tmp_path}", "steps=2", "eval_every=2", "eval_batches=1", "sample_tokens=0",
+              "optim.warmup_steps=1", "checkpoint.every_steps=2"]
+    assert main(common) == 0
+    capsys.readouterr()
+    assert main([*common, "model.n_heads=2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"model.n_heads: the checkpoints in {tmp_path / 'checkpoints'} were trained with 4, this run has 2" in err
+    assert len(err.strip().splitlines()) == 1
