@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from seqmix.configuration import ConfigError, apply_overrides, build, load_yaml, parse_override, require, to_dict
-from seqmix.models.config import ModelConfig
+from seqmix.models.config import ModelConfig, architecture_differences
 from seqmix.models.hf import CheckpointError, config_from_hf
 
 
@@ -247,7 +247,20 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     elif model is None and init_from is not None:
         mapping["model"] = _checkpoint_model(str(init_from))
     apply_overrides(mapping, refinements)
-    return build(TrainConfig, mapping)
+    config = build(TrainConfig, mapping)
+    if init_from is not None:
+        _require_checkpoint_architecture(str(init_from), config.model)
+    return config
+
+
+def _require_checkpoint_architecture(directory: str, model: ModelConfig) -> None:
+    """Refuses a run whose own `model` computes something else than the init_from checkpoint's,
+    naming every difference (a tied model would silently drop an untied checkpoint's head)."""
+    differences = architecture_differences(build(ModelConfig, _checkpoint_model(directory), "init_from"), model)
+    if differences:
+        raise ConfigError(f"init_from: {directory} holds another architecture than the run's model "
+                          f"({len(differences)} difference(s)): " + "; ".join(differences)
+                          + ". Leave model out to take the checkpoint's, or match it")
 
 
 def _checkpoint_model(directory: str) -> dict[str, Any]:

@@ -37,3 +37,14 @@ def test_a_resume_with_another_model_names_the_first_differing_key(tmp_path, cap
     err = capsys.readouterr().err
     assert f"model.n_heads: the checkpoints in {tmp_path / 'checkpoints'} were trained with 4, this run has 2" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_init_from_a_checkpoint_of_another_architecture_names_every_difference(tmp_path, capsys):
+    """The untied Llama fixture (GQA, no windows) into the smoke run's tied, windowed model."""
+    checkpoint = "tests/fixtures/hf/llama"
+    assert main(["train", SMOKE, f"out_dir={tmp_path}", f"init_from={checkpoint}"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"init_from: {checkpoint} holds another architecture" in err
+    for difference in ("tie_embeddings: saved False, model True", "layers 0 sliding_window: saved None, model 16"):
+        assert difference in err, err
+    assert not (tmp_path / "config.yaml").exists()
