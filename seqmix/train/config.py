@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,6 +75,10 @@ class OptimConfig:
     decay_fraction: float = 0.2
 
     def validate(self, path: str) -> None:
+        for field in dataclasses.fields(self):  # inf passes the range checks below, and trains NaNs
+            value = getattr(self, field.name)
+            if isinstance(value, float):
+                require(math.isfinite(value), path, field.name, f"must be a finite number, got {value}")
         require(self.lr > 0, path, "lr", f"must be positive, got {self.lr}")
         require(self.weight_decay >= 0, path, "weight_decay", "must be non-negative")
         require(0 <= self.b1 < 1, path, "b1", "must be in [0, 1)")

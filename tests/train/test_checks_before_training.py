@@ -6,9 +6,12 @@ checkpoint held yet)."""
 import subprocess
 import sys
 
+import pytest
 from cli_env import cli_env
 
 from seqmix.cli import main
+from seqmix.configuration import ConfigError
+from seqmix.train.config import load_train_config
 
 SMOKE = "configs/runs/smoke.yaml"
 
@@ -48,3 +51,9 @@ def test_init_from_a_checkpoint_of_another_architecture_names_every_difference(t
     for difference in ("tie_embeddings: saved False, model True", "layers 0 sliding_window: saved None, model 16"):
         assert difference in err, err
     assert not (tmp_path / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("override", ["optim.lr=inf", "optim.weight_decay=-inf", "optim.b2=nan"])
+def test_numeric_options_must_be_finite(override):
+    with pytest.raises(ConfigError, match=rf"{override.split('=')[0]}: must be a finite number"):
+        load_train_config(SMOKE, [override])
