@@ -235,6 +235,7 @@ class TrainConfig:
 
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """Reads a run YAML (or the defaults when `path` is None), applies overrides, validates."""
+    path = None if path is None else _run_file(path)
     mapping: dict[str, Any] = load_yaml(path) if path is not None else {}
     # `model=<file>` swaps the whole model config before `model.<field>=...` refine it.
     refinements = []
@@ -266,6 +267,20 @@ def _require_checkpoint_architecture(directory: str, model: ModelConfig) -> None
         raise ConfigError(f"init_from: {directory} holds another architecture than the run's model "
                           f"({len(differences)} difference(s)): " + "; ".join(differences)
                           + ". Leave model out to take the checkpoint's, or match it")
+
+
+# The checkout seqmix runs from, whose configs/ a relative run file may name from any directory.
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def _run_file(path: str | Path) -> Path:
+    """A run YAML: `path` as given (from the working directory), else, if relative, the same path
+    in the seqmix checkout (`seqmix train configs/runs/smoke.yaml` from anywhere)."""
+    candidates = [Path(path)] + ([] if Path(path).is_absolute() else [CHECKOUT / path])
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"{path}: run config not found (looked for {' and '.join(str(c.absolute()) for c in candidates)})")
 
 
 def _checkpoint_model(directory: str) -> dict[str, Any]:

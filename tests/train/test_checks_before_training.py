@@ -5,6 +5,7 @@ checkpoint held yet)."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from cli_env import cli_env
@@ -57,3 +58,14 @@ def test_init_from_a_checkpoint_of_another_architecture_names_every_difference(t
 def test_numeric_options_must_be_finite(override):
     with pytest.raises(ConfigError, match=rf"{override.split('=')[0]}: must be a finite number"):
         load_train_config(SMOKE, [override])
+
+
+def test_a_run_file_is_found_from_any_directory_or_reported_with_the_paths_tried(tmp_path, monkeypatch):
+    checkout = Path.cwd()
+    monkeypatch.chdir(tmp_path)
+    assert load_train_config(SMOKE).steps == 20  # the checkout's configs/runs/smoke.yaml
+    run = subprocess.run([sys.executable, "-m", "seqmix.cli", "train", "configs/runs/smoek.yaml"],
+                         capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert (f"configs/runs/smoek.yaml: run config not found (looked for {tmp_path / SMOKE.replace('smoke', 'smoek')} "
+            f"and {checkout / SMOKE.replace('smoke', 'smoek')})") in run.stderr
