@@ -330,12 +330,16 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *late_overrides]
     from seqmix.models.hf import CheckpointError
     from seqmix.train.data import DataError
+    from seqmix.train.trainer import TrainingError
 
     try:
         return args.func(args)
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"seqmix: error: {err}", file=sys.stderr)
         return 2
+    except TrainingError as err:  # the run itself went wrong, not its inputs
+        print(f"seqmix: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

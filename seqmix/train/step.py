@@ -97,7 +97,7 @@ def make_train_step(train_state: TrainState, mesh: Mesh, compute_dtype: str, los
         # "tokens": what the step read (under mlm, every real token, not only the masked ones it scores)
         read = count if mlm is None else jnp.sum(batch["segment_ids"] != 0).astype(jnp.float32)
         metrics = {"loss": cross_entropy, "aux_loss": loss - cross_entropy, "grad_norm": grad_norm, "tokens": read,
-                   "finite": finite}
+                   "finite": finite, "param_norm": param_norm}
         return new_state, metrics
 
     return jax.jit(

@@ -100,6 +100,15 @@ def _check_resumable(saved: dict, config: TrainConfig, checkpoint_dir: Path) -> 
                               f"has {now!r}; resume with the same {section} settings or choose another out_dir")
 
 
+def _nonfinite_quantity(loss: float, grad_norm: float) -> str:
+    """What made a skipped step non-finite: its loss, its gradients, or (both finite) the update."""
+    if not math.isfinite(loss):
+        return f"loss ({loss})"
+    if not math.isfinite(grad_norm):
+        return f"gradient norm ({grad_norm}, loss {loss:.4f})"
+    return f"parameters after the update (loss {loss:.4f}, gradient norm {grad_norm:.3g}: is the learning rate too large?)"
+
+
 class Trainer:
     """Builds everything a run needs from its config; `run()` trains to `config.steps`."""
 
@@ -237,13 +246,17 @@ class Trainer:
                     tokens_since += float(metrics["tokens"])
                     if not finite:
                         skipped, consecutive_bad = skipped + 1, consecutive_bad + 1
-                        log.write({"kind": "nonfinite", "step": self.step, "loss": loss})
-                        print(f"step {self.step}: non-finite loss {loss}; update skipped", file=sys.stderr)
+                        what = _nonfinite_quantity(loss, float(metrics["grad_norm"]))
+                        log.write({"kind": "nonfinite", "step": self.step, "loss": loss, "what": what})
+                        print(f"step {self.step}: non-finite {what}; update skipped", file=sys.stderr)
                         if consecutive_bad >= config.max_nonfinite_steps:
-                            raise TrainingError(
-                                f"{consecutive_bad} consecutive non-finite steps (up to step {self.step}); "
-                                f"stopping. The last good state is in {self.checkpointer.directory}"
-                            )
+                            self.checkpointer.wait()
+                            saved = self.checkpointer.latest_step()
+                            last_good = ("no checkpoint was saved yet" if saved is None else
+                                         f"the checkpoint of step {saved} in {self.checkpointer.directory} holds the "
+                                         "last good state")
+                            raise TrainingError(f"{consecutive_bad} consecutive non-finite steps (up to step "
+                                                f"{self.step}, the last: non-finite {what}); stopping: {last_good}")
                         continue
                     consecutive_bad = 0
                     losses[self.step] = loss

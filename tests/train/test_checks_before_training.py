@@ -69,3 +69,11 @@ def test_a_run_file_is_found_from_any_directory_or_reported_with_the_paths_tried
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert (f"configs/runs/smoek.yaml: run config not found (looked for {tmp_path / SMOKE.replace('smoke', 'smoek')} "
             f"and {checkout / SMOKE.replace('smoke', 'smoek')})") in run.stderr
+
+
+def test_a_run_that_keeps_diverging_stops_with_one_line_and_exit_code_1(tmp_path, capsys):
+    assert main(["train", SMOKE, f"out_dir={tmp_path}", "optim.lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0",
+                 "max_nonfinite_steps=2", "checkpoint.every_steps=1", "sample_tokens=0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("seqmix: error: 2 consecutive non-finite steps") and "Traceback" not in "".join(err)
+    assert "the checkpoint of step" in err[-1] or "no checkpoint was saved yet" in err[-1]
