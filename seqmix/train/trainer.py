@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from seqmix.configuration import ConfigError, build, to_dict
+from seqmix.files import write_atomically
 from seqmix.models.generate import generate
 from seqmix.models.hf import teacher_of
 from seqmix.train.attention_transfer import attention_transfer
@@ -223,7 +224,8 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         writer = jax.process_index() == 0  # of several processes, one writes the run's files
         if writer:
-            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+            write_atomically(self.out_dir, "config.yaml",
+                             lambda file: Path(file).write_text(yaml.safe_dump(to_dict(config), sort_keys=False)))
         unigram = unigram_entropy(self.corpus.train_documents, self.corpus.tokenizer)
         log = MetricsLog(self.out_dir / "metrics.jsonl" if writer else None)
         print(

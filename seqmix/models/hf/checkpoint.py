@@ -23,13 +23,14 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from seqmix.files import write_atomically
 from seqmix.layers.transfer import TransferParam
 from seqmix.mixers.state_tuning import InitialState
 from seqmix.models.config import ModelConfig
 from seqmix.models.hf import (falcon_h1, gemma, kimi_linear, lfm2, llama, mamba2, minimax, nemotron_h, olmo_hybrid,
                               qwen3, qwen3_next, recurrent_gemma, seqmix_format)
 from seqmix.models.hf.family import Family
-from seqmix.models.hf.files import read_config, write_atomically
+from seqmix.models.hf.files import read_config
 from seqmix.models.hf.tensors import CheckpointError, Conversion, torch_name
 from seqmix.models.lm import LanguageModel
 

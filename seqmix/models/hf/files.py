@@ -1,12 +1,9 @@
-"""The files of a pretrained-model directory: its config.json read with errors that name it, and
-files written whole or not at all."""
+"""A pretrained-model directory's config.json, read with errors that name it (its files are
+written by `seqmix.files.write_atomically`)."""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +22,3 @@ def read_config(directory: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_file}: not a JSON object")
     return config
-
-
-def write_atomically(directory: Path, file_name: str, writer: Callable[[str], None]) -> None:
-    """`writer(path)` writes a temporary file in `directory`, renamed to `file_name` once complete,
-    so an interrupted export never leaves a half-written file under the final name."""
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{file_name}.")
-    os.close(handle)
-    try:
-        writer(temporary)
-        os.replace(temporary, directory / file_name)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)

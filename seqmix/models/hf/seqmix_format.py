@@ -27,8 +27,8 @@ from safetensors import safe_open
 from safetensors.flax import save_file
 
 from seqmix.configuration import ConfigError, build, to_dict
+from seqmix.files import write_atomically
 from seqmix.models.config import ModelConfig
-from seqmix.models.hf.files import write_atomically
 from seqmix.models.hf.tensors import CheckpointError
 from seqmix.models.lm import LanguageModel
 
