@@ -29,7 +29,15 @@ class ChoiceExample:
 def load_choice_tasks(path: str | Path) -> list[ChoiceExample]:
     """The examples of a JSON-lines file; a malformed line is refused with its file and line."""
     examples = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such task file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, not a JSON-lines task file") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -37,6 +45,8 @@ def load_choice_tasks(path: str | Path) -> list[ChoiceExample]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{where}: not JSON ({err.msg})") from err
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected an object with context, choices and gold, got {type(record).__name__}")
         context, choices, gold = (record.get(key) for key in ("context", "choices", "gold"))
         if not isinstance(context, str):
             raise DataError(f"{where}: 'context' must be a string, got {context!r}")

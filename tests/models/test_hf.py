@@ -269,3 +269,30 @@ def test_export_refuses_what_a_teacher_family_cannot_hold(model_type, options, m
     config = build(ModelConfig, {"vocab_size": 96, "d_model": 32, "n_layers": 2, "n_heads": 2, **options}, "model")
     with pytest.raises(CheckpointError, match=message):
         hf_config(config, model_type)
+
+
+def _cut_in_half(directory):
+    tensors = directory / "model.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[: tensors.stat().st_size // 2])
+
+
+def _config_edit(edit):
+    def apply(directory):
+        config = json.loads((directory / "config.json").read_text())
+        edit(config)
+        (directory / "config.json").write_text(json.dumps(config))
+    return apply
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_cut_in_half, r"model.safetensors: not a readable safetensors file \(Error while deserializing header"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"not safetensors"), "model.safetensors: not a readable"),
+    (_config_edit(lambda c: c.pop("hidden_size")), "config.json: required key 'hidden_size' is missing"),
+    (_config_edit(lambda c: c.update(num_hidden_layers="two")), "config.json.n_layers: expected an integer"),
+    (_config_edit(lambda c: c.update(rope_parameters="linear")), "config.json: a value has the wrong type"),
+])
+def test_a_damaged_checkpoint_is_refused_naming_its_file(tmp_path, damage, message):
+    directory = copy_fixture("qwen2", tmp_path)
+    damage(directory)
+    with pytest.raises(CheckpointError, match=message):
+        from_pretrained(directory)

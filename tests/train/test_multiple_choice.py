@@ -66,9 +66,20 @@ def test_accuracy_counts_the_examples_whose_gold_scores_highest(tmp_path):
     (json.dumps({"context": "a", "choices": ["b"], "gold": 0}), "task.jsonl:2: 'choices' must be a list of at least 2"),
     (json.dumps({"context": "a", "choices": ["b", "c"], "gold": 2}), "task.jsonl:2: 'gold' must be an index"),
     (json.dumps({"choices": ["b", "c"], "gold": 0}), "task.jsonl:2: 'context' must be a string"),
+    (json.dumps(["a", ["b", "c"], 0]), "task.jsonl:2: expected an object with context, choices and gold, got list"),
 ])
 def test_malformed_lines_are_named(tmp_path, line, message):
     path = tmp_path / "task.jsonl"
     path.write_text(json.dumps({"context": "ok", "choices": ["a", "b"], "gold": 1}) + "\n" + line + "\n")
     with pytest.raises(DataError, match=message):
         load_choice_tasks(path)
+
+
+def test_a_task_file_that_is_missing_a_directory_or_not_utf8_is_named(tmp_path):
+    with pytest.raises(DataError, match="none.jsonl: no such task file"):
+        load_choice_tasks(tmp_path / "none.jsonl")
+    with pytest.raises(DataError, match="is a directory, not a JSON-lines task file"):
+        load_choice_tasks(tmp_path)
+    (tmp_path / "latin1.jsonl").write_bytes('{"context": "caf\xe9"}'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.jsonl: not UTF-8 text \(byte 16: invalid continuation byte\)"):
+        load_choice_tasks(tmp_path / "latin1.jsonl")

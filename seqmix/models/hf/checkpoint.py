@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from seqmix.files import write_atomically
@@ -30,7 +29,7 @@ from seqmix.models.config import ModelConfig
 from seqmix.models.hf import (falcon_h1, gemma, kimi_linear, lfm2, llama, mamba2, minimax, nemotron_h, olmo_hybrid,
                               qwen3, qwen3_next, recurrent_gemma, seqmix_format)
 from seqmix.models.hf.family import Family
-from seqmix.models.hf.files import read_config
+from seqmix.models.hf.files import SafetensorsFile, read_config
 from seqmix.models.hf.tensors import CheckpointError, Conversion, torch_name
 from seqmix.models.lm import LanguageModel
 
@@ -59,7 +58,15 @@ def _family(hf: dict[str, Any], source: str) -> Family:
 def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
     """The seqmix ModelConfig of a Hugging Face `config.json` (a parsed mapping) of any supported
     model_type."""
-    return _family(hf, source).config_from_hf(hf, source)
+    family = _family(hf, source)
+    try:
+        return family.config_from_hf(hf, source)
+    except CheckpointError:
+        raise
+    except KeyError as err:  # a family reading a key every config of its model_type has
+        raise CheckpointError(f"{source}: required key {err.args[0]!r} is missing") from None
+    except (TypeError, AttributeError, ValueError) as err:  # a value of another JSON type than the family reads
+        raise CheckpointError(f"{source}: a value has the wrong type ({err})") from None
 
 
 def hf_config(config: ModelConfig, model_type: str | None = None) -> dict[str, Any]:
@@ -98,8 +105,7 @@ def _tensor_files(directory: Path) -> dict[str, Path]:
     single = directory / SINGLE_FILE
     if not single.exists():
         raise CheckpointError(f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE}")
-    with safe_open(single, framework="flax") as handle:
-        return {name: single for name in handle.keys()}
+    return {name: single for name in SafetensorsFile(single).keys()}
 
 
 def _identity(name: str) -> Conversion:
@@ -150,7 +156,9 @@ def read_weights(path: str | os.PathLike, params: nnx.State, config: ModelConfig
                 raise CheckpointError(f"{directory}: tensor {name.replace('model.', family.prefix, 1)} is missing"
                                       f"{needed}")
             stored, file = files[name]
-            handle = handles.setdefault(file, safe_open(file, framework="flax"))
+            if file not in handles:
+                handles[file] = SafetensorsFile(file)
+            handle = handles[file]
             tensor = np.asarray(handle.get_tensor(stored))
             if not jnp.issubdtype(tensor.dtype, jnp.floating):
                 raise CheckpointError(f"{file}: tensor {stored} is {tensor.dtype}, not a float type")

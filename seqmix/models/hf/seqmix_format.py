@@ -23,11 +23,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from safetensors import safe_open
 from safetensors.flax import save_file
 
 from seqmix.configuration import ConfigError, build, to_dict
 from seqmix.files import write_atomically
+from seqmix.models.hf.files import SafetensorsFile
 from seqmix.models.config import ModelConfig
 from seqmix.models.hf.tensors import CheckpointError
 from seqmix.models.lm import LanguageModel
@@ -95,21 +95,17 @@ def load_seqmix(directory: Path, document: dict[str, Any], dtype=jnp.float32) ->
         raise CheckpointError(f"{directory}: no {TENSOR_FILE}")
     graphdef, params = nnx.split(nnx.eval_shape(lambda: LanguageModel(config, rngs=nnx.Rngs(0))))
     wanted = {tensor_name(param_path): (param_path, variable) for param_path, variable in nnx.to_flat_state(params)}
-    try:
-        handle = safe_open(tensor_file, framework="flax")
-    except Exception as err:  # safetensors raises its own error types for a torn or foreign file
-        raise CheckpointError(f"{tensor_file}: not a readable safetensors file ({err})") from err
-    with handle:
-        stored = set(handle.keys())
-        for name in sorted(set(wanted) - stored):
-            raise CheckpointError(f"{tensor_file}: tensor {name} {wanted[name][1].shape} is missing")
-        for name in sorted(stored - set(wanted)):
-            raise CheckpointError(f"{tensor_file}: tensor {name} has no place in the model config.json describes")
-        loaded = []
-        for name, (param_path, variable) in wanted.items():
-            tensor = handle.get_tensor(name)
-            if tensor.shape != variable.shape or not jnp.issubdtype(tensor.dtype, jnp.floating):
-                raise CheckpointError(f"{tensor_file}: tensor {name} is {tensor.dtype} {tuple(tensor.shape)}, "
-                                      f"expected a float tensor of shape {variable.shape}")
-            loaded.append((param_path, variable.replace(value=jnp.asarray(tensor, dtype))))
+    handle = SafetensorsFile(tensor_file)
+    stored = set(handle.keys())
+    for name in sorted(set(wanted) - stored):
+        raise CheckpointError(f"{tensor_file}: tensor {name} {wanted[name][1].shape} is missing")
+    for name in sorted(stored - set(wanted)):
+        raise CheckpointError(f"{tensor_file}: tensor {name} has no place in the model config.json describes")
+    loaded = []
+    for name, (param_path, variable) in wanted.items():
+        tensor = handle.get_tensor(name)
+        if tensor.shape != variable.shape or not jnp.issubdtype(tensor.dtype, jnp.floating):
+            raise CheckpointError(f"{tensor_file}: tensor {name} is {tensor.dtype} {tuple(tensor.shape)}, "
+                                  f"expected a float tensor of shape {variable.shape}")
+        loaded.append((param_path, variable.replace(value=jnp.asarray(tensor, dtype))))
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
