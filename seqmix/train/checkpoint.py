@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,10 @@ import jax
 import orbax.checkpoint as ocp
 
 logger = logging.getLogger(__name__)
+
+
+class CheckpointsUnreadable(RuntimeError):
+    """Every checkpoint of a directory failed to restore."""
 
 
 class Checkpointer:
@@ -96,7 +101,7 @@ class Checkpointer:
         restored array goes, whatever mesh the checkpoint was saved from. `data_iterator`, if
         given, is set to the saved iterator state in place. A checkpoint that fails to restore is
         reported with a warning and the previous step is tried; if none can be restored, a
-        RuntimeError names the directory and every failure, and the iterator is left unchanged.
+        CheckpointsUnreadable names the directory and every failure, and the iterator is left unchanged.
         Returns `(step, state, metadata)`.
         """
         self._manager.wait_until_finished()  # a step still being written is listed already
@@ -120,17 +125,18 @@ class Checkpointer:
                 if data_iterator is not None:
                     data_iterator.set_state(_saved_iterator_state(path / "data"))
             except Exception as err:  # any unreadable item makes the whole checkpoint unusable
-                failure = f"{path}: {type(err).__name__}: {err}"
-                logger.warning("cannot restore checkpoint %s, skipping it", failure)
+                # The first line only: tensorstore's errors carry a page of spec after it.
+                failure = f"step {candidate} ({path}): {type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+                print(f"seqmix: warning: cannot restore the checkpoint of {failure}; "
+                      f"{'trying the one before' if i + 1 < len(steps) else 'no older one left'}", file=sys.stderr)
                 failures.append(failure)
                 continue
             self._unreadable_steps.update(steps[:i])
             return candidate, restored["state"], dict(restored["metadata"])
         if data_iterator is not None:
             data_iterator.set_state(data_state)
-        raise RuntimeError(
-            f"no checkpoint in {self.directory} could be restored:\n" + "\n".join(failures)
-        )
+        raise CheckpointsUnreadable(f"no checkpoint in {self.directory} could be restored ({'; '.join(failures)}); "
+                                    "remove them to start over, or choose another out_dir")
 
     def newest_metadata(self) -> dict | None:
         """The metadata saved with the newest checkpoint, read without its state (to check a

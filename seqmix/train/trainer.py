@@ -30,12 +30,12 @@ from seqmix.files import write_atomically
 from seqmix.models.generate import generate
 from seqmix.models.hf import teacher_of
 from seqmix.train.attention_transfer import attention_transfer
-from seqmix.train.checkpoint import Checkpointer
+from seqmix.train.checkpoint import Checkpointer, CheckpointsUnreadable
 from seqmix.train.config import TrainConfig
 from seqmix.train.data import DataError, unigram_entropy
 from seqmix.train.evaluate import held_out_loss, to_global
 from seqmix.train.inputs import Corpus, eval_iterator, held_out_tokens, load_corpus, train_iterator
-from seqmix.train.metrics import MetricsLog, plot_loss
+from seqmix.train.metrics import MetricsLog, plot_loss, read_metrics
 from seqmix.train.optim import make_schedule
 from seqmix.train.run_lock import run_lock
 from seqmix.train.sharding import batch_sharding, describe, make_mesh
@@ -143,7 +143,10 @@ class Trainer:
         saved = self.checkpointer.newest_metadata()
         if saved is not None:
             _check_resumable(saved, self.config, self.checkpointer.directory)
-        restored = self.checkpointer.restore(self.train_state.abstract(), self.data)
+        try:
+            restored = self.checkpointer.restore(self.train_state.abstract(), self.data)
+        except CheckpointsUnreadable as err:
+            raise ConfigError(f"out_dir: {err}") from None
         if restored is None:
             raise ConfigError(f"out_dir: no checkpoint to resume from in {self.checkpointer.directory}")
         step, state, metadata = restored
@@ -219,6 +222,10 @@ class Trainer:
             raise DataError(f"data.eval_files: the held-out documents ({len(held_out_tokens(self.corpus))} tokens) "
                             f"do not fill one batch of {config.data.batch_size} rows of {config.data.seq_len} "
                             "tokens; give more held-out text or a smaller data.batch_size or data.seq_len")
+        if resume and existing is None and (self.out_dir / "metrics.jsonl").is_file() and read_metrics(self.out_dir / "metrics.jsonl"):
+            raise ConfigError(f"--resume: {self.out_dir} holds the metrics of an earlier run but no checkpoint in "
+                              f"{self.checkpointer.directory} (deleted?), so nothing to resume from; remove "
+                              "metrics.jsonl to start afresh there, or choose another out_dir")
         if resume and existing is not None:
             self.restore_latest()
         self.out_dir.mkdir(parents=True, exist_ok=True)

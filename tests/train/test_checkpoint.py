@@ -2,7 +2,6 @@
 checkpoints, and restore into another mesh."""
 
 import json
-import logging
 import shutil
 
 import grain
@@ -13,7 +12,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from seqmix.train.checkpoint import Checkpointer
+from seqmix.train.checkpoint import Checkpointer, CheckpointsUnreadable
 
 
 def _mesh(shape):
@@ -132,29 +131,30 @@ def _truncate(path):
 # restore are still pending; their completion callbacks then hit the closed loop (harmless).
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", [lambda p: p.unlink(), _truncate], ids=["deleted", "truncated"])
-def test_corrupt_state_falls_back_to_previous_step(tmp_path, mesh8, caplog, damage):
+def test_corrupt_state_falls_back_to_previous_step(tmp_path, mesh8, capsys, damage):
     _save_steps(tmp_path, mesh8, [1, 2])
     data_files = list((tmp_path / "2" / "state" / "d").iterdir())
     assert data_files
     for path in data_files:
         damage(path)
     ckpt = Checkpointer(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="seqmix.train.checkpoint"):
-        step, restored, meta = ckpt.restore(_abstract(mesh8))
+    step, restored, meta = ckpt.restore(_abstract(mesh8))
     assert (step, meta) == (1, {"step": 1})
     _assert_state_equal(restored, _state(mesh8, offset=1))
-    assert str(tmp_path / "2") in caplog.text
+    warning = capsys.readouterr().err
+    assert f"warning: cannot restore the checkpoint of step 2 ({tmp_path / '2'}): " in warning
+    assert len(warning.strip().splitlines()) == 1
     ckpt.close()
 
 
-def test_corrupt_metadata_falls_back_and_is_replaced_by_next_save(tmp_path, mesh8, caplog):
+def test_corrupt_metadata_falls_back_and_is_replaced_by_next_save(tmp_path, mesh8, capsys):
     _save_steps(tmp_path, mesh8, [1, 2])
     (tmp_path / "2" / "metadata" / "metadata").write_text("{not json")
     ckpt = Checkpointer(tmp_path)
     it = _iterator()
-    with caplog.at_level(logging.WARNING, logger="seqmix.train.checkpoint"):
-        assert ckpt.restore(_abstract(mesh8), it)[0] == 1
-    assert str(tmp_path / "2") in caplog.text and "JSON" in caplog.text
+    assert ckpt.restore(_abstract(mesh8), it)[0] == 1
+    warning = capsys.readouterr().err
+    assert str(tmp_path / "2") in warning and "JSON" in warning
     assert next(it) == next(_iterator_advanced(1))
     # Resumed from step 1, the run reaches step 2 again: the unreadable checkpoint is replaced.
     ckpt.save(2, _state(mesh8, offset=20), it, {"step": 2})
@@ -170,7 +170,7 @@ def test_no_readable_checkpoint_raises_and_leaves_iterator(tmp_path, mesh8):
         (tmp_path / step / "metadata" / "metadata").write_text("garbage")
     ckpt = Checkpointer(tmp_path)
     it = _iterator_advanced(3)
-    with pytest.raises(RuntimeError, match=str(tmp_path)):
+    with pytest.raises(CheckpointsUnreadable, match=str(tmp_path)):
         ckpt.restore(_abstract(mesh8), it)
     assert next(it) == next(_iterator_advanced(3))
     ckpt.close()
