@@ -146,8 +146,10 @@ _TRAINING_ONLY_OPTIONS = ("init_std", "learned_initial_state")
 
 def architecture_differences(saved: ModelConfig, model: ModelConfig) -> list[str]:
     """Every way `model` differs from `saved` (e.g. a checkpoint's config) in what its weights
-    compute, as "key: saved X, model Y" lines: the top-level options, then per layer its mixer and
-    the mixer's options (layers listed together where they differ alike)."""
+    compute, as "key: saved X, model Y" lines: the top-level options, then per layer the options
+    of its mixer (layers listed together where they differ alike). A layer whose mixer is of
+    another type is a conversion (a linearized layer reads its attention's weights), not a
+    difference."""
     def plain(config):  # the defaults that None stands for resolved, so that None and its value agree
         resolved = {"n_kv_heads": config.kv_heads, "head_dim": config.dim_per_head, "mlp_hidden": config.mlp_width}
         return {field.name: resolved.get(field.name, getattr(config, field.name)) for field in dataclasses.fields(config)
@@ -161,11 +163,10 @@ def architecture_differences(saved: ModelConfig, model: ModelConfig) -> list[str
     for index, (saved_kind, kind) in enumerate(zip(saved.layer_kinds(), model.layer_kinds())):
         (saved_spec, saved_options), (spec, options) = saved.mixer(saved_kind), model.mixer(kind)
         if saved_spec.name != spec.name:
-            found = [f"mixer: saved {saved_spec.name}, model {spec.name}"]
-        else:
-            saved_fields, fields = dataclasses.asdict(saved_options), dataclasses.asdict(options)
-            found = [f"{key}: saved {saved_fields[key]!r}, model {fields[key]!r}"
-                     for key in saved_fields if saved_fields[key] != fields[key]]
+            continue
+        saved_fields, fields = dataclasses.asdict(saved_options), dataclasses.asdict(options)
+        found = [f"{key}: saved {saved_fields[key]!r}, model {fields[key]!r}"
+                 for key in saved_fields if saved_fields[key] != fields[key]]
         for line in found:
             by_difference.setdefault(line, []).append(index)
     differences += [f"layers {', '.join(map(str, layers))} {line}" for line, layers in by_difference.items()]

@@ -1,16 +1,15 @@
 """Layer selection by KL: in a teacher whose middle layer alone does any attending (the other two
 layers' attention outputs are zeroed), linearizing an idle layer costs nothing and linearizing the
-middle one costs KL, so `seqmix linearize --select-layers 1` keeps the middle layer as attention."""
+middle one costs KL, so the middle layer is kept as attention (`seqmix linearize --select-layers`
+runs in tests/train/test_linearize_run.py)."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from seqmix.cli import main
-from seqmix.configuration import ConfigError, build, load_yaml
+from seqmix.configuration import ConfigError, build
 from seqmix.models.config import ModelConfig
-from seqmix.models.hf import save_pretrained
 from seqmix.models.lm import LanguageModel
 from seqmix.train.layer_selection import linearization_kl, select_layers
 
@@ -40,19 +39,3 @@ def test_selection_keeps_the_highest_scores_in_layer_order():
     assert select_layers({0: 0.5, 1: 0.1, 2: 0.5, 3: 0.7}, 2) == [0, 3]
     with pytest.raises(ConfigError, match="--select-layers: keep between 1 and 3 of the 4 attention layers, got 4"):
         select_layers({0: 0.5, 1: 0.1, 2: 0.5, 3: 0.7}, 4)
-
-
-def test_linearize_selects_layers_from_the_command_line(tmp_path, capsys):
-    save_pretrained(planted_teacher(), CONFIG, tmp_path / "teacher")
-    run = tmp_path / "run"
-    assert main(["linearize", str(tmp_path / "teacher"), "--method", "liger_gla", "--select-layers", "1",
-                 "--calibration-batches", "1", "steps=1", f"out_dir={run}", "eval_every=1", "eval_batches=1",
-                 "sample_tokens=4", "data.seq_len=32", "data.batch_size=8", "optim.warmup_steps=1",
-                 "checkpoint.every_steps=1"]) == 0
-    out = capsys.readouterr().out
-    assert "over 1 batches: 0: " in out and "; kept as attention: 1\n" in out and "--- sample ---" in out
-    layers = load_yaml(run / "config.yaml")["model"]["layer_pattern"]
-    assert layers == ["liger_gla_attention", "attention", "liger_gla_attention"]
-    assert main(["linearize", str(tmp_path / "teacher"), "--method", "liger_gla", "--select-layers", "1",
-                 "--keep", "0"]) == 2
-    assert "do not also give --keep" in capsys.readouterr().err

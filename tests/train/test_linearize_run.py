@@ -1,6 +1,6 @@
-"""`seqmix linearize`: a Hugging Face checkpoint becomes a Liger or LoLCATs model whose LoRA
-adapters train while every weight it read from the checkpoint stays frozen (LoLCATs first runs
-attention transfer); the run samples at its end, restores like any other, generates, and exports
+"""`seqmix linearize`: a Hugging Face checkpoint becomes a Liger or LoLCATs model (the layers that
+stay attention chosen by layer selection, or named) whose LoRA adapters train while every weight
+it read from the checkpoint stays frozen (LoLCATs first runs attention transfer); the run samples at its end, restores like any other, generates, and exports
 (LoRA merged, in seqmix's format) to a directory `seqmix.from_pretrained` loads with its logits."""
 
 import json
@@ -24,13 +24,17 @@ def test_linearize_trains_the_adapters_of_the_converted_model_only(tmp_path, cap
     config = build(ModelConfig, {"vocab_size": 256, "d_model": 32, "n_layers": 2, "n_heads": 2, "init_std": 0.1},
                    "model")
     teacher = LanguageModel(config, rngs=nnx.Rngs(0))
+    quiet = teacher.layers[0].self_attn.o_proj.kernel  # layer 0 barely attends: layer selection keeps layer 1
+    quiet.set_value(quiet[...] * 1e-3)
     save_pretrained(teacher, config, tmp_path / "teacher")
     run = tmp_path / "run"
     assert main(["linearize", str(tmp_path / "teacher"), "steps=4", f"out_dir={run}", "eval_every=4",
                  "eval_batches=1", "sample_tokens=8", "data.seq_len=32", "data.batch_size=8", "optim.warmup_steps=1",
-                 "checkpoint.every_steps=4", "--method", "liger_attention", "--keep", "1"]) == 0
+                 "checkpoint.every_steps=4", "--method", "liger_attention", "--select-layers", "1",
+                 "--calibration-batches", "1"]) == 0
     out = capsys.readouterr().out
     assert "linearized (liger_attention) and trained 4 LoRA steps" in out and "--- sample ---" in out
+    assert "over 1 batches: 0: " in out and "; kept as attention: 1\n" in out  # the scores, then the choice
 
     student = _load_trained(str(run), []).train_state.model()
     converted, kept = student.layers[0].self_attn, student.layers[1].self_attn
@@ -59,6 +63,9 @@ def test_linearize_trains_the_adapters_of_the_converted_model_only(tmp_path, cap
 
     assert main(["linearize", str(tmp_path), "--method", "liger_gla"]) == 2
     assert "not a Hugging Face checkpoint directory" in capsys.readouterr().err
+    assert main(["linearize", str(tmp_path / "teacher"), "--method", "liger_gla", "--select-layers", "1",
+                 "--keep", "0"]) == 2
+    assert "do not also give --keep" in capsys.readouterr().err
 
 
 def test_lolcats_runs_attention_transfer_then_lora_on_q_k_v_o(tmp_path, capsys):
