@@ -80,10 +80,15 @@ def cmd_data_prepare(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    import math
+
     import jax
 
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise ConfigError(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0) or not 0 < args.top_p <= 1:
+        raise ConfigError(f"--temperature must be a finite number >= 0 and --top-p in (0, 1], got {args.temperature}, "
+                          f"{args.top_p}")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if not all(args.prompt):
         raise ConfigError("--prompt: an empty prompt gives generation nothing to continue")
     from seqmix.train.config import load_train_config
@@ -117,6 +122,8 @@ def _reference_model(source: str, trainer):
 
 
 def cmd_eval(args) -> int:
+    if args.batches is not None and args.batches < 1:
+        raise ConfigError(f"--batches must be at least 1, got {args.batches}")
     if args.prompts < 1 or args.trials < 1 or any(length < 1 for length in args.needle or []):
         raise ConfigError(f"--prompts, --trials and --needle lengths must be positive, got {args.prompts}, "
                           f"{args.trials}, {args.needle}")

@@ -77,3 +77,15 @@ def test_a_run_that_keeps_diverging_stops_with_one_line_and_exit_code_1(tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("seqmix: error: 2 consecutive non-finite steps") and "Traceback" not in "".join(err)
     assert "the checkpoint of step" in err[-1] or "no checkpoint was saved yet" in err[-1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "RUN", "--prompt", "a", "--temperature", "nan"], "--temperature must be a finite number >= 0"),
+    (["generate", "RUN", "--prompt", "a", "--top-p", "0"], "--top-p in (0, 1], got 0.8, 0.0"),
+    (["generate", "RUN", "--prompt", "a", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+    (["eval", "RUN", "--batches", "0"], "--batches must be at least 1, got 0"),
+    (["eval", "RUN", "--needle", "0"], "--needle lengths must be positive"),
+])
+def test_numeric_flags_out_of_range_are_refused_before_loading_the_run(argv, message, capsys):
+    assert main(argv) == 2  # RUN does not exist: the flag is checked first
+    assert message in capsys.readouterr().err
