@@ -130,7 +130,8 @@ def cmd_eval(args) -> int:
     from seqmix.train.inputs import held_out_tokens
 
     trainer = _load_trained(args.checkpoint, [f"eval_batches={args.batches}"] if args.batches else [])
-    text = held_out_tokens(trainer.corpus)
+    if args.agreement is not None or args.needle:  # the held-out text, encoded, only where it is read
+        text = held_out_tokens(trainer.corpus)
     if args.agreement is not None:
         from seqmix.train.agreement import agreement, greedy_continuations, held_out_prompts
 
