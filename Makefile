@@ -40,7 +40,7 @@ train: $(VENV)/.train-installed
 # 15:11 / 14:11 / 18:54, then models beside the kernels 17:06 / 17:50 / 19:19 on a slower hour,
 # then the two-process test, about a minute, moved from train to the first group; with issue 21's
 # mixers, 17:03 / 19:30 / 21:53 before the train group's cuts, and the two-process test to the second).
-TEST_GROUPS = "tests/layers tests/mixers tests/test_configuration.py tests/test_examples.py" \
+TEST_GROUPS = "tests/layers tests/mixers tests/integrations tests/test_configuration.py tests/test_examples.py" \
 	"tests/pallas_kernels tests/models tests/train/test_multiprocess.py tests/train/test_mlm.py tests/train/test_loss.py" \
 	"tests/train --ignore=tests/train/test_multiprocess.py --ignore=tests/train/test_mlm.py --ignore=tests/train/test_loss.py"
 TEST_LOGS := .test-logs

@@ -1,140 +1,185 @@
-"""Linearization end to end on CPU: pretrain a small softmax Llama-style model on the embedded
-corpus, export it in the Hugging Face format, re-import it, convert it (Liger-GLA, Liger-HGRN2,
-Liger attention, LoLCATs), LoRA-train each student for a fixed budget, and print a table.
+"""Linearization end to end on CPU, through the command a user runs: pretrain a small softmax
+Llama-style teacher on the embedded corpus, export it in the Hugging Face format, then
+`seqmix linearize` it into each student and judge every student as the papers do, by held-out
+loss, multiple choice, generation agreement with the teacher, pass-key retrieval and decoding cost.
 
-    python benchmarks/linearize.py                                  # 600 teacher steps, 300 per student
-    python benchmarks/linearize.py --teacher-steps 100 --student-steps 50   # a quick look
+    python benchmarks/linearize.py                                   # the table of RESULTS.md
+    python benchmarks/linearize.py --teacher-steps 60 --student-steps 20 --students liger_gla gdn
 
-The teacher is `configs/models/transformer_small.yaml` trained by the stock trainer (the run
-config of `make train` otherwise). Each Liger student gets LoRA (rank 8, alpha 8) on q/k/v, trains
-those adapters alone (AdamW lr 1e-3, the teacher's batches of 8 x 256 bytes), and is scored on
-the same held-out batches as the teacher, in nats per byte. LoLCATs follows its paper: first
-attention transfer (--transfer-steps, Adam lr 1e-2, on the same kind of batches) trains its
-feature maps and window factors alone, then LoRA (rank 8, alpha 16) on q/k/v/o trains for the
-same budget as the others; its tokens, parameters and seconds count both stages. "recovered" is the share of the gap
-between the converted-but-untrained student and the teacher that training closed;
-"after / teacher" is the held-out loss ratio (within 1.10 is the bar for Liger attention).
+Students (each `seqmix linearize TEACHER ...` with the run named, in process):
+    liger_gla       --method liger_gla, LoRA r8/a8 on q/k/v (configs/runs/linearize.yaml)
+    lolcats         --method lolcats: attention transfer (the feature maps and window factors
+                    alone), then LoRA r8/a16 on q/k/v/o (configs/runs/lolcats.yaml)
+    gdn, rwkv7      --student gated_deltanet / rwkv7 with configs/runs/distill.yaml: attention
+                    output, hidden states (the converted layers), then KL (the whole model)
+    gdn_3to1_selected / gdn_3to1_uniform  the gdn recipe keeping one of the four layers as softmax
+                    attention: chosen by layer selection (--select-layers 1) or the last (--keep 3)
+Every student gets --student-steps steps in its last stage (the LoRA or KL stage) and
+--stage-steps in each stage before it; "tokens" counts every stage's. Measures, all on held-out
+text the runs never trained on: held-out loss (nats/byte) over --eval-batches batches; "MC": a
+cloze task built from the held-out text (a 192-byte context, its true next 32 bytes against three
+32-byte pieces from elsewhere); "agreement": greedy continuations of 64 prompts of 64 bytes against
+the teacher's, identical over 32 bytes (share) and common prefix (mean bytes), as `seqmix eval
+--agreement`; "needle": pass-key retrieval at each --needle length, 20 trials, as `seqmix eval
+--needle`; "decode": the cache bytes of one row at --context tokens and greedy tokens/s after a
+prefill of that many tokens.
 """
 
 import argparse
-import itertools
+import json
 import tempfile
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 
-from seqmix.layers.transfer import TransferParam
+from seqmix.cli import main as seqmix
 from seqmix.models.hf import from_pretrained, save_pretrained
-from seqmix.models.linearize import linearize
-from seqmix.models.lora import add_lora
-from seqmix.train.attention_transfer import attention_transfer, converted_layers
+from seqmix.train.agreement import agreement, greedy_continuations, held_out_prompts
 from seqmix.train.config import load_train_config
-from seqmix.train.data import make_dataset
-from seqmix.train.loss import cross_entropy_sum
+from seqmix.train.inputs import held_out_tokens
+from seqmix.train.multiple_choice import ChoiceExample, evaluate_choices
+from seqmix.train.needle import needle_accuracy
 from seqmix.train.trainer import Trainer
-from training import adamw_training
 
-METHODS = ("liger_gla", "liger_hgrn2", "liger_attention", "lolcats")
-LORA = {"lolcats": {"rank": 8, "alpha": 16.0, "targets": ("q_proj", "k_proj", "v_proj", "o_proj")}}
-LIGER_LORA = {"rank": 8, "alpha": 8.0, "targets": ("q_proj", "k_proj", "v_proj")}
-
-
-def held_out_loss(model, batches) -> float:
-    """Mean nats per scored token of `model` over the held-out batches."""
-    @nnx.jit
-    def summed(model, inputs, targets, scored):
-        return cross_entropy_sum(model(inputs), targets, scored)
-
-    total = count = 0.0
-    for batch in batches:
-        loss, tokens = summed(model, batch["inputs"], batch["targets"], batch["loss_mask"] != 0)
-        total, count = total + float(loss), count + float(tokens)
-    return total / count
+STUDENTS = {
+    "liger_gla": ["--method", "liger_gla"],
+    "lolcats": ["--method", "lolcats"],
+    "gdn": ["--student", "gated_deltanet", "--run", "configs/runs/distill.yaml"],
+    "rwkv7": ["--student", "rwkv7", "--run", "configs/runs/distill.yaml"],
+    "gdn_3to1_selected": ["--student", "gated_deltanet", "--run", "configs/runs/distill.yaml", "--select-layers", "1"],
+    "gdn_3to1_uniform": ["--student", "gated_deltanet", "--run", "configs/runs/distill.yaml", "--keep", "3"],
+}
 
 
-def lora_train(student, batches, steps: int) -> tuple[int, int]:
-    """Trains the student's LoRA adapters alone for `steps` steps; (trainable parameters, tokens)."""
-    step, params, opt_state = adamw_training(student, optax.warmup_cosine_decay_schedule(0.0, 1e-3, steps // 10, steps),
-                                             trainable=nnx.LoRAParam)
-    step = jax.jit(step, donate_argnums=(0, 1))
-    tokens = 0
-    for batch in itertools.islice(batches, steps):
-        scored = batch["loss_mask"] != 0
-        params, opt_state, _ = step(params, opt_state, batch["inputs"], batch["targets"], scored)
-        tokens += int(scored.sum())
-    nnx.update(student, params)
-    return sum(x.size for x in jax.tree.leaves(params)), tokens
+def cloze_task(text: np.ndarray, tokenizer, count: int = 64, context: int = 192, piece: int = 32,
+               seed: int = 0) -> list[ChoiceExample]:
+    """Multiple choice from held-out bytes: which of four 32-byte pieces continues the context."""
+    rng = np.random.default_rng(seed)
+    starts = np.linspace(0, len(text) - context - piece, count).astype(int)
+    examples = []
+    for start in starts:
+        true = text[start + context:start + context + piece]
+        others = [text[offset:offset + piece] for offset in rng.integers(0, len(text) - piece, 3)]
+        gold = int(rng.integers(0, 4))
+        choices = others[:gold] + [true] + others[gold:]
+        examples.append(ChoiceExample(tokenizer.decode(text[start:start + context]),
+                                      tuple(tokenizer.decode(choice) for choice in choices), gold))
+    return examples
+
+
+def decoding(model, context: int, new_tokens: int = 64) -> tuple[int, float]:
+    """(cache bytes of one row of `context` + new tokens, greedy tokens/s after the prefill): the
+    time of a prefill and 1 + new_tokens tokens less that of the prefill and one, each compiled first."""
+    cache = model.init_cache(1, context + new_tokens + 1)
+    cache_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(cache))
+    prompt = np.random.default_rng(0).integers(32, 127, context).astype(np.int32)
+
+    def seconds(tokens: int) -> float:
+        greedy_continuations(model, [prompt], tokens)  # compiled for this length
+        start = time.perf_counter()
+        greedy_continuations(model, [prompt], tokens)
+        return time.perf_counter() - start
+
+    return cache_bytes, new_tokens / (seconds(1 + new_tokens) - seconds(1))
+
+
+def judge(model, teacher_continuations, prompts, trainer, text, args) -> dict:
+    """The row of one model (the teacher included)."""
+    evaluation = trainer.evaluate()
+    choices = evaluate_choices(model, trainer.corpus.tokenizer, cloze_task(text, trainer.corpus.tokenizer))
+    continuations = greedy_continuations(model, prompts, 32)
+    agreed = agreement(continuations, teacher_continuations if teacher_continuations is not None else continuations)
+    needles = needle_accuracy(lambda p, n: greedy_continuations(model, p, n), trainer.corpus.tokenizer, text,
+                              args.needle, trials=20)
+    cache_bytes, tokens_per_s = decoding(model, args.context)
+    return {"loss": evaluation["eval_loss"], "mc": choices["acc"], "exact": agreed.exact,
+            "prefix": agreed.common_prefix, "needle": needles, "cache": cache_bytes, "tok_s": tokens_per_s,
+            "continuations": continuations}
+
+
+def trained(run: Path) -> Trainer:
+    trainer = Trainer(load_train_config(run / "config.yaml", [f"out_dir={run}"]))
+    trainer.restore_latest()
+    return trainer
+
+
+def tokens_used(run: Path) -> int:
+    """Tokens of every stage of a run: steps x batch x length from each stage's config."""
+    total = 0
+    for config_file in [*sorted((run / "stages").glob("*/config.yaml")), run / "config.yaml"]:
+        config = load_train_config(config_file, [f"out_dir={config_file.parent}"])
+        total += config.steps * config.data.batch_size * config.data.seq_len
+    return total
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher-steps", type=int, default=600)
     parser.add_argument("--student-steps", type=int, default=300)
-    parser.add_argument("--transfer-steps", type=int, default=100, help="LoLCATs' attention transfer steps")
+    parser.add_argument("--stage-steps", type=int, default=100, help="steps of each stage before the last")
     parser.add_argument("--eval-batches", type=int, default=16)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--needle", type=int, nargs="+", default=[128, 256, 512])
+    parser.add_argument("--context", type=int, default=4096, help="context of the decoding measure")
+    parser.add_argument("--students", nargs="+", default=list(STUDENTS), choices=STUDENTS)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="seqmix-linearize-"))
-    config = load_train_config("configs/runs/shakespeare.yaml", [
-        "model=configs/models/transformer_small.yaml", f"steps={args.teacher_steps}", f"out_dir={work / 'teacher'}",
-        "sample_tokens=0", f"eval_every={args.teacher_steps}", "mesh.data=1",
-        f"optim.warmup_steps={min(100, args.teacher_steps // 10)}"])
+    common = ["sample_tokens=0", "mesh.data=1", f"eval_batches={args.eval_batches}"]
     start = time.perf_counter()
-    trainer = Trainer(config)
-    trainer.run()
+    assert seqmix(["train", "configs/runs/shakespeare.yaml", "model=configs/models/transformer_small.yaml",
+                   f"steps={args.teacher_steps}", f"out_dir={work / 'teacher'}", f"eval_every={args.teacher_steps}",
+                   f"optim.warmup_steps={min(100, args.teacher_steps // 10)}", *common]) == 0
     teacher_seconds = time.perf_counter() - start
-    save_pretrained(trainer.train_state.model(), config.model, work / "teacher_hf")
-    teacher = from_pretrained(work / "teacher_hf")  # what every student starts from
-
-    data = config.data
-    evaluation = [{k: jnp.asarray(v) for k, v in batch.items()} for batch in itertools.islice(
-        make_dataset(trainer.corpus.eval_documents, trainer.corpus.tokenizer, seq_len=data.seq_len,
-                     batch_size=data.batch_size, seed=0, shuffle=False, repeat=False), args.eval_batches)]
-    teacher_loss = held_out_loss(teacher, evaluation)
-    reimport_gap = abs(teacher_loss - held_out_loss(trainer.train_state.model(), evaluation))
-
-    print(f"\nLinearization on CPU (jax {jax.__version__}): teacher transformer_small, {args.teacher_steps} steps "
-          f"({teacher_seconds:.0f} s), exported to and re-imported from the Hugging Face format (held-out loss "
-          f"change {reimport_gap:.1e}); students: LoRA r8/a8 on q/k/v (LoLCATs: {args.transfer_steps} attention "
-          f"transfer steps, then r8/a16 on q/k/v/o), {args.student_steps} LoRA steps of "
-          f"{data.batch_size}x{data.seq_len}; held-out nats/byte over {args.eval_batches} batches\n")
-    print("| model | held-out before | held-out after | after / teacher | recovered | trainable params | "
-          "tokens | seconds |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    print(f"| teacher (softmax attention) | {teacher_loss:.3f} | | 1.000 | | "
-          f"{sum(x.size for x in jax.tree.leaves(nnx.state(teacher, nnx.Param))):,} | "
-          f"{args.teacher_steps * data.batch_size * data.seq_len:,} | {teacher_seconds:.0f} |", flush=True)
-    notes = []
-    for index, method in enumerate(args.methods):
+    teacher_run = trained(work / "teacher")
+    save_pretrained(teacher_run.train_state.model(), teacher_run.config.model, work / "teacher_hf")
+    teacher = from_pretrained(work / "teacher_hf")
+    text = held_out_tokens(teacher_run.corpus)
+    prompts = held_out_prompts(text, 64, 64)
+    rows = {"teacher (softmax attention)": {**judge(teacher, None, prompts, teacher_run, text, args),
+                                            "tokens": tokens_used(work / "teacher"), "seconds": teacher_seconds}}
+    reference = rows["teacher (softmax attention)"]["continuations"]
+    print(json.dumps({"teacher": {k: v for k, v in rows["teacher (softmax attention)"].items()
+                                  if k != "continuations"}}), flush=True)
+    for name in args.students:
+        run = work / name
         start = time.perf_counter()
-        student, _ = linearize(teacher, config.model, method)
-        before = held_out_loss(student, evaluation)
-        batches = ({k: jnp.asarray(v) for k, v in batch.items()} for batch in make_dataset(
-            trainer.corpus.train_documents, trainer.corpus.tokenizer, seq_len=data.seq_len,
-            batch_size=data.batch_size, seed=1 + index))
-        transferred = tokens = 0
-        if converted_layers(student):  # LoLCATs: attention transfer first
-            losses = attention_transfer(teacher, student, batches, steps=args.transfer_steps, lr=1e-2)
-            transferred = sum(x.size for x in jax.tree.leaves(nnx.state(student, TransferParam)))
-            tokens = args.transfer_steps * data.batch_size * data.seq_len
-            notes.append(f"{method} attention transfer: {args.transfer_steps} steps, relative error of the converted "
-                         f"layers {losses[0]:.3f} -> {losses[-1]:.3f}, held-out loss {before:.3f} -> "
-                         f"{held_out_loss(student, evaluation):.3f} before LoRA")
-        add_lora(student, **LORA.get(method, LIGER_LORA), rngs=nnx.Rngs(index))
-        trainable, lora_tokens = lora_train(student, batches, args.student_steps)
-        after = held_out_loss(student, evaluation)
-        recovered = f"{100 * (before - after) / (before - teacher_loss):.0f}%" if before > teacher_loss else "n/a"
-        parameters = f"{trainable:,}" + (f" + {transferred:,} (stage 1)" if transferred else "")
-        print(f"| {method} | {before:.3f} | {after:.3f} | {after / teacher_loss:.3f} | {recovered} | "
-              f"{parameters} | {tokens + lora_tokens:,} | {time.perf_counter() - start:.0f} |", flush=True)
-    print("", *notes, sep="\n")
-    np.testing.assert_allclose(reimport_gap, 0.0, atol=1e-4)
+        budget = [f"steps={args.student_steps}", f"eval_every={args.student_steps}",
+                  f"checkpoint.every_steps={args.student_steps}",
+                  f"optim.warmup_steps={min(30, args.student_steps // 10)}"]
+        if "configs/runs/distill.yaml" in STUDENTS[name]:
+            budget = [f"steps={args.stage_steps}", f"eval_every={args.stage_steps}",
+                      f"checkpoint.every_steps={max(args.stage_steps, args.student_steps)}",
+                      f"optim.warmup_steps={min(10, args.stage_steps // 10)}",
+                      "stages=[{name: attention, distill: {loss: attention_output, train: converted}}, "
+                      "{name: hidden, distill: {loss: hidden_states, train: converted}}, "
+                      f"{{name: kl, steps: {args.student_steps}, eval_every: {args.student_steps}, "
+                      f"optim: {{lr: 3.0e-4, warmup_steps: {min(30, args.student_steps // 10)}}}, "
+                      "distill: {loss: kl}}]"]
+        elif name == "lolcats":
+            budget.append(f"stages.transfer.steps={args.stage_steps}")
+        assert seqmix(["linearize", str(work / "teacher_hf"), *STUDENTS[name], f"out_dir={run}", *budget,
+                       *common]) == 0, name
+        seconds = time.perf_counter() - start
+        student_run = trained(run)
+        rows[name] = {**judge(student_run.train_state.model(), reference, prompts, student_run, text, args),
+                      "tokens": tokens_used(run), "seconds": seconds}
+        print(json.dumps({name: {k: v for k, v in rows[name].items() if k != "continuations"}}), flush=True)
+
+    teacher_loss = rows["teacher (softmax attention)"]["loss"]
+    print(f"\nLinearization on CPU (jax {jax.__version__}): teacher transformer_small, {args.teacher_steps} steps; "
+          f"students: {args.student_steps} steps in the last stage, {args.stage_steps} in each before it; "
+          f"held-out nats/byte over {args.eval_batches} batches; needle at {args.needle}; decoding at "
+          f"{args.context} tokens of context\n")
+    print("| model | tokens | held-out | / teacher | MC acc | agreement (32 B identical) | common prefix (B) | "
+          + " | ".join(f"needle {length}" for length in args.needle) + f" | cache at {args.context} | decode tok/s | seconds |")
+    print("|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(args.needle) + "---:|---:|---:|")
+    for name, row in rows.items():
+        print(f"| {name} | {row['tokens']:,} | {row['loss']:.3f} | {row['loss'] / teacher_loss:.3f} | "
+              f"{100 * row['mc']:.1f}% | {100 * row['exact']:.1f}% | {row['prefix']:.1f} | "
+              + " | ".join(f"{100 * row['needle'][length]:.0f}%" for length in args.needle)
+              + f" | {row['cache'] / 2**20:.2f} MiB | {row['tok_s']:.0f} | {row['seconds']:.0f} |")
 
 
 if __name__ == "__main__":

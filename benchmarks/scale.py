@@ -64,12 +64,12 @@ def step_row(model_file: str, shape, steps: int) -> tuple[str, float, int]:
                        "loss_mask": np.ones((1, 8, 512), np.int32), "segment_ids": np.ones((1, 8, 512), np.int32),
                        "positions": np.broadcast_to(np.arange(512, dtype=np.int32), (1, 8, 512)).copy()},
                       batch_sharding(mesh, leading_dims=1))
-    state, metrics = step(train_state.state, batch)  # compiles
+    state, metrics = step(train_state.state, batch, None)  # compiles
     jax.block_until_ready(metrics)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        state, metrics = step(state, batch)
+        state, metrics = step(state, batch, None)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     return describe(mesh), statistics.median(times), peak

@@ -4,7 +4,7 @@ Names are resolved lazily, so that `seqmix.pallas_kernels` imports with jax alon
 """
 
 __version__ = "0.1.0"
-__all__ = ["from_pretrained", "register_mixer"]
+__all__ = ["from_pretrained", "load_run", "register_mixer"]
 
 
 def __getattr__(name: str):
@@ -16,4 +16,8 @@ def __getattr__(name: str):
         from seqmix.models.hf import from_pretrained
 
         return from_pretrained
+    if name == "load_run":
+        from seqmix.train.run_loader import load_run
+
+        return load_run
     raise AttributeError(f"module 'seqmix' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""`seqmix train | data prepare | generate | linearize | export | eval`: the command line.
+"""`seqmix train | data prepare | data tokenize | generate | linearize | export | eval`: the command line.
 
 Configuration, data and checkpoint errors are reported as one line naming the key or file, exit code 2.
 """
@@ -10,27 +10,17 @@ import sys
 from pathlib import Path
 
 from seqmix.configuration import ConfigError
+from seqmix.library_noise import keep_library_noise_out
 
 
-def _run_dir(path: str) -> Path:
-    """A run directory from a path to it or to its `checkpoints/` folder."""
-    run_dir = Path(path)
-    if run_dir.name == "checkpoints":
-        run_dir = run_dir.parent
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{path}: not a seqmix run directory (no config.yaml; expected the out_dir of `seqmix train`)")
-    return run_dir
+def _open_run(path: str, overrides: list[str] = ()):
+    """The run's model with its newest checkpoint's parameters (`seqmix.train.run_loader`), the step
+    it was loaded from told on stderr."""
+    from seqmix.train.run_loader import open_run
 
-
-def _load_trained(path: str, overrides: list[str]):
-    from seqmix.train.config import load_train_config
-    from seqmix.train.trainer import Trainer
-
-    run_dir = _run_dir(path)
-    config = load_train_config(run_dir / "config.yaml", [f"out_dir={run_dir}", "mesh.data=-1", *overrides])
-    trainer = Trainer(config)
-    trainer.restore_latest()
-    return trainer
+    run = open_run(path, overrides)
+    print(f"loaded step {run.step} of {run.config.out_dir}", file=sys.stderr)
+    return run
 
 
 def cmd_train(args) -> int:
@@ -38,7 +28,8 @@ def cmd_train(args) -> int:
     from seqmix.train.config import load_train_config
     from seqmix.train.trainer import train
 
-    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                           startup_timeout=args.startup_timeout, heartbeat_timeout=args.heartbeat_timeout)
     config = load_train_config(args.config, args.overrides)
     if args.compile_only:
         return _compile_only(config)
@@ -79,6 +70,24 @@ def cmd_data_prepare(args) -> int:
     return 0
 
 
+def cmd_data_tokenize(args) -> int:
+    import time
+
+    from seqmix.train.data import tokenize_corpus
+
+    if (args.shard_tokens is not None and args.shard_tokens < 1) or args.workers < 1:
+        raise ConfigError(f"--shard-tokens and --workers must be positive, got {args.shard_tokens}, {args.workers}")
+    start = time.perf_counter()
+    sharding = {} if args.shard_tokens is None else {"shard_tokens": args.shard_tokens}
+    manifest = tokenize_corpus(args.files, args.tokenizer, args.out, text_field=args.text_field,
+                               workers=args.workers, **sharding)
+    seconds = time.perf_counter() - start
+    print(f"tokenized {manifest['documents']:,} documents, {manifest['tokens']:,} tokens ({manifest['dtype']}) "
+          f"into {len(manifest['shards'])} shard(s) in {args.out} ({seconds:.1f} s, "
+          f"{manifest['tokens'] / max(seconds, 1e-9):,.0f} tokens/s)")
+    return 0
+
+
 def cmd_generate(args) -> int:
     import math
 
@@ -92,33 +101,66 @@ def cmd_generate(args) -> int:
     if not all(args.prompt):
         raise ConfigError("--prompt: an empty prompt gives generation nothing to continue")
     from seqmix.train.config import load_train_config
+    from seqmix.train.run_loader import run_directory
 
-    if load_train_config(_run_dir(args.checkpoint) / "config.yaml").objective == "mlm":
+    if load_train_config(run_directory(args.checkpoint) / "config.yaml").objective == "mlm":
         raise ConfigError(f"{args.checkpoint}: trained with objective mlm, an encoder that fills in masked tokens; "
                           "it cannot generate text left to right")
-    trainer = _load_trained(args.checkpoint, [])
-    if args.seed is not None:
-        trainer.rng = jax.random.key(args.seed)
+    run = _open_run(args.checkpoint)
     from seqmix.models.generate import CacheTooLarge
+    from seqmix.train.data import load_tokenizer
+    from seqmix.train.sampling import sample_text
 
-    try:
-        samples = trainer.sample(args.prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    rng = run.rng if args.seed is None else jax.random.key(args.seed)
+    try:  # the key folded with the step, as the run's own end-of-training sample
+        samples = sample_text(run.model, load_tokenizer(run.config.data.tokenizer), args.prompt, args.max_new_tokens,
+                              rng=jax.random.fold_in(rng, run.step), context_len=run.config.data.seq_len,
+                              temperature=args.temperature, top_p=args.top_p)
     except CacheTooLarge as err:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: {err}") from None
     print("\n\n".join(samples))
     return 0
 
 
-def _reference_model(source: str, trainer):
-    """The model of a run directory or a model directory (`from_pretrained`) to compare with."""
+def _reference_model(source: str, run):
+    """The model of a run directory or a model directory (`from_pretrained`) to compare with
+    (default: the run's init_from)."""
     from seqmix.models.hf import from_pretrained
 
-    source = source or trainer.config.init_from
+    source = source or run.config.init_from
     if not source:
         raise ConfigError("--agreement: name the reference model (the run has no init_from to default to)")
     if (Path(source) / "config.yaml").is_file():
-        return source, _load_trained(source, []).train_state.model()
+        return source, _open_run(source).model
     return source, from_pretrained(source)
+
+
+def _held_out(run):
+    """The run's held-out documents (its training documents left unread) as a `Corpus`."""
+    from seqmix.train.inputs import load_corpus
+
+    return load_corpus(run.config.data, training=False)
+
+
+def _held_out_loss(run, corpus) -> dict[str, float]:
+    """Held-out loss and perplexity of the run's model over its first eval_batches held-out
+    batches, computed as the trainer's evaluation computes them."""
+    import jax
+    from flax import nnx
+
+    from seqmix.layers.partitioning import using_rules
+    from seqmix.train.evaluate import held_out_loss
+    from seqmix.train.inputs import eval_iterator
+    from seqmix.train.sharding import batch_sharding
+    from seqmix.train.step import make_model_eval_step
+
+    config, (graphdef, state) = run.config, nnx.split(run.model)
+    mlm = config.mlm if config.objective == "mlm" else None
+    with using_rules(config.mesh.rules):  # the step traced under the run's rules, as in training
+        step = make_model_eval_step(graphdef, jax.tree.map(lambda x: x.sharding, state), run.mesh,
+                                    config.compute_dtype, config.loss_chunk_tokens, mlm)
+        return held_out_loss(step, state, eval_iterator(config.data, corpus), batch_sharding(run.mesh),
+                             config.eval_batches)
 
 
 def cmd_eval(args) -> int:
@@ -127,20 +169,21 @@ def cmd_eval(args) -> int:
     if args.prompts < 1 or args.trials < 1 or any(length < 1 for length in args.needle or []):
         raise ConfigError(f"--prompts, --trials and --needle lengths must be positive, got {args.prompts}, "
                           f"{args.trials}, {args.needle}")
+    from seqmix.train.data import load_tokenizer
     from seqmix.train.inputs import held_out_tokens
 
-    trainer = _load_trained(args.checkpoint, [f"eval_batches={args.batches}"] if args.batches else [])
+    run = _open_run(args.checkpoint, [f"eval_batches={args.batches}"] if args.batches else [])
+    model, tokenizer = run.model, load_tokenizer(run.config.data.tokenizer)
     if args.agreement is not None or args.needle:  # the held-out text, encoded, only where it is read
-        text = held_out_tokens(trainer.corpus)
+        text = held_out_tokens(_held_out(run))
     if args.agreement is not None:
         from seqmix.train.agreement import agreement, greedy_continuations, held_out_prompts
 
-        source, reference = _reference_model(args.agreement, trainer)
-        if reference.embed_tokens.embedding.shape != trainer.train_state.model().embed_tokens.embedding.shape:
+        source, reference = _reference_model(args.agreement, run)
+        if reference.embed_tokens.embedding.shape != model.embed_tokens.embedding.shape:
             raise ConfigError(f"--agreement: {source} has another vocabulary or width of embeddings than the run")
         prompts = held_out_prompts(text, args.prompts, 64)
-        result = agreement(greedy_continuations(trainer.train_state.model(), prompts, 32),
-                           greedy_continuations(reference, prompts, 32))
+        result = agreement(greedy_continuations(model, prompts, 32), greedy_continuations(reference, prompts, 32))
         print(f"agreement with {source} over {result.prompts} held-out prompts of 64 tokens: the first "
               f"{result.tokens} generated tokens identical in {100 * result.exact:.1f}% of them; common prefix "
               f"{result.common_prefix:.1f} tokens on average")
@@ -149,8 +192,7 @@ def cmd_eval(args) -> int:
         from seqmix.train.agreement import greedy_continuations
         from seqmix.train.needle import needle_accuracy
 
-        model = trainer.train_state.model()
-        accuracy = needle_accuracy(lambda prompts, n: greedy_continuations(model, prompts, n), trainer.corpus.tokenizer,
+        accuracy = needle_accuracy(lambda prompts, n: greedy_continuations(model, prompts, n), tokenizer,
                                    text, args.needle, trials=args.trials)
         print(f"needle (pass key) retrieval, {args.trials} trials per length: "
               + ", ".join(f"{length} tokens {100 * share:.1f}%" for length, share in accuracy.items()))
@@ -159,14 +201,15 @@ def cmd_eval(args) -> int:
         from seqmix.train.multiple_choice import evaluate_choices, load_choice_tasks
 
         for path in args.choices:
-            result = evaluate_choices(trainer.train_state.model(), trainer.corpus.tokenizer, load_choice_tasks(path))
+            result = evaluate_choices(model, tokenizer, load_choice_tasks(path))
             print(f"{path}: acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f} "
                   f"over {result['examples']} examples")
         return 0
-    result = trainer.evaluate()
-    if result is None:
+    corpus = _held_out(run)
+    if not corpus.eval_documents:
         raise ConfigError("data.eval_files: the run has no held-out documents to evaluate on")
-    print(f"step {trainer.step}: held-out loss {result['eval_loss']:.4f} nats/token, "
+    result = _held_out_loss(run, corpus)
+    print(f"step {run.step}: held-out loss {result['eval_loss']:.4f} nats/token, "
           f"perplexity {result['eval_ppl']:.3f} over {int(result['eval_tokens'])} tokens")
     return 0
 
@@ -184,7 +227,7 @@ def _selected_layers(args, config, teacher_config) -> list[int]:
         raise ConfigError(f"--calibration-batches must be positive, got {args.calibration_batches}")
     batches = itertools.islice(train_iterator(config.data, load_corpus(config.data), config.seed),
                                args.calibration_batches)
-    scores = linearization_kl(from_pretrained(args.checkpoint), teacher_config, args.method, batches)
+    scores = linearization_kl(from_pretrained(args.checkpoint), teacher_config, args.method or args.student, batches)
     keep = select_layers(scores, args.select_layers)
     print(f"layer selection, KL(teacher || teacher with the layer alone linearized) in nats/token over "
           f"{args.calibration_batches} batches: " + ", ".join(f"{layer}: {kl:.4g}" for layer, kl in scores.items())
@@ -197,7 +240,7 @@ def cmd_linearize(args) -> int:
     import json
 
     from seqmix.models.hf import CheckpointError, config_from_hf
-    from seqmix.models.linearize import linearized_config
+    from seqmix.models.linearize import linearized_config, student_lora_targets
     from seqmix.train.config import LoRAConfig, load_train_config
     from seqmix.train.trainer import train
 
@@ -208,19 +251,28 @@ def cmd_linearize(args) -> int:
         teacher = config_from_hf(json.loads(config_file.read_text()), str(config_file))
     except CheckpointError as err:
         raise ConfigError(str(err)) from err
+    method = args.method or args.student
     run = args.run or f"configs/runs/{'lolcats' if args.method == 'lolcats' else 'linearize'}.yaml"
+    # A student's projections have its own names: LoRA adapts those that hold the teacher's q/k/v/o
+    # (and attention's, when layers stay attention), unless the run file or an override says otherwise.
+    targets = []
+    if args.student and not args.run:
+        kept = bool(args.keep) or args.select_layers is not None
+        targets = [f"lora.targets={json.dumps(student_lora_targets(args.student, keeps_attention=kept))}"]
     # A JSON string is a YAML scalar that stays the path, whatever characters it holds.
-    config = load_train_config(run, [*args.overrides, f"init_from={json.dumps(str(args.checkpoint))}"])
+    config = load_train_config(run, [*targets, *args.overrides, f"init_from={json.dumps(str(args.checkpoint))}"])
     keep = args.keep
     if args.select_layers is not None:
         if keep:
             raise ConfigError("--select-layers chooses the layers that stay attention; do not also give --keep")
         keep = _selected_layers(args, config, teacher)
-    config = dataclasses.replace(config, model=linearized_config(teacher, args.method, keep=keep),
-                                 lora=config.lora or LoRAConfig())
+    # LoRA adapters unless the run says otherwise; a staged run's stages say what trains.
+    config = dataclasses.replace(config, model=linearized_config(teacher, method, keep=keep),
+                                 lora=config.lora or (None if config.stages else LoRAConfig()))
     config.validate("")
-    result = train(config)
-    print(f"\nlinearized ({args.method}) and trained {result.step} LoRA steps -> {result.out_dir}")
+    result = train(config, resume=args.resume)
+    last = f" (the last of {len(config.stages)} stages)" if config.stages else ""
+    print(f"\nlinearized ({method}) and trained {result.step} steps{last} -> {result.out_dir}")
     if result.eval_loss is not None:
         print(f"held-out loss {result.eval_loss:.4f} nats/token")
     _print_sample(result)
@@ -240,18 +292,19 @@ def cmd_export(args) -> int:
                                                           and not (directory / "config.json").is_file())):
         raise ConfigError(f"{directory}: exists and is not a model directory; export writes into a new or empty "
                           "directory, or over an earlier export")
-    trainer = _load_trained(args.run, [])
-    model = trainer.train_state.model()
-    merged = merge_lora(model)
-    written = export_pretrained(model, trainer.config.model, directory, form=args.format, dtype=jnp.dtype(args.dtype))
-    if trainer.config.data.tokenizer != "byte":
-        shutil.copyfile(trainer.config.data.tokenizer, directory / "tokenizer.json")
-    print(f"exported {args.run} at step {trainer.step} ({merged} LoRA projections merged) to {directory}: {written}")
+    run = _open_run(args.run)
+    merged = merge_lora(run.model)
+    written = export_pretrained(run.model, run.config.model, directory, form=args.format, dtype=jnp.dtype(args.dtype))
+    if run.config.data.tokenizer != "byte":
+        shutil.copyfile(run.config.data.tokenizer, directory / "tokenizer.json")
+    print(f"exported {args.run} at step {run.step} ({merged} LoRA projections merged) to {directory}: {written}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seqmix", description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the libraries' own logs and tracebacks (orbax, asyncio, absl); anywhere on the line")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a model from a run config")
@@ -263,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--coordinator", help="multi-process run: host:port of process 0 (or SEQMIX_COORDINATOR)")
     train.add_argument("--num-processes", type=int, help="multi-process run: processes in all (or SEQMIX_NUM_PROCESSES)")
     train.add_argument("--process-id", type=int, help="multi-process run: this process, 0.. (or SEQMIX_PROCESS_ID)")
+    train.add_argument("--startup-timeout", type=float, metavar="SECONDS",
+                       help="multi-process run: how long the processes wait for each other to start (or "
+                            "SEQMIX_STARTUP_TIMEOUT; default 300)")
+    train.add_argument("--heartbeat-timeout", type=int, metavar="SECONDS",
+                       help="multi-process run: silence after which a process counts as dead and the run stops "
+                            "(or SEQMIX_HEARTBEAT_TIMEOUT; default 100)")
     train.set_defaults(func=cmd_train)
 
     data = commands.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)
@@ -270,6 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("corpus", choices=["shakespeare"])
     prepare.add_argument("--cache-dir", default=".cache/seqmix")
     prepare.set_defaults(func=cmd_data_prepare)
+    tokenize = data.add_parser("tokenize", help="tokenize text once into sharded ArrayRecord files that "
+                                                 "`data.corpus: tokenized` trains from")
+    tokenize.add_argument("files", nargs="+", help="text, .jsonl or .parquet files or glob patterns, as data.train_files")
+    tokenize.add_argument("--tokenizer", required=True, help='"byte" or the path of a tokenizer.json (the run\'s '
+                                                             "data.tokenizer must be the same file)")
+    tokenize.add_argument("--out", required=True, help="the corpus directory to write (new or empty)")
+    tokenize.add_argument("--text-field", default="text", help="field (.jsonl) or column (.parquet) of the text")
+    tokenize.add_argument("--shard-tokens", type=int, metavar="N",
+                          help="close a shard once it holds N tokens (default 2**27)")
+    tokenize.add_argument("--workers", type=int, default=1, metavar="K", help="tokenizing processes (default 1)")
+    tokenize.set_defaults(func=cmd_data_tokenize)
 
     gen = commands.add_parser("generate", help="continue a prompt with a trained model")
     gen.add_argument("checkpoint", help="run directory (out_dir) or its checkpoints/ folder")
@@ -281,10 +351,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=cmd_generate)
 
-    lin = commands.add_parser("linearize", help="convert a Hugging Face attention model (Liger, LoLCATs) and "
-                                                "LoRA-train it")
+    lin = commands.add_parser("linearize", help="convert a Hugging Face attention model (Liger, LoLCATs, or any "
+                                                "recurrent student) and LoRA-train it")
     lin.add_argument("checkpoint", help="Hugging Face checkpoint directory (config.json + safetensors)")
-    lin.add_argument("--method", required=True, choices=["liger_gla", "liger_hgrn2", "liger_attention", "lolcats"])
+    conversion = lin.add_mutually_exclusive_group(required=True)
+    conversion.add_argument("--method", choices=["liger_gla", "liger_hgrn2", "liger_attention", "lolcats"])
+    conversion.add_argument("--student", choices=["gla", "deltanet", "gated_deltanet", "hgrn2", "retnet", "mamba2",
+                                                     "rwkv6", "kda", "rwkv7"],
+                            help="the recurrent mixer each converted layer becomes, initialised from its q/k/v/o "
+                                 "(its new gates start it as linear attention; LoRA targets its q/k/v/o projections)")
     lin.add_argument("--keep", type=int, action="append", default=[], metavar="LAYER",
                      help="a layer index that stays softmax attention; repeatable")
     lin.add_argument("--select-layers", type=int, metavar="N",
@@ -296,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(default: configs/runs/lolcats.yaml for lolcats, else "
                                                   "configs/runs/linearize.yaml)")
     lin.add_argument("overrides", nargs="*", help="dotted overrides of the run, e.g. steps=500 lora.rank=16")
+    lin.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir (of a "
+                                                           "staged run: of each stage)")
     lin.set_defaults(func=cmd_linearize)
 
     export = commands.add_parser("export", help="write a trained run as a model directory that seqmix.from_pretrained "
@@ -328,9 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--verbose" in argv:  # a top-level option, accepted after the sub-command too
+        argv = ["--verbose", *(token for token in argv if token != "--verbose")]
     # Dotted overrides may come after the options too (`linearize CKPT --method lolcats steps=8`):
     # argparse leaves those it meets after an option unparsed.
     args, extra = parser.parse_known_args(argv)
+    if not args.verbose:
+        keep_library_noise_out()
     late_overrides = [token for token in extra if "=" in token and not token.startswith("-")]
     if len(late_overrides) < len(extra) or (late_overrides and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -338,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *late_overrides]
     from seqmix.models.hf import CheckpointError
     from seqmix.train.data import DataError
+    from seqmix.train.checkpoint import CheckpointWriteFailed
     from seqmix.train.trainer import TrainingError
 
     try:
@@ -345,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"seqmix: error: {err}", file=sys.stderr)
         return 2
-    except TrainingError as err:  # the run itself went wrong, not its inputs
+    except (TrainingError, CheckpointWriteFailed) as err:  # the run itself went wrong, not its inputs
         print(f"seqmix: error: {err}", file=sys.stderr)
         return 1
 

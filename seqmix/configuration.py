@@ -122,6 +122,18 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def first_difference(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any] | None:
+    """(dotted key, a's value, b's value) of the first difference of two plain-data configs
+    (`to_dict` forms), keys under `path`; None when they are equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in [*a, *(key for key in b if key not in a)]:
+            found = first_difference(a.get(key), b.get(key), _join(path, key))
+            if found:
+                return found
+        return None
+    return None if a == b else (path, a, b)
+
+
 def require(condition: bool, path: str, key: str, message: str) -> None:
     """Raises a ConfigError naming `path.key` unless `condition` holds."""
     if not condition:
@@ -140,20 +152,37 @@ def apply_overrides(mapping: dict[str, Any], overrides: list[str]) -> dict[str, 
     """Applies dotted `key=value` overrides to a nested mapping (in place) and returns it.
 
     Intermediate mappings are created where absent; whether the key exists is checked by
-    `build`, which names the full dotted key if it does not.
+    `build`, which names the full dotted key if it does not. In a list of named mappings (a run's
+    `stages`), a key picks the entry of that name: `stages.transfer.steps=50`.
     """
     for text in overrides:
         keys, value = parse_override(text)
-        node = mapping
-        for i, key in enumerate(keys[:-1]):
-            child = node.get(key)
+        node, index = mapping, 0
+        while index < len(keys) - 1:
+            where = ".".join(keys[:index + 1])
+            child = node.get(keys[index])
             if child is None:
-                child = node[key] = {}
+                child = node[keys[index]] = {}
+            elif _named_entries(child):
+                index += 1  # the next key names the entry
+                if index == len(keys) - 1:
+                    raise ConfigError(f"{text.partition('=')[0]}: name a key of the entry {keys[index]!r} of {where}, "
+                                      "or give the whole list")
+                entry = next((entry for entry in child if entry["name"] == keys[index]), None)
+                if entry is None:
+                    raise ConfigError(f"{where}.{keys[index]}: {where} has no entry named {keys[index]!r} (its "
+                                      f"entries: {', '.join(entry['name'] for entry in child)})")
+                child = entry
             elif not isinstance(child, dict):
-                raise ConfigError(f"{'.'.join(keys[: i + 1])}: is a value, cannot set {'.'.join(keys)}")
-            node = child
+                raise ConfigError(f"{where}: is a value, cannot set {'.'.join(keys)}")
+            node, index = child, index + 1
         node[keys[-1]] = value
     return mapping
+
+
+def _named_entries(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(entry, dict) and "name" in entry
+                                                           for entry in value)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

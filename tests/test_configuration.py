@@ -57,7 +57,6 @@ def test_a_model_file_override_swaps_the_model_before_its_fields_are_set():
         (["model.residual_scales={mamba2: [1, 1, 1, 1]}"], "model.residual_scales"),
         (["model.residual_scales={local: [1, 1]}"], "model.residual_scales.local"),
         (["model.mlp_hidden=0", "model.moe={num_experts: 4}"], "model.moe"),
-        (["init_from=tests/fixtures/hf/llama", "attention_transfer={steps: 1}", "lora={init: pissa}"], "lora.init"),
         (["lora={init: svd}"], "lora.init"),
         (["model.mixers.local={type: moe, every: 2}"], "model.mixers.local.every"),  # a layer of experts
     ],

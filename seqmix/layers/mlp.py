@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seqmix.layers.linear import projection
+from seqmix.layers.partitioning import constrained
 
 Activation = Literal["silu", "gelu_tanh", "relu2"]
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -18,6 +19,12 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu2": lambda x: jnp.square(jax.nn.relu(x)),  # Primer's squared ReLU
 }
+
+
+def _hidden(h: jax.Array) -> jax.Array:
+    """An MLP's hidden activations [B, T, F], pinned to (batch, length, mlp): the width split over
+    the tensor axis, between the projections that are split the same way."""
+    return constrained(h, "batch", "length", "mlp")
 
 
 class GatedMLP(nnx.Module):
@@ -34,10 +41,10 @@ class GatedMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         gate_multiplier, down_multiplier = self.multipliers
-        gate = self.gate_proj(x)
+        gate = _hidden(self.gate_proj(x))
         if gate_multiplier != 1.0:
             gate = gate * gate_multiplier
-        y = self.down_proj(ACTIVATIONS[self.activation](gate) * self.up_proj(x))
+        y = self.down_proj(ACTIVATIONS[self.activation](gate) * _hidden(self.up_proj(x)))
         return y if down_multiplier == 1.0 else y * down_multiplier
 
 
@@ -51,4 +58,4 @@ class MLP(nnx.Module):
         self.down_proj = projection(hidden, d_model, ("mlp", "embed"), std=out_std, rngs=rngs, bias=bias)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(ACTIVATIONS[self.activation](self.up_proj(x)))
+        return self.down_proj(ACTIVATIONS[self.activation](_hidden(self.up_proj(x))))

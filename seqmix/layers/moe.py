@@ -181,8 +181,8 @@ class MixtureOfExperts(nnx.Module):
         if self.fc2_latent_proj is not None:
             out = self.fc2_latent_proj(out)
         if self.shared_expert is not None:
-            shared = self.shared_expert(tokens)
+            shared = self.shared_expert(x)  # every token, in the blocks' [B, T] layout (an MLP's own)
             if self.shared_expert_gate is not None:
-                shared = shared * jax.nn.sigmoid(self.shared_expert_gate(tokens))
-            out = out + shared
+                shared = shared * jax.nn.sigmoid(self.shared_expert_gate(x))
+            out = out + shared.reshape(out.shape)
         return out.reshape(x.shape)

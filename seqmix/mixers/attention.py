@@ -28,6 +28,7 @@ from flax import nnx, struct
 from seqmix.configuration import require
 from seqmix.layers.linear import projection
 from seqmix.layers.norms import RMSNorm
+from seqmix.layers.partitioning import constrained
 from seqmix.layers.rotary import apply_rotary
 from seqmix.mixers.registry import register_mixer
 
@@ -222,7 +223,12 @@ class Attention(nnx.Module):
         q = self._rotated(queries[..., :self.head_dim], self.q_norm, positions)
         k = self._rotated(self._heads(self.k_proj(x) * self.key_multiplier), self.k_norm, positions)
         v = self._heads(self.v_proj(x))
+        # Query heads split over the tensor axis, grouped kv heads too where their count divides
+        # it (else replicated: each device then holds every kv head its query heads read).
+        q = constrained(q, "batch", "length", "heads", None)
+        k, v = (constrained(a, "batch", "length", "kv_heads", None) for a in (k, v))
         out, cache = self.attend(q, k, v, segment_ids=segment_ids, cache=cache)
+        out = constrained(out, "batch", "length", "heads", None)
         if self.output_gate:
             out = out * jax.nn.sigmoid(queries[..., self.head_dim:]).astype(out.dtype)
         return self.o_proj(out.reshape(batch, length, -1)), cache

@@ -86,6 +86,12 @@ class GatedDeltaProduct(DeltaNet):
     """x [B, T, D] -> [B, T, D]; Gated DeltaNet's heads and dims, householder_steps keys, values
     and betas per token."""
 
+    def token_axes(self, name: str, x) -> tuple[str | None, ...]:
+        """k, v [B, T, n, H, -] and beta [B, T, n, H] carry the n sub-steps before the heads."""
+        if name in ("k", "v", "beta"):
+            return ("batch", "length", None, "heads") + (None,) * (x.ndim - 4)
+        return super().token_axes(name, x)
+
     def recurrence(self, tokens: dict, cache: RecurrentCache | None, segment_ids, conv_tails):
         """DeltaNet's tokens (k, v, beta with the sub-steps folded into the heads, sub-step major)
         through `householder_product_rule`. Returns (o [B, T, H, V], the updated cache or None)."""

@@ -100,6 +100,11 @@ class SelectiveScanBlock(RecurrentMixer):
         self.D = nnx.Param(jnp.ones((inner,), jnp.float32), out_sharding=("heads",), eager_sharding=False)
         self.out_proj = projection(inner, d_model, ("heads", "embed"), std=out_std, rngs=rngs, bias=config.use_bias)
 
+    def token_axes(self, name: str, x) -> tuple[str | None, ...]:
+        """q = C and k = B are [B, T, N], the state size, which no mesh axis splits; v and dt
+        [B, T, E] are split over their channels, Mamba's heads."""
+        return ("batch", "length", None) if name in ("q", "k") else super().token_axes(name, x)
+
     def dt_bias_init(self, key, shape, dtype):
         """The dt projection's bias at init, [E] (an `nnx.initializers` initializer)."""
         raise NotImplementedError

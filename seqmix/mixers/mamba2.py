@@ -113,6 +113,11 @@ class Mamba2(RecurrentMixer):
         self.out_proj = projection(inner, d_model, ("heads", "embed"), std=out_std, rngs=rngs,
                                    bias=config.out_proj_bias)
 
+    def token_axes(self, name: str, x) -> tuple[str | None, ...]:
+        """q = C and k = B are [B, T, G, N], G groups of heads sharing them, split like grouped
+        attention's kv heads."""
+        return ("batch", "length", "kv_heads", None) if name in ("q", "k") else super().token_axes(name, x)
+
     def __call__(self, x, *, segment_ids=None, positions=None, cache: RecurrentCache | None = None):
         """x [B, T, D]; segment_ids [B, T] (0 = padding) or None; positions unused (no position
         encoding: the recurrence is ordered). Returns (y [B, T, D] in x's dtype, cache)."""

@@ -17,6 +17,7 @@ from flax import nnx, struct
 
 from seqmix.layers.linear import projection
 from seqmix.layers.norms import RMSNorm
+from seqmix.layers.partitioning import constrained
 from seqmix.mixers.attention import KVCache
 from seqmix.mixers.state_tuning import LearnsInitialState
 
@@ -45,6 +46,11 @@ class WindowedRecurrentCache:
     def lengths(self) -> jax.Array:
         """[B] int32: tokens seen per row (both parts have seen the same)."""
         return self.recurrent.lengths
+
+
+def _head_axes(ndim: int) -> tuple[str | None, ...]:
+    """Logical axes of a [B, T, H, ...] array (ndim dimensions): batch, length, heads, unsplit."""
+    return (("batch", "length", "heads") + (None,) * ndim)[:ndim]
 
 
 class RecurrentMixer(LearnsInitialState, nnx.Module):
@@ -82,17 +88,33 @@ class RecurrentMixer(LearnsInitialState, nnx.Module):
         k, v, gates, ...; None passes through). Without a cache (training, scoring): one chunked
         call. With one: one decode step for a single unpadded token, otherwise a chunked call from
         the cached state (prefill). Returns (o [B, T, H, V], the updated cache or None).
+
+        Under a mesh the tokens and o are pinned to their logical axes (`token_axes`): heads split
+        over the tensor axis, the length over the sequence axis (where the op runs LASP-2).
         """
+        tokens = {name: None if x is None else constrained(x, *self.token_axes(name, x))
+                  for name, x in tokens.items()}
         if cache is None:
             start = self.start_state(tokens["q"].shape[0])
             learned = {} if start is None else {"initial_state": start}
-            return chunked(**tokens, segment_ids=segment_ids, **learned), None
-        if segment_ids is None and tokens["q"].shape[1] == 1:
-            out, state = step(**{name: None if x is None else x[:, 0] for name, x in tokens.items()}, state=cache.state)
-            out = out[:, None]
+            out = chunked(**tokens, segment_ids=segment_ids, **learned)
         else:
-            out, state = chunked(**tokens, segment_ids=segment_ids, initial_state=cache.state, output_final_state=True)
-        return out, RecurrentCache(state=state, conv_tails=conv_tails, lengths=cache.lengths + out.shape[1])
+            if segment_ids is None and tokens["q"].shape[1] == 1:
+                out, state = step(**{name: None if x is None else x[:, 0] for name, x in tokens.items()},
+                                  state=cache.state)
+                out = out[:, None]
+            else:
+                out, state = chunked(**tokens, segment_ids=segment_ids, initial_state=cache.state,
+                                     output_final_state=True)
+            cache = RecurrentCache(state=state, conv_tails=conv_tails, lengths=cache.lengths + out.shape[1])
+        return constrained(out, *_head_axes(out.ndim)), cache
+
+    def token_axes(self, name: str, x) -> tuple[str | None, ...]:
+        """The logical axes of the token array `name` (q, k, v, log_g, ...) that `recur` hands
+        the op: the kernels' [batch, length, heads, ...]. A mixer whose tokens are laid out
+        otherwise (Mamba's state-sized B and C, Mamba2's grouped ones) says so here."""
+        del name
+        return _head_axes(x.ndim)
 
     def short_convolutions(self, x, layers, segment_ids, cache: RecurrentCache | None):
         """silu(conv(x W)) for each (projection, ShortConvolution) pair in `layers`, each conv

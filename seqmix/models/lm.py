@@ -133,6 +133,7 @@ class LanguageModel(nnx.Module):
     def _logits(self, x: jax.Array) -> jax.Array:
         x = self.norm(x)
         logits = (self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)).astype(jnp.float32)
+        logits = constrained(logits, "batch", "length", "vocab")  # the vocabulary split like the head
         return soft_capped(logits if self.logit_multiplier == 1.0 else logits * self.logit_multiplier,
                            self.logit_soft_cap)
 
@@ -144,14 +145,21 @@ class LanguageModel(nnx.Module):
         return self.norm(self._hidden(tokens, segment_ids, positions))
 
     def _hidden(self, tokens, segment_ids, positions):
+        return self.layer_outputs(tokens, segment_ids=segment_ids, positions=positions)[-1]
+
+    def layer_outputs(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
+                      positions: jax.Array | None = None) -> list[jax.Array]:
+        """The output [B, T, D] of every block in the training forward (arguments as `__call__`),
+        before the final norm: what hidden-state alignment fits a student's blocks to."""
         positions = _default_positions(segment_ids, positions)
         # Between blocks the hidden states are split like the batch (rows, and the length over a
         # sequence axis), whatever the layout of the weights each block meets.
-        x = constrained(self._embed(tokens), "batch", "length", None)
+        x, outputs = constrained(self._embed(tokens), "batch", "length", None), []
         for layer in self.layers:
             x, _ = layer(x, segment_ids=segment_ids, positions=positions)
             x = constrained(x, "batch", "length", None)
-        return x
+            outputs.append(x)
+        return outputs
 
     def mixer_inputs_and_outputs(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
                                  positions: jax.Array | None = None) -> list[tuple[jax.Array, jax.Array]]:

@@ -11,8 +11,11 @@ as a step (the next `Checkpointer` on the directory removes it before its first 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,11 @@ logger = logging.getLogger(__name__)
 
 class CheckpointsUnreadable(RuntimeError):
     """Every checkpoint of a directory failed to restore."""
+
+
+class CheckpointWriteFailed(RuntimeError):
+    """A checkpoint could not be written (a full disk, a file size limit, a lost mount): its
+    partial directory is removed, and the checkpoints before it are intact."""
 
 
 class Checkpointer:
@@ -59,6 +67,7 @@ class Checkpointer:
             ),
         )
         self._unreadable_steps: set[int] = set()
+        self._in_flight: int | None = None  # the step of an async save not yet known to be written
 
     def save(
         self,
@@ -89,16 +98,21 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         # force=True bypasses orbax's own policy, which skips any step <= its latest step; after
         # a fallback restore the run must be able to save steps below an unreadable newer one.
-        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._written()  # the save in flight first: its failure is its own
+        with self._writing(step):
+            self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         self._unreadable_steps.discard(step)
+        self._in_flight = step
 
     def restore(
-        self, abstract_state: Any, data_iterator: Any = None, *, step: int | None = None
+        self, abstract_state: Any, data_iterator: Any = None, *, step: int | None = None, partial: bool = False
     ) -> tuple[int, Any, dict] | None:
         """Restores the newest readable checkpoint (or exactly `step`); None if there is none.
 
         `abstract_state` is a pytree of `jax.ShapeDtypeStruct` whose `.sharding` says where each
-        restored array goes, whatever mesh the checkpoint was saved from. `data_iterator`, if
+        restored array goes, whatever mesh the checkpoint was saved from. partial=True: it is a
+        part of the saved state (the same tree with some subtrees left out, e.g. the model of a
+        (model, optimizer) state), and only its arrays are read. `data_iterator`, if
         given, is set to the saved iterator state in place. A checkpoint that fails to restore is
         reported with a warning and the previous step is tried; if none can be restored, a
         CheckpointsUnreadable names the directory and every failure, and the iterator is left unchanged.
@@ -114,7 +128,12 @@ class Checkpointer:
             steps = [step]
         if not steps:
             return None
-        items = {"state": ocp.args.StandardRestore(abstract_state), "metadata": ocp.args.JsonRestore()}
+        if partial:
+            state = ocp.args.PyTreeRestore(abstract_state, partial_restore=True,
+                                           restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
+        else:
+            state = ocp.args.StandardRestore(abstract_state)
+        items = {"state": state, "metadata": ocp.args.JsonRestore()}
         if data_iterator is not None:
             data_state = data_iterator.get_state()
         failures = []
@@ -157,12 +176,40 @@ class Checkpointer:
         return max(self._manager.all_steps(), default=None)
 
     def wait(self) -> None:
-        """Blocks until the save in flight, if any, is written and older checkpoints pruned."""
-        self._manager.wait_until_finished()
+        """Blocks until the save in flight, if any, is written and older checkpoints pruned;
+        CheckpointWriteFailed if it could not be written."""
+        self._written()
 
     def close(self) -> None:
-        """Waits for the save in flight and releases orbax's threads."""
-        self._manager.close()
+        """Waits for the save in flight and releases orbax's threads (CheckpointWriteFailed as
+        `wait`, after releasing them)."""
+        try:
+            self._written()
+        finally:
+            self._manager.close()
+
+    def _written(self) -> None:
+        step, self._in_flight = self._in_flight, None
+        with self._writing(step):
+            self._manager.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _writing(self, step: int | None):
+        """Turns orbax's error for a checkpoint it could not write into CheckpointWriteFailed with
+        the cause's first line (tensorstore's error ends with the OS's reason), after removing the
+        partial directory, which on a full disk holds the space the next save needs."""
+        try:
+            yield
+        except Exception as err:
+            shutil.rmtree(self.directory / f"{step}.orbax-checkpoint-tmp", ignore_errors=True)
+            cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            reason = re.search(r": ([^:\[]+) \[os_error_code", cause)  # e.g. "No space left on device"
+            complete = [saved for saved in self._manager.all_steps() if saved != step]
+            raise CheckpointWriteFailed(
+                f"the checkpoint of step {step} could not be written in {self.directory}: "
+                f"{reason.group(1).strip() if reason else cause[:300]}; "
+                + (f"the checkpoint of step {max(complete)} is the newest complete one" if complete else
+                   "no complete checkpoint exists")) from None
 
 
 def _saved_iterator_state(directory: Path) -> dict:

@@ -14,6 +14,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from seqmix.layers.moe import MixtureOfExperts
+from seqmix.layers.partitioning import using_rules
 from seqmix.train.config import TrainConfig
 from seqmix.train.data.pipeline import BATCH_KEYS
 from seqmix.train.sharding import batch_sharding
@@ -32,6 +33,7 @@ class CompiledStep:
     compiled: jax.stages.Compiled
     parameters: int = 0  # the model's parameters, all devices together
     active_parameters: int = 0  # those one token runs through (a mixture of experts': top_k of its experts)
+    lowered: jax.stages.Lowered | None = None  # before partitioning: the sharding annotations it asks for
 
     @property
     def peak(self) -> int:
@@ -40,19 +42,22 @@ class CompiledStep:
 
 
 def compile_train_step(config: TrainConfig, mesh: Mesh) -> CompiledStep:
-    """Lowers and compiles `config`'s train step for `mesh` from abstract state and batch shapes."""
-    train_state = abstract_train_state(config, mesh)
-    step = make_train_step(train_state, mesh, config.compute_dtype, config.loss_chunk_tokens,
-                           mlm=config.mlm if config.objective == "mlm" else None, seed=config.seed)
-    shape = (config.grad_accum, config.data.batch_size, config.data.seq_len)
-    batch = {key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh, leading_dims=1))
-             for key in BATCH_KEYS}
-    compiled = step.lower(train_state.state, batch).compile()
+    """Lowers and compiles `config`'s train step for `mesh` from abstract state and batch shapes,
+    under the run's logical axis rules (`mesh.rules`)."""
+    with using_rules(config.mesh.rules):
+        train_state = abstract_train_state(config, mesh)
+        step = make_train_step(train_state, mesh, config.compute_dtype, config.loss_chunk_tokens,
+                               mlm=config.mlm if config.objective == "mlm" else None, seed=config.seed)
+        shape = (config.grad_accum, config.data.batch_size, config.data.seq_len)
+        batch = {key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh, leading_dims=1))
+                 for key in BATCH_KEYS}
+        lowered = step.lower(train_state.state, batch, None)
+    compiled = lowered.compile()
     memory = compiled.memory_analysis()
     model, _optimizer = nnx.merge(train_state.graphdef, train_state.state)
     parameters, active = parameter_counts(model)
     return CompiledStep(memory.argument_size_in_bytes, memory.output_size_in_bytes, memory.temp_size_in_bytes,
-                        memory.alias_size_in_bytes, compiled, parameters, active)
+                        memory.alias_size_in_bytes, compiled, parameters, active, lowered)
 
 
 def parameter_counts(model: nnx.Module) -> tuple[int, int]:

@@ -15,8 +15,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 from seqmix.configuration import ConfigError, apply_overrides, build, load_yaml, parse_override, require, to_dict
+from seqmix.layers.partitioning import MESH_AXES, rule_problem
 from seqmix.models.config import ModelConfig, architecture_differences
 from seqmix.models.hf import CheckpointError, config_from_hf
+
+
+@dataclasses.dataclass
+class SourceConfig:
+    """One pre-tokenized corpus directory of a mixture, and its share of the training pieces."""
+
+    path: str
+    weight: float = 1.0
+
+    def validate(self, path: str) -> None:
+        require(math.isfinite(self.weight) and self.weight > 0, path, "weight",
+                f"must be a positive number, got {self.weight}")
 
 
 @dataclasses.dataclass
@@ -26,12 +39,15 @@ class DataConfig:
     `corpus: shakespeare` uses the embedded corpus (prepared once into `cache_dir`); `files`:
     `train_files` / `eval_files` list text (.txt), JSON lines (.jsonl, field `text_field`) or
     parquet (.parquet, column `text_field`) files or glob patterns; `alpaca`: they list Alpaca
-    JSON instruction files, trained with the loss on the responses only.
+    JSON instruction files, trained with the loss on the responses only; `tokenized`: they list
+    directories that `seqmix data tokenize` wrote (tokenized with `tokenizer`), or `sources`
+    mixes several such directories by weight (each `{path, weight}`).
     """
 
-    corpus: Literal["shakespeare", "files", "alpaca"] = "shakespeare"
+    corpus: Literal["shakespeare", "files", "alpaca", "tokenized"] = "shakespeare"
     train_files: list[str] = dataclasses.field(default_factory=list)
     eval_files: list[str] = dataclasses.field(default_factory=list)
+    sources: list[SourceConfig] = dataclasses.field(default_factory=list)
     text_field: str = "text"
     tokenizer: str = "byte"  # "byte" or the path of a Hugging Face tokenizer.json
     seq_len: int = 256
@@ -45,7 +61,14 @@ class DataConfig:
     def validate(self, path: str) -> None:
         require(self.seq_len > 1, path, "seq_len", f"must be at least 2, got {self.seq_len}")
         require(self.batch_size > 0, path, "batch_size", f"must be positive, got {self.batch_size}")
-        if self.corpus != "shakespeare":
+        require(not self.sources or self.corpus == "tokenized", path, "sources",
+                f"mixes pre-tokenized directories: set corpus: tokenized (it is {self.corpus!r})")
+        require(not (self.sources and self.train_files), path, "sources",
+                "and train_files both name the training data: give one of them")
+        if self.corpus == "tokenized":
+            require(bool(self.train_files or self.sources), path, "train_files",
+                    "must list at least one pre-tokenized directory (or give sources) when corpus is 'tokenized'")
+        elif self.corpus != "shakespeare":
             require(bool(self.train_files), path, "train_files",
                     f"must list at least one file when corpus is {self.corpus!r}")
 
@@ -103,19 +126,26 @@ class CheckpointConfig:
 @dataclasses.dataclass
 class MeshConfig:
     """Device mesh axis sizes; -1 fills the axis with the devices the others leave. `expert`
-    splits the experts of mixture-of-experts layers (and, like data, the batch)."""
+    splits the experts of mixture-of-experts layers (and, like data, the batch). `rules` replaces
+    entries of the logical axis rules for the run ({logical axis: [mesh axes]}, e.g.
+    `{mlp: [], length: [sequence, tensor]}`; `seqmix.layers.partitioning.LOGICAL_AXIS_RULES`
+    holds the defaults), which place the parameters and the named activations alike."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
     sequence: int = 1
     expert: int = 1
+    rules: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     def validate(self, path: str) -> None:
-        sizes = dataclasses.asdict(self)
+        sizes = {axis: getattr(self, axis) for axis in MESH_AXES}
         for key, size in sizes.items():
             require(size == -1 or size > 0, path, key, f"must be positive or -1, got {size}")
         require(sum(size == -1 for size in sizes.values()) <= 1, path, "data", "at most one axis may be -1")
+        for name, mesh_axes in self.rules.items():
+            problem = rule_problem(name, mesh_axes)
+            require(problem is None, f"{path}.rules" if path else "rules", name, problem or "")
 
 
 @dataclasses.dataclass
@@ -135,16 +165,34 @@ class LoRAConfig:
 
 
 @dataclasses.dataclass
-class AttentionTransferConfig:
-    """LoLCATs' stage 1 before the first step: the converted layers' transfer parameters learn
-    the `init_from` teacher's attention outputs (`seqmix.train.attention_transfer`)."""
+class DistillConfig:
+    """Distillation from a frozen teacher, the stages of RADLADS and LoLCATs
+    (`seqmix.train.distillation`): the optimised loss becomes
+    - `attention_output`: each converted layer's mixer, fed the teacher's input to that layer, fits
+      the teacher attention's output (relative squared error, averaged over the converted layers);
+    - `hidden_states`: each block's output in the student's own forward fits the teacher block's;
+    - `kl`: KL(teacher || student) of the next-token distributions per token (in blocks of
+      `loss_chunk_tokens` when that is set), plus `lm_weight` times the cross-entropy.
+    The teacher runs in the same step, frozen, in `teacher_dtype`. `train` names what trains: `all`
+    (every parameter, or with `lora` the adapters), `converted` (every parameter of the layers whose
+    mixer the conversion replaced) or `new` (only the parameters the conversion added)."""
 
-    steps: int = 100
-    lr: float = 1.0e-2
+    loss: Literal["attention_output", "hidden_states", "kl"] = "kl"
+    teacher: str | None = None  # a Hugging Face or seqmix-format directory; default: the run's init_from
+    lm_weight: float = 0.0
+    teacher_dtype: Literal["float32", "bfloat16"] = "float32"
+    train: Literal["all", "converted", "new"] = "all"
 
     def validate(self, path: str) -> None:
-        require(self.steps > 0, path, "steps", f"must be positive, got {self.steps}")
-        require(self.lr > 0, path, "lr", f"must be positive, got {self.lr}")
+        require(math.isfinite(self.lm_weight) and self.lm_weight >= 0, path, "lm_weight",
+                f"must be a finite non-negative number, got {self.lm_weight}")
+        require(self.lm_weight == 0 or self.loss == "kl", path, "lm_weight",
+                f"mixes the cross-entropy into the kl loss only, not into {self.loss}")
+
+
+# What a stage of a staged run may not change: every stage trains the same model on the same data,
+# each in its own directory, from the weights the stage before it left.
+_FIXED_ACROSS_STAGES = ("model", "data", "init_from", "out_dir", "stages")
 
 
 @dataclasses.dataclass
@@ -183,7 +231,10 @@ class TrainConfig:
     # next_token: causal language modelling; mlm: masked language modelling (bidirectional encoders)
     objective: Literal["next_token", "mlm"] = "next_token"
     mlm: MLMConfig = dataclasses.field(default_factory=MLMConfig)  # read with objective mlm
-    attention_transfer: AttentionTransferConfig | None = None  # needs init_from (the teacher)
+    distill: DistillConfig | None = None  # needs a teacher: distill.teacher or init_from
+    # Several runs in a row (`seqmix.train.stages`), each a mapping of the keys it changes (and a
+    # `name`); see `stage_configs`.
+    stages: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     eval_every: int = 200
     eval_batches: int = 8
     log_every: int = 10
@@ -204,13 +255,16 @@ class TrainConfig:
         require(self.loss_chunk_tokens >= 0, path, "loss_chunk_tokens", "must be non-negative (0: the plain loss)")
         require(self.optim.warmup_steps <= self.steps, path, "optim.warmup_steps",
                 f"{self.optim.warmup_steps} exceeds steps={self.steps}")
-        require(self.attention_transfer is None or self.init_from is not None, path, "attention_transfer",
-                "needs init_from: the checkpoint whose attention layers the converted ones learn from")
-        require(self.attention_transfer is None or self.lora is None or self.lora.init != "pissa", path, "lora.init",
-                "pissa changes the base weights, from which attention transfer reads its teacher")
+        if self.distill is not None:
+            require(self.distill.teacher is not None or self.init_from is not None, path, "distill.teacher",
+                    "needs a teacher: give distill.teacher or init_from")
+            require(self.lora is None or self.distill.train == "all", path, "distill.train",
+                    f"{self.distill.train!r} with lora: with LoRA the adapters train, so leave train at all")
+            require(self.objective == "next_token", path, "distill", "distils a causal model (objective next_token)")
+        stage_configs(self, path)  # each stage is a whole run: checked now, not when the stage before it ends
         if self.tune == "state":
             self.model.validate(f"{path}.model" if path else "model")  # again, with the states it was given
-            for key, value in (("lora", self.lora), ("attention_transfer", self.attention_transfer)):
+            for key, value in (("lora", self.lora), ("distill", self.distill)):
                 require(value is None, path, key, "cannot be combined with tune: state (which trains the states alone)")
             require(not self.data.pack, path, "data.pack",
                     "must be false with tune: state (the learned state starts each row; a packed row's later "
@@ -231,6 +285,40 @@ class TrainConfig:
             require(not non_causal, path, "objective",
                     f"next_token needs a causal model, but the model's {', '.join(non_causal)} layers read the "
                     "tokens after each token: use objective mlm")
+
+
+def stage_configs(config: TrainConfig, path: str = "") -> list[tuple[str, TrainConfig]]:
+    """(name, config) of each stage of a staged run, in order (none without `stages`). A stage is
+    the run's config with the keys its mapping gives merged in (mappings merged key by key, other
+    values replaced; `lora: null` drops the run's LoRA); it may not change model, data, init_from
+    or out_dir. Stages before the last run in `out_dir/stages/<name>` and do not sample; the last
+    runs in `out_dir` itself, so that generate, eval and export of the run read its result. A
+    distilling stage's teacher defaults to the run's init_from."""
+    run = {key: value for key, value in to_dict(config).items() if key != "stages"}
+    names, staged = [], []
+    for index, stage in enumerate(config.stages):
+        where = f"{path}.stages[{index}]" if path else f"stages[{index}]"
+        name = stage.get("name")
+        require(isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum(), where, "name",
+                f"each stage needs a name of letters, digits, - or _ (its directory), got {name!r}")
+        require(name not in names, where, "name", f"{name!r} names an earlier stage too")
+        names.append(name)
+        for key in _FIXED_ACROSS_STAGES:
+            require(key not in stage, where, key, "is the run's, the same in every stage; set it outside stages")
+        mapping = _merged(run, {key: value for key, value in stage.items() if key != "name"})
+        if index < len(config.stages) - 1:
+            mapping.update(out_dir=str(Path(config.out_dir) / "stages" / name), sample_tokens=0)
+        staged.append((name, build(TrainConfig, mapping, where)))
+    return staged
+
+
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` merged in: mappings key by key (recursively), other values replaced."""
+    merged = dict(base)
+    for key, value in changes.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merged(merged[key], value) if both else value
+    return merged
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:

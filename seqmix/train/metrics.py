@@ -24,7 +24,7 @@ class MetricsLog:
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-            except OSError as err:
+            except OSError:
                 if path.is_symlink():
                     raise ConfigError(f"{path}: is a symbolic link; a run writes its metrics inside its out_dir only "
                                       "(remove the link)") from None

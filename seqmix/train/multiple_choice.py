@@ -11,6 +11,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -60,27 +61,45 @@ def load_choice_tasks(path: str | Path) -> list[ChoiceExample]:
     return examples
 
 
-def choice_log_likelihoods(model, tokenizer, context: str, choices: tuple[str, ...], *, bucket: int = 64
-                           ) -> np.ndarray:
+BUCKET = 64  # rows are padded to a multiple of this many tokens: fewer shapes, fewer compilations
+
+
+def choice_log_likelihoods(model, tokenizer, context: str, choices: tuple[str, ...]) -> np.ndarray:
     """[C] float64: log p(choice tokens | context tokens) under `model` (tokens [B, T] -> logits),
-    the choices scored as one right-padded batch whose length is rounded up to `bucket` (fewer
-    compilations). The context keeps at least one token, so the first choice token is predicted."""
+    the choices scored as one batch (`continuation_scores`). The context keeps at least one token,
+    so the first choice token is predicted."""
     context_ids = tokenizer.encode(context)
     rows = [np.concatenate([context_ids, tokenizer.encode(choice)]) for choice in choices]
-    length = -(-max(len(row) for row in rows) // bucket) * bucket
-    tokens = np.zeros((len(rows), length), np.int32)
-    scored = np.zeros((len(rows), length), bool)  # scored[t]: token t + 1 belongs to the choice
-    for i, row in enumerate(rows):
+    log_likelihoods, _greedy = continuation_scores(model, rows, [max(len(context_ids), 1) - 1] * len(rows))
+    return log_likelihoods
+
+
+def continuation_scores(model, rows: list[np.ndarray], starts: list[int], *, height: int | None = None
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Scores the continuation that ends each row: rows[i] (int tokens, at least 2) is a context then
+    its continuation, and starts[i] the position whose next token is the continuation's first
+    (len(context) - 1, at least 0). Returns ([N] float64: the summed log p(token t + 1 | tokens <= t)
+    over the continuation, [N] bool: whether each of its tokens is the argmax). The rows run as one
+    right-padded batch [height (default N), T rounded up to BUCKET] int32."""
+    length = -(-max(len(row) for row in rows) // BUCKET) * BUCKET
+    tokens = np.zeros((height or len(rows), length), np.int32)
+    scored = np.zeros((height or len(rows), length), bool)  # scored[t]: token t + 1 belongs to the continuation
+    for i, (row, start) in enumerate(zip(rows, starts)):
         tokens[i, :len(row)] = row
-        scored[i, max(len(context_ids), 1) - 1:len(row) - 1] = True
-    log_probs = _next_token_log_probs(model, jnp.asarray(tokens))
-    return np.asarray(jnp.sum(jnp.where(scored, log_probs, 0.0), axis=-1), np.float64)
+        scored[i, start:len(row) - 1] = True
+    log_likelihoods, greedy = jax.device_get(_score_rows(model, jnp.asarray(tokens), jnp.asarray(scored)))
+    return np.asarray(log_likelihoods[:len(rows)], np.float64), np.asarray(greedy[:len(rows)], bool)
 
 
 @nnx.jit
-def _next_token_log_probs(model, tokens):
-    """[B, T]: log p(token t + 1 | tokens <= t), float32, 0 in the last column."""
-    return jnp.pad(target_log_probs(model(tokens)[:, :-1], tokens[:, 1:]), ((0, 0), (0, 1)))
+def _score_rows(model, tokens, scored):
+    """Per row of tokens [B, T]: the summed log p(token t + 1 | tokens <= t) over the positions t
+    where scored [B, T] is true ([B] float32), and whether each of those tokens is the argmax ([B] bool)."""
+    logits = model(tokens)[:, :-1]
+    targets, mask = tokens[:, 1:], scored[:, :-1]
+    greedy = jnp.argmax(logits, axis=-1) == targets
+    return (jnp.sum(jnp.where(mask, target_log_probs(logits, targets), 0.0), axis=-1),
+            jnp.all(greedy | ~mask, axis=-1))
 
 
 def evaluate_choices(model, tokenizer, examples: list[ChoiceExample]) -> dict[str, float]:

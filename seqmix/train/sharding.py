@@ -1,5 +1,6 @@
 """The device mesh, and the placement of parameters, optimizer state and batches on it by the
-logical-axis rules of `seqmix.layers.partitioning`."""
+logical-axis rules of `seqmix.layers.partitioning` (which names the mesh axes, and whose
+`using_rules` puts a run's `mesh.rules` in effect)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from seqmix.configuration import ConfigError
-from seqmix.layers.partitioning import LOGICAL_AXIS_RULES, logical_to_spec
-from seqmix.pallas_kernels.sequence_parallel import SEQUENCE_AXIS
-
-MESH_AXES = ("data", "fsdp", "expert", "tensor", SEQUENCE_AXIS)
+from seqmix.layers.partitioning import MESH_AXES, logical_to_spec
 
 
 def make_mesh(config, devices=None) -> Mesh:
@@ -48,10 +46,10 @@ def state_shardings(state: nnx.State, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh, leading_dims: int = 0) -> NamedSharding:
-    """Sharding of a [*leading, B, T] batch array: B over (data, fsdp, expert), T over sequence."""
-    batch_axes = tuple(axis for axis in LOGICAL_AXIS_RULES["batch"] if mesh.shape[axis] > 1) or None
-    length_axes = tuple(axis for axis in LOGICAL_AXIS_RULES["length"] if mesh.shape[axis] > 1) or None
-    return NamedSharding(mesh, PartitionSpec(*([None] * leading_dims), batch_axes, length_axes))
+    """Sharding of a [*leading, B, T] batch array by the rules in effect for `batch` and
+    `length` (by default B over (data, fsdp, expert), T over sequence)."""
+    rows_and_length = logical_to_spec(("batch", "length"), None, mesh)
+    return NamedSharding(mesh, PartitionSpec(*([None] * leading_dims), *rows_and_length))
 
 
 def describe(mesh: Mesh) -> str:

@@ -8,11 +8,14 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
+from seqmix.layers.transfer import TransferParam
 from seqmix.mixers.state_tuning import InitialState
-from seqmix.models.hf import CHECKPOINT_PARAMS, read_weights
+from seqmix.models.hf import CHECKPOINT_PARAMS, pretrained_config
+from seqmix.models.linearize import read_initial_weights
 from seqmix.models.lm import LanguageModel
 from seqmix.models.lora import add_lora, principal_adapters
 from seqmix.train.config import TrainConfig
+from seqmix.train.distillation import replaced_layers
 from seqmix.train.optim import make_optimizer
 from seqmix.train.sharding import state_shardings
 
@@ -20,13 +23,12 @@ from seqmix.train.sharding import state_shardings
 @dataclasses.dataclass
 class TrainState:
     """`nnx.merge(graphdef, state)` gives (model, optimizer); `shardings` mirrors `state`;
-    `trainable`: the variable type the optimizer updates (nnx.Param, nnx.LoRAParam with LoRA, or
-    InitialState with state tuning)."""
+    `trainable`: the nnx filter of the variables the optimizer updates (`trainable_filter`)."""
 
     graphdef: nnx.GraphDef
     state: nnx.State
     shardings: nnx.State
-    trainable: type = nnx.Param
+    trainable: nnx.filterlib.Filter = nnx.Param
 
     def abstract(self):
         """The state as ShapeDtypeStructs carrying this mesh's shardings (a restore target)."""
@@ -39,33 +41,58 @@ class TrainState:
         return model
 
 
-def trainable_type(config: TrainConfig) -> type:
+def trainable_filter(config: TrainConfig) -> nnx.filterlib.Filter:
+    """What the optimizer updates: the learned initial states (tune: state), the LoRA adapters
+    (lora), the parameters a conversion added (distill.train: new), every parameter of the layers
+    the conversion replaced (distill.train: converted), else every parameter."""
     if config.tune == "state":
         return InitialState
-    return nnx.LoRAParam if config.lora is not None else nnx.Param
+    if config.lora is not None:
+        return nnx.LoRAParam
+    train = "all" if config.distill is None else config.distill.train
+    if train == "new":
+        return TransferParam
+    if train == "converted":
+        replaced = set(replaced_layers(config.model, pretrained_config(config.distill.teacher or config.init_from)))
+        in_replaced_mixer = lambda path, _value: (len(path) > 2 and path[0] == "layers" and path[1] in replaced
+                                                  and path[2] == "self_attn")
+        return nnx.All(nnx.Param, in_replaced_mixer)
+    return nnx.Param
 
 
-def _model_and_optimizer(config: TrainConfig):
+def run_model(config: TrainConfig) -> LanguageModel:
+    """The model a run trains: `config.model` with the run's LoRA adapters, initialised from config.seed."""
     rngs = nnx.Rngs(config.seed)
     model = LanguageModel(config.model, rngs=rngs)
     if config.lora is not None:
         add_lora(model, targets=config.lora.targets, rank=config.lora.rank, alpha=config.lora.alpha, rngs=rngs)
-    return model, nnx.Optimizer(model, make_optimizer(config.optim, config.steps), wrt=trainable_type(config))
+    return model
+
+
+def _model_and_optimizer(config: TrainConfig):
+    model = run_model(config)
+    return model, nnx.Optimizer(model, make_optimizer(config.optim, config.steps), wrt=trainable_filter(config))
+
+
+def abstract_on_mesh(build, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, state, shardings) of the graph `build()` returns, with no array allocated: the
+    state holds `jax.ShapeDtypeStruct`s carrying the shardings that the logical axis rules give on `mesh`."""
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
+    shardings = state_shardings(abstract_state, mesh)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)
+    return graphdef, state, shardings
 
 
 def abstract_train_state(config: TrainConfig, mesh: Mesh) -> TrainState:
     """The train state of `config` on `mesh` with no array allocated: its state holds
     `jax.ShapeDtypeStruct`s carrying their shardings (what compiling the step ahead of time needs)."""
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: _model_and_optimizer(config)))
-    shardings = state_shardings(abstract_state, mesh)
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)
-    return TrainState(graphdef, state, shardings, trainable_type(config))
+    return TrainState(*abstract_on_mesh(lambda: _model_and_optimizer(config), mesh), trainable_filter(config))
 
 
-def create_train_state(config: TrainConfig, mesh: Mesh) -> TrainState:
-    """Initialises model and optimizer state sharded by the logical axis rules, then (with
-    `init_from`) replaces the model's weights by a Hugging Face checkpoint's, each placed
-    straight onto its sharding.
+def create_train_state(config: TrainConfig, mesh: Mesh, weights: nnx.State | None = None) -> TrainState:
+    """Initialises model and optimizer state sharded by the logical axis rules, then replaces the
+    model's weights by `weights` (a staged run's previous stage, see `_place_weights`) or else,
+    with `init_from`, by a Hugging Face checkpoint's, each placed straight onto its sharding.
 
     The initialiser is jitted with the target shardings as outputs, so no device ever holds
     the full unsharded state (what makes FSDP of a large model possible).
@@ -73,11 +100,15 @@ def create_train_state(config: TrainConfig, mesh: Mesh) -> TrainState:
     train_state = abstract_train_state(config, mesh)
     train_state.state = jax.jit(lambda: nnx.split(_model_and_optimizer(config))[1],
                                 out_shardings=train_state.shardings)()
-    if config.init_from is not None:
+    if weights is not None:
+        model, optimizer = nnx.merge(train_state.graphdef, train_state.state)
+        _place_weights(model, weights)
+        train_state.state = nnx.state((model, optimizer))
+    elif config.init_from is not None:
         model, optimizer = nnx.merge(train_state.graphdef, train_state.state)
         # LoRA adapters and a conversion's new parameters keep their initialisation.
         base = nnx.state(model, CHECKPOINT_PARAMS)
-        weights = read_weights(config.init_from, base, config.model)
+        weights = read_initial_weights(config.init_from, base, config.model)  # a student: converted from the teacher
         nnx.update(model, jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), weights, base))
         train_state.state = nnx.state((model, optimizer))
     if config.lora is not None and config.lora.init == "pissa":  # from the weights the run starts from
@@ -86,3 +117,15 @@ def create_train_state(config: TrainConfig, mesh: Mesh) -> TrainState:
         train_state.state = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding),
                                          nnx.state((model, optimizer)), train_state.state)
     return train_state
+
+
+def _place_weights(model: LanguageModel, weights: nnx.State) -> None:
+    """Gives `model` the parameters `weights` (the `nnx.Param` state of a model of the same config
+    without LoRA adapters: the stage before's, merged): a LoRA-wrapped projection's base takes the
+    projection's weights, its adapters keep their initialisation; each array onto its sharding."""
+    given = {path: variable for path, variable in nnx.to_flat_state(weights)}
+    placed = []
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))):
+        source = given[tuple(part for part in path if part != "base")]
+        placed.append((path, variable.replace(value=jax.device_put(source.get_value(), variable.get_value().sharding))))
+    nnx.update(model, nnx.from_flat_state(placed))

@@ -12,9 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,22 +23,25 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from seqmix.configuration import ConfigError, build, to_dict
+from seqmix.configuration import ConfigError, build, first_difference, to_dict
 from seqmix.files import write_atomically
-from seqmix.models.generate import generate
-from seqmix.models.hf import teacher_of
-from seqmix.train.attention_transfer import attention_transfer
+from seqmix.layers.partitioning import using_rules
+from seqmix.models.lora import merge_lora
+from seqmix.train import distributed
 from seqmix.train.checkpoint import Checkpointer, CheckpointsUnreadable
-from seqmix.train.config import TrainConfig
+from seqmix.train.config import TrainConfig, stage_configs
 from seqmix.train.data import DataError, unigram_entropy
+from seqmix.train.distillation import load_teacher
 from seqmix.train.evaluate import held_out_loss, to_global
 from seqmix.train.inputs import Corpus, eval_iterator, held_out_tokens, load_corpus, train_iterator
 from seqmix.train.metrics import MetricsLog, plot_loss, read_metrics
 from seqmix.train.optim import make_schedule
 from seqmix.train.run_lock import run_lock
+from seqmix.train.sampling import sample_text
 from seqmix.train.sharding import batch_sharding, describe, make_mesh
 from seqmix.train.state import TrainState, create_train_state
 from seqmix.train.step import make_eval_step, make_train_step
+from seqmix.train.stop_requests import StopRequests
 
 
 class TrainingError(RuntimeError):
@@ -59,42 +60,10 @@ class TrainResult:
     out_dir: Path
 
 
-class _StopRequests:
-    """Turns SIGTERM/SIGINT into a flag the loop polls, so it can checkpoint before exiting."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, _frame):
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _first_difference(saved, current, path: str) -> tuple[str, object, object] | None:
-    """(dotted key, saved value, current value) of the first difference of two plain-data configs."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        for key in [*saved, *(key for key in current if key not in saved)]:
-            found = _first_difference(saved.get(key), current.get(key), f"{path}.{key}")
-            if found:
-                return found
-        return None
-    return None if saved == current else (path, saved, current)
-
-
 def _check_resumable(saved: dict, config: TrainConfig, checkpoint_dir: Path) -> None:
     saved_config = build(TrainConfig, saved["config"])
     for section in ("model", "data"):
-        found = _first_difference(to_dict(getattr(saved_config, section)), to_dict(getattr(config, section)), section)
+        found = first_difference(to_dict(getattr(saved_config, section)), to_dict(getattr(config, section)), section)
         if found:
             key, before, now = found
             raise ConfigError(f"{key}: the checkpoints in {checkpoint_dir} were trained with {before!r}, this run "
@@ -113,7 +82,11 @@ def _nonfinite_quantity(loss: float, grad_norm: float) -> str:
 class Trainer:
     """Builds everything a run needs from its config; `run()` trains to `config.steps`."""
 
-    def __init__(self, config: TrainConfig, *, mesh: Mesh | None = None, corpus: Corpus | None = None):
+    def __init__(self, config: TrainConfig, *, mesh: Mesh | None = None, corpus: Corpus | None = None,
+                 weights: nnx.State | None = None):
+        """weights: the model's starting parameters instead of init_from's (a staged run's stage
+        before; see `state.create_train_state`)."""
+        distributed.check_same_config(to_dict(config))  # of several processes: before their first collective
         self.config = config
         self.out_dir = Path(config.out_dir)
         self.mesh = mesh if mesh is not None else make_mesh(config.mesh)
@@ -123,10 +96,18 @@ class Trainer:
                 f"model.vocab_size: {config.model.vocab_size} is smaller than the tokenizer's "
                 f"{self.corpus.tokenizer.vocab_size} tokens ({config.data.tokenizer})"
             )
-        self.train_state: TrainState = create_train_state(config, self.mesh)
+        self.train_state: TrainState = create_train_state(config, self.mesh, weights)
+        if config.distill is not None and not jax.tree.leaves(nnx.state(self.train_state.model(),
+                                                                        self.train_state.trainable)):
+            raise ConfigError(f"distill.train: {config.distill.train!r} selects no parameter of the model (the Liger "
+                              "conversions add none; train: new trains what a conversion added)")
         mlm = config.mlm if config.objective == "mlm" else None
+        teacher = None
+        if config.distill is not None:  # a frozen copy: the student's own base weights may train
+            teacher = load_teacher(config.distill.teacher or config.init_from, config.distill, config.model, self.mesh)
+        self.teacher_state = None if teacher is None else teacher[1]
         self.train_step = make_train_step(self.train_state, self.mesh, config.compute_dtype, config.loss_chunk_tokens,
-                                          mlm=mlm, seed=config.seed)
+                                          mlm=mlm, seed=config.seed, teacher=teacher)
         self.eval_step = make_eval_step(self.train_state, self.mesh, config.compute_dtype, config.loss_chunk_tokens,
                                         mlm=mlm)
         self.schedule = make_schedule(config.optim, config.steps)
@@ -165,21 +146,6 @@ class Trainer:
         }
         self.checkpointer.save(self.step, self.train_state.state, self.data, metadata)
 
-    def _transfer_attention(self, log: MetricsLog) -> None:
-        """LoLCATs' stage 1 on the run's own training batches, before the first step: the
-        converted layers' transfer parameters learn the `init_from` checkpoint's attention."""
-        settings = self.config.attention_transfer
-        start = time.perf_counter()
-        model, optimizer = nnx.merge(self.train_state.graphdef, self.train_state.state)
-        teacher = teacher_of(model, self.config.init_from)  # the student's base arrays, already global and sharded
-        batches = (to_global(next(self.data), batch_sharding(self.mesh)) for _ in range(settings.steps))
-        losses = attention_transfer(teacher, model, batches, steps=settings.steps, lr=settings.lr)
-        self.train_state.state = jax.device_put(nnx.state((model, optimizer)), self.train_state.shardings)
-        log.write({"kind": "attention_transfer", "step": 0, "steps": settings.steps, "first_loss": losses[0],
-                   "last_loss": losses[-1], "seconds": time.perf_counter() - start})
-        print(f"attention transfer: {settings.steps} steps, relative error of the converted layers "
-              f"{losses[0]:.4g} -> {losses[-1]:.4g}", file=sys.stderr)
-
     def _next_batch(self):
         micro_batches = [next(self.data) for _ in range(self.config.grad_accum)]
         stacked = {key: np.stack([mb[key] for mb in micro_batches]) for key in micro_batches[0]}
@@ -195,16 +161,10 @@ class Trainer:
 
     def sample(self, prompts: list[str], max_new_tokens: int, temperature: float = 0.8,
                top_p: float = 0.95) -> list[str]:
-        """Each prompt with its continuation, generated together in one batch."""
-        encoded = [self.corpus.tokenizer.encode(prompt) for prompt in prompts]
-        longest = max(len(tokens) for tokens in encoded) + max_new_tokens
-        if longest > self.config.data.seq_len:
-            print(f"note: {longest} tokens exceed the {self.config.data.seq_len}-token "
-                  "context the model was trained on; expect quality to drop past it", file=sys.stderr)
-        new_tokens = generate(self.train_state.model(), encoded, max_new_tokens,
-                              rng=jax.random.fold_in(self.rng, self.step), temperature=temperature, top_p=top_p)
-        return [self.corpus.tokenizer.decode(np.concatenate([np.asarray(tokens, np.int32), row]))
-                for tokens, row in zip(encoded, np.asarray(new_tokens))]
+        """Each prompt with its continuation, generated together in one batch (`sample_text`)."""
+        return sample_text(self.train_state.model(), self.corpus.tokenizer, prompts, max_new_tokens,
+                           rng=jax.random.fold_in(self.rng, self.step), context_len=self.config.data.seq_len,
+                           temperature=temperature, top_p=top_p)
 
     def run(self, *, resume: bool = False, until: int | None = None) -> TrainResult:
         """Trains from step 0 (or, with resume, from the newest checkpoint) to `until` (default
@@ -240,16 +200,17 @@ class Trainer:
             f"{_count_params(self.train_state)/1e6:.2f}M parameters, unigram baseline {unigram:.3f} nats/token",
             file=sys.stderr,
         )
-        if self.step == 0 and config.attention_transfer is not None:
-            self._transfer_attention(log)
         losses, skipped, consecutive_bad, eval_loss = {}, 0, 0, None
         start_step = self.step
         tokens_since, time_since = 0.0, time.perf_counter()
         bar = tqdm(total=last_step, initial=self.step, disable=not sys.stderr.isatty(), unit="step")
         try:
-            with _StopRequests() as stop:
-                while self.step < last_step and stop.signal is None:
-                    self.train_state.state, metrics = self.train_step(self.train_state.state, self._next_batch())
+            stop_signal = None
+            with StopRequests() as stop:
+                # Polled by every process at the top of every step, so that all stop after the same one.
+                while self.step < last_step and (stop_signal := stop.poll()) is None:
+                    self.train_state.state, metrics = self.train_step(self.train_state.state, self._next_batch(),
+                                                                         self.teacher_state)
                     self.step += 1
                     loss, finite = float(metrics["loss"]), bool(metrics["finite"])
                     tokens_since += float(metrics["tokens"])
@@ -276,6 +237,8 @@ class Trainer:
                             "lr": float(self.schedule(self.step - 1)), "grad_norm": float(metrics["grad_norm"]),
                             "aux_loss": float(metrics["aux_loss"]), "tokens_per_s": tokens_since / max(elapsed, 1e-9),
                         }
+                        if config.distill is not None:  # "loss" is then the distillation objective's
+                            record["objective"] = config.distill.loss
                         log.write(record)
                         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                         if bar.disable:
@@ -292,7 +255,6 @@ class Trainer:
                                   f"(perplexity {result['eval_ppl']:.2f})", file=sys.stderr)
                     if self.step % config.checkpoint.every_steps == 0:
                         self._save()
-                stop_signal = stop.signal
             if self.step > start_step or stop_signal is not None:
                 self._save()  # skipped by the checkpointer when the periodic save just wrote this step
             self.checkpointer.wait()
@@ -319,8 +281,33 @@ def _count_params(train_state: TrainState) -> int:
 
 def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     """Trains a model as `config` says, holding out_dir's lock throughout (`run_lock`: one
-    trainer per run directory; of several processes, process 0 holds it); see `Trainer`."""
+    trainer per run directory; of several processes, process 0 holds it); see `Trainer`. A
+    staged run (`stages`) trains its stages in order (`run_stages`). The run's logical axis
+    rules (`mesh.rules`) are in effect throughout: they place the state and the batches, and
+    the steps are traced under them."""
     owner = run_lock(Path(config.out_dir)) if jax.process_index() == 0 else contextlib.nullcontext()
-    with owner:
+    with owner, using_rules(config.mesh.rules):
+        if config.stages:
+            return run_stages(config, resume=resume)
         return Trainer(config).run(resume=resume)
+
+
+def run_stages(config: TrainConfig, *, resume: bool = False) -> TrainResult:
+    """Trains the stages of `config` one after another (each a whole run in its own directory, the
+    last in out_dir: `seqmix.train.config.stage_configs`), each starting from the weights the one
+    before it ended with (LoRA adapters merged). With resume, each stage continues from its own
+    newest checkpoint: a finished stage restores its last step and trains no more, one not yet
+    begun starts afresh. Returns the last stage's result, or that of the stage a signal stopped."""
+    weights, mesh, corpus = None, make_mesh(config.mesh), load_corpus(config.data)
+    stages = stage_configs(config)
+    for index, (name, stage) in enumerate(stages):
+        print(f"stage {index + 1}/{len(stages)} ({name}): {stage.steps} steps in {stage.out_dir}", file=sys.stderr)
+        trainer = Trainer(stage, mesh=mesh, corpus=corpus, weights=weights)
+        begun = trainer.checkpointer.latest_step() is not None
+        result = trainer.run(resume=resume and begun)
+        if result.stop_signal is not None or index == len(stages) - 1:
+            return result
+        model = trainer.train_state.model()
+        merge_lora(model)
+        weights = nnx.state(model, nnx.Param)
 

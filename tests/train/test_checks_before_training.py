@@ -7,14 +7,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import pytest
 from cli_env import cli_env
+from flax import nnx
 
 from seqmix.cli import main
+from seqmix.models.generate import CacheTooLarge, require_cache_fits
+from seqmix.models.lm import LanguageModel
 from seqmix.configuration import ConfigError
 from seqmix.train.config import load_train_config
 
 SMOKE = "configs/runs/smoke.yaml"
+pytestmark = pytest.mark.faults
 
 
 def test_held_out_text_shorter_than_one_batch_is_refused_before_training(tmp_path):
@@ -89,3 +94,11 @@ def test_a_run_that_keeps_diverging_stops_with_one_line_and_exit_code_1(tmp_path
 def test_numeric_flags_out_of_range_are_refused_before_loading_the_run(argv, message, capsys):
     assert main(argv) == 2  # RUN does not exist: the flag is checked first
     assert message in capsys.readouterr().err
+
+
+def test_a_generation_whose_caches_would_not_fit_is_refused_before_allocating():
+    """(`seqmix generate --max-new-tokens 1000000000` through the CLI: tests/train/test_trainer.py.)"""
+    model = LanguageModel(load_train_config(SMOKE).model, rngs=nnx.Rngs(0))
+    with pytest.raises(CacheTooLarge, match=r"the decode caches of 2 row\(s\) of 1000000000 tokens need \d+\.\d GiB"):
+        require_cache_fits(model, 2, 10**9, jnp.float32)
+    require_cache_fits(model, 2, 64, jnp.float32)  # a small one passes

@@ -1,12 +1,21 @@
-"""Faults between runs, as `seqmix train --resume` meets them: with the newest checkpoint corrupt
-the run falls back to the one before after a one-line warning; with every checkpoint corrupt, or
-the checkpoints deleted under an earlier run's metrics, it stops with one line and exit code 2."""
+"""Faults between runs, as `seqmix train --resume` (and the run loader of generate) meets them: with
+the newest checkpoint corrupt the run falls back to the one before after a one-line warning; with
+every checkpoint corrupt, or the checkpoints deleted under an earlier run's metrics, it stops with
+one line and exit code 2; a checkpoint the disk cannot take stops the run with one line, the one
+before it intact."""
 
+import resource
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 
+from cli_env import cli_env
 from seqmix.cli import main
+
+pytestmark = pytest.mark.faults  # the fault suite: pytest -m faults
 
 SMOKE = "configs/runs/smoke.yaml"
 SHORT = ["steps=4", "eval_every=4", "eval_batches=1", "sample_tokens=0", "optim.warmup_steps=1",
@@ -61,3 +70,53 @@ def test_deleted_checkpoints_under_old_metrics_are_reported_not_restarted_over(t
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert f"--resume: {run} holds the metrics of an earlier run but no checkpoint" in err
     assert (run / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_checkpoint_the_disk_cannot_take_stops_the_run_in_one_line_and_keeps_the_one_before(trained, tmp_path,
+                                                                                             capsys):
+    """The disk's refusal is real: the process may write no file larger than 64 KiB (the
+    checkpoint's array files are larger; metrics and config lines are not), the error a full disk
+    gives but for its wording ("File too large" where a full disk says "No space left on device")."""
+    run = shutil.copytree(trained, tmp_path / "run")
+
+    def small_files_only():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+
+    command = [sys.executable, "-m", "seqmix.cli", "train", SMOKE, f"out_dir={run}", *SHORT, "steps=6",
+               "eval_every=6", "--resume"]
+    full = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300,
+                          preexec_fn=small_files_only)
+    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr
+    assert full.stderr.splitlines()[-1] == (
+        f"seqmix: error: the checkpoint of step 6 could not be written in {run / 'checkpoints'}: File too large; "
+        "the checkpoint of step 4 is the newest complete one")
+    assert len(full.stderr.splitlines()) < 12  # the run's own lines, no library's reports of the failure
+    assert sorted(path.name for path in (run / "checkpoints").iterdir()) == ["2", "4"]  # no partial step 6
+    code, err = resume(run, capsys)
+    assert code == 0 and "resumed from step 4" in err and "warning" not in err
+
+
+def test_generate_loads_past_a_corrupt_checkpoint_as_resume_does(trained, tmp_path, capsys):
+    """The run loader (`seqmix generate`, `eval`, `export`, `seqmix.load_run`) keeps the fallback: one
+    warning, then the checkpoint before; with every checkpoint corrupt, or none, one line and exit 2."""
+    run = shutil.copytree(trained, tmp_path / "run")
+    corrupt(run, 4)
+
+    def generate():
+        code = main(["generate", str(run), "--prompt", "KING", "--max-new-tokens", "2"])
+        return code, capsys.readouterr()
+
+    code, captured = generate()
+    assert code == 0 and captured.out.startswith("KING")
+    lines, newest = captured.err.splitlines(), run / "checkpoints" / "4"
+    assert lines[0].startswith(f"seqmix: warning: cannot restore the checkpoint of step 4 ({newest}): ")
+    assert lines[0].endswith("; trying the one before") and lines[1] == f"loaded step 2 of {run}"
+    corrupt(run, 2)
+    code, captured = generate()
+    assert code == 2 and "Traceback" not in captured.err
+    assert captured.err.splitlines()[-1].startswith(f"seqmix: error: {run}: no checkpoint in {run / 'checkpoints'} "
+                                                    "could be restored (step 4 (")
+    shutil.rmtree(run / "checkpoints")
+    assert generate() == (2, ("", f"seqmix: error: {run}: no checkpoint in {run / 'checkpoints'} (the run has not "
+                                  "saved one yet)\n"))

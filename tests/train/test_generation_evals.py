@@ -2,7 +2,6 @@
 identical continuations and common prefixes, a model agrees with itself and less with another, and
 the pass-key prompts hide the key where they say and are scored by what the model repeats."""
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx

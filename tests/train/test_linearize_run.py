@@ -10,7 +10,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from seqmix.cli import _load_trained, main
+from seqmix import load_run
+from seqmix.cli import main
 from seqmix.configuration import build
 from seqmix.layers.lora import LoRALinear
 from seqmix.mixers.liger_attention import LigerAttention
@@ -33,10 +34,10 @@ def test_linearize_trains_the_adapters_of_the_converted_model_only(tmp_path, cap
                  "checkpoint.every_steps=4", "--method", "liger_attention", "--select-layers", "1",
                  "--calibration-batches", "1"]) == 0
     out = capsys.readouterr().out
-    assert "linearized (liger_attention) and trained 4 LoRA steps" in out and "--- sample ---" in out
+    assert "linearized (liger_attention) and trained 4 steps" in out and "--- sample ---" in out
     assert "over 1 batches: 0: " in out and "; kept as attention: 1\n" in out  # the scores, then the choice
 
-    student = _load_trained(str(run), []).train_state.model()
+    student = load_run(str(run))[0]
     converted, kept = student.layers[0].self_attn, student.layers[1].self_attn
     assert isinstance(converted, LigerAttention) and not isinstance(kept, LigerAttention)
     for layer, source in ((converted, teacher.layers[0].self_attn), (kept, teacher.layers[1].self_attn)):
@@ -76,17 +77,21 @@ def test_lolcats_runs_attention_transfer_then_lora_on_q_k_v_o(tmp_path, capsys):
     run = tmp_path / "run"  # rows of 80 tokens: older ones than the 64-token window exist
     assert main(["linearize", str(tmp_path / "teacher"), "steps=2", f"out_dir={run}", "eval_every=2",
                  "eval_batches=1", "sample_tokens=8", "data.seq_len=80", "data.batch_size=8", "optim.warmup_steps=1",
-                 "checkpoint.every_steps=2", "attention_transfer.steps=3", "--method", "lolcats"]) == 0
+                 "checkpoint.every_steps=2", "log_every=1", "stages.transfer.steps=3", "--method", "lolcats"]) == 0
     out = capsys.readouterr().out
-    assert "linearized (lolcats) and trained 2 LoRA steps" in out and "--- sample ---" in out
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["steps"] for r in records if r["kind"] == "attention_transfer"] == [3]
+    assert "linearized (lolcats) and trained 2 steps" in out and "--- sample ---" in out
+    records = [json.loads(line) for line in (run / "stages" / "transfer" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["objective"] for r in records if r["kind"] == "train"] == ["attention_output"] * 3
 
-    student = _load_trained(str(run), []).train_state.model()
-    for layer, source in zip(student.layers, teacher.layers):
+    transferred = load_run(str(run / "stages" / "transfer"))[0]
+    student = load_run(str(run))[0]
+    for layer, source, after_transfer in zip(student.layers, teacher.layers, transferred.layers):
         mixer = layer.self_attn
         assert isinstance(mixer, LolcatsAttention)
-        assert not np.array_equal(mixer.q_map.weight[...], np.broadcast_to(np.eye(16), (2, 16, 16)))  # transferred
+        # Stage 1 moved the feature maps alone; stage 2 started from them and froze them.
+        assert not np.array_equal(mixer.q_map.weight[...], np.broadcast_to(np.eye(16), (2, 16, 16)))
+        np.testing.assert_array_equal(mixer.q_map.weight[...], after_transfer.self_attn.q_map.weight[...])
+        np.testing.assert_array_equal(after_transfer.self_attn.q_proj.kernel[...], source.self_attn.q_proj.kernel[...])
         np.testing.assert_array_equal(mixer.o_proj.base.kernel[...], source.self_attn.o_proj.kernel[...])
         assert np.abs(mixer.o_proj.adapter.lora_b[...]).max() > 0
         assert mixer.o_proj.scale == 2.0  # alpha 16 / rank 8

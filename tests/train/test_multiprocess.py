@@ -1,16 +1,22 @@
-"""A run of 2 local processes x 4 CPU devices joined by `jax.distributed` (loopback only, bounded
-in time): it trains, both processes write its checkpoints, and a single process restores one
-and trains the next steps to the losses the 2-process run logged."""
+"""Runs of 2 local processes x 4 CPU devices joined by `jax.distributed` (loopback only, bounded
+in time): one trains, both processes write its checkpoints, and a single process restores one
+and trains the next steps to the losses the 2-process run logged. Then the faults, as a user
+meets them at the command line: a stop request that reaches one process of two, a second request,
+processes started with different configs, and processes that never start."""
 
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 from cli_env import cli_env
+from seqmix.train.checkpoint import Checkpointer
 from seqmix.train.config import load_train_config
 from seqmix.train.trainer import Trainer
 
@@ -63,3 +69,115 @@ def test_two_processes_train_and_checkpoint_and_one_process_resumes_their_run(tm
     assert sorted(result.losses) == [3, 4]
     for step in (3, 4):
         assert result.losses[step] == pytest.approx(logged[step], rel=1e-5), (step, result.losses, logged)
+
+
+SMALL = ["optim.warmup_steps=1", "log_every=1", "eval_every=100000", "eval_batches=1", "sample_tokens=0",
+         "data.seq_len=32", "checkpoint.every_steps=100000"]
+
+
+def start(run, index: int, port: int, *overrides: str, processes: int = 2, devices: int = 4,
+          options: tuple[str, ...] = ()) -> tuple[subprocess.Popen, object]:
+    """`seqmix train` as process `index` of `processes`, its output in run/../process_{index}.log."""
+    log = run.parent / f"process_{index}.log"
+    command = [sys.executable, "-m", "seqmix.cli", "train", "configs/runs/smoke.yaml", *SMALL, *overrides,
+               f"out_dir={run}", *options]
+    if processes > 1:
+        command += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
+                    "--process-id", str(index)]
+    with open(log, "w") as file:
+        return subprocess.Popen(command, env=cli_env(devices=devices), stdout=file, stderr=subprocess.STDOUT), log
+
+
+def finish(started, timeout: float = 120) -> list[tuple[int, str]]:
+    """Each process's (exit code, output), killing any still running after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    try:
+        for process, _ in started:
+            process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for process, _ in started:
+            process.kill()
+    return [(process.wait(), log.read_text()) for process, log in started]
+
+
+def wait_for_step(started, step: int, timeout: float = 120) -> None:
+    """Until every process has printed the line of `step` (the run is in its loop on all of them)."""
+    deadline = time.monotonic() + timeout
+    while not all(f"step {step}/" in log.read_text() for _, log in started):
+        assert time.monotonic() < deadline and all(p.poll() is None for p, _ in started), \
+            [log.read_text()[-3000:] for _, log in started]
+        time.sleep(0.2)
+
+
+@pytest.mark.faults
+def test_a_stop_request_to_one_process_stops_both_after_the_same_step_with_one_checkpoint(tmp_path):
+    run, port = tmp_path / "run", free_port()
+    started = [start(run, index, port, "steps=100000") for index in range(2)]
+    wait_for_step(started, 2)
+    # A scheduler's SIGTERM to the coordinator alone used to leave both processes waiting forever.
+    started[0][0].send_signal(signal.SIGTERM)
+    results = finish(started)
+    stopped_at = set()
+    for index, (code, output) in enumerate(results):
+        assert code == 128 + signal.SIGTERM, f"process {index}:\n{output[-3000:]}"
+        assert "Traceback" not in output, output[-3000:]
+        lines = [line for line in output.splitlines() if line.startswith("stopped by signal 15 at step ")]
+        assert len(lines) == 1, output[-3000:]
+        stopped_at.add(int(lines[0].split()[6].rstrip(";")))
+    assert "process 0 received SIGTERM: every process stops" in results[1][1]
+    assert len(stopped_at) == 1, stopped_at  # the same step on both
+    step = stopped_at.pop()
+    checkpoints = run / "checkpoints"
+    assert Checkpointer(checkpoints).latest_step() == step
+    assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [step]  # one checkpoint
+    names = sorted(p.name for p in (checkpoints / str(step) / "data").glob("process_*"))
+    assert names == ["process_0-of-2.json", "process_1-of-2.json"], names
+
+
+@pytest.mark.faults
+def test_a_second_stop_request_exits_at_once_without_a_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    started = [start(run, 0, 0, "steps=100000", processes=1, devices=1)]
+    wait_for_step(started, 2)
+    # Two different signals, so that the kernel cannot merge them into one pending signal (it may
+    # deliver them in either order).
+    os.kill(started[0][0].pid, signal.SIGINT)
+    os.kill(started[0][0].pid, signal.SIGTERM)
+    [(code, output)] = finish(started, timeout=30)
+    assert code - 128 in (signal.SIGINT, signal.SIGTERM), output[-3000:]
+    second = signal.Signals(code - 128)
+    assert f"second stop request ({second.name}): exiting now without a checkpoint" in output, output[-3000:]
+    assert "Traceback" not in output and "stopped by signal" not in output, output[-3000:]
+    assert Checkpointer(run / "checkpoints").latest_step() is None
+
+
+@pytest.mark.faults
+def test_processes_started_with_different_configs_are_refused_on_every_process(tmp_path):
+    run, port = tmp_path / "run", free_port()
+    started = [start(run, 0, port, "steps=4"), start(run, 1, port, "steps=5")]
+    for index, (code, output) in enumerate(finish(started)):
+        assert code == 2, f"process {index}:\n{output[-3000:]}"
+        assert "seqmix: error: steps: process 0 has 4, process 1 has 5" in output, output[-3000:]
+        # gloo (the CPU collectives) prints a line as each process group forms: not seqmix's to silence.
+        lines = [line for line in output.splitlines() if not line.startswith("[Gloo]")]
+        assert "Traceback" not in output and len(lines) == 1, output[-3000:]
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+
+
+@pytest.mark.faults
+def test_a_process_that_never_starts_is_named_with_the_coordinator(tmp_path):
+    port, lone_port = free_port(), free_port()
+    # Process 2 waits longer than process 0, so that it surely hears process 0's verdict, however
+    # unevenly the loaded machine starts them; both name process 1.
+    started = [start(tmp_path / "run", index, port, processes=3, options=("--startup-timeout", wait))
+               for index, wait in ((0, "3"), (2, "30"))]
+    # And a process whose coordinator (process 0) never starts.
+    (tmp_path / "alone").mkdir()
+    started.append(start(tmp_path / "alone" / "run", 1, lone_port, options=("--startup-timeout", "3")))
+    results = finish(started, timeout=60)
+    for index, (code, output) in enumerate(results):
+        assert code == 2, output[-3000:]
+        assert "Traceback" not in output and len(output.splitlines()) <= 2, output[-3000:]
+    for _, output in results[:2]:
+        assert f"process(es) 1 of 3 did not join the run at the coordinator 127.0.0.1:{port}" in output, output
+    assert f"process 1 found no coordinator at 127.0.0.1:{lone_port} (process 0) within 3 s" in results[2][1]

@@ -12,6 +12,8 @@ from seqmix.configuration import ConfigError
 from seqmix.files import write_atomically
 from seqmix.train.metrics import MetricsLog, plot_loss, read_metrics
 
+pytestmark = pytest.mark.faults  # the fault suite: pytest -m faults
+
 
 def test_a_torn_metrics_line_is_closed_skipped_and_the_plot_still_draws(tmp_path):
     path = tmp_path / "metrics.jsonl"

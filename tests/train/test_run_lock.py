@@ -15,6 +15,8 @@ from cli_env import cli_env
 from seqmix.configuration import ConfigError
 from seqmix.train.run_lock import LOCK_FILE, run_lock
 
+pytestmark = pytest.mark.faults  # the fault suite: pytest -m faults
+
 SMOKE = "configs/runs/smoke.yaml"
 
 

@@ -157,7 +157,7 @@ class Setup:
             batch = to_global(stacked, batch_sharding(mesh, leading_dims=1))
             step = make_train_step(train_state, mesh, compute_dtype)
             # A fresh device copy: the step donates its input state.
-            new_state, metrics = step(jax.device_put(host_init, train_state.shardings), batch)
+            new_state, metrics = step(jax.device_put(host_init, train_state.shardings), batch, None)
             self._results[key] = (host_init, jax.device_get(new_state), jax.device_get(metrics), step)
         return self._results[key][:3]
 
@@ -385,7 +385,7 @@ def test_trainer_checkpoint_restores_onto_other_meshes(tmp_path):
     losses = []
     for run, batch in zip(runs, batches):
         placed = to_global(batch, batch_sharding(run.mesh, leading_dims=1))
-        _, metrics = run.train_step(run.train_state.state, placed)
+        _, metrics = run.train_step(run.train_state.state, placed, None)
         losses.append(float(metrics["loss"]))
     assert np.isfinite(losses[0])
     for loss in losses[1:]:

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,11 +11,14 @@ import time
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
+import seqmix
 from cli_env import cli_env
 from seqmix.cli import main
 from seqmix.train.checkpoint import Checkpointer
 from seqmix.train.config import DataConfig, load_train_config
+from seqmix.train.data import prepare_shakespeare
 from seqmix.train.inputs import load_corpus
 from seqmix.train.trainer import Trainer, TrainingError
 
@@ -123,8 +127,39 @@ def test_sigterm_saves_a_restorable_checkpoint(tmp_path, corpus):
     assert trainer.step == saved
 
 
+# `seqmix generate` with the trainer and its train step made unusable: it must need neither.
+NO_TRAINER = """import sys, seqmix.train.step as step, seqmix.train.trainer as trainer
+def refuse(*args, **kwargs):
+    raise AssertionError("generate built a Trainer or a train step")
+step.make_train_step = trainer.make_train_step = trainer.Trainer.__init__ = refuse
+from seqmix.cli import main
+sys.exit(main(sys.argv[1:]))"""
+
+
 def test_cli_generate_eval_and_errors(tmp_path, corpus, capsys):
-    single_device_trainer(smoke_config(tmp_path, "steps=5", "sample_tokens=0"), corpus).run()
+    """On a files-corpus run whose training file is deleted after training: generate and eval read
+    the run's config, its newest checkpoint's parameters and (eval) the held-out file alone."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train", "valid"):  # the corpus fixture's documents, as files
+        shutil.copy(prepare_shakespeare(DataConfig().cache_dir) / f"{name}.jsonl", data)
+    trainer = single_device_trainer(smoke_config(tmp_path, "steps=5", "sample_tokens=0", "data.corpus=files",
+                                                 f"data.train_files=[{data / 'train.jsonl'}]",
+                                                 f"data.eval_files=[{data / 'valid.jsonl'}]"), corpus)
+    trainer.run()
+    (data / "train.jsonl").unlink()
+    done = subprocess.run([sys.executable, "-c", NO_TRAINER, "generate", str(tmp_path), "--prompt", "KING",
+                           "--max-new-tokens", "4"], env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("KING") and f"loaded step 5 of {tmp_path}" in done.stderr
+    # seqmix.load_run: the trained parameters, the same logits.
+    model, config = seqmix.load_run(tmp_path)
+    assert config.data.train_files == [str(data / "train.jsonl")]
+    trained = trainer.train_state.model()
+    for loaded, saved in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(trained))):
+        np.testing.assert_array_equal(loaded, saved)
+    tokens = np.asarray([corpus.tokenizer.encode("KING RICHARD III")], np.int32)
+    np.testing.assert_allclose(model(tokens), trained(tokens), rtol=1e-5, atol=1e-5)
     assert main(["generate", str(tmp_path / "checkpoints"), "--prompt", "KING", "--max-new-tokens", "12",
                  "--temperature", "0"]) == 0
     text = capsys.readouterr().out

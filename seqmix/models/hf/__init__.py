@@ -6,8 +6,8 @@ layer pattern) goes to and from seqmix's own format (`seqmix_format`) through th
 `from_pretrained`, and `export_pretrained` picks the format."""
 
 from seqmix.models.hf.checkpoint import (CHECKPOINT_PARAMS, FAMILIES, config_from_hf, export_pretrained,
-                                         from_pretrained, hf_config, read_weights, save_pretrained, teacher_of)
+                                         from_pretrained, hf_config, pretrained_config, read_weights, save_pretrained)
 from seqmix.models.hf.tensors import CheckpointError
 
 __all__ = ["CHECKPOINT_PARAMS", "FAMILIES", "CheckpointError", "config_from_hf", "export_pretrained",
-           "from_pretrained", "hf_config", "read_weights", "save_pretrained", "teacher_of"]
+           "from_pretrained", "hf_config", "pretrained_config", "read_weights", "save_pretrained"]

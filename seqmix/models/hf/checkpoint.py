@@ -187,6 +187,15 @@ def _abstract_model(directory: Path) -> tuple[ModelConfig, nnx.GraphDef, nnx.Sta
     return config, graphdef, params
 
 
+def pretrained_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of the model in checkpoint directory `path` (either format), tensors unread."""
+    directory = Path(path)
+    document = read_config(directory)
+    if document.get("model_type") == seqmix_format.MODEL_TYPE:
+        return seqmix_format.described_config(directory, document)
+    return config_from_hf(document, str(directory / "config.json"))
+
+
 def from_pretrained(path: str | os.PathLike, dtype=jnp.float32) -> LanguageModel:
     """A seqmix LanguageModel with the weights of a local checkpoint directory, a Hugging Face one
     (any model_type of `FAMILIES`) or one in seqmix's own format (`seqmix_format`), parameters
@@ -197,26 +206,6 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32) -> LanguageModel
         return seqmix_format.load_seqmix(directory, document, dtype)
     config, graphdef, params = _abstract_model(directory)
     return nnx.merge(graphdef, read_weights(path, params, config, dtype=dtype))
-
-
-def teacher_of(student: LanguageModel, path: str | os.PathLike) -> LanguageModel:
-    """The attention model of checkpoint directory `path` built on `student`'s own arrays: each of
-    its parameters is the student's of the same torch name (a LoRA-wrapped projection's base;
-    adapters and a conversion's new parameters are not teacher weights). For a conversion
-    initialised from `path` whose base weights have not trained yet, this is `from_pretrained(path)`
-    without reading the tensors again or holding a second copy of them."""
-    _, graphdef, params = _abstract_model(Path(path))
-    taught = nnx.to_flat_state(nnx.state(student, CHECKPOINT_PARAMS))
-    arrays = {torch_name(param_path)[0]: variable.get_value() for param_path, variable in taught}
-    shared = []
-    for param_path, variable in nnx.to_flat_state(params):
-        name = torch_name(param_path)[0]
-        array = arrays.get(name)
-        if array is None or array.shape != variable.shape:
-            found = "absent" if array is None else f"of shape {array.shape}"
-            raise CheckpointError(f"{path}: tensor {name} {variable.shape} of the teacher is {found} in the student")
-        shared.append((param_path, variable.replace(value=array)))
-    return nnx.merge(graphdef, nnx.from_flat_state(shared))
 
 
 def save_pretrained(model: LanguageModel, config: ModelConfig, path: str | os.PathLike, dtype=jnp.float32,

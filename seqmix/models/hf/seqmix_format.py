@@ -78,19 +78,24 @@ def save_seqmix(model: LanguageModel, config: ModelConfig, path: str | Path, dty
     write_atomically(directory, "config.json", lambda file: Path(file).write_text(json.dumps(document, indent=2) + "\n"))
 
 
-def load_seqmix(directory: Path, document: dict[str, Any], dtype=jnp.float32) -> LanguageModel:
-    """The model of a directory in this format whose config.json is `document`, parameters in
-    `dtype`. A config or tensor that does not fit names the file and the key or tensor."""
-    config_file, tensor_file = directory / "config.json", directory / TENSOR_FILE
+def described_config(directory: Path, document: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig that `document`, the config.json of `directory` in this format, describes."""
+    config_file = directory / "config.json"
     if document.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{config_file}: format_version {document.get('format_version')!r}; this seqmix reads "
                               f"format_version {FORMAT_VERSION}")
     if not isinstance(document.get("model"), dict):
         raise CheckpointError(f"{config_file}: \"model\" must be the model's config, a JSON object")
     try:
-        config = build(ModelConfig, document["model"], "model")
+        return build(ModelConfig, document["model"], "model")
     except ConfigError as err:
         raise CheckpointError(f"{config_file}: {err}") from err
+
+
+def load_seqmix(directory: Path, document: dict[str, Any], dtype=jnp.float32) -> LanguageModel:
+    """The model of a directory in this format whose config.json is `document`, parameters in
+    `dtype`. A config or tensor that does not fit names the file and the key or tensor."""
+    config, tensor_file = described_config(directory, document), directory / TENSOR_FILE
     if not tensor_file.exists():
         raise CheckpointError(f"{directory}: no {TENSOR_FILE}")
     graphdef, params = nnx.split(nnx.eval_shape(lambda: LanguageModel(config, rngs=nnx.Rngs(0))))

@@ -21,23 +21,33 @@ def read_documents(paths: list[str], text_field: str = "text") -> list[str]:
     skipped. Raises DataError, naming the file (and line), when an entry matches no file, a file
     yields no non-empty document, is not valid UTF-8, or lacks the field or column.
     """
-    documents = []
+    return [doc for file in expand_paths(paths) for doc in read_file(file, text_field)]
+
+
+def expand_paths(paths: list[str]) -> list[str]:
+    """The files that `paths` (files or glob patterns, `**` recursing) name, in order, the matches
+    of each pattern sorted; DataError when an entry matches no file."""
+    files = []
     for pattern in paths:
-        files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
-        if not files:
+        matches = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+        if not matches:
             raise DataError(f"{pattern}: matches no file")
-        for file in files:
-            if file.endswith(".parquet"):
-                docs = _read_parquet(file, text_field)
-            elif file.endswith(".jsonl"):
-                docs = _read_jsonl(file, text_field)
-            else:
-                docs = [_decode(file, _read_bytes(file))]
-            docs = [d for d in docs if d.strip()]
-            if not docs:
-                raise DataError(f"{file}: contains no non-empty document")
-            documents.extend(docs)
-    return documents
+        files.extend(matches)
+    return files
+
+
+def read_file(file: str, text_field: str = "text") -> list[str]:
+    """The non-empty documents of one file, read by its extension as `read_documents` says."""
+    if file.endswith(".parquet"):
+        docs = _read_parquet(file, text_field)
+    elif file.endswith(".jsonl"):
+        docs = _read_jsonl(file, text_field)
+    else:
+        docs = [_decode(file, _read_bytes(file))]
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise DataError(f"{file}: contains no non-empty document")
+    return docs
 
 
 def _read_bytes(file: str) -> bytes:

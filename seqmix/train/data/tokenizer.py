@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Protocol
 
@@ -76,3 +77,15 @@ def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
     if spec == "byte":
         return ByteTokenizer()
     return HFTokenizer(spec)
+
+
+def tokenizer_sha256(spec: str) -> str:
+    """The identity of a tokenizer, as hex SHA-256: of the tokenizer.json file's bytes, or of the
+    string "byte" for the byte tokenizer. A pre-tokenized corpus records it, so that a run reading
+    the corpus with another tokenizer fails instead of training on ids that mean other text."""
+    if spec == "byte":
+        return hashlib.sha256(b"byte").hexdigest()
+    try:
+        return hashlib.sha256(Path(spec).read_bytes()).hexdigest()
+    except OSError as e:
+        raise DataError(f"{spec}: cannot read tokenizer: {e.strerror}") from e
