@@ -31,11 +31,11 @@ train: $(VENV)/.train-installed
 	$(BIN)/seqmix train $(RUN) --resume
 
 # pytest exits 5 when it collects no tests: make reports that as a failure like any other.
-# Three processes, not one: XLA:CPU maps each compiled program's code into its process, and the
-# whole suite in one process passes the kernel's limit on memory maps (vm.max_map_count, 65530)
-# and crashes inside a late compilation. They run side by side, so that both cores of a small
-# machine stay busy (compiling is mostly single-threaded); each writes its own log, printed in
-# order when all have finished, and the first failing group's status is make's.
+# Three processes, side by side, so that both cores of a small machine stay busy (compiling is
+# mostly single-threaded); each drops its compiled programs after every test module
+# (tests/conftest.py), which keeps it under the kernel's limit on memory maps (vm.max_map_count).
+# Each writes its own log, printed in order when all have finished, and the first failing group's
+# status is make's.
 # The groups are balanced by measured time (fresh clones of 2026-12-02: with models beside train
 # 15:11 / 14:11 / 18:54, then models beside the kernels 17:06 / 17:50 / 19:19 on a slower hour,
 # then the two-process test, about a minute, moved from train to the first group; with issue 21's

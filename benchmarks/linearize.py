@@ -4,7 +4,7 @@ Llama-style teacher on the embedded corpus, export it in the Hugging Face format
 loss, multiple choice, generation agreement with the teacher, pass-key retrieval and decoding cost.
 
     python benchmarks/linearize.py                                   # the table of RESULTS.md
-    python benchmarks/linearize.py --teacher-steps 60 --student-steps 20 --students liger_gla gdn
+    python benchmarks/linearize.py --teacher-steps 60 --student-steps 30 --stage-steps 10 --students liger_gla gdn
 
 Students (each `seqmix linearize TEACHER ...` with the run named, in process):
     liger_gla       --method liger_gla, LoRA r8/a8 on q/k/v (configs/runs/linearize.yaml)
@@ -14,8 +14,9 @@ Students (each `seqmix linearize TEACHER ...` with the run named, in process):
                     output, hidden states (the converted layers), then KL (the whole model)
     gdn_3to1_selected / gdn_3to1_uniform  the gdn recipe keeping one of the four layers as softmax
                     attention: chosen by layer selection (--select-layers 1) or the last (--keep 3)
-Every student gets --student-steps steps in its last stage (the LoRA or KL stage) and
---stage-steps in each stage before it; "tokens" counts every stage's. Measures, all on held-out
+Every student gets the same budget, --student-steps steps of 8 x 256 tokens in all: --stage-steps
+in each stage before the last (LoLCATs' transfer, the distilled students' attention and hidden
+stages) and the rest in the last (LoRA or KL); "tokens" counts every stage's. Measures, all on held-out
 text the runs never trained on: held-out loss (nats/byte) over --eval-batches batches; "MC": a
 cloze task built from the held-out text (a 192-byte context, its true next 32 bytes against three
 32-byte pieces from elsewhere); "agreement": greedy continuations of 64 prompts of 64 bytes against
@@ -117,7 +118,7 @@ def tokens_used(run: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher-steps", type=int, default=600)
-    parser.add_argument("--student-steps", type=int, default=300)
+    parser.add_argument("--student-steps", type=int, default=500, help="steps of each student, all stages")
     parser.add_argument("--stage-steps", type=int, default=100, help="steps of each stage before the last")
     parser.add_argument("--eval-batches", type=int, default=16)
     parser.add_argument("--needle", type=int, nargs="+", default=[128, 256, 512])
@@ -145,18 +146,18 @@ def main() -> None:
     for name in args.students:
         run = work / name
         start = time.perf_counter()
-        budget = [f"steps={args.student_steps}", f"eval_every={args.student_steps}",
-                  f"checkpoint.every_steps={args.student_steps}",
-                  f"optim.warmup_steps={min(30, args.student_steps // 10)}"]
+        last = args.student_steps - args.stage_steps * (2 if "configs/runs/distill.yaml" in STUDENTS[name] else
+                                                         1 if name == "lolcats" else 0)
+        budget = [f"steps={last}", f"eval_every={last}", f"checkpoint.every_steps={args.student_steps}",
+                  f"optim.warmup_steps={min(30, last // 10)}"]
         if "configs/runs/distill.yaml" in STUDENTS[name]:
             budget = [f"steps={args.stage_steps}", f"eval_every={args.stage_steps}",
-                      f"checkpoint.every_steps={max(args.stage_steps, args.student_steps)}",
+                      f"checkpoint.every_steps={args.student_steps}",
                       f"optim.warmup_steps={min(10, args.stage_steps // 10)}",
                       "stages=[{name: attention, distill: {loss: attention_output, train: converted}}, "
                       "{name: hidden, distill: {loss: hidden_states, train: converted}}, "
-                      f"{{name: kl, steps: {args.student_steps}, eval_every: {args.student_steps}, "
-                      f"optim: {{lr: 3.0e-4, warmup_steps: {min(30, args.student_steps // 10)}}}, "
-                      "distill: {loss: kl}}]"]
+                      f"{{name: kl, steps: {last}, eval_every: {last}, "
+                      f"optim: {{warmup_steps: {min(30, last // 10)}}}, distill: {{loss: kl}}}}]"]
         elif name == "lolcats":
             budget.append(f"stages.transfer.steps={args.stage_steps}")
         assert seqmix(["linearize", str(work / "teacher_hf"), *STUDENTS[name], f"out_dir={run}", *budget,
@@ -169,7 +170,7 @@ def main() -> None:
 
     teacher_loss = rows["teacher (softmax attention)"]["loss"]
     print(f"\nLinearization on CPU (jax {jax.__version__}): teacher transformer_small, {args.teacher_steps} steps; "
-          f"students: {args.student_steps} steps in the last stage, {args.stage_steps} in each before it; "
+          f"students: {args.student_steps} steps in all, {args.stage_steps} in each stage before the last; "
           f"held-out nats/byte over {args.eval_batches} batches; needle at {args.needle}; decoding at "
           f"{args.context} tokens of context\n")
     print("| model | tokens | held-out | / teacher | MC acc | agreement (32 B identical) | common prefix (B) | "

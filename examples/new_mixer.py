@@ -1,11 +1,13 @@
 """A new mixer in one file, outside the package: linear attention with a learned, data-dependent
-decay per head (log a = logsigmoid(x W_a + 4)), trained by the stock trainer.
+decay per head (log a = logsigmoid(x W_a + 4)). `new_mixer.yaml` beside it names this file in
+`model.imports`, so the stock command line trains, samples from and evaluates a model of it:
 
-    python examples/new_mixer.py steps=50 out_dir=runs/new_mixer
+    seqmix train examples/new_mixer.yaml
+    seqmix generate runs/new_mixer --prompt "ROMEO:"
+    seqmix eval runs/new_mixer
 """
 
 import dataclasses
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +16,6 @@ import seqmix
 from seqmix.layers.linear import projection
 from seqmix.mixers.recurrent import RecurrentMixer
 from seqmix.pallas_kernels.gla import chunk_gla, gla_step
-from seqmix.train.config import load_train_config
-from seqmix.train.trainer import train
 
 
 @dataclasses.dataclass
@@ -43,8 +43,3 @@ class DecayingAttention(RecurrentMixer):
         out, cache = self.recur(chunk_gla, gla_step, dict(q=q, k=k, v=v, log_a=log_a), cache, segment_ids)
         return self.output(out, x), cache
 
-
-if __name__ == "__main__":
-    overrides = ["model.layer_pattern=[decaying_attention]", "model.mixers={}", "out_dir=runs/new_mixer"]
-    result = train(load_train_config("configs/runs/smoke.yaml", overrides + sys.argv[1:]))
-    print(f"trained {result.step} steps, held-out loss {result.eval_loss:.3f} (unigram {result.unigram_loss:.3f})")

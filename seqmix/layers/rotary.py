@@ -62,3 +62,11 @@ def apply_rotary(x: jax.Array, positions: jax.Array, theta: float, scaling: Rope
     x1, x2 = jnp.split(x[..., :rotary_dim].astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
     return rotated if rotary_dim == x.shape[-1] else jnp.concatenate([rotated, x[..., rotary_dim:]], axis=-1)
+
+
+def row_positions(positions: jax.Array | None, batch: int, length: int) -> jax.Array:
+    """The positions a mixer rotates by: positions [B, T] int as given, else each token's index in
+    its row, 0..T-1 (the model passes per-segment positions for packed rows, `models.lm`)."""
+    if positions is not None:
+        return positions
+    return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))

@@ -29,7 +29,7 @@ from seqmix.configuration import require
 from seqmix.layers.linear import projection
 from seqmix.layers.norms import RMSNorm
 from seqmix.layers.partitioning import constrained
-from seqmix.layers.rotary import apply_rotary
+from seqmix.layers.rotary import apply_rotary, row_positions
 from seqmix.mixers.registry import register_mixer
 
 
@@ -217,8 +217,7 @@ class Attention(nnx.Module):
         segment_ids only mark padding (0, e.g. left-padded prompts), which no token attends to.
         """
         batch, length, _ = x.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        positions = row_positions(positions, batch, length)
         queries = self.q_proj(x).reshape(batch, length, -1, self.head_dim * (2 if self.output_gate else 1))
         q = self._rotated(queries[..., :self.head_dim], self.q_norm, positions)
         k = self._rotated(self._heads(self.k_proj(x) * self.key_multiplier), self.k_norm, positions)

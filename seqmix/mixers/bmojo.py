@@ -49,7 +49,7 @@ from flax import nnx, struct
 
 from seqmix.configuration import require
 from seqmix.layers.linear import projection
-from seqmix.layers.rotary import apply_rotary
+from seqmix.layers.rotary import apply_rotary, row_positions
 from seqmix.mixers.recurrent import RecurrentCache, RecurrentMixer, decay_parameters
 from seqmix.mixers.registry import register_mixer
 from seqmix.pallas_kernels.gla import chunk_gla, gla_step
@@ -173,8 +173,7 @@ class BMojo(RecurrentMixer):
         mark padding, which is never elected and changes no state.
         """
         batch, length, _ = x.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        positions = row_positions(positions, batch, length)
         q, k, v, c, f = (self.split_heads(proj(x)) for proj in
                          (self.q_proj, self.k_proj, self.v_proj, self.c_proj, self.f_proj))
         dt = jax.nn.softplus(self.dt_proj(x).astype(jnp.float32) + self.dt_bias[...])  # [B, T, H]

@@ -34,7 +34,7 @@ from flax import nnx
 
 from seqmix.configuration import require
 from seqmix.layers import feature_maps
-from seqmix.layers.rotary import apply_rotary
+from seqmix.layers.rotary import apply_rotary, row_positions
 from seqmix.mixers.attention import Attention, AttentionConfig
 from seqmix.mixers.recurrent import RecurrentMixer, WindowedRecurrentCache
 from seqmix.mixers.registry import register_mixer
@@ -71,8 +71,7 @@ class LigerAttention(Attention, RecurrentMixer):
         segment_ids then only mark padding, which neither branch reads.
         """
         batch, length, _ = x.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        positions = row_positions(positions, batch, length)
         q, k, v = (self._heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         recurrent_out, recurrent_cache = self.recur(
             functools.partial(chunk_gla, scale=1.0), functools.partial(gla_step, scale=1.0),

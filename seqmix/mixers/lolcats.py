@@ -43,7 +43,7 @@ from flax import nnx
 
 from seqmix.configuration import require
 from seqmix.layers.feature_maps import Hedgehog
-from seqmix.layers.rotary import apply_rotary
+from seqmix.layers.rotary import apply_rotary, row_positions
 from seqmix.layers.transfer import TransferParam
 from seqmix.mixers.attention import Attention, AttentionConfig, KVCache, attention_mask, grouped_logits, ring_window
 from seqmix.mixers.recurrent import RecurrentMixer, WindowedRecurrentCache
@@ -85,8 +85,7 @@ class LolcatsAttention(Attention, RecurrentMixer):
         segment_ids then only mark padding, which no token attends to.
         """
         batch, length, _ = x.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        positions = row_positions(positions, batch, length)
         rotate = functools.partial(apply_rotary, positions=positions, theta=self.rope_theta, scaling=self.rope_scaling)
         q, k = rotate(self._heads(self.q_proj(x))), rotate(self._heads(self.k_proj(x)))
         v = self._heads(self.v_proj(x))

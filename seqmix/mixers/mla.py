@@ -27,7 +27,7 @@ from flax import nnx
 from seqmix.configuration import require
 from seqmix.layers.linear import projection
 from seqmix.layers.norms import RMSNorm
-from seqmix.layers.rotary import apply_rotary
+from seqmix.layers.rotary import apply_rotary, row_positions
 from seqmix.mixers.attention import KVCache, appended, attention_mask, softmax_attention
 from seqmix.mixers.registry import register_mixer
 
@@ -92,8 +92,7 @@ class MultiHeadLatentAttention(nnx.Module):
         """x [B, T, D]; segment_ids, positions [B, T] int32. Returns (y [B, T, D], cache): as
         `Attention`, with a cache of latents (`init_cache`)."""
         batch, length, _ = x.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        positions = row_positions(positions, batch, length)
         q = self._queries(x).reshape(batch, length, self.heads, self.nope_dim + self.rope_dim)
         q_nope, q_rope = q[..., :self.nope_dim], self._rotated(q[..., self.nope_dim:], positions)
         compressed = self.kv_a_proj_with_mqa(x)

@@ -16,7 +16,7 @@ from flax import nnx
 
 from seqmix.configuration import require
 from seqmix.layers.linear import projection
-from seqmix.layers.rotary import apply_rotary
+from seqmix.layers.rotary import apply_rotary, row_positions
 from seqmix.mixers.recurrent import RecurrentCache, RecurrentMixer
 from seqmix.mixers.registry import register_mixer
 from seqmix.pallas_kernels.gla import chunk_gla, gla_step
@@ -53,8 +53,7 @@ class MultiScaleRetention(RecurrentMixer):
         """x [B, T, D]; segment_ids [B, T] (0 = padding) or None; positions [B, T] int32 (default:
         0..T-1 in every row). Returns (y [B, T, D], cache)."""
         batch, length, _ = x.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        positions = row_positions(positions, batch, length)
         q = apply_rotary(self.split_heads(self.q_proj(x)), positions, self.rope_theta, self.rope_scaling)
         k = apply_rotary(self.split_heads(self.k_proj(x)), positions, self.rope_theta, self.rope_scaling)
         v = self.split_heads(self.v_proj(x))

@@ -11,6 +11,7 @@ from seqmix.layers.moe import MoEConfig
 from seqmix.layers.rotary import RopeScaling
 from seqmix.mixers import get_mixer
 from seqmix.mixers.registry import MixerSpec
+from seqmix.plugins import import_all
 
 
 @dataclasses.dataclass
@@ -36,8 +37,15 @@ class ModelConfig:
     of a registered mixer with default options, e.g.
     `layer_pattern: [local, local, local, global]` with
     `mixers: {local: {type: attention, sliding_window: 64}, global: {type: attention}}`.
+
+    `imports` lists modules (`my_pkg.my_mixers`) or Python files (`my_mixer.py`) that register
+    mixers of the user's (`seqmix.plugins`), imported before the layer pattern is read. They belong
+    to the model, not the run, because what builds a model needs them: a run's config.yaml records
+    them (files made absolute by `load_train_config`), so generate, eval and export import them
+    again, and so does a seqmix-format export's config.json for `from_pretrained`.
     """
 
+    imports: list[str] = dataclasses.field(default_factory=list)  # code registering mixers of the user's
     vocab_size: int = 256
     d_model: int = 256
     n_layers: int = 4
@@ -102,6 +110,7 @@ class ModelConfig:
         return [kind for kind in dict.fromkeys(self.layer_pattern) if not causal(self.mixer(kind)[1])]
 
     def validate(self, path: str) -> None:
+        import_all(self.imports, f"{path}.imports" if path else "imports")  # before any mixer is looked up
         for key in ("vocab_size", "d_model", "n_layers", "n_heads"):
             require(getattr(self, key) > 0, path, key, f"must be positive, got {getattr(self, key)}")
         require(self.head_dim is not None or self.d_model % self.n_heads == 0, path, "d_model",
@@ -153,7 +162,7 @@ def architecture_differences(saved: ModelConfig, model: ModelConfig) -> list[str
     def plain(config):  # the defaults that None stands for resolved, so that None and its value agree
         resolved = {"n_kv_heads": config.kv_heads, "head_dim": config.dim_per_head, "mlp_hidden": config.mlp_width}
         return {field.name: resolved.get(field.name, getattr(config, field.name)) for field in dataclasses.fields(config)
-                if field.name not in (*_TRAINING_ONLY_OPTIONS, "layer_pattern", "mixers")}
+                if field.name not in (*_TRAINING_ONLY_OPTIONS, "imports", "layer_pattern", "mixers")}
 
     ours, theirs = plain(model), plain(saved)
     differences = [f"{key}: saved {theirs[key]!r}, model {ours[key]!r}" for key in theirs if ours[key] != theirs[key]]

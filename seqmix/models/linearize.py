@@ -67,14 +67,14 @@ def linearized_config(config: ModelConfig, method: str, *, keep: Sequence[int] =
             continue
         converted = f"{method}_{kind}"  # one converted kind per source kind keeps its q/k/v biases
         kinds.append(converted)
+        for key, plain in _UNCARRIED.items():  # a conversion without them would compute something else
+            if getattr(options, key) != plain:
+                raise ConfigError(f"linearize {method}: the teacher's attention ({kind}) has {key} "
+                                  f"{getattr(options, key)!r}, which no conversion carries over")
         if method in METHODS:
             mixers[converted] = {**METHODS[method], "qkv_bias": options.qkv_bias}
-            continue
-        for key, plain in _UNCARRIED.items():
-            if getattr(options, key) != plain:
-                raise ConfigError(f"linearize --student {method}: the teacher's attention ({kind}) has {key} "
-                                  f"{getattr(options, key)!r}, which no student carries over")
-        mixers[converted] = {"type": "student", "mixer": method, "qkv_bias": options.qkv_bias}
+        else:
+            mixers[converted] = {"type": "student", "mixer": method, "qkv_bias": options.qkv_bias}
     return build(ModelConfig, {**to_dict(config), "layer_pattern": kinds, "mixers": mixers}, "linearize")
 
 

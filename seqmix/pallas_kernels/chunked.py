@@ -15,6 +15,7 @@ from jax import lax
 
 from seqmix.pallas_kernels.grouped_heads import repeat_to_value_heads
 from seqmix.pallas_kernels.segments import initial_state_or_zeros, padded_groups, reset_groups, zero_padded
+from seqmix.pallas_kernels.tile_math import eye
 
 CHUNK_AXIS = 3
 
@@ -101,13 +102,14 @@ def gate_cotangent(d_to_here, d_to_end, d_total):
     return prefix_sums(d_to_here, reverse=True) + shift(prefix_sums(d_to_end), 1) + d_total
 
 
+def as_row_scale(decay):
+    """A chunk's decay [..., 1, W] -> [..., W, 1], scaling the rows (keys) of [K,V] states."""
+    return jnp.swapaxes(decay, -1, -2)
+
+
 def to_width(x, width: int):
     """A per-key cotangent [..., K] summed to a gate's width W (1 for a per-head gate, else K)."""
     return jnp.sum(x, axis=-1, keepdims=True) if width == 1 else x
-
-
-def eye(size: int):
-    return lax.broadcasted_iota(jnp.int32, (size, size), 0) == lax.broadcasted_iota(jnp.int32, (size, size), 1)
 
 
 # Largest decay of a chunk (nats) for which a factored form exp(G_i - G_j) = exp(G_i) exp(-G_j) is
@@ -134,41 +136,6 @@ def head_decay(to_here, earlier):
         return jnp.where(eye(to_here.shape[-2]), 1.0, jnp.exp(exponent))
 
     return lax.cond(jnp.min(to_here) >= -FACTORED_SPAN_LIMIT, factored, exact, to_here, earlier)
-
-
-def _small_product(a, b):
-    """[..., w, w] x [..., w, w] as an elementwise product and sum: batched dots of tiles this small
-    run on XLA's generic CPU path, where the 4x4 level alone cost 10% of the fwd+bwd time."""
-    return jnp.sum(a[..., :, :, None] * b[..., None, :, :], axis=-2)
-
-
-def unit_lower_inverse(system):
-    """(I + L)^-1 of unit lower-triangular [..., C, C] float32 matrices by block doubling: if X_A
-    and X_B invert the diagonal blocks of [[A, 0], [O, B]], its inverse is [[X_A, 0], [-X_B O X_A, X_B]].
-    log2(C) levels of batched [w, w] products on the diagonal blocks' actual sub-blocks (below
-    w = 16 as elementwise products), C^3/3 multiply-adds in all; exact algebra, never powers of L.
-    The delta rule's and DPLR's systems. (The Pallas kernels' `delta.chunk_math` doubles on whole
-    masked tiles instead, as kernels cannot slice a tile.) C that is not a power of two is padded with identity rows, which leave the
-    leading block's inverse as it is."""
-    size, batch = system.shape[-1], system.shape[:-2]
-    padded = 1 << (size - 1).bit_length()
-    if padded != size:
-        pad = [(0, 0)] * len(batch) + [(0, padded - size)] * 2
-        system = jnp.pad(system, pad) + jnp.diag(jnp.arange(padded) >= size).astype(system.dtype)
-    inverse = jnp.ones(batch + (padded, 1, 1), system.dtype)  # the 1x1 diagonal blocks, [.., blocks, w, w]
-    width = 1
-    while width < padded:
-        blocks = padded // (2 * width)
-        tiles = system.reshape(batch + (blocks, 2, width, blocks, 2, width))
-        # O of each diagonal 2w-block: block row 1, block column 0 of the block's own [2, w, 2, w] tiles.
-        lower_left = jnp.moveaxis(jnp.diagonal(tiles[..., :, 1, :, :, 0, :], axis1=-4, axis2=-2), -1, -3)
-        upper, lower = inverse[..., 0::2, :, :], inverse[..., 1::2, :, :]
-        product = _small_product if width <= 8 else mm
-        corner = -product(lower, product(lower_left, upper))
-        inverse = jnp.concatenate([jnp.concatenate([upper, jnp.zeros_like(upper)], axis=-1),
-                                   jnp.concatenate([corner, lower], axis=-1)], axis=-2)
-        width *= 2
-    return inverse[..., 0, :size, :size]
 
 
 @jax.tree_util.register_dataclass

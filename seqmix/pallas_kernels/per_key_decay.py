@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from seqmix.pallas_kernels import chunked
+from seqmix.pallas_kernels.tile_math import eye
 
 def _halves(a):
     """[..., C, D] -> [..., 2, C/2, D]."""
@@ -119,7 +120,7 @@ def products(rows, columns, to_here, earlier):
                                                axis=-1)) for y in columns] for x in rows]
 
     steep = lax.cond(jnp.any(factors.steep), steep_pairs, lambda: jax.tree.map(jnp.zeros_like, factored))
-    diagonal = chunked.eye(chunk)
+    diagonal = eye(chunk)
     return [[jnp.where(diagonal, jnp.sum(x * y, axis=-1, keepdims=True), jnp.where(earlier, p + s, 0.0))
              for y, p, s in zip(columns, by_row, steep_row, strict=True)]
             for x, by_row, steep_row in zip(rows, factored, steep, strict=True)]

@@ -94,6 +94,8 @@ def causal(rows: int, cols: int):
 
 
 def eye(size: int):
+    """[size, size] bool, True on the diagonal: from iotas, so it builds inside kernel bodies too (the
+    XLA paths use this one as well)."""
     return lax.broadcasted_iota(jnp.int32, (size, size), 0) == lax.broadcasted_iota(jnp.int32, (size, size), 1)
 
 

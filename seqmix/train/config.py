@@ -1,7 +1,8 @@
 """The config of a training run: model, data, optimizer, checkpoints, mesh and the loop itself.
 
 A run YAML (`configs/runs/*.yaml`) may give `model` as a mapping or as the path of a model YAML
-(`configs/models/*.yaml`, relative to the run file or to the working directory); a run that
+(`configs/models/*.yaml`, relative to the run file or to the working directory), whose
+`imports` files are found the same way, beside the file that gives the model first; a run that
 starts from a Hugging Face checkpoint (`init_from`) and names no model gets the checkpoint's
 (its config.json). Command-line overrides (`optim.lr=3e-4 model.n_layers=4`) apply after that.
 """
@@ -18,6 +19,7 @@ from seqmix.configuration import ConfigError, apply_overrides, build, load_yaml,
 from seqmix.layers.partitioning import MESH_AXES, rule_problem
 from seqmix.models.config import ModelConfig, architecture_differences
 from seqmix.models.hf import CheckpointError, config_from_hf
+from seqmix.plugins import resolved_files
 
 
 @dataclasses.dataclass
@@ -328,23 +330,35 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     # `model=<file>` swaps the whole model config before `model.<field>=...` refine it.
     refinements = []
     init_from = mapping.get("init_from")
+    model_file = path  # the YAML that gives the model, beside which its relative `imports` files are
     for text in overrides:
         keys, value = parse_override(text)
         if keys == ["model"]:
-            mapping["model"] = value
+            mapping["model"], model_file = value, None
         else:
             refinements.append(text)
             init_from = value if keys == ["init_from"] else init_from
     model = mapping.get("model")
     if isinstance(model, str):
-        mapping["model"] = load_yaml(_resolve_relative(model, path))
+        model_file = _resolve_relative(model, path)
+        mapping["model"] = load_yaml(model_file)
     elif model is None and init_from is not None:
         mapping["model"] = _checkpoint_model(str(init_from))
     apply_overrides(mapping, refinements)
+    _resolve_import_files(mapping, model_file)
     config = build(TrainConfig, mapping)
     if init_from is not None:
         _require_checkpoint_architecture(str(init_from), config.model)
     return config
+
+
+def _resolve_import_files(mapping: dict[str, Any], config_file: Path | None) -> None:
+    """Makes the relative files of `model.imports` absolute, so that the run's recorded config.yaml
+    finds them from anywhere: each, whether the YAML or an override names it, is looked for beside
+    `config_file` (the YAML that gives the model), then in the working directory."""
+    model = mapping.get("model")
+    if isinstance(model, dict) and "imports" in model:
+        model["imports"] = resolved_files(model["imports"], config_file, "model.imports")
 
 
 def _require_checkpoint_architecture(directory: str, model: ModelConfig) -> None:

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import math
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -21,7 +20,6 @@ import numpy as np
 import yaml
 from flax import nnx
 from jax.sharding import Mesh
-from tqdm import tqdm
 
 from seqmix.configuration import ConfigError, build, first_difference, to_dict
 from seqmix.files import write_atomically
@@ -36,6 +34,7 @@ from seqmix.train.evaluate import held_out_loss, to_global
 from seqmix.train.inputs import Corpus, eval_iterator, held_out_tokens, load_corpus, train_iterator
 from seqmix.train.metrics import MetricsLog, plot_loss, read_metrics
 from seqmix.train.optim import make_schedule
+from seqmix.train.progress import Progress
 from seqmix.train.run_lock import run_lock
 from seqmix.train.sampling import sample_text
 from seqmix.train.sharding import batch_sharding, describe, make_mesh
@@ -171,107 +170,107 @@ class Trainer:
         config.steps; the schedule always spans config.steps), then saves, evaluates, samples."""
         config = self.config
         last_step = config.steps if until is None else min(until, config.steps)
-        existing = self.checkpointer.latest_step()
-        if existing is not None and not resume:
-            raise ConfigError(
-                f"out_dir: {self.out_dir} already holds checkpoints (latest step {existing}); "
-                "pass --resume to continue that run or choose another out_dir"
-            )
-        if self.corpus.eval_documents and next(eval_iterator(config.data, self.corpus), None) is None:
-            # Found now, not at the first evaluation after steps that no checkpoint holds yet.
-            raise DataError(f"data.eval_files: the held-out documents ({len(held_out_tokens(self.corpus))} tokens) "
-                            f"do not fill one batch of {config.data.batch_size} rows of {config.data.seq_len} "
-                            "tokens; give more held-out text or a smaller data.batch_size or data.seq_len")
-        if resume and existing is None and (self.out_dir / "metrics.jsonl").is_file() and read_metrics(self.out_dir / "metrics.jsonl"):
-            raise ConfigError(f"--resume: {self.out_dir} holds the metrics of an earlier run but no checkpoint in "
-                              f"{self.checkpointer.directory} (deleted?), so nothing to resume from; remove "
-                              "metrics.jsonl to start afresh there, or choose another out_dir")
-        if resume and existing is not None:
+        self._refuse_a_bad_start(resume)
+        if resume and self.checkpointer.latest_step() is not None:
             self.restore_latest()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        writer = jax.process_index() == 0  # of several processes, one writes the run's files
-        if writer:
-            write_atomically(self.out_dir, "config.yaml",
-                             lambda file: Path(file).write_text(yaml.safe_dump(to_dict(config), sort_keys=False)))
-        unigram = unigram_entropy(self.corpus.train_documents, self.corpus.tokenizer)
-        log = MetricsLog(self.out_dir / "metrics.jsonl" if writer else None)
-        print(
-            f"seqmix: {jax.device_count()} device(s), mesh {describe(self.mesh)}, "
-            f"{_count_params(self.train_state)/1e6:.2f}M parameters, unigram baseline {unigram:.3f} nats/token",
-            file=sys.stderr,
-        )
-        losses, skipped, consecutive_bad, eval_loss = {}, 0, 0, None
-        start_step = self.step
-        tokens_since, time_since = 0.0, time.perf_counter()
-        bar = tqdm(total=last_step, initial=self.step, disable=not sys.stderr.isatty(), unit="step")
+        progress, unigram = self._start_run_files(last_step)
+        start_step, losses, eval_loss, stop_signal = self.step, {}, None, None
+        self._skipped = self._consecutive_nonfinite = 0
         try:
-            stop_signal = None
             with StopRequests() as stop:
                 # Polled by every process at the top of every step, so that all stop after the same one.
                 while self.step < last_step and (stop_signal := stop.poll()) is None:
                     self.train_state.state, metrics = self.train_step(self.train_state.state, self._next_batch(),
                                                                          self.teacher_state)
                     self.step += 1
-                    loss, finite = float(metrics["loss"]), bool(metrics["finite"])
-                    tokens_since += float(metrics["tokens"])
-                    if not finite:
-                        skipped, consecutive_bad = skipped + 1, consecutive_bad + 1
-                        what = _nonfinite_quantity(loss, float(metrics["grad_norm"]))
-                        log.write({"kind": "nonfinite", "step": self.step, "loss": loss, "what": what})
-                        print(f"step {self.step}: non-finite {what}; update skipped", file=sys.stderr)
-                        if consecutive_bad >= config.max_nonfinite_steps:
-                            self.checkpointer.wait()
-                            saved = self.checkpointer.latest_step()
-                            last_good = ("no checkpoint was saved yet" if saved is None else
-                                         f"the checkpoint of step {saved} in {self.checkpointer.directory} holds the "
-                                         "last good state")
-                            raise TrainingError(f"{consecutive_bad} consecutive non-finite steps (up to step "
-                                                f"{self.step}, the last: non-finite {what}); stopping: {last_good}")
+                    if not bool(metrics["finite"]):
+                        self._skip_nonfinite(metrics, progress)
                         continue
-                    consecutive_bad = 0
-                    losses[self.step] = loss
-                    if self.step % config.log_every == 0 or self.step == last_step:
-                        elapsed = time.perf_counter() - time_since
-                        record = {
-                            "kind": "train", "step": self.step, "loss": loss,
-                            "lr": float(self.schedule(self.step - 1)), "grad_norm": float(metrics["grad_norm"]),
-                            "aux_loss": float(metrics["aux_loss"]), "tokens_per_s": tokens_since / max(elapsed, 1e-9),
-                        }
-                        if config.distill is not None:  # "loss" is then the distillation objective's
-                            record["objective"] = config.distill.loss
-                        log.write(record)
-                        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                        if bar.disable:
-                            print(f"step {self.step}/{config.steps} loss {loss:.4f} "
-                                  f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s", file=sys.stderr)
-                        tokens_since, time_since = 0.0, time.perf_counter()
-                    bar.update(1)
+                    self._consecutive_nonfinite = 0
+                    losses[self.step] = float(metrics["loss"])
+                    progress.step(self.step, metrics, record=self.step % config.log_every == 0 or self.step == last_step)
                     if self.step % config.eval_every == 0 or self.step == last_step:
-                        result = self.evaluate()
-                        if result is not None:
-                            eval_loss = result["eval_loss"]
-                            log.write({"kind": "eval", "step": self.step, **result})
-                            print(f"step {self.step}: held-out loss {eval_loss:.4f} "
-                                  f"(perplexity {result['eval_ppl']:.2f})", file=sys.stderr)
+                        eval_loss = self._evaluate_into(progress, eval_loss)
                     if self.step % config.checkpoint.every_steps == 0:
                         self._save()
             if self.step > start_step or stop_signal is not None:
                 self._save()  # skipped by the checkpointer when the periodic save just wrote this step
             self.checkpointer.wait()
         finally:
-            bar.close()
-            log.close()
+            progress.close()
             self.checkpointer.close()
+        return TrainResult(self.step, losses, eval_loss, unigram, self._skipped, stop_signal,
+                           self._finish(stop_signal, unigram), self.out_dir)
+
+    def _refuse_a_bad_start(self, resume: bool) -> None:
+        """What would make the run fail or overwrite something, found before anything is written."""
+        existing, config = self.checkpointer.latest_step(), self.config
+        if existing is not None and not resume:
+            raise ConfigError(f"out_dir: {self.out_dir} already holds checkpoints (latest step {existing}); "
+                              "pass --resume to continue that run or choose another out_dir")
+        if self.corpus.eval_documents and next(eval_iterator(config.data, self.corpus), None) is None:
+            # Found now, not at the first evaluation after steps that no checkpoint holds yet.
+            raise DataError(f"data.eval_files: the held-out documents ({len(held_out_tokens(self.corpus))} tokens) "
+                            f"do not fill one batch of {config.data.batch_size} rows of {config.data.seq_len} "
+                            "tokens; give more held-out text or a smaller data.batch_size or data.seq_len")
+        metrics = self.out_dir / "metrics.jsonl"
+        if resume and existing is None and metrics.is_file() and read_metrics(metrics):
+            raise ConfigError(f"--resume: {self.out_dir} holds the metrics of an earlier run but no checkpoint in "
+                              f"{self.checkpointer.directory} (deleted?), so nothing to resume from; remove "
+                              "metrics.jsonl to start afresh there, or choose another out_dir")
+
+    def _start_run_files(self, last_step: int) -> tuple[Progress, float]:
+        """Writes config.yaml, opens the metrics (process 0 alone writes the run's files), prints
+        the run's banner; (its progress reporter, the unigram baseline in nats/token)."""
+        config, writer = self.config, jax.process_index() == 0
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if writer:
+            write_atomically(self.out_dir, "config.yaml",
+                             lambda file: Path(file).write_text(yaml.safe_dump(to_dict(config), sort_keys=False)))
+        unigram = unigram_entropy(self.corpus.train_documents, self.corpus.tokenizer)
+        print(f"seqmix: {jax.device_count()} device(s), mesh {describe(self.mesh)}, "
+              f"{_count_params(self.train_state)/1e6:.2f}M parameters, unigram baseline {unigram:.3f} nats/token",
+              file=sys.stderr)
+        log = MetricsLog(self.out_dir / "metrics.jsonl" if writer else None)
+        objective = None if config.distill is None else config.distill.loss
+        return Progress(log, start=self.step, total=last_step, steps=config.steps, schedule=self.schedule,
+                        objective=objective), unigram
+
+    def _skip_nonfinite(self, metrics: dict, progress: Progress) -> None:
+        """Reports a step whose update was skipped; stops the run (TrainingError) after
+        max_nonfinite_steps of them in a row."""
+        self._skipped, self._consecutive_nonfinite = self._skipped + 1, self._consecutive_nonfinite + 1
+        what = _nonfinite_quantity(float(metrics["loss"]), float(metrics["grad_norm"]))
+        progress.skipped(self.step, metrics, what)
+        if self._consecutive_nonfinite >= self.config.max_nonfinite_steps:
+            self.checkpointer.wait()
+            saved = self.checkpointer.latest_step()
+            last_good = ("no checkpoint was saved yet" if saved is None else
+                         f"the checkpoint of step {saved} in {self.checkpointer.directory} holds the last good state")
+            raise TrainingError(f"{self._consecutive_nonfinite} consecutive non-finite steps (up to step {self.step}, "
+                                f"the last: non-finite {what}); stopping: {last_good}")
+
+    def _evaluate_into(self, progress: Progress, eval_loss: float | None) -> float | None:
+        """Evaluates on the held-out batches and reports it; the held-out loss (`eval_loss` as it
+        was when the run has no held-out documents)."""
+        result = self.evaluate()
+        if result is None:
+            return eval_loss
+        progress.evaluation(self.step, result)
+        return result["eval_loss"]
+
+    def _finish(self, stop_signal: int | None, unigram: float) -> str | None:
+        """After the last step: the loss plot, and the end-of-run sample (None when stopped by a
+        signal, switched off, or the model is an MLM encoder, which fills in masks rather than
+        continuing text)."""
         if stop_signal is not None:
             print(f"stopped by signal {stop_signal} at step {self.step}; checkpoint saved in "
                   f"{self.checkpointer.directory}", file=sys.stderr)
-        if writer:
+        if jax.process_index() == 0:
             plot_loss(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png", baseline=unigram)
-        sample = None
-        # An MLM run's model is an encoder: it fills in masks, it does not continue text.
-        if stop_signal is None and config.sample_tokens > 0 and config.objective == "next_token":
-            sample = self.sample([config.sample_prompt], config.sample_tokens)[0]
-        return TrainResult(self.step, losses, eval_loss, unigram, skipped, stop_signal, sample, self.out_dir)
+        if stop_signal is None and self.config.sample_tokens > 0 and self.config.objective == "next_token":
+            return self.sample([self.config.sample_prompt], self.config.sample_tokens)[0]
+        return None
 
 
 def _count_params(train_state: TrainState) -> int:

@@ -1,7 +1,9 @@
 """Every registered mixer, in a small model: token-by-token decode and prefill from a cached state
 == the chunked forward, packed rows == separate documents, finite gradients reaching every
 parameter, and a model that overfits a tiny batch. A new mixer joins by adding a case (VARIANTS:
-options checked by the decode test only)."""
+options checked by the decode test only); a registered mixer without one fails the coverage test."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,7 @@ from flax import nnx
 from mixer_checks import rel_err
 
 from seqmix.configuration import build
+from seqmix.mixers import get_mixer, registered_mixers, registry
 from seqmix.mixers.state_tuning import InitialState
 from seqmix.models.config import ModelConfig
 from seqmix.models.generate import generate, left_pad, prompt_positions
@@ -116,12 +119,29 @@ MIXED_CACHES = {
 }
 
 
+# Registered mixers with no case above, each with why and where it is tested instead. The coverage
+# test below fails too when an entry here is stale (no longer registered, or given a case after all).
+NOT_HARNESS_CASES = {
+    # not a mixer of its own: a wrapper that builds another registered mixer (which has its case)
+    # from a teacher's attention weights; tests/models/test_students.py checks each student
+    "student",
+    # not a sequence mixer: a mixture-of-experts feed-forward layer (Nemotron-H's `E` layers), which
+    # mixes no tokens; tests/layers/test_moe.py and the nemotron_h fixture's decode check it
+    "moe",
+}
+
+
+def case_options(case):
+    """The ModelConfig options of a case (of CASES, VARIANTS or MIXED_CACHES)."""
+    return {"vocab_size": VOCAB, "d_model": 32, "n_layers": 2, "n_heads": 2, "init_std": 0.2,
+            **{**CASES, **VARIANTS, **MIXED_CACHES}[case]}
+
+
 def model_for(case, seed=0, learned_states=False):
     """The case's model. learned_states: its layers that can learn their start state (state
     tuning) have one, random and non-zero, so that decoding has to carry it (for the other cases
     the model is the same either way)."""
-    options = {"vocab_size": VOCAB, "d_model": 32, "n_layers": 2, "n_heads": 2, "init_std": 0.2,
-               **{**CASES, **VARIANTS, **MIXED_CACHES}[case]}
+    options = case_options(case)
     config = build(ModelConfig, options, "model")
     if learned_states and any(config.mixer(kind)[0].learns_initial_state for kind in config.layer_pattern):
         config = build(ModelConfig, {**options, "learned_initial_state": True}, "model")
@@ -130,6 +150,28 @@ def model_for(case, seed=0, learned_states=False):
     # Non-negative, so that the normalisers (the last column of a normalised linear attention's state) stay positive.
     nnx.update(model, jax.tree.map(lambda x: jax.random.uniform(jax.random.key(seed), x.shape, maxval=0.5), states))
     return model
+
+
+def mixers_without_a_case():
+    """The names of seqmix's registered mixers that no case's layer pattern uses, nor
+    NOT_HARNESS_CASES lists; and those NOT_HARNESS_CASES lists stale (not registered, or used by a
+    case). Mixers registered from outside the package (an example, a plugin) are not seqmix's to test."""
+    own = {name for name in registered_mixers() if get_mixer(name).module_cls.__module__.startswith("seqmix.")}
+    cased = set()
+    for case in CASES:
+        config = build(ModelConfig, case_options(case), case)
+        cased |= {config.mixer(kind)[0].name for kind in config.layer_pattern}
+    return sorted(own - cased - NOT_HARNESS_CASES), sorted(NOT_HARNESS_CASES - (own - cased))
+
+
+def test_every_registered_mixer_has_a_harness_case(monkeypatch):
+    """A mixer registered in seqmix without a case in CASES fails this test (so the decode, packing,
+    bfloat16, gradient and overfitting checks above reach every mixer), and so does a stale entry of
+    NOT_HARNESS_CASES."""
+    assert mixers_without_a_case() == ([], [])
+    monkeypatch.setitem(registry._MIXERS, "new_gla", dataclasses.replace(get_mixer("gla"), name="new_gla"))
+    monkeypatch.delitem(registry._MIXERS, "moe")
+    assert mixers_without_a_case() == (["new_gla"], ["moe"])
 
 
 @nnx.jit

@@ -7,7 +7,7 @@ import pytest
 
 from seqmix.pallas_kernels import chunked
 from seqmix.pallas_kernels.delta import chunk_delta_rule, delta_step
-from seqmix.pallas_kernels.delta.chunk_math import unit_lower_inverse
+from seqmix.pallas_kernels.triangular import unit_lower_inverse
 
 from kernel_checks import assert_gradients_match, assert_matches_reference, packed_segments, relative_error
 
@@ -140,15 +140,20 @@ def test_xla_sweeps_blocks_of_chunks(monkeypatch, gate):
 
 @pytest.mark.parametrize("size", [16, 48, 64])
 def test_block_doubling_inverts_unit_lower_triangular_systems(size):
-    """The Pallas kernels' (I + L)^-1 for a chunk's L_ij = beta_i (k_i.k_j), j < i, with beta near 2
-    (entries up to 2), including a chunk length that is no power of two."""
+    """(I + L)^-1 for a chunk's L_ij = beta_i (k_i.k_j), j < i, with beta near 2 (entries up to 2),
+    including a chunk length that is no power of two, in both layouts: one [C, C] tile (the Pallas
+    kernels') and a batch [2, C, C] (the XLA paths'). Neither reads L's diagonal or upper triangle."""
     rng = np.random.default_rng(14)
     keys = rng.normal(size=(size, 16))
     keys /= np.linalg.norm(keys, axis=1, keepdims=True)
     lower = np.tril(rng.uniform(1.9, 2.0, size=(size, 1)) * (keys @ keys.T), -1)
     expected = np.linalg.inv(np.eye(size) + lower)
-    actual = unit_lower_inverse(jnp.asarray(lower, jnp.float32))
-    assert relative_error(actual, expected) < 1e-5
+    with_junk = jnp.asarray(lower + np.triu(rng.normal(size=(size, size))), jnp.float32)  # ignored entries
+    tile = unit_lower_inverse(with_junk)
+    batch = unit_lower_inverse(jnp.stack([with_junk, jnp.zeros_like(with_junk)]))
+    assert relative_error(tile, expected) < 1e-5
+    assert relative_error(batch[0], expected) < 1e-5
+    assert relative_error(batch[1], np.eye(size)) == 0
 
 
 @pytest.mark.parametrize("gate", GATES)

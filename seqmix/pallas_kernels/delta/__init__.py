@@ -6,7 +6,7 @@
 
 from seqmix.pallas_kernels.delta.local import IMPLEMENTATIONS
 from seqmix.pallas_kernels.delta.op import chunk_delta_rule
-from seqmix.pallas_kernels.delta.reference import delta_step
 from seqmix.pallas_kernels.delta.sequence_parallel import sequence_parallel_delta_rule
+from seqmix.pallas_kernels.delta.step import delta_step
 
 __all__ = ["IMPLEMENTATIONS", "chunk_delta_rule", "delta_step", "sequence_parallel_delta_rule"]

@@ -12,7 +12,7 @@ the chunk:
     S'  = Diag(Gamma_C) S + sum_j (k_j * Gamma_C / Gamma_j) U_j^T
 
 (L only within a segment). U = values - weights S with values = X diag(beta) V and
-weights = X diag(beta) (Gamma * K), X = (I + L)^-1 (`unit_lower_inverse`). The backward pass is
+weights = X diag(beta) (Gamma * K), X = (I + L)^-1 (`triangular.unit_lower_inverse`). The backward pass is
 written out (`chunk_backward`), as in `delta.xla`: it reuses X for the transposed solve rather than
 differentiating through the inverse's doubling levels; only the decayed products (`_decayed_products`)
 are differentiated by `jax.vjp`.
@@ -44,30 +44,7 @@ from seqmix.pallas_kernels.tile_math import (
     SUB_BLOCK, as_row, cumulative_gates, decay_to_chunk_end, decayed_products, eye, masked_sums, matmul,
     matmul_nt, matmul_tn, pairwise_decays, self_products, strictly_causal,
 )
-
-
-def unit_lower_inverse(lower):
-    """(I + L)^-1 for a strictly lower-triangular L [C, C] float32, by block doubling.
-
-    X_1 = I inverts the 1x1 diagonal blocks; given X_b, the inverse of every aligned b-block on the
-    diagonal, X_2b = X_b - X_b O_b X_b inverts the aligned 2b-blocks, where O_b keeps L's entries in
-    the lower off-diagonal b-block of each 2b-block (block row 2m+1, block column 2m): for a 2b-block
-    [[A, 0], [O, B]] the inverse is [[A^-1, 0], [-B^-1 O A^-1, B^-1]]. Exact in ceil(log2 C) levels
-    of full-tile matmuls with masks, for any C (a last, partial 2b-block works alike). Each level
-    multiplies exact inverses of smaller diagonal blocks, never powers of L: the Neumann series
-    sum_n (-L)^n, with entries of L up to 2 (beta near 2), overflows float32.
-    """
-    size = lower.shape[0]
-    rows = lax.broadcasted_iota(jnp.int32, (size, size), 0)
-    cols = lax.broadcasted_iota(jnp.int32, (size, size), 1)
-    inverse = eye(size).astype(jnp.float32)
-    level = 0
-    while (1 << level) < size:
-        row_block, col_block = rows >> level, cols >> level  # block indices at block size b = 2^level
-        coupling = jnp.where((row_block == col_block + 1) & ((row_block & 1) == 1), lower, 0.0)
-        inverse = inverse - matmul(matmul(inverse, coupling), inverse)
-        level += 1
-    return inverse
+from seqmix.pallas_kernels.triangular import unit_lower_inverse
 
 
 def _row_sums(x):

@@ -18,7 +18,7 @@ M and the output's score matrix are the decayed products of keys and queries wit
 [C, C] decay matrix times k k^T and q k^T for a per-head gate, `per_key_decay.products` for a
 per-key one. Everything but the carry of S is batched over a block's chunks (the sequence is swept
 in blocks, `chunked.sweep_forward`); the sequential part is two [C,K]-by-[K,V] products per chunk.
-The system is solved through its inverse, built by block doubling (`chunked.unit_lower_inverse`) in
+The system is solved through its inverse, built by block doubling (`triangular.unit_lower_inverse`) in
 float32, never by the Neumann series of M, whose powers overflow; the backward pass multiplies by
 its transpose. Against LAPACK's trsm (one call per matrix, column-major operands that force layout
 copies around it) this halved the fwd+bwd time at T = 4k, and it keeps the pass in XLA's own ops:
@@ -37,6 +37,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from seqmix.pallas_kernels import chunked, per_key_decay
+from seqmix.pallas_kernels.tile_math import eye
+from seqmix.pallas_kernels.triangular import unit_lower_inverse
 
 
 @jax.tree_util.register_dataclass
@@ -72,13 +74,13 @@ def _terms(q, k, v, beta, log_gate, groups) -> _Terms:
     size = q.shape[chunked.CHUNK_AXIS]
     if log_gate.shape[-1] == 1:
         decay = chunked.head_decay(gates.to_here, masks.earlier)
-        strict = lax.optimization_barrier(decay - chunked.eye(size))
+        strict = lax.optimization_barrier(decay - eye(size))
         key_scores, query_scores = strict * chunked.mm_nt(k, k), decay * chunked.mm_nt(q, k)
     else:
         decay = strict = None
         (key_scores,), (query_scores,) = per_key_decay.products((k, q), (k,), gates.to_here, masks.earlier)
-        key_scores = jnp.where(chunked.eye(size), 0.0, key_scores)
-    inverse = chunked.unit_lower_inverse(beta * key_scores + chunked.eye(size))
+        key_scores = jnp.where(eye(size), 0.0, key_scores)
+    inverse = unit_lower_inverse(beta * key_scores)
     k_read = jnp.where(masks.reads_state, jnp.exp(gates.to_here) * k, 0.0)
     solved = chunked.mm(inverse, beta * jnp.concatenate([v, k_read], axis=-1))
     return _Terms(
@@ -88,11 +90,6 @@ def _terms(q, k, v, beta, log_gate, groups) -> _Terms:
         k_written=jnp.where(masks.writes_state, jnp.exp(gates.to_end) * k, 0.0),
         chunk_decay=jnp.where(masks.keeps_state, jnp.exp(gates.total), 0.0),
     )
-
-
-def _as_row_scale(decay):
-    """[..., 1, W] -> [..., W, 1], scaling the rows (keys) of [K,V] states."""
-    return jnp.swapaxes(decay, -1, -2)
 
 
 def _forward(q, k, v, beta, log_gate, groups, state0):
@@ -107,7 +104,7 @@ def _forward(q, k, v, beta, log_gate, groups, state0):
         return chunk_decay * state + chunked.mm_tn(k_written, written), (state, written)
 
     final, (incoming, written) = lax.scan(step, state0,
-                                          (terms.solved, terms.k_written, _as_row_scale(terms.chunk_decay)))
+                                          (terms.solved, terms.k_written, chunked.as_row_scale(terms.chunk_decay)))
     out = chunked.mm(terms.query_scores, written) + chunked.mm(terms.q_read, incoming)
     return out, final, incoming
 
@@ -115,7 +112,7 @@ def _forward(q, k, v, beta, log_gate, groups, state0):
 def _scores_backward(terms, q, k, d_key_scores, d_query_scores):
     """(dq, dk, d_to_here) through key_scores and query_scores, given their cotangents (unmasked)."""
     if terms.decay is None:
-        d_key_scores = jnp.where(chunked.eye(q.shape[chunked.CHUNK_AXIS]), 0.0, d_key_scores)  # no diagonal
+        d_key_scores = jnp.where(eye(q.shape[chunked.CHUNK_AXIS]), 0.0, d_key_scores)  # no diagonal
         (dk_by_rows, dq), (dk_by_columns,), d_to_here = per_key_decay.products_backward(
             (k, q), (k,), terms.gates.to_here, terms.masks.earlier, ((d_key_scores,), (d_query_scores,)))
         return dq, dk_by_rows + dk_by_columns, d_to_here
@@ -123,7 +120,7 @@ def _scores_backward(terms, q, k, d_key_scores, d_query_scores):
     # exp(G_i - G_j) [C,C] with G_i's cotangent the row sums, G_j's minus the column sums.
     d_key_products = d_key_scores * terms.strict
     d_query_products = d_query_scores * terms.decay
-    off_diagonal = jnp.where(chunked.eye(q.shape[chunked.CHUNK_AXIS]), 0.0, terms.query_scores)
+    off_diagonal = jnp.where(eye(q.shape[chunked.CHUNK_AXIS]), 0.0, terms.query_scores)
     d_exponent = d_key_scores * terms.key_scores + d_query_scores * off_diagonal
     d_to_here = (jnp.sum(d_exponent, axis=-1) - jnp.sum(d_exponent, axis=-2))[..., None]
     dq = chunked.mm(d_query_products, k)
@@ -149,7 +146,7 @@ def _backward(q, k, v, beta, log_gate, groups, incoming, d_out, d_final):
         return chunk_decay * d_next + read_back - chunked.mm_tn(weights, d_written), (d_next, d_written)
 
     d_state0, (d_outgoing, d_written) = lax.scan(
-        step, d_final, (weights, terms.k_written, _as_row_scale(terms.chunk_decay), read_back, d_written_by_out),
+        step, d_final, (weights, terms.k_written, chunked.as_row_scale(terms.chunk_decay), read_back, d_written_by_out),
         reverse=True)
 
     # The solve: solved = A^-1 Y with Y = beta [V | k_read]; dY = A^-T d_solved.
@@ -172,7 +169,7 @@ def _backward(q, k, v, beta, log_gate, groups, incoming, d_out, d_final):
     dk = (dk + jnp.where(masks.reads_state, exp_here * d_k_read, 0.0)
           + jnp.where(masks.writes_state, jnp.exp(terms.gates.to_end) * d_k_written, 0.0))
     d_to_here = d_to_here + chunked.to_width(dq_read * terms.q_read + d_k_read * terms.k_read, width)
-    d_decay = _as_row_scale(jnp.sum(d_outgoing * incoming, axis=-1, keepdims=True))  # [N,B,H,1,K]
+    d_decay = chunked.as_row_scale(jnp.sum(d_outgoing * incoming, axis=-1, keepdims=True))  # [N,B,H,1,K]
     d_total = chunked.to_width(d_decay, width) * terms.chunk_decay
     d_log_gate = chunked.gate_cotangent(d_to_here, chunked.to_width(d_k_written * terms.k_written, width), d_total)
     return (dq, dk, dv, d_beta, d_log_gate), d_state0

@@ -6,7 +6,7 @@
 
 from seqmix.pallas_kernels.dplr.local import IMPLEMENTATIONS
 from seqmix.pallas_kernels.dplr.op import chunk_dplr
-from seqmix.pallas_kernels.dplr.reference import dplr_step
 from seqmix.pallas_kernels.dplr.sequence_parallel import sequence_parallel_dplr
+from seqmix.pallas_kernels.dplr.step import dplr_step
 
 __all__ = ["IMPLEMENTATIONS", "chunk_dplr", "dplr_step", "sequence_parallel_dplr"]

@@ -11,7 +11,7 @@ entering the chunk,
     S' = exp(G_C) S + B_write^T U + K_write^T V
 
 with L_ax[t, j] = (a_t exp(G_{t-1} - G_j)).x_j for j < t and P_qx[t, j] = (q_t exp(G_t - G_j)).x_j
-for j <= t, both within a segment. X comes from `delta.chunk_math.unit_lower_inverse` (block
+for j <= t, both within a segment. X comes from `triangular.unit_lower_inverse` (block
 doubling, never Neumann powers). The backward kernel differentiates `chunk_forward` with
 `jax.vjp` (`chunk_backward`), as the GLA kernels do, so both passes share one definition.
 
@@ -34,10 +34,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from seqmix.pallas_kernels.delta.chunk_math import unit_lower_inverse
 from seqmix.pallas_kernels.tile_math import (
     as_row, cumulative_gates, decay_to_chunk_end, eye, masked_sums, matmul, matmul_nt, matmul_tn, strictly_causal,
 )
+from seqmix.pallas_kernels.triangular import unit_lower_inverse
 
 SUB_BLOCK = 16
 

@@ -23,7 +23,7 @@ with A_read = exp(G_{t-1}) a_t (a token reads the state before its own decay). T
 The chunk-to-chunk carry is one [K,K]-by-[K,V] product per chunk (M S + c); everything else is
 batched over a block's chunks (`chunked.sweep_forward`), and the backward carry is its transpose
 (dS = M^T dS' + Q_read^T dO + W^T P_qb^T dO). The system is solved through X, built by block
-doubling (`chunked.unit_lower_inverse`, never Neumann powers of L_ab); its backward multiplies
+doubling (`triangular.unit_lower_inverse`, never Neumann powers of L_ab); its backward multiplies
 by X^T.
 
 Numerics: the four decayed products L_ab, L_ak, P_qb, P_qk are products of one gate, G, as
@@ -48,6 +48,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from seqmix.pallas_kernels import chunked, per_key_decay
+from seqmix.pallas_kernels.tile_math import eye
+from seqmix.pallas_kernels.triangular import unit_lower_inverse
 
 # The longest chunk this path walks, whatever the call's chunk_size: at T = 4k, fwd+bwd on this
 # 2-core CPU took 114 / 105 / 118 ms at C = 16 / 32 / 64 for K = V = 64 on RWKV-7's gates. Beyond
@@ -106,15 +108,15 @@ def _products_backward(q, k, a, b, gates, masks, d_l_ab, d_l_ak, d_p_qb, d_p_qk)
 
 def _terms(q, k, v, a, b, log_g, groups) -> _Terms:
     gates, masks = chunked.gates(log_g), chunked.segment_masks(groups)
-    size, value_dim = q.shape[chunked.CHUNK_AXIS], v.shape[-1]
+    value_dim = v.shape[-1]
     l_ab, l_ak, p_qb, p_qk = _products(q, k, a, b, gates, masks)
-    inverse = chunked.unit_lower_inverse(chunked.eye(size) - l_ab)
+    inverse = unit_lower_inverse(-l_ab)
     a_read = jnp.where(masks.reads_state, jnp.exp(chunked.shift(gates.to_here, 1)) * a, 0.0)
     solved = chunked.mm(inverse, jnp.concatenate([chunked.mm(l_ak, v), a_read], axis=-1))
     b_written = jnp.where(masks.writes_state, jnp.exp(gates.to_end) * b, 0.0)
     chunk_decay = jnp.where(masks.keeps_state, jnp.exp(gates.total), 0.0)
     key_dim = q.shape[-1]
-    transition = (jnp.swapaxes(chunk_decay, -1, -2) * chunked.eye(key_dim)
+    transition = (jnp.swapaxes(chunk_decay, -1, -2) * eye(key_dim)
                   + chunked.mm_tn(b_written, solved[..., value_dim:]))
     return _Terms(
         gates=gates, masks=masks, l_ab=l_ab, l_ak=l_ak, p_qb=p_qb, p_qk=p_qk, inverse=inverse, a_read=a_read,

@@ -6,7 +6,7 @@
 
 from seqmix.pallas_kernels.gla.local import IMPLEMENTATIONS
 from seqmix.pallas_kernels.gla.op import chunk_gla
-from seqmix.pallas_kernels.gla.reference import gla_step
 from seqmix.pallas_kernels.gla.sequence_parallel import sequence_parallel_gla
+from seqmix.pallas_kernels.gla.step import gla_step
 
 __all__ = ["IMPLEMENTATIONS", "chunk_gla", "gla_step", "sequence_parallel_gla"]

@@ -1,4 +1,5 @@
-"""The oracle: gated linear attention token by token (`lax.scan`, float32), and the decode step.
+"""The oracle: gated linear attention token by token (`lax.scan`, float32), the recurrence of
+`gla.step` over a whole sequence.
 
     S_t = diag(exp(log_g_t)) S_{t-1} + k_t v_t^T        S [K, V]
     o_t = S_t^T (scale * q_t)
@@ -9,31 +10,10 @@ first token. Grouped value heads follow `grouped_heads`.
 """
 
 import jax.numpy as jnp
-from jax import lax
 
+from seqmix.pallas_kernels.gla.step import recurrence
 from seqmix.pallas_kernels.grouped_heads import repeat_to_value_heads
-from seqmix.pallas_kernels.log_gates import log_gate_of
 from seqmix.pallas_kernels.segments import initial_state_or_zeros, scan_packed_rows
-
-
-def _recurrence(q, k, v, log_gate, state):
-    """float32 q, k [B,H,K], v [B,H,V], log_gate [B,H,W], state [B,H,K,V] -> (o [B,H,V], state)."""
-    state = jnp.exp(log_gate)[..., :, None] * state + k[..., :, None] * v[..., None, :]
-    out = jnp.einsum("bhk,bhkv->bhv", q, state, precision=lax.Precision.HIGHEST)
-    return out, state
-
-
-def gla_step(q, k, v, state, *, log_g=None, log_a=None, scale=None):
-    """One decode step for a batch of rows, with the semantics of `chunk_gla`.
-
-    q, k [B,Hk,K]; v [B,Hv,V]; state [B,Hv,K,V] float32; log_g [B,Hv,K] or log_a [B,Hv] (or
-    neither). Returns (o [B,Hv,V] in q.dtype, new state [B,Hv,K,V] float32).
-    """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    f32 = lambda x: repeat_to_value_heads(x.astype(jnp.float32), v.shape[-2])
-    out, state = _recurrence(f32(q) * scale, f32(k), v.astype(jnp.float32), log_gate_of(log_g, log_a, v.shape[:-1]),
-                             state)
-    return out.astype(q.dtype), state
 
 
 def gla_reference(q, k, v, *, log_gate, scale, initial_state, segment_ids, chunk_size=None):
@@ -46,11 +26,11 @@ def gla_reference(q, k, v, *, log_gate, scale, initial_state, segment_ids, chunk
     q, k = (repeat_to_value_heads(x, heads) for x in (q, k))
     f32 = lambda x: jnp.swapaxes(x.astype(jnp.float32), 0, 1)  # time-major for the scan
 
-    def recurrence(state, token):
+    def token_step(state, token):
         q_t, k_t, v_t, gate_t = token
-        return _recurrence(q_t * scale, k_t, v_t, gate_t, state)
+        return recurrence(q_t * scale, k_t, v_t, gate_t, state)
 
     state0 = initial_state_or_zeros(initial_state, batch, heads, key_dim, value_dim)
-    out, final_state = scan_packed_rows(recurrence, state0,
+    out, final_state = scan_packed_rows(token_step, state0,
                                         (f32(q), f32(k), f32(v), f32(log_gate)), segment_ids)
     return jnp.swapaxes(out, 0, 1).astype(q.dtype), final_state

@@ -28,6 +28,7 @@ from seqmix.pallas_kernels import chunked, layout
 from seqmix.pallas_kernels.gla import chunk_math
 from seqmix.pallas_kernels.grouped_heads import repeat_to_value_heads
 from seqmix.pallas_kernels.segments import initial_state_or_zeros
+from seqmix.pallas_kernels.tile_math import eye
 
 
 # --- The intra-chunk part: o_i = sum_{j <= i, same segment} exp(G_i - G_j) (q_i.k_j) v_j -----------
@@ -65,7 +66,7 @@ def _factored(q, k, to_here):
 
 def _factored_scores(q, k, q_decayed, k_grown, masks, dtype):
     scores = jnp.where(masks.earlier, chunked.mm_nt(q_decayed, k_grown, dtype), 0.0)
-    return jnp.where(chunked.eye(scores.shape[-1]), _self_products(q, k), scores)
+    return jnp.where(eye(scores.shape[-1]), _self_products(q, k), scores)
 
 
 def _intra_factored(q, k, v, to_here, masks, dtype):
@@ -119,7 +120,7 @@ def _exact_chunks(q, k, v, to_here, earlier, dtype):
     block_mask = jnp.moveaxis(block_mask, -1, -3)[..., None]  # [..., C/c, c, c, 1]
     exponent = jnp.where(block_mask, gate[..., :, None, :] - gate[..., None, :, :], -jnp.inf)
     own = jnp.sum(by_block(q32)[..., :, None, :] * by_block(k32)[..., None, :, :] * jnp.exp(exponent), axis=-1)
-    own = jnp.where(chunked.eye(size), _self_products(by_block(q32), by_block(k32)), own)
+    own = jnp.where(eye(size), _self_products(by_block(q32), by_block(k32)), own)
     return out + chunked.mm(own, by_block(v), dtype).reshape(out.shape)
 
 
@@ -149,11 +150,6 @@ def _state_terms(q, k, gates, masks):
     return q_read, k_written, jnp.where(masks.keeps_state, jnp.exp(gates.total), 0.0)
 
 
-def _as_row_scale(decay):
-    """[..., 1, W] -> [..., W, 1], scaling the rows (keys) of [K,V] states."""
-    return jnp.swapaxes(decay, -1, -2)
-
-
 def _linear_step(carry, chunk):
     """carry' = decay * carry + term, emitting the carry it was given."""
     decay, term = chunk
@@ -167,7 +163,7 @@ def _forward(intra, q, k, v, log_g, groups, state0, chunk, dtype):
     gates, masks = chunked.gates(log_g), chunked.segment_masks(groups)
     q_read, k_written, decay = _state_terms(q, k, gates, masks)
     update = chunked.mm_tn(k_written, v, dtype)
-    final, incoming = lax.scan(_linear_step, state0, (_as_row_scale(decay), update))
+    final, incoming = lax.scan(_linear_step, state0, (chunked.as_row_scale(decay), update))
     out = intra(q, k, v, gates.to_here, masks, dtype)
     out = out + chunked.mm(q_read, incoming, dtype)
     return chunked.time_major(out), final, incoming
@@ -183,7 +179,7 @@ def _backward(intra_backward, q, k, v, log_g, groups, incoming, d_out, d_final, 
 
     # d(state leaving chunk n) = d(state entering chunk n + 1): a reverse sweep.
     read_back = chunked.mm_tn(q_read, d_out, dtype)
-    d_state0, d_outgoing = lax.scan(_linear_step, d_final, (_as_row_scale(decay), read_back), reverse=True)
+    d_state0, d_outgoing = lax.scan(_linear_step, d_final, (chunked.as_row_scale(decay), read_back), reverse=True)
 
     dq, dk, dv, d_to_here = intra_backward(q, k, v, gates.to_here, masks, d_out, dtype)
     dq_read = chunked.mm_nt(d_out, incoming, dtype)

@@ -6,6 +6,6 @@ kernel with the xla backward) and "reference"); `selective_scan_step` the matchi
 """
 
 from seqmix.pallas_kernels.selective_scan.op import IMPLEMENTATIONS, selective_scan
-from seqmix.pallas_kernels.selective_scan.reference import selective_scan_step
+from seqmix.pallas_kernels.selective_scan.step import selective_scan_step
 
 __all__ = ["IMPLEMENTATIONS", "selective_scan", "selective_scan_step"]

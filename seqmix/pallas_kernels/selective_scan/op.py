@@ -5,7 +5,8 @@ import jax.numpy as jnp
 
 from seqmix.pallas_kernels import checks, registry
 from seqmix.pallas_kernels.selective_scan import pallas_gpu
-from seqmix.pallas_kernels.selective_scan.reference import UPDATES, selective_scan_reference
+from seqmix.pallas_kernels.selective_scan.reference import selective_scan_reference
+from seqmix.pallas_kernels.selective_scan.step import UPDATES
 from seqmix.pallas_kernels.selective_scan.xla import selective_scan_xla
 
 # No TPU kernel yet: the xla path serves TPUs, and GPUs where the kernel's tiles do not fit.

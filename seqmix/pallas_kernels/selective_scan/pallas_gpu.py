@@ -5,7 +5,7 @@ as such: the backward runs as XLA scans).
 Grid (B, D / BLOCK): one program per (row, block of BLOCK channels) walks the tokens
 (`lax.fori_loop`), the [BLOCK, N] float32 state in registers, each token's x and dt read as a
 [BLOCK, 1] column of channel-major [D, T] tiles and its B and C as a [1, N] row; it writes y and
-the state entering every chunk. The per-token coefficients are `reference.coefficients`, so both
+the state entering every chunk. The per-token coefficients are `step.coefficients`, so both
 updates (Mamba's, Longhorn's) run on it. Triton tiles need powers of two of at least 16:
 `supports` checks N, and D must be a multiple of BLOCK. Off a GPU it runs in the Pallas
 interpreter. Not timed on a GPU yet (none was at hand when it was written).
@@ -18,7 +18,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from seqmix.pallas_kernels import registry
-from seqmix.pallas_kernels.selective_scan.reference import coefficients
+from seqmix.pallas_kernels.selective_scan.step import coefficients
 from seqmix.pallas_kernels.selective_scan.xla import chunked_implementation
 
 BLOCK = 16  # channels per program

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from seqmix.pallas_kernels.segments import reset_groups, zero_padded
-from seqmix.pallas_kernels.selective_scan.reference import advance, coefficients, read
+from seqmix.pallas_kernels.selective_scan.step import advance, coefficients, read
 
 
 def chunked_implementation(forward):
