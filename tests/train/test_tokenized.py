@@ -12,6 +12,7 @@ import pytest
 import tokenizers
 import yaml
 from cli_env import cli_env
+from test_data import assert_batches_equal, take
 
 from seqmix.cli import main
 from seqmix.configuration import ConfigError, build
@@ -33,17 +34,6 @@ def write_jsonl(path: Path, documents: list[str]) -> Path:
     path.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in documents))
     return path
 
-
-def take(iterator, n):
-    return [next(iterator) for _ in range(n)]
-
-
-def assert_batches_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for key in x:
-            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
 def test_tokenized_corpus_gives_the_batches_of_its_text(tmp_path):
