@@ -20,7 +20,7 @@ on 2 cores (an estimate: the whole sweep was not run). Short runs, which rank th
 training; raise the steps for firmer figures.
 
 Each model is scored twice, each time trained from scratch (seed `--seed`):
-- held-out loss: `--lm-steps` AdamW steps (benchmarks/training.py) on the embedded Shakespeare
+- held-out loss: `--lm-steps` steps of the trainer's own step (benchmarks/training.py: AdamW) on the embedded Shakespeare
   corpus through the trainer's pipeline (byte tokens, one piece of `--seq-len` per row), then the
   mean cross-entropy (nats per byte) over the first `--eval-batches` batches of the held-out text;
 - MQAR recall: recall.py's `train_and_score` (its vocabulary, initialisation and schedule) on one of
@@ -34,7 +34,6 @@ import pathlib
 import time
 
 import jax
-import optax
 from flax import nnx
 
 from recall import SETTINGS, train_and_score
@@ -45,7 +44,7 @@ from seqmix.train.compile_check import parameter_counts
 from seqmix.train.config import DataConfig
 from seqmix.train.inputs import eval_iterator, load_corpus, train_iterator
 from seqmix.train.loss import cross_entropy_sum
-from training import adamw_training
+from training import stock_training
 
 VOCAB = 256  # the byte tokenizer's
 CACHE = pathlib.Path(__file__).parent.parent / ".cache" / "seqmix"  # the trainer's, wherever this runs from
@@ -64,15 +63,15 @@ def linear_share(ratio: str) -> float:
 
 def held_out_loss(options: dict, data: DataConfig, corpus, *, steps: int, lr: float, eval_batches: int,
                   seed: int) -> float:
-    """Mean held-out cross-entropy (nats per token) after `steps` AdamW steps on the training text."""
-    model = LanguageModel(build(ModelConfig, {"vocab_size": VOCAB, **options}, "model"), rngs=nnx.Rngs(seed))
-    step, params, opt_state = adamw_training(model, optax.warmup_cosine_decay_schedule(0.0, lr, steps // 10, steps))
-    step = jax.jit(step, donate_argnums=(0, 1))
+    """Mean held-out cross-entropy (nats per token) after `steps` training steps on the training text."""
+    config = build(ModelConfig, {"vocab_size": VOCAB, **options}, "model")
+    step, train_state = stock_training(config, steps=steps, lr=lr, warmup_steps=steps // 10, seed=seed)
     batches = train_iterator(data, corpus, seed)
     for _ in range(steps):
-        batch = next(batches)
-        params, opt_state, _ = step(params, opt_state, batch["inputs"], batch["targets"], batch["loss_mask"] != 0)
-    nnx.update(model, params)
+        # The pipeline's batch as the trainer hands it over: one micro-batch.
+        train_state.state, _ = step(train_state.state, {name: array[None] for name, array in next(batches).items()},
+                                    None)
+    model = train_state.model()
     summed = nnx.jit(lambda model, inputs, targets, scored: cross_entropy_sum(model(inputs), targets, scored))
     total = count = 0.0
     for batch in itertools.islice(eval_iterator(data, corpus), eval_batches):

@@ -5,7 +5,7 @@
 
 Each model (2 layers, or 2 x (gated conv, attention) in Zoology's layout; d_model 64, 2 heads,
 vocabulary 64, weights ~ N(0, 1/d_model)) trains for a fixed budget of
-`--steps` AdamW steps on fresh MQAR batches (seqmix.train.data.recall) of one setting, then is
+`--steps` steps of the trainer's own step (benchmarks/training.py: AdamW) on fresh MQAR batches (seqmix.train.data.recall) of one setting, then is
 scored on 1024 held-out rows: the fraction of recurring keys whose value it predicts. Settings
 grow harder with more pairs, longer rows, and (`@32`) a smaller model width, i.e. a smaller
 recurrent state. A bidirectional model (hydra, bidirectional attention), which would read each
@@ -20,14 +20,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from seqmix.configuration import build
 from seqmix.models.config import ModelConfig
-from seqmix.models.lm import LanguageModel
 from seqmix.train.data.recall import mqar_batch
-from training import adamw_training
+from training import as_batch, stock_training
 
 VOCAB = 64
 
@@ -86,14 +84,13 @@ def train_and_score(model_options: dict, pairs: int, length: int, width: int, *,
     # attention logits near 0 and the models sat on MQAR's plateau for thousands of steps.
     config = build(ModelConfig, {"vocab_size": VOCAB, "d_model": width, "n_layers": 2, "n_heads": 2,
                                  "mlp_hidden": 2 * width, "init_std": width ** -0.5, **model_options}, "model")
-    model = LanguageModel(config, rngs=nnx.Rngs(seed))
     task = masked_recall if config.non_causal_layers() else lambda *batch: batch
-    step, params, opt_state = adamw_training(model, optax.warmup_cosine_decay_schedule(0.0, lr, steps // 10, steps))
-    step = jax.jit(step, donate_argnums=(0, 1))
+    step, train_state = stock_training(config, steps=steps, lr=lr, warmup_steps=steps // 10, seed=seed)
     rng = np.random.default_rng(seed)
     for _ in range(steps):
-        params, opt_state, _ = step(params, opt_state, *task(*mqar_batch(rng, batch, length, pairs, VOCAB)))
-    nnx.update(model, params)
+        train_state.state, _ = step(train_state.state, as_batch(*task(*mqar_batch(rng, batch, length, pairs, VOCAB))),
+                                    None)
+    model = train_state.model()
 
     @nnx.jit
     def correct(model, inputs, targets, scored):

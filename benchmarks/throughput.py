@@ -6,7 +6,8 @@
 
 The models are configs/models/*_small.yaml (d_model 128, 4 layers, byte vocabulary; any of them by
 name with --models, the first the baseline of the ratios). Each step
-trains on `--tokens` tokens (batch = tokens / T, at least 1 row) with AdamW. Per model and T the
+trains on `--tokens` tokens (batch = tokens / T, at least 1 row) with the trainer's own step
+(benchmarks/training.py: AdamW, the finite-step guard). Per model and T the
 table gives training tokens/s (the best of 3 rounds, each the median of 3 steps, the models
 taking turns) and the peak memory of the compiled step (arguments + temporaries + outputs not
 aliased to the donated arguments, from XLA's buffer assignment), each also as a ratio to the
@@ -19,13 +20,11 @@ import pathlib
 
 import jax
 import numpy as np
-from flax import nnx
 
 from seqmix.configuration import build, load_yaml
 from seqmix.models.config import ModelConfig
-from seqmix.models.lm import LanguageModel
 from kernels import measure
-from training import adamw_training
+from training import as_batch, stock_training
 
 CONFIGS = pathlib.Path(__file__).parent.parent / "configs" / "models"
 MODELS = ["transformer_small", "gla_small", "gated_deltanet_small", "mamba2_small", "hybrid_small"]
@@ -34,19 +33,19 @@ MODELS = ["transformer_small", "gla_small", "gated_deltanet_small", "mamba2_smal
 def compiled_step(name: str, length: int, tokens: int):
     """(run: a zero-argument function doing one training step, peak bytes) for a model."""
     config = build(ModelConfig, load_yaml(CONFIGS / f"{name}.yaml"), name)
-    step, params, opt_state = adamw_training(LanguageModel(config, rngs=nnx.Rngs(0)), 1e-3)
+    step, train_state = stock_training(config, steps=1_000_000, lr=1e-3, warmup_steps=0)
     batch = max(1, tokens // length)
     inputs = np.random.default_rng(0).integers(0, config.vocab_size, (batch, length + 1), dtype=np.int32)
-    args = (inputs[:, :-1], inputs[:, 1:], np.ones((batch, length), bool))
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, *args).compile()
+    batch_arrays = as_batch(inputs[:, :-1], inputs[:, 1:], np.ones((batch, length), bool))
+    compiled = step.lower(train_state.state, batch_arrays, None).compile()
     memory = compiled.memory_analysis()
     peak = (memory.argument_size_in_bytes + memory.temp_size_in_bytes + memory.output_size_in_bytes
             - memory.alias_size_in_bytes)
-    state = [params, opt_state]
+    state = [train_state.state]
 
     def run():
-        state[0], state[1], loss = compiled(state[0], state[1], *args)
-        return loss
+        state[0], metrics = compiled(state[0], batch_arrays, None)
+        return metrics["loss"]
 
     return run, peak, batch * length
 

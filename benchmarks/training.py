@@ -1,29 +1,36 @@
-"""The training step the model benchmarks share: masked next-token cross-entropy, AdamW, as a
-pure function of (parameters, optimizer state, batch) so that it can be compiled ahead of time
-and its memory read from XLA's buffer assignment."""
+"""How the model benchmarks train: with the trainer's own step (`seqmix.train.step.make_train_step`,
+the loss, optimizer and non-finite guard that `seqmix train` compiles) on one device, so that a
+benchmark's figures are those of the step a user runs."""
 
 import jax
-import optax
-from flax import nnx
+import numpy as np
 
-from seqmix.train.loss import cross_entropy_sum
+from seqmix.models.config import ModelConfig
+from seqmix.train.config import OptimConfig, TrainConfig
+from seqmix.train.sharding import make_mesh
+from seqmix.train.state import create_train_state
+from seqmix.train.step import make_train_step
 
 
-def adamw_training(model: nnx.Module, learning_rate, trainable=nnx.Param):
-    """(step, params, opt_state) for a model: step(params, opt_state, inputs, targets, scored) ->
-    (params, opt_state, loss) is one AdamW step (weight decay 0.1) on the mean cross-entropy over
-    the scored tokens (inputs, targets [B, T] int32, scored [B, T] bool), to be jitted. Only the
-    `trainable` variables (e.g. nnx.LoRAParam) are optimised; the rest stays as it is."""
-    graphdef, params, frozen = nnx.split(model, trainable, ...)
-    optimizer = optax.adamw(learning_rate, weight_decay=0.1)
+def stock_training(model: ModelConfig, *, steps: int, lr: float, warmup_steps: int, seed: int = 0):
+    """(step, train_state) for training `model` from scratch (its weights from `seed`) for `steps`
+    steps on the first device: AdamW (b2 0.999, weight decay 0.1 on matrices and embeddings), no
+    gradient clipping, `warmup_steps` of linear warmup to `lr`, then a cosine decay to 0 (warmup
+    0: a constant `lr`). step(train_state.state, batch, None) -> (state, metrics) is jitted with
+    the state donated; batch: `as_batch`'s."""
+    optim = OptimConfig(lr=lr, b2=0.999, grad_clip=0.0, warmup_steps=warmup_steps, min_lr_ratio=0.0,
+                        schedule="cosine" if warmup_steps else "constant")
+    config = TrainConfig(model=model, optim=optim, steps=steps, seed=seed)
+    mesh = make_mesh(config.mesh, jax.devices()[:1])
+    train_state = create_train_state(config, mesh)
+    return make_train_step(train_state, mesh, config.compute_dtype), train_state
 
-    def loss_fn(params, inputs, targets, scored):
-        total, count = cross_entropy_sum(nnx.merge(graphdef, params, frozen)(inputs), targets, scored)
-        return total / count
 
-    def step(params, opt_state, inputs, targets, scored):
-        loss, grads = jax.value_and_grad(loss_fn)(params, inputs, targets, scored)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step, params, optimizer.init(params)
+def as_batch(inputs, targets, scored) -> dict:
+    """The step's batch of one micro-batch from unpacked rows: inputs, targets [B, T] int32 and
+    scored [B, T] bool (the tokens whose prediction is scored) -> dict of [1, B, T] arrays."""
+    rows, length = inputs.shape
+    arrays = {"inputs": inputs, "targets": targets, "segment_ids": np.ones((rows, length), np.int32),
+              "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)),
+              "loss_mask": np.asarray(scored, np.int32)}
+    return {name: np.asarray(array)[None] for name, array in arrays.items()}

@@ -67,6 +67,8 @@ class DeltaNet(RecurrentMixer):
     """x [B, T, D] -> [B, T, D]; num_heads q/k heads of key dim head_dim (the model's unless set),
     num_v_heads value heads (the state's) of value dim expand_v * head_dim."""
 
+    CONVOLUTIONS = ("q_conv", "k_conv", "v_conv")
+
     def __init__(self, model_config, config: DeltaNetConfig, *, rngs: nnx.Rngs):
         d_model = model_config.d_model
         key_heads, key_dim = config.num_heads or model_config.n_heads, config.head_dim or model_config.dim_per_head
@@ -110,8 +112,3 @@ class DeltaNet(RecurrentMixer):
         householder_steps sub-steps (n_heads or H times n_h, sub-step major). Returns
         (o [B, T, H, V], the updated cache or None)."""
         return self.recur(chunk_delta_rule, delta_step, tokens, cache, segment_ids, conv_tails=conv_tails)
-
-    def init_cache(self, batch: int, max_len: int, dtype) -> RecurrentCache:
-        """An empty cache (state and the convolutions' tails); its size does not depend on max_len."""
-        tails = tuple(conv.empty_tail(batch, dtype) for conv in (self.q_conv, self.k_conv, self.v_conv))
-        return super().init_cache(batch, max_len, dtype, conv_tails=tails)

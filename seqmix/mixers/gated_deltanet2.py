@@ -48,6 +48,8 @@ class GatedDeltaNet2Config:
 class GatedDeltaNet2(RecurrentMixer):
     """x [B, T, D] -> [B, T, D]; n_heads heads of key dim head_dim and value dim expand_v * head_dim."""
 
+    CONVOLUTIONS = ("q_conv", "k_conv", "v_conv")
+
     def __init__(self, model_config, config: GatedDeltaNet2Config, *, rngs: nnx.Rngs):
         d_model, heads, key_dim = model_config.d_model, model_config.n_heads, model_config.dim_per_head
         self.init_state(heads, key_dim, int(round(config.expand_v * key_dim)))
@@ -79,8 +81,3 @@ class GatedDeltaNet2(RecurrentMixer):
                       a=jnp.exp(log_g) * erase * k, b=-k, log_g=log_g)
         out, cache = self.recur(chunk_dplr, dplr_step, tokens, cache, segment_ids, conv_tails=tails)
         return self.output(out, x), cache
-
-    def init_cache(self, batch: int, max_len: int, dtype) -> RecurrentCache:
-        """An empty cache (state and the convolutions' tails); its size does not depend on max_len."""
-        tails = tuple(conv.empty_tail(batch, dtype) for conv in (self.q_conv, self.k_conv, self.v_conv))
-        return super().init_cache(batch, max_len, dtype, conv_tails=tails)

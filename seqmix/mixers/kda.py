@@ -59,6 +59,8 @@ class KimiDeltaAttention(RecurrentMixer):
     """x [B, T, D] -> [B, T, D]; num_heads q/k heads and num_v_heads value heads, all of dim head_dim
     (the model's heads and head dim unless set)."""
 
+    CONVOLUTIONS = ("q_conv1d", "k_conv1d", "v_conv1d")
+
     def __init__(self, model_config, config: KDAConfig, *, rngs: nnx.Rngs):
         d_model = model_config.d_model
         key_heads, head_dim = config.num_heads or model_config.n_heads, config.head_dim or model_config.dim_per_head
@@ -106,8 +108,3 @@ class KimiDeltaAttention(RecurrentMixer):
             return softplus_log_decay(logits, self.A_log, self.dt_bias)
         shifted = logits.astype(jnp.float32) + self.dt_bias[...].reshape(logits.shape[2:])
         return self.gate_lower_bound * jax.nn.sigmoid(jnp.exp(self.A_log[...])[:, None] * shifted)
-
-    def init_cache(self, batch: int, max_len: int, dtype) -> RecurrentCache:
-        """An empty cache (state and the convolutions' tails); its size does not depend on max_len."""
-        tails = tuple(conv.empty_tail(batch, dtype) for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d))
-        return super().init_cache(batch, max_len, dtype, conv_tails=tails)

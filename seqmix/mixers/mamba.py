@@ -82,6 +82,8 @@ class SelectiveScanBlock(RecurrentMixer):
     [N, 1] states. A subclass names its `update`, turns the dt projection into step sizes
     (`step_sizes`), gives its A (`decay`) and the dt projection's bias at init (`dt_bias_init`)."""
 
+    CONVOLUTIONS = ("conv1d",)
+
     update: str
 
     def __init__(self, model_config, config: MambaConfig, *, rngs: nnx.Rngs):
@@ -143,10 +145,6 @@ class SelectiveScanBlock(RecurrentMixer):
     def _step(self, a, q, k, v, dt, state):
         y, state = selective_scan_step(v, dt, a, k, q, state[..., 0], update=self.update)
         return y, state[..., None]
-
-    def init_cache(self, batch: int, max_len: int, dtype) -> RecurrentCache:
-        """An empty cache (the state and the convolution's tail); its size does not depend on max_len."""
-        return super().init_cache(batch, max_len, dtype, conv_tails=(self.conv1d.empty_tail(batch, dtype),))
 
 
 @register_mixer("mamba", MambaConfig)

@@ -86,6 +86,8 @@ class Mamba2(RecurrentMixer):
     """x [B, T, D] -> [B, T, D]; H heads of P channels (I = H * P), G groups of B and C, state
     [N, P] per head."""
 
+    CONVOLUTIONS = ("conv",)
+
     def __init__(self, model_config, config: Mamba2Config, *, rngs: nnx.Rngs):
         d_model = model_config.d_model
         heads, head_dim = config.heads(model_config)
@@ -144,7 +146,3 @@ class Mamba2(RecurrentMixer):
         else:
             y = y * gate
         return self.out_proj(y.astype(x.dtype)), cache
-
-    def init_cache(self, batch: int, max_len: int, dtype) -> RecurrentCache:
-        """An empty cache (state and the convolution's tail); its size does not depend on max_len."""
-        return super().init_cache(batch, max_len, dtype, conv_tails=(self.conv.empty_tail(batch, dtype),))

@@ -58,7 +58,10 @@ class MoMConfig:
 @register_mixer("mom", MoMConfig)
 class MixtureOfMemories(RecurrentMixer):
     """x [B, T, D] -> [B, T, D]; n_heads heads of key and value dim head_dim, each with
-    num_memories (+ 1 shared) memories."""
+    num_memories (+ 1 shared) memories; its cache's state is [B, memories * H, K, V] float32,
+    memory-major."""
+
+    CONVOLUTIONS = ("q_conv", "k_conv", "v_conv")
 
     def __init__(self, model_config, config: MoMConfig, *, rngs: nnx.Rngs):
         d_model, heads, head_dim = model_config.d_model, model_config.n_heads, model_config.dim_per_head
@@ -115,9 +118,3 @@ class MixtureOfMemories(RecurrentMixer):
         self.sow(nnx.Intermediate, "aux_loss", self.aux_loss_weight * routing.load_balance(chosen, real),
                  capture_noop=True)
         return jnp.einsum("btkm,btk->btm", one_hot, chosen.weights), jnp.any(one_hot > 0, axis=-2)
-
-    def init_cache(self, batch: int, max_len: int, dtype) -> RecurrentCache:
-        """An empty cache: the state [B, memories * H, K, V] float32 (memory-major) and the
-        convolutions' tails; its size does not depend on max_len."""
-        tails = tuple(conv.empty_tail(batch, dtype) for conv in (self.q_conv, self.k_conv, self.v_conv))
-        return super().init_cache(batch, max_len, dtype, conv_tails=tails)

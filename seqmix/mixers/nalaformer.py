@@ -61,6 +61,8 @@ class NaLaFormer(RecurrentMixer):
     """x [B, T, D] -> [B, T, D]; n_heads heads of head_dim (2 * head_dim mapped keys), a state
     [2 * head_dim, head_dim + 1] per head (the last column: the normaliser)."""
 
+    CONVOLUTIONS = ("lepe",)  # LePE, the value convolution
+
     def __init__(self, model_config, config: NaLaFormerConfig, *, rngs: nnx.Rngs):
         d_model, heads, head_dim = model_config.d_model, model_config.n_heads, model_config.dim_per_head
         self.init_state(heads, 2 * head_dim, head_dim + 1)
@@ -83,7 +85,3 @@ class NaLaFormer(RecurrentMixer):
         out, cache = attend(self, q, k, self.split_heads(v), cache, segment_ids, normalize=True, conv_tails=(tail,))
         mixed = self.norm(out.reshape(lepe.shape) + lepe) * jax.nn.silu(self.g_proj(x).astype(out.dtype))
         return self.o_proj(mixed.astype(x.dtype)), cache
-
-    def init_cache(self, batch: int, max_len: int, dtype) -> RecurrentCache:
-        """The recurrent state and LePE's last conv_width - 1 inputs; nothing grows with max_len."""
-        return super().init_cache(batch, max_len, dtype, conv_tails=(self.lepe.empty_tail(batch, dtype),))

@@ -56,6 +56,10 @@ def _head_axes(ndim: int) -> tuple[str | None, ...]:
 class RecurrentMixer(LearnsInitialState, nnx.Module):
     """Base of the linear mixers: `heads` heads with [key_dim, value_dim] states."""
 
+    # The attributes holding the mixer's ShortConvolutions, in the order its cache keeps their
+    # tails (the order `short_convolutions` is handed them).
+    CONVOLUTIONS: tuple[str, ...] = ()
+
     def init_state(self, heads: int, key_dim: int, value_dim: int, memories: int = 1):
         """The recurrence has `memories` states of [key_dim, value_dim] per head (more than one
         for Mixture of Memories' routed memories), memories * heads in all."""
@@ -131,12 +135,19 @@ class RecurrentMixer(LearnsInitialState, nnx.Module):
             out = out * jax.nn.silu(self.split_heads(self.g_proj(x)))
         return self.o_proj(out.reshape(*out.shape[:2], -1))
 
-    def init_cache(self, batch: int, max_len: int, dtype, conv_tails=()) -> RecurrentCache:
-        """An empty cache (its state the learned one, if any); its size does not depend on max_len."""
-        del max_len, dtype
+    def empty_tails(self, batch: int, dtype) -> tuple[jax.Array, ...]:
+        """The cache's conv_tails before any token: the empty tail of each of `CONVOLUTIONS`, in
+        that order. A mixer that carries other inputs across calls (RWKV's token shift) says so here."""
+        return tuple(getattr(self, name).empty_tail(batch, dtype) for name in self.CONVOLUTIONS)
+
+    def init_cache(self, batch: int, max_len: int, dtype) -> RecurrentCache:
+        """An empty cache: the state (the learned one, if any) and `empty_tails`; its size does not
+        depend on max_len."""
+        del max_len
         start = self.start_state(batch)
         state = jnp.zeros((batch, *self.initial_state_shape()), jnp.float32) if start is None else start
-        return RecurrentCache(state=state, conv_tails=conv_tails, lengths=jnp.zeros((batch,), jnp.int32))
+        return RecurrentCache(state=state, conv_tails=self.empty_tails(batch, dtype),
+                              lengths=jnp.zeros((batch,), jnp.int32))
 
 
 def decay_parameters(heads: int, rngs: nnx.Rngs, keys_per_head: int = 1) -> tuple[nnx.Param, nnx.Param]:

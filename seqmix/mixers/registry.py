@@ -36,7 +36,8 @@ seqmix's mixers, through a case of its own there):
   padding included, advanced by T on every call; `LanguageModel.extend` reads `cache[0].lengths`
   for default positions and `generate` for its decode positions, and every layer's agree. The rest
   is the mixer's: a float32 state [B, H, K, V] and short-convolution tails for recurrent mixers
-  (`recurrent.RecurrentCache`, whose size does not grow with max_len), a ring of the last `window`
+  (`recurrent.RecurrentCache`, whose size does not grow with max_len; a `RecurrentMixer` names its
+  convolutions in `CONVOLUTIONS` and inherits init_cache), a ring of the last `window`
   keys and values for a sliding window, max_len slots only for global attention (`attention.KVCache`,
   keys and values in `dtype`); a layer that keeps nothing still counts (`feed_forward.TokenCount`).
   A non-causal mixer's init_cache raises.

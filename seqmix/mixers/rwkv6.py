@@ -159,6 +159,6 @@ class RWKV6(RecurrentMixer):
         logits = self.decay_up(jnp.tanh(self.decay_down(x_w))).astype(jnp.float32) + self.decay_base[...]
         return self.split_heads(-jnp.exp(logits))
 
-    def init_cache(self, batch: int, max_len: int, dtype) -> RecurrentCache:
-        """An empty cache (state and the last input for the token shift); its size does not depend on max_len."""
-        return super().init_cache(batch, max_len, dtype, conv_tails=(jnp.zeros((batch, 1, self.mu_x.shape[0]), dtype),))
+    def empty_tails(self, batch: int, dtype) -> tuple[jax.Array, ...]:
+        """The token shift's last input, [B, 1, D] zeros, where the short convolutions' tails would be."""
+        return (jnp.zeros((batch, 1, self.mu_x.shape[0]), dtype),)

@@ -145,6 +145,6 @@ class RWKV7(RecurrentMixer):
         out = out + (bonus[..., None] * v.astype(jnp.float32)).reshape(batch, length, -1)
         return self.o_proj((out * self.g_lora(mixed["g"]).astype(jnp.float32)).astype(x.dtype)), cache
 
-    def init_cache(self, batch: int, max_len: int, dtype) -> RecurrentCache:
-        """An empty cache (state and the last input for the token shift); its size does not depend on max_len."""
-        return super().init_cache(batch, max_len, dtype, conv_tails=(jnp.zeros((batch, 1, self.d_model), dtype),))
+    def empty_tails(self, batch: int, dtype) -> tuple[jax.Array, ...]:
+        """The token shift's last input, [B, 1, D] zeros, where the short convolutions' tails would be."""
+        return (jnp.zeros((batch, 1, self.d_model), dtype),)
