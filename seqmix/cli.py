@@ -142,27 +142,6 @@ def _held_out(run):
     return load_corpus(run.config.data, training=False)
 
 
-def _held_out_loss(run, corpus) -> dict[str, float]:
-    """Held-out loss and perplexity of the run's model over its first eval_batches held-out
-    batches, computed as the trainer's evaluation computes them."""
-    import jax
-    from flax import nnx
-
-    from seqmix.layers.partitioning import using_rules
-    from seqmix.train.evaluate import held_out_loss
-    from seqmix.train.inputs import eval_iterator
-    from seqmix.train.sharding import batch_sharding
-    from seqmix.train.step import make_model_eval_step
-
-    config, (graphdef, state) = run.config, nnx.split(run.model)
-    mlm = config.mlm if config.objective == "mlm" else None
-    with using_rules(config.mesh.rules):  # the step traced under the run's rules, as in training
-        step = make_model_eval_step(graphdef, jax.tree.map(lambda x: x.sharding, state), run.mesh,
-                                    config.compute_dtype, config.loss_chunk_tokens, mlm)
-        return held_out_loss(step, state, eval_iterator(config.data, corpus), batch_sharding(run.mesh),
-                             config.eval_batches)
-
-
 def cmd_eval(args) -> int:
     if args.batches is not None and args.batches < 1:
         raise ConfigError(f"--batches must be at least 1, got {args.batches}")
@@ -208,7 +187,9 @@ def cmd_eval(args) -> int:
     corpus = _held_out(run)
     if not corpus.eval_documents:
         raise ConfigError("data.eval_files: the run has no held-out documents to evaluate on")
-    result = _held_out_loss(run, corpus)
+    from seqmix.train.evaluate import run_held_out_loss
+
+    result = run_held_out_loss(run, corpus)
     print(f"step {run.step}: held-out loss {result['eval_loss']:.4f} nats/token, "
           f"perplexity {result['eval_ppl']:.3f} over {int(result['eval_tokens'])} tokens")
     return 0

@@ -7,7 +7,14 @@ import math
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding
+
+from seqmix.layers.partitioning import using_rules
+from seqmix.train.inputs import Corpus, eval_iterator
+from seqmix.train.run_loader import LoadedRun
+from seqmix.train.sharding import batch_sharding
+from seqmix.train.step import make_model_eval_step
 
 def to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """Assembles each process's rows into global arrays laid out by `sharding` (every key:
@@ -27,3 +34,16 @@ def held_out_loss(eval_step, state, batches, sharding: NamedSharding, max_batche
         raise ValueError("the held-out set produced no tokens to evaluate")
     loss = total / count
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_tokens": count}
+
+
+def run_held_out_loss(run: LoadedRun, corpus: Corpus) -> dict[str, float]:
+    """`held_out_loss` of a loaded run's model (`run_loader.open_run`) over the first
+    eval_batches batches of `corpus`'s held-out documents, computed as the trainer's evaluation
+    computes them (its compute dtype, loss blocks, MLM masking and axis rules)."""
+    config, (graphdef, state) = run.config, nnx.split(run.model)
+    mlm = config.mlm if config.objective == "mlm" else None
+    with using_rules(config.mesh.rules):  # the step traced under the run's rules, as in training
+        step = make_model_eval_step(graphdef, jax.tree.map(lambda x: x.sharding, state), run.mesh,
+                                    config.compute_dtype, config.loss_chunk_tokens, mlm)
+        return held_out_loss(step, state, eval_iterator(config.data, corpus), batch_sharding(run.mesh),
+                             config.eval_batches)
