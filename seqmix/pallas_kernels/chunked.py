@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from seqmix.pallas_kernels import layout
 from seqmix.pallas_kernels.grouped_heads import repeat_to_value_heads
 from seqmix.pallas_kernels.segments import initial_state_or_zeros, padded_groups, reset_groups, zero_padded
-from seqmix.pallas_kernels.tile_math import eye
+from seqmix.pallas_kernels.tile_math import as_row, eye, matmul, matmul_nt, matmul_tn, strictly_causal
 
 CHUNK_AXIS = 3
 
@@ -32,27 +33,10 @@ def time_major(a):
     return a.transpose(1, 0, 3, 2, 4).reshape(batch, chunks * chunk, heads, dim)
 
 
-def dot(spec, a, b, matmul_dtype):
-    """einsum with float32 accumulation; float32 operands at full precision (no TF32/bf16 passes)."""
-    precision = lax.Precision.HIGHEST if matmul_dtype == jnp.float32 else lax.Precision.DEFAULT
-    return jnp.einsum(spec, a.astype(matmul_dtype), b.astype(matmul_dtype),
-                      precision=precision, preferred_element_type=jnp.float32)
-
-
-def mm(a, b, matmul_dtype=jnp.float32):  # [..., M, K] x [..., K, N]
-    return dot("...mk,...kn->...mn", a, b, matmul_dtype)
-
-
-def mm_nt(a, b, matmul_dtype=jnp.float32):  # [..., M, K] x [..., N, K]^T
-    return dot("...mk,...nk->...mn", a, b, matmul_dtype)
-
-
-def mm_tn(a, b, matmul_dtype=jnp.float32):  # [..., K, M]^T x [..., K, N]
-    """XLA on CPU runs a dot contracting both operands' rows on a slow generic path, so `a` is
-    transposed explicitly. The barrier keeps that transpose a plain copy: fused into the op
-    producing `a` (masks, exps) it became a scalar loop that cost the delta rule's backward pass a
-    fifth of its time."""
-    return mm(jnp.swapaxes(lax.optimization_barrier(a), -1, -2), b, matmul_dtype)
+# The chunk-major names of tile_math's matmuls, which take batches [..., M, K] too: float32
+# accumulation, float32 operands at full precision (no TF32/bf16 passes), mm_tn's operand transposed
+# explicitly (see `tile_math.matmul_tn`).
+mm, mm_nt, mm_tn = matmul, matmul_nt, matmul_tn
 
 
 def prefix_sums(x, reverse=False):
@@ -143,7 +127,8 @@ def head_decay(to_here, earlier):
 class SegmentMasks:
     """Who reads whom inside a chunk. earlier [N,B,1,C,C]: j < i in the same segment; reads_state
     [N,B,1,C,1]: the token sees the carried-in state; writes_state: its segment is still open at
-    the chunk end; keeps_state [N,B,1,1,1]: the carried-in state survives the chunk."""
+    the chunk end; keeps_state [N,B,1,1,1]: the carried-in state survives the chunk. In a kernel
+    body, one chunk's [C,C], [C,1], [C,1] and [1,1]."""
 
     earlier: jax.Array
     reads_state: jax.Array
@@ -152,14 +137,11 @@ class SegmentMasks:
 
 
 def segment_masks(groups) -> SegmentMasks:
-    """From chunk-relative reset groups [N,B,1,C,1] int32 (see `segments`)."""
-    size = groups.shape[CHUNK_AXIS]
-    later = lax.broadcasted_iota(jnp.int32, (size, size), 0) > lax.broadcasted_iota(jnp.int32, (size, size), 1)
-    token_groups = groups[:, :, 0, :, 0]
-    same = token_groups[:, :, :, None] == token_groups[:, :, None, :]
-    last_group = jnp.max(groups, axis=CHUNK_AXIS, keepdims=True)  # groups never decrease along a row
+    """From chunk-relative reset groups [..., C, 1] int32 (see `segments`): the XLA paths' chunk-major
+    [N,B,1,C,1], or one chunk's [C, 1] tile in a kernel body (`tile_math`)."""
+    last_group = jnp.max(groups, axis=-2, keepdims=True)  # groups never decrease along a row
     return SegmentMasks(
-        earlier=(later & same)[:, :, None],
+        earlier=strictly_causal(groups.shape[-2]) & (groups == as_row(groups)),
         reads_state=groups == 0,
         writes_state=groups == last_group,
         keeps_state=last_group == 0,
@@ -221,10 +203,11 @@ def sweep_backward(block_backward, inputs, residuals, d_out, d_final, length: in
     return tuple(map(_joined, grads)), d_state0
 
 
-def swept(forward, backward, longest_chunk: int):
+def swept(forward, backward, longest_chunk: int, value_major: bool = False):
     """A chunked path's whole-sequence op with its written-out VJP, from its per-block math.
 
-    forward(*inputs, state) -> (out [N,B,H,C,V], state, incoming [N,B,H,K,V]) and
+    forward(*inputs, state) -> (out [N,B,H,C,V], state, incoming [N,B,H,K,V]: the state entering
+    each chunk, [N,B,H,V,K] if value_major) and
     backward(*inputs, incoming, d_out, d_state) -> (grads, a tuple like inputs but for groups, and
     d_state entering the block), both on chunk-major blocks (`chunk_major`) of the float32 inputs
     (q * scale, k, v, *extras, groups [..., 1] int32). Returns
@@ -232,7 +215,8 @@ def swept(forward, backward, longest_chunk: int):
     v's heads), v [B,T,H,V], extras [B,T,H,...] -> (o [B,T,H,V] in q.dtype, final state [B,H,K,V]
     float32), differentiable in every float input and initial_state. Chunks are chunk_size tokens
     long, at most longest_chunk. The forward sweep keeps only the state entering each chunk; the
-    backward recomputes the rest, block by block in reverse.
+    backward recomputes the rest, block by block in reverse. value_major: the per-block math carries
+    states [.., V, K] (`layout.state_in`), the public [B,H,K,V] transposed once here.
     """
 
     def sweep_forward_blocks(inputs, state0, chunk, block):
@@ -275,8 +259,11 @@ def swept(forward, backward, longest_chunk: int):
         padded = -(-chunks // block) * block * chunk
         valid, groups = reset_groups(segment_ids, batch, length)
         inputs = [zero_padded(x, valid, padded, jnp.float32) for x in (q.astype(jnp.float32) * scale, k, v, *extras)]
-        state0 = initial_state_or_zeros(initial_state, batch, heads, key_dim, value_dim)
+        if value_major:
+            state0 = layout.state_in(initial_state, batch, heads, key_dim, value_dim)
+        else:
+            state0 = initial_state_or_zeros(initial_state, batch, heads, key_dim, value_dim)
         out, final = run((*inputs, padded_groups(groups, padded, chunk)[..., None]), state0, chunk, block)
-        return out[:, :length].astype(out_dtype), final
+        return out[:, :length].astype(out_dtype), layout.state_out(final) if value_major else final
 
     return op

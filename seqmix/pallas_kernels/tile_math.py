@@ -4,6 +4,8 @@ chunk math.
 Everything here acts on one chunk of one (batch, head): [C, D] tiles, [C, 1] columns and [C, C]
 masks, plain jnp with no reshapes, transposes or slices of a tile (the Triton lowering has none),
 no scans and no `lax.linalg`. Matmuls accumulate in float32; float32 operands run at full precision.
+The matmuls and `as_row` also take batches [..., M, K] (einsum, swapaxes), so that algebra written
+once runs on kernel tiles and on the XLA paths' chunk-major arrays alike (`chunked.mm` is `matmul`).
 Math that a kernel differentiates with `jax.vjp` passes `differentiable(matmul_dtype)` as its
 matmul_dtype, so that its transposed matmuls also take operands of one dtype.
 """
@@ -34,58 +36,71 @@ def differentiable(matmul_dtype):
     return _Differentiable(jnp.dtype(matmul_dtype))
 
 
-def _dot_operands(a, b, contract, matmul_dtype):
-    """a, b 2-D, both cast to matmul_dtype; float32 accumulation; float32 operands at full precision
+# The three matmul forms, by the operands' axes: for 2-D tiles, dot_general's contracting dimensions;
+# for batches [..., M, K], einsum specs (`matmul_tn` avoids "tn" on a batch).
+_TILE_CONTRACT = {"nn": ((1,), (0,)), "nt": ((1,), (1,)), "tn": ((0,), (0,))}
+_BATCH_SPEC = {"nn": "...mk,...kn->...mn", "nt": "...mk,...nk->...mn", "tn": "...km,...kn->...mn"}
+
+
+def _dot_operands(a, b, form, matmul_dtype):
+    """a, b both cast to matmul_dtype; float32 accumulation; float32 operands at full precision
     (no TF32/bf16 passes). Both operands share one dtype, which the Triton lowering requires."""
     precision = lax.Precision.HIGHEST if matmul_dtype == jnp.float32 else lax.Precision.DEFAULT
-    return lax.dot_general(
-        a.astype(matmul_dtype), b.astype(matmul_dtype), (contract, ((), ())),
-        precision=precision, preferred_element_type=jnp.float32,
-    )
+    a, b = a.astype(matmul_dtype), b.astype(matmul_dtype)
+    if a.ndim == b.ndim == 2:
+        return lax.dot_general(a, b, (_TILE_CONTRACT[form], ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)
+    return jnp.einsum(_BATCH_SPEC[form], a, b, precision=precision, preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _dot_with_vjp(a, b, contract, matmul_dtype):
-    return _dot_operands(a, b, contract, matmul_dtype)
+def _dot_with_vjp(a, b, form, matmul_dtype):
+    return _dot_operands(a, b, form, matmul_dtype)
 
 
-def _dot_with_vjp_forward(a, b, contract, matmul_dtype):
-    return _dot_operands(a, b, contract, matmul_dtype), (a, b)
+def _dot_with_vjp_forward(a, b, form, matmul_dtype):
+    return _dot_operands(a, b, form, matmul_dtype), (a, b)
 
 
-def _dot_with_vjp_backward(contract, matmul_dtype, residuals, g):
+def _dot_with_vjp_backward(form, matmul_dtype, residuals, g):
     """The two transposed dots, with the float32 cotangent g cast to matmul_dtype."""
     a, b = residuals
     g = g.astype(matmul_dtype)
     dot = functools.partial(_dot_operands, matmul_dtype=matmul_dtype)
-    if contract == ((1,), (0,)):  # a b: da = g b^T, db = a^T g
-        da, db = dot(g, b, ((1,), (1,))), dot(a, g, ((0,), (0,)))
-    elif contract == ((1,), (1,)):  # a b^T: da = g b, db = g^T a
-        da, db = dot(g, b, ((1,), (0,))), dot(g, a, ((0,), (0,)))
+    if form == "nn":  # a b: da = g b^T, db = a^T g
+        da, db = dot(g, b, "nt"), dot(a, g, "tn")
+    elif form == "nt":  # a b^T: da = g b, db = g^T a
+        da, db = dot(g, b, "nn"), dot(g, a, "tn")
     else:  # a^T b: da = b g^T, db = a g
-        da, db = dot(b, g, ((1,), (1,))), dot(a, g, ((1,), (0,)))
+        da, db = dot(b, g, "nt"), dot(a, g, "nn")
     return da.astype(a.dtype), db.astype(b.dtype)
 
 
 _dot_with_vjp.defvjp(_dot_with_vjp_forward, _dot_with_vjp_backward)
 
 
-def _dot(a, b, contract, matmul_dtype):
+def _dot(a, b, form, matmul_dtype):
     if isinstance(matmul_dtype, _Differentiable):
-        return _dot_with_vjp(a, b, contract, matmul_dtype.dtype)
-    return _dot_operands(a, b, contract, jnp.dtype(matmul_dtype))
+        return _dot_with_vjp(a, b, form, matmul_dtype.dtype)
+    return _dot_operands(a, b, form, jnp.dtype(matmul_dtype))
 
 
-def matmul(a, b, matmul_dtype=jnp.float32):  # [M, K] @ [K, N]
-    return _dot(a, b, ((1,), (0,)), matmul_dtype)
+def matmul(a, b, matmul_dtype=jnp.float32):  # [..., M, K] @ [..., K, N]
+    return _dot(a, b, "nn", matmul_dtype)
 
 
-def matmul_nt(a, b, matmul_dtype=jnp.float32):  # [M, K] @ [N, K]^T
-    return _dot(a, b, ((1,), (1,)), matmul_dtype)
+def matmul_nt(a, b, matmul_dtype=jnp.float32):  # [..., M, K] @ [..., N, K]^T
+    return _dot(a, b, "nt", matmul_dtype)
 
 
-def matmul_tn(a, b, matmul_dtype=jnp.float32):  # [K, M]^T @ [K, N]
-    return _dot(a, b, ((0,), (0,)), matmul_dtype)
+def matmul_tn(a, b, matmul_dtype=jnp.float32):  # [..., K, M]^T @ [..., K, N]
+    """On a batch, `a` is transposed explicitly: XLA on CPU runs a dot contracting both operands'
+    rows on a slow generic path. The barrier keeps that transpose a plain copy: fused into the op
+    producing `a` (masks, exps) it became a scalar loop that cost the delta rule's backward pass a
+    fifth of its time. A tile is never transposed (kernels have no transposes)."""
+    if a.ndim == b.ndim == 2:
+        return _dot(a, b, "tn", matmul_dtype)
+    return matmul(jnp.swapaxes(lax.optimization_barrier(a), -1, -2), b, matmul_dtype)
 
 
 def causal(rows: int, cols: int):
@@ -104,7 +119,10 @@ def strictly_causal(size: int):
 
 
 def as_row(column):
-    """[C, 1] -> [1, C] without a transpose op (kernel-friendly: a masked sublane reduction)."""
+    """[..., C, 1] -> [..., 1, C]: a tile without a transpose op (kernel-friendly: a masked sublane
+    reduction), a batch (the XLA paths) by swapping its last two axes."""
+    if column.ndim > 2:
+        return jnp.swapaxes(column, -1, -2)
     return jnp.sum(jnp.where(eye(column.shape[0]), column, jnp.zeros_like(column)), axis=0, keepdims=True)
 
 
