@@ -172,3 +172,49 @@ def self_products(x, k):
     through G_i, from leaving rounding noise in the gate's gradient that swamps the true, tiny one
     under strong decay."""
     return jnp.where(eye(x.shape[0]), jnp.sum(x * k, axis=1, keepdims=True), 0.0)
+
+
+def pair_products(row_tiles, column_tiles, gates, groups):
+    """Decayed products under a decay per key, for every pair of a row tile x and a column tile y:
+    [[sum_d x_id y_jd exp(G_id - G_jd) for j < i in one segment, x_i.y_i for j = i, 0 above, for y
+    in column_tiles] for x in row_tiles], each [C, C] float32; x, y [C, K] float32, gates G [C, K]
+    (cumulative, non-increasing), groups [C, 1] int32. 2-D tiles only. The pairs share their
+    exponentials.
+
+    A chunk of one sub-block (C <= SUB_BLOCK, the GPU kernel's) is one elementwise [C, C, K] block
+    (`pairwise_decays`), without slices, which the Triton lowering cannot take. A longer chunk goes
+    by sub-blocks of SUB_BLOCK rows (sublane slices): against their own columns elementwise; against
+    the earlier tokens j < s, s the sub-block's first token, as matmuls factored around
+    G_ref = G_{s-1}, so that exp(G_i - G_ref) and exp(G_ref - G_j) are both <= 1. The products do
+    not depend on G_ref, so it takes no gradient (`stop_gradient`): it would only be two cancelling
+    terms. A sub-block's own [c, c] block reaches its columns of the [c, C] row through an exact 0/1
+    matmul rather than a concatenation along the lanes.
+    """
+    size = gates.shape[0]
+
+    def own_block(rows, columns, gates, groups):
+        decays = pairwise_decays(gates, strictly_causal(groups.shape[0]) & (groups == as_row(groups)))
+        return [[decayed_products(x, y, decays) + self_products(x, y) for y in columns] for x in rows]
+
+    if size <= SUB_BLOCK:
+        return own_block(row_tiles, column_tiles, gates, groups)
+    token = lax.broadcasted_iota(jnp.int32, (size, 1), 0)
+    row_blocks = []
+    for start in range(0, size, SUB_BLOCK):
+        rows = slice(start, min(start + SUB_BLOCK, size))
+        placement = (lax.broadcasted_iota(jnp.int32, (rows.stop - start, size), 1)
+                     == lax.broadcasted_iota(jnp.int32, (rows.stop - start, size), 0) + start).astype(jnp.float32)
+        own = own_block([x[rows] for x in row_tiles], [y[rows] for y in column_tiles], gates[rows], groups[rows])
+        blocks = [[matmul(block, placement) for block in by_row] for by_row in own]
+        if start:
+            reference = lax.stop_gradient(gates[start - 1:start])
+            to_reference = jnp.exp(gates[rows] - reference)
+            before = token < start
+            from_reference = jnp.where(before, jnp.exp(jnp.where(before, reference - gates, -jnp.inf)), 0.0)
+            same_group = groups[rows] == as_row(groups)
+            blocks = [[block + jnp.where(same_group, matmul_nt(x[rows] * to_reference, y * from_reference), 0.0)
+                       for block, y in zip(by_row, column_tiles, strict=True)]
+                      for by_row, x in zip(blocks, row_tiles, strict=True)]
+        row_blocks.append(blocks)
+    return [[jnp.concatenate([blocks[r][c] for blocks in row_blocks], axis=0) for c in range(len(column_tiles))]
+            for r in range(len(row_tiles))]

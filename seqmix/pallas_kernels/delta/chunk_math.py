@@ -21,62 +21,18 @@ the triangular inverse or the state is a float32 matmul at full precision, since
 compound along the recurrence.
 Numerics: no exponential exceeds 1, however strong the decay. Decays between tokens enter as
 exp(G_i - G_j) with i >= j, masked before the exp, or, per key across sub-blocks of a long chunk,
-factored around a reference token between j and i (`_per_key_products`); the state's reads and
+factored around a reference token between j and i (`tile_math.pair_products`); the state's reads and
 writes take exp(G_i) and exp(G_C - G_i), both <= 1. Never exp(-G) from the chunk start.
 """
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from seqmix.pallas_kernels.chunked import Gates, segment_masks
 from seqmix.pallas_kernels.delta import algebra
 from seqmix.pallas_kernels.tile_math import (
-    SUB_BLOCK, as_row, cumulative_gates, decay_to_chunk_end, decayed_products, eye, masked_sums, matmul,
-    matmul_nt, pairwise_decays, self_products, strictly_causal,
+    as_row, cumulative_gates, decay_to_chunk_end, eye, masked_sums, matmul_nt, pair_products, strictly_causal,
 )
-
-
-def _per_key_products(q, k, gates, groups):
-    """`_decayed_products` for a decay per key: q, k [C, K] float32, gates G [C, K].
-
-    A chunk of one sub-block (C <= SUB_BLOCK, the GPU kernel's) is one elementwise [C, C, K] block
-    (`tile_math.pairwise_decays`), without slices, which the Triton lowering cannot take. A longer
-    chunk goes by sub-blocks of SUB_BLOCK rows (sublane slices): against their own columns
-    elementwise; against the earlier tokens j < s, s the sub-block's first token, as one matmul
-    factored around G_ref = G_{s-1}, so that exp(G_i - G_ref) and exp(G_ref - G_j) are both <= 1.
-    The product does not depend on G_ref, so G_ref takes no gradient (`stop_gradient`): it would
-    only be two cancelling terms. A sub-block's own [c, c] block reaches its columns of the [c, C]
-    row through a 0/1 matmul, exact, rather than a concatenation along the lanes. The key and query
-    products share the exponentials.
-    """
-    size = q.shape[0]
-
-    def own_block(q, k, gates, groups):
-        decays = pairwise_decays(gates, strictly_causal(groups.shape[0]) & (groups == as_row(groups)))
-        return decayed_products(k, k, decays), decayed_products(q, k, decays) + self_products(q, k)
-
-    if size <= SUB_BLOCK:
-        return own_block(q, k, gates, groups)
-    token = lax.broadcasted_iota(jnp.int32, (size, 1), 0)
-    key_rows, query_rows = [], []
-    for start in range(0, size, SUB_BLOCK):
-        rows = slice(start, min(start + SUB_BLOCK, size))
-        width = rows.stop - start
-        placement = (lax.broadcasted_iota(jnp.int32, (width, size), 1)
-                     == lax.broadcasted_iota(jnp.int32, (width, size), 0) + start).astype(jnp.float32)
-        keys, queries = (matmul(block, placement) for block in own_block(q[rows], k[rows], gates[rows], groups[rows]))
-        if start:
-            reference = lax.stop_gradient(gates[start - 1:start])
-            to_reference = jnp.exp(gates[rows] - reference)
-            before = token < start
-            k_earlier = jnp.where(before, k * jnp.exp(jnp.where(before, reference - gates, -jnp.inf)), 0.0)
-            same_group = groups[rows] == as_row(groups)
-            keys = keys + jnp.where(same_group, matmul_nt(k[rows] * to_reference, k_earlier), 0.0)
-            queries = queries + jnp.where(same_group, matmul_nt(q[rows] * to_reference, k_earlier), 0.0)
-        key_rows.append(keys)
-        query_rows.append(queries)
-    return jnp.concatenate(key_rows, axis=0), jnp.concatenate(query_rows, axis=0)
 
 
 def _decayed_products(q, k, gates, groups, earlier, matmul_dtype):
@@ -84,13 +40,15 @@ def _decayed_products(q, k, gates, groups, earlier, matmul_dtype):
     same of q_i and k_j for j < i, and q_i.k_i for j = i), in one segment, 0 elsewhere, float32.
     gates G [C, W]; earlier [C, C] bool: j < i in one segment. A decay per head (W = 1) is one
     [C, C] decay matrix on q k^T and k k^T (matmuls in matmul_dtype); a decay per key (W = K) goes by
-    `_per_key_products`."""
+    `tile_math.pair_products`, its key products' diagonal dropped."""
     if gates.shape[1] == 1:
         # The diagonal's 1 is no exp(G_i - G_i), so the backward pass sends nothing through it.
         decay = jnp.exp(jnp.where(earlier, gates - as_row(gates), -jnp.inf))
         return (decay * matmul_nt(k, k, matmul_dtype),
                 jnp.where(eye(q.shape[0]), 1.0, decay) * matmul_nt(q, k, matmul_dtype))
-    return _per_key_products(q.astype(jnp.float32), k.astype(jnp.float32), gates, groups)
+    q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
+    (keys,), (queries,) = pair_products([k32, q32], [k32], gates, groups)
+    return jnp.where(eye(q.shape[0]), 0.0, keys), queries
 
 
 def _gates(log_gate):

@@ -15,7 +15,7 @@ for j <= t, both within a segment. X comes from `triangular.unit_lower_inverse` 
 doubling, never Neumann powers). The backward kernel differentiates `chunk_forward` with
 `jax.vjp` (`chunk_backward`), as the GLA kernels do, so both passes share one definition.
 
-Numerics: the four decayed products share the one gate G (`_pair_products`: an elementwise
+Numerics: the four decayed products share the one gate G (`tile_math.pair_products`: an elementwise
 [c, c, K] block masked before the exp, and across 16-token sub-blocks of a longer chunk a matmul
 factored around the gate of the token before the sub-block): no exponential exceeds 1. P_qx
 directly; L_ax as the rows of P'(a_{t+1}, x) moved down by one, so that L's first subdiagonal
@@ -35,11 +35,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from seqmix.pallas_kernels.tile_math import (
-    as_row, cumulative_gates, decay_to_chunk_end, eye, masked_sums, matmul, matmul_nt, matmul_tn, strictly_causal,
+    as_row, cumulative_gates, decay_to_chunk_end, masked_sums, matmul, matmul_nt, matmul_tn, pair_products,
+    strictly_causal,
 )
 from seqmix.pallas_kernels.triangular import unit_lower_inverse
-
-SUB_BLOCK = 16
 
 
 def _row_mover(size: int, step: int):
@@ -48,57 +47,11 @@ def _row_mover(size: int, step: int):
     return (rows == lax.broadcasted_iota(jnp.int32, (size, size), 1) + step).astype(jnp.float32)
 
 
-def _pair_products(row_tiles, column_tiles, gates, groups):
-    """[[sum_d x_id y_jd exp(G_id - G_jd) for j < i in one segment, x_i.y_i for j = i, 0 above]
-    for y in column_tiles] for x in row_tiles, each [C, C] float32; x, y [C, K] float32, gates G
-    [C, K]. The pairs share their exponentials.
-
-    A chunk of one sub-block (C <= SUB_BLOCK, the GPU kernel's) is one elementwise [C, C, K] block,
-    without slices, which the Triton lowering cannot take. A longer chunk goes by sub-blocks of
-    SUB_BLOCK rows (sublane slices): against their own columns elementwise, masked before the exp;
-    against the earlier tokens j < s, s the sub-block's first token, as matmuls factored around
-    G_ref = G_{s-1}, so that exp(G_i - G_ref) and exp(G_ref - G_j) are both <= 1 (G_ref takes no
-    gradient: the products do not depend on it). A sub-block's own [c, c] block reaches its columns
-    of the [c, C] row through an exact 0/1 matmul rather than a concatenation along the lanes.
-    """
-    size = gates.shape[0]
-
-    def own_block(rows, columns, gates, groups):
-        mask = strictly_causal(groups.shape[0]) & (groups == as_row(groups))
-        decays = jnp.exp(jnp.where(mask[:, :, None], gates[:, None, :] - gates[None, :, :], -jnp.inf))
-        diagonal = eye(groups.shape[0])
-        return [[jnp.sum(x[:, None, :] * y[None, :, :] * decays, axis=2)
-                 + jnp.where(diagonal, jnp.sum(x * y, axis=1, keepdims=True), 0.0) for y in columns] for x in rows]
-
-    if size <= SUB_BLOCK:
-        return own_block(row_tiles, column_tiles, gates, groups)
-    token = lax.broadcasted_iota(jnp.int32, (size, 1), 0)
-    row_blocks = []
-    for start in range(0, size, SUB_BLOCK):
-        rows = slice(start, min(start + SUB_BLOCK, size))
-        placement = (lax.broadcasted_iota(jnp.int32, (rows.stop - start, size), 1)
-                     == lax.broadcasted_iota(jnp.int32, (rows.stop - start, size), 0) + start).astype(jnp.float32)
-        own = own_block([x[rows] for x in row_tiles], [y[rows] for y in column_tiles], gates[rows], groups[rows])
-        blocks = [[matmul(block, placement) for block in by_row] for by_row in own]
-        if start:
-            reference = lax.stop_gradient(gates[start - 1:start])
-            to_reference = jnp.exp(gates[rows] - reference)
-            before = token < start
-            from_reference = jnp.where(before, jnp.exp(jnp.where(before, reference - gates, -jnp.inf)), 0.0)
-            same_group = groups[rows] == as_row(groups)
-            blocks = [[block + jnp.where(same_group, matmul_nt(x[rows] * to_reference, y * from_reference), 0.0)
-                       for block, y in zip(by_row, column_tiles, strict=True)]
-                      for by_row, x in zip(blocks, row_tiles, strict=True)]
-        row_blocks.append(blocks)
-    return [[jnp.concatenate([blocks[r][c] for blocks in row_blocks], axis=0) for c in range(len(column_tiles))]
-            for r in range(len(row_tiles))]
-
-
 def _decayed_products(q, k, a, b, gates, groups):
     """(L_ab, L_ak) [C, C] (j < t in one segment) and (P_qb, P_qk) [C, C] (j <= t), float32."""
     size = q.shape[0]
     earlier = strictly_causal(size) & (groups == as_row(groups))
-    (from_next_ab, from_next_ak), (p_qb, p_qk) = _pair_products(
+    (from_next_ab, from_next_ak), (p_qb, p_qk) = pair_products(
         [matmul(_row_mover(size, -1), a), q], [b, k], gates, groups)
     lower = lambda from_next: jnp.where(earlier, matmul(_row_mover(size, 1), from_next), 0.0)
     return lower(from_next_ab), lower(from_next_ak), p_qb, p_qk
