@@ -174,10 +174,7 @@ class DistillConfig:
       the teacher attention's output (relative squared error, averaged over the converted layers);
     - `hidden_states`: each block's output in the student's own forward fits the teacher block's;
     - `kl`: KL(teacher || student) of the next-token distributions per token (in blocks of
-      `loss_chunk_tokens` when that is set), plus `lm_weight` times the cross-entropy; with
-      `continuations` n > 0 the last n tokens of every row are first replaced by the teacher's
-      greedy continuation of the row's document before them (sequence-level distillation), so that
-      the student learns the teacher on the text the teacher itself generates.
+      `loss_chunk_tokens` when that is set), plus `lm_weight` times the cross-entropy.
     The teacher runs in the same step, frozen, in `teacher_dtype`. `train` names what trains: `all`
     (every parameter, or with `lora` the adapters), `converted` (every parameter of the layers whose
     mixer the conversion replaced) or `new` (only the parameters the conversion added)."""
@@ -187,14 +184,10 @@ class DistillConfig:
     lm_weight: float = 0.0
     teacher_dtype: Literal["float32", "bfloat16"] = "float32"
     train: Literal["all", "converted", "new"] = "all"
-    continuations: int = 0
 
     def validate(self, path: str) -> None:
         require(math.isfinite(self.lm_weight) and self.lm_weight >= 0, path, "lm_weight",
                 f"must be a finite non-negative number, got {self.lm_weight}")
-        require(self.continuations >= 0, path, "continuations", f"must be non-negative, got {self.continuations}")
-        require(self.continuations == 0 or self.loss == "kl", path, "continuations",
-                f"are the teacher's text for the kl loss, not for {self.loss}")
         require(self.lm_weight == 0 or self.loss == "kl", path, "lm_weight",
                 f"mixes the cross-entropy into the kl loss only, not into {self.loss}")
 
@@ -270,8 +263,6 @@ class TrainConfig:
             require(self.lora is None or self.distill.train == "all", path, "distill.train",
                     f"{self.distill.train!r} with lora: with LoRA the adapters train, so leave train at all")
             require(self.objective == "next_token", path, "distill", "distils a causal model (objective next_token)")
-            require(self.distill.continuations < self.data.seq_len, path, "distill.continuations",
-                    f"{self.distill.continuations} leaves no prompt in rows of data.seq_len={self.data.seq_len}")
         stage_configs(self, path)  # each stage is a whole run: checked now, not when the stage before it ends
         if self.tune == "state":
             self.model.validate(f"{path}.model" if path else "model")  # again, with the states it was given

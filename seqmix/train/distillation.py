@@ -6,8 +6,7 @@ stages, LoLCATs' two), each summed over a micro-batch so that the train step div
 - hidden states: each block's output in the student's own forward fits the teacher block's;
 - logits: KL(p_teacher || p_student) of the next-token distributions per token, from logits or,
   for large vocabularies, from both models' final hidden states and heads in blocks of tokens,
-  so that neither [B, T, vocab] logits tensor ever exists whole; optionally plus the LM loss;
-  optionally on rows whose ends the teacher wrote itself (`teacher_continued`).
+  so that neither [B, T, vocab] logits tensor ever exists whole; optionally plus the LM loss.
 """
 
 from __future__ import annotations
@@ -98,13 +97,12 @@ def replaced_layers(student: ModelConfig, teacher: ModelConfig) -> list[int]:
 class Teacher:
     """What a distilling train step knows of its teacher besides the teacher's state (an argument
     of the step): its graph, the loss (a `DistillConfig.loss`), the cross-entropy's weight, the
-    layers the conversion replaced, how many tokens of each row the teacher writes (0: none)."""
+    layers the conversion replaced."""
 
     graphdef: nnx.GraphDef
     loss: str
     lm_weight: float
     replaced: tuple[int, ...]
-    continuations: int = 0
 
 
 def load_teacher(directory: str, settings, student: ModelConfig, mesh: Mesh) -> tuple[Teacher, nnx.State]:
@@ -121,60 +119,7 @@ def load_teacher(directory: str, settings, student: ModelConfig, mesh: Mesh) -> 
                          f"the teacher {directory} in every layer")
     graphdef, state = nnx.split(from_pretrained(directory, dtype=TEACHER_DTYPES[settings.teacher_dtype]))
     state = jax.device_put(state, state_shardings(state, mesh))
-    return Teacher(graphdef, settings.loss, settings.lm_weight, tuple(replaced), settings.continuations), state
-
-
-def teacher_continued(graphdef: nnx.GraphDef, state: nnx.State, batch, tokens: int) -> dict:
-    """The micro-batch with the last `tokens` inputs of every row replaced by the teacher's greedy
-    continuation of the document the row's earlier inputs end in (sequence-level distillation, Kim
-    and Rush 2016), targets, segment ids and positions to match. A student distilled on such rows
-    learns the teacher on the text greedy generation visits: whether a student continues a prompt as
-    its teacher does depends only on its next-token choices along the teacher's own continuation.
-
-    graphdef, state: the teacher (a `LanguageModel` with caches), constant. batch: dict of [B, T]
-    int32 "inputs", "targets", "segment_ids", "positions" (optionally "loss_mask", which then scores
-    the continuation). Only the last document conditions the continuation (the row's other documents
-    are padding to the teacher's prefill); a row whose earlier inputs end in padding is left alone.
-    The continuation runs on the teacher's decode caches: a prefill and `tokens` one-token steps."""
-    inputs, segment_ids, positions = batch["inputs"], batch["segment_ids"], batch["positions"]
-    rows, length = inputs.shape
-    cut = length - tokens
-    document = segment_ids[:, cut - 1]
-    continued = document != 0
-    prompt = (segment_ids[:, :cut] == document[:, None]) & continued[:, None]
-    teacher = nnx.merge(graphdef, state)
-    logits, cache = teacher.extend(inputs[:, :cut], teacher.init_cache(rows, length), prompt.astype(jnp.int32),
-                                   positions[:, :cut])
-    new_positions = positions[:, cut - 1:cut] + 1 + jnp.arange(tokens, dtype=positions.dtype)
-
-    def decode(carry, position):
-        last_logits, cache = carry
-        token = jnp.argmax(last_logits, axis=-1).astype(inputs.dtype)
-        # merged anew each step: nothing the teacher's layers record escapes the scan
-        logits, cache = nnx.merge(graphdef, state).extend(token[:, None], cache, positions=position[:, None])
-        return (logits[:, -1], cache), token
-
-    (last_logits, _), written = jax.lax.scan(decode, (logits[:, -1], cache), new_positions.T)
-    written = written.T  # [B, tokens]
-    following = jnp.argmax(last_logits, axis=-1).astype(inputs.dtype)[:, None]
-    replaced = {
-        "inputs": jnp.concatenate([inputs[:, :cut], written], axis=1),
-        "targets": jnp.concatenate([batch["targets"][:, :cut - 1], written, following], axis=1),
-        "segment_ids": jnp.concatenate([segment_ids[:, :cut], jnp.broadcast_to(document[:, None], written.shape)], 1),
-        "positions": jnp.concatenate([positions[:, :cut], new_positions], axis=1),
-    }
-    if "loss_mask" in batch:
-        replaced["loss_mask"] = batch["loss_mask"].at[:, cut:].set(1)
-    return {key: jnp.where(continued[:, None], replaced[key], batch[key]) if key in replaced else value
-            for key, value in batch.items()}
-
-
-def distillation_batch(teacher: Teacher, teacher_state: nnx.State, batch) -> dict:
-    """The micro-batch the distillation objective scores: `batch` itself, or with continuations
-    the rows the teacher finished (`teacher_continued`)."""
-    if not teacher.continuations:
-        return batch
-    return teacher_continued(teacher.graphdef, jax.lax.stop_gradient(teacher_state), batch, teacher.continuations)
+    return Teacher(graphdef, settings.loss, settings.lm_weight, tuple(replaced)), state
 
 
 def distillation_sums(student: LanguageModel, teacher: Teacher, teacher_state: nnx.State, batch, scored: jax.Array,

@@ -10,7 +10,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from seqmix.train.distillation import Teacher, distillation_batch, distillation_sums
+from seqmix.train.distillation import Teacher, distillation_sums
 from seqmix.train.loss import chunked_cross_entropy_sum, cross_entropy_sum
 from seqmix.train.mlm import held_out_key, masked_for_mlm, training_key
 from seqmix.train.sharding import batch_sharding
@@ -27,8 +27,7 @@ def _batch_loss(model_graphdef, params, rest, batch, compute_dtype, loss_chunk_t
     loss_chunk_tokens > 0 computes the cross-entropy in blocks of that many tokens from the
     final hidden states, never holding the [B, T, vocab] logits (large vocabularies).
     teacher: (a `distillation.Teacher`, its state) puts the distillation objective, summed
-    likewise (`distillation_sums`), in the cross-entropy's place, on the rows it scores
-    (`distillation_batch`: with continuations, the teacher writes the end of each row)."""
+    likewise (`distillation_sums`), in the cross-entropy's place."""
     if compute_dtype is not None:
         # Master weights stay float32; the cast is differentiated through, so gradients
         # come back float32 while every matmul runs in the compute dtype.
@@ -36,8 +35,6 @@ def _batch_loss(model_graphdef, params, rest, batch, compute_dtype, loss_chunk_t
         # Frozen weights (LoRA's base) compute in it too.
         rest = jax.tree.map(lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, rest)
     model = nnx.merge(model_graphdef, params, rest)
-    if teacher is not None:
-        batch = distillation_batch(*teacher, batch)
     scored = batch["segment_ids"] != 0
     if "loss_mask" in batch:  # the pipeline's: instructions score their responses only
         scored &= batch["loss_mask"] != 0

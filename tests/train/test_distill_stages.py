@@ -24,7 +24,7 @@ from seqmix.train.distillation import Teacher, distillation_sums, transfer_loss
 STAGES = ("stages=[{name: attention, distill: {loss: attention_output, train: converted}}, "
           "{name: hidden, distill: {loss: hidden_states, train: converted}}, "
           "{name: kl, optim: {lr: 1.0e-2}, lora: {rank: 4, targets: [q_proj, k_proj, v_proj, o_proj]}, "
-          "distill: {loss: kl, continuations: 8}}]")
+          "distill: {loss: kl}}]")
 
 
 def train_losses(run) -> list[float]:
@@ -112,14 +112,6 @@ def test_a_distilling_run_without_a_teacher_is_refused_before_it_starts(tmp_path
     assert main(["train", "configs/runs/smoke.yaml", f"out_dir={tmp_path / 'run'}",
                  "stages=[{name: first}, {name: second, data: {seq_len: 64}}]"]) == 2
     assert "stages[1].data: is the run's, the same in every stage" in capsys.readouterr().err
-    teacher = "distill.teacher=nowhere"  # refused before the teacher is looked for
-    assert main(["train", "configs/runs/smoke.yaml", teacher, "distill.continuations=64", "data.seq_len=64",
-                 f"out_dir={tmp_path / 'run'}"]) == 2
-    assert "distill.continuations: 64 leaves no prompt in rows of data.seq_len=64" in capsys.readouterr().err
-    assert main(["train", "configs/runs/smoke.yaml", teacher, "distill.continuations=8",
-                 "distill.loss=hidden_states", f"out_dir={tmp_path / 'run'}"]) == 2
-    assert "distill.continuations: are the teacher's text for the kl loss, not for hidden_states" in (
-        capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
 
 

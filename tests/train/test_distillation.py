@@ -1,18 +1,12 @@
 """Logit distillation's KL: the blockwise form equals the plain one (value, and gradients of the
 student's features and head; none reach the teacher), with soft caps, padding and blocks that do
-not divide the rows; the plain KL is the definition's, written in float64; and the rows the teacher
-finishes for sequence-level distillation are what `generate` writes from each row's last document."""
+not divide the rows; and the plain KL is the definition's, written in float64."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from seqmix.configuration import build
-from seqmix.models.config import ModelConfig
-from seqmix.models.generate import generate
-from seqmix.models.lm import LanguageModel
-from seqmix.train.distillation import chunked_kl_sum, kl_sum, teacher_continued
+from seqmix.train.distillation import chunked_kl_sum, kl_sum
 
 
 def inputs():
@@ -47,34 +41,3 @@ def test_blockwise_kl_equals_the_plain_kl_with_its_gradients():
         np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max(), err_msg=name)
     assert not np.any(block_gradients[2]) and not np.any(block_gradients[3])  # the teacher is frozen
     assert not np.any(gradients[2]) and not np.any(gradients[3])
-
-
-def test_the_teacher_continues_each_rows_last_document_as_generate_does():
-    config = build(ModelConfig, {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 2, "init_std": 0.3},
-                   "model")
-    teacher = LanguageModel(config, rngs=nnx.Rngs(0))
-    length, written = 24, 8
-    inputs = jax.random.randint(jax.random.key(1), (3, length), 0, 64, dtype=jnp.int32)
-    # row 0: one document; row 1: a document, then one that reaches the cut at 16 and goes on;
-    # row 2: its earlier inputs end in padding at the cut
-    segment_ids = jnp.asarray([[1] * 24, [1] * 10 + [2] * 14, [1] * 12 + [0] * 12], jnp.int32)
-    positions = jnp.asarray([list(range(24)), list(range(10)) + list(range(14)), list(range(12)) + [0] * 12],
-                            jnp.int32)
-    batch = {"inputs": inputs, "targets": jnp.roll(inputs, -1, axis=1), "segment_ids": segment_ids,
-             "positions": positions, "loss_mask": jnp.ones_like(inputs).at[0, 20:].set(0)}
-    continued = jax.jit(teacher_continued, static_argnums=(0, 3))(*nnx.split(teacher), batch, written)
-
-    cut = length - written
-    for row, prompt in ((0, inputs[0, :cut]), (1, inputs[1, 10:cut])):
-        greedy = np.asarray(generate(teacher, [prompt], written + 1, rng=jax.random.key(0), temperature=0.0))[0]
-        assert len(set(greedy.tolist())) > 2, greedy  # a continuation that could be told apart
-        np.testing.assert_array_equal(continued["inputs"][row], np.concatenate([inputs[row, :cut], greedy[:written]]))
-        np.testing.assert_array_equal(continued["targets"][row, :cut - 1], batch["targets"][row, :cut - 1])
-        np.testing.assert_array_equal(continued["targets"][row, cut - 1:], greedy)
-        np.testing.assert_array_equal(continued["segment_ids"][row, cut:], segment_ids[row, cut - 1])
-        last = positions[row, cut - 1]
-        np.testing.assert_array_equal(continued["positions"][row], np.concatenate(
-            [positions[row, :cut], np.arange(last + 1, last + 1 + written)]))
-        assert np.all(continued["loss_mask"][row, cut:] == 1)  # the teacher's text is scored
-    for key in batch:
-        np.testing.assert_array_equal(continued[key][2], batch[key][2], err_msg=key)
