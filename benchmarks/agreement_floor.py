@@ -14,6 +14,7 @@ tokens whose most likely next token is the teacher's. Prints a markdown table.
 """
 
 import argparse
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +64,8 @@ def main() -> None:
     rows = jnp.asarray(np.stack([text[start:start + 256] for start in np.linspace(0, len(text) - 256, 16).astype(int)]))
     teacher_logits = jax.jit(lambda tokens: teacher(tokens))(rows)
     reference = greedy_continuations(teacher, prompts, 32)
-    models = [*perturbed_models(teacher), *((run, open_run(run).model) for run in args.runs)]
+    # one model at a time: each perturbed copy or student is built when its row is measured
+    models = itertools.chain(perturbed_models(teacher), ((run, open_run(run).model) for run in args.runs))
     print("| model | KL to the teacher (nats/token) | same next token | agreement (32 identical) | common prefix |\n"
           "|---|---:|---:|---:|---:|")
     for name, model in models:
