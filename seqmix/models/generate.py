@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -83,28 +84,35 @@ def generate(model: nnx.Module, prompts, max_new_tokens: int, *, rng: jax.Array,
     tokens, segment_ids = left_pad(prompts)
     graphdef, state = nnx.split(model)
     batch, prompt_len = tokens.shape
-    require_cache_fits(model, batch, prompt_len + max_new_tokens, cache_dtype)
-
-    @jax.jit
-    def prefill(state, tokens, segment_ids):
-        model = nnx.merge(graphdef, state)
-        cache = model.init_cache(batch, prompt_len + max_new_tokens, cache_dtype)
-        logits, cache = model.extend(tokens, cache, segment_ids, prompt_positions(segment_ids))
-        return logits[:, -1], cache
-
-    @jax.jit
-    def decode(state, token, cache):
-        positions = cache[0].lengths[:, None] - padding[:, None]
-        logits, cache = nnx.merge(graphdef, state).extend(token[:, None], cache, positions=positions)
-        return logits[:, -1], cache
-
+    max_len = prompt_len + max_new_tokens
+    require_cache_fits(model, batch, max_len, cache_dtype)
     padding = jnp.sum(segment_ids == 0, axis=1, dtype=jnp.int32)
 
-    logits, cache = prefill(state, tokens, segment_ids)
+    logits, cache = _prefill(graphdef, state, tokens, segment_ids, max_len, cache_dtype)
     new_tokens = []
     for key in jax.random.split(rng, max_new_tokens):
         token = sample_token(logits, key, temperature, top_p)
         new_tokens.append(token)
         if len(new_tokens) < max_new_tokens:
-            logits, cache = decode(state, token, cache)
+            logits, cache = _decode(graphdef, state, token, cache, padding)
     return jnp.stack(new_tokens, axis=1) if new_tokens else jnp.zeros((batch, 0), jnp.int32)
+
+
+# At module level, so that the programs are compiled once per model structure and shapes, not once
+# per call: the evaluations call `generate` once per batch of prompts, trial or request.
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "cache_dtype"))
+def _prefill(graphdef, state, tokens, segment_ids, max_len: int, cache_dtype):
+    """(logits [B, vocab] at each row's last prompt token, the cache after the prompt)."""
+    model = nnx.merge(graphdef, state)
+    cache = model.init_cache(tokens.shape[0], max_len, cache_dtype)
+    logits, cache = model.extend(tokens, cache, segment_ids, prompt_positions(segment_ids))
+    return logits[:, -1], cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _decode(graphdef, state, token, cache, padding):
+    """One step: token [B] in, (logits [B, vocab], cache) out; padding [B] is each row's number of
+    left-padding tokens, which its positions skip."""
+    positions = cache[0].lengths[:, None] - padding[:, None]
+    logits, cache = nnx.merge(graphdef, state).extend(token[:, None], cache, positions=positions)
+    return logits[:, -1], cache

@@ -1,6 +1,7 @@
 """Every registered mixer, in a small model: token-by-token decode and prefill from a cached state
 == the chunked forward, packed rows == separate documents, finite gradients reaching every
-parameter, and a model that overfits a tiny batch. A new mixer joins by adding a case (VARIANTS:
+parameter, a model that overfits a tiny batch, and parameters strongly typed float32 (checked
+as each case's model is built). A new mixer joins by adding a case (VARIANTS:
 options checked by the decode test only); a registered mixer without one fails the coverage test."""
 
 import dataclasses
@@ -144,12 +145,18 @@ def case_options(case):
 def model_for(case, seed=0, learned_states=False):
     """The case's model. learned_states: its layers that can learn their start state (state
     tuning) have one, random and non-zero, so that decoding has to carry it (for the other cases
-    the model is the same either way)."""
+    the model is the same either way). Every test builds its cases' models here, so the check
+    below covers every case."""
     options = case_options(case)
     config = build(ModelConfig, options, "model")
     if learned_states and any(config.mixer(kind)[0].learns_initial_state for kind in config.layer_pattern):
         config = build(ModelConfig, {**options, "learned_initial_state": True}, "model")
     model = LanguageModel(config, rngs=nnx.Rngs(seed))
+    # Every parameter strongly typed float32: a weakly typed one (built from a Python float without
+    # a dtype) becomes strong after the first optimizer update, so a jitted train step traces and
+    # compiles again on its second and third calls (RWKV-7's k_a and r_k did, 5 s each here).
+    for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param)):
+        assert leaf.dtype == jnp.float32 and not leaf.weak_type, (case, jax.tree_util.keystr(path))
     states = nnx.state(model, InitialState)
     # Non-negative, so that the normalisers (the last column of a normalised linear attention's state) stay positive.
     nnx.update(model, jax.tree.map(lambda x: jax.random.uniform(jax.random.key(seed), x.shape, maxval=0.5), states))
@@ -230,10 +237,14 @@ def test_prompts_of_different_lengths_batched_with_left_padding_equal_each_alone
     greedy = jnp.argmax(batch_logits[:, -1], axis=-1)
     step_logits, _ = extend(model, greedy[:, None], cache, None, jnp.array([[9], [3]]))
     for row, prompt in enumerate(prompts):
-        alone, alone_cache = extend(model, prompt[None], model.init_cache(1, 12))
-        assert rel_err(batch_logits[row, -len(prompt):], alone[0]) < 1e-4, row
-        alone_step, _ = extend(model, greedy[row, None, None], alone_cache)
-        assert rel_err(step_logits[row], alone_step[0]) < 1e-4, row
+        # alone, one token at a time (decoding equals prefilling, the test above): one compilation
+        # serves both prompts and the step
+        alone, alone_cache = [], model.init_cache(1, 12)
+        for token in [*prompt, greedy[row]]:
+            logits, alone_cache = extend(model, jnp.reshape(token, (1, 1)), alone_cache)
+            alone.append(logits[0])
+        assert rel_err(batch_logits[row, -len(prompt):], jnp.concatenate(alone[:-1])) < 1e-4, row
+        assert rel_err(step_logits[row], alone[-1]) < 1e-4, row
     continued = generate(model, prompts, 2, rng=jax.random.key(0), temperature=0.0)
     assert np.array_equal(continued, jnp.stack([greedy, jnp.argmax(step_logits[:, -1], axis=-1)], axis=1))
 
@@ -304,13 +315,3 @@ def test_decode_cache_does_not_grow_with_context_except_for_global_attention():
     attention_layer = hybrid.layers[3].self_attn
     per_token = 2 * (2 * attention_layer.k_proj.out_features * 4 + 1)  # rows x ((k, v) x width x float32 + valid)
     assert cache_bytes(hybrid, 1064) - cache_bytes(hybrid, 64) == 1000 * per_token
-
-
-def test_parameters_are_strongly_typed_float32():
-    """A weakly typed parameter (built from a Python float without a dtype) becomes a strong one
-    after the first optimizer update, so a jitted train step traces and compiles again on its
-    second and third calls (RWKV-7's k_a and r_k did, 5 s each here)."""
-    for case in {**CASES, **VARIANTS, **MIXED_CACHES}:
-        shapes = nnx.eval_shape(lambda: model_for(case))
-        for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(shapes, nnx.Param)):
-            assert leaf.dtype == jnp.float32 and not leaf.weak_type, (case, jax.tree_util.keystr(path))

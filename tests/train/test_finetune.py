@@ -82,6 +82,13 @@ def test_mamba2_fine_tunes_with_pissa_adapters_on_its_projections(tmp_path):
     assert_the_loss_falls(tmp_path / "run")
 
 
+@nnx.jit
+def forward(model, tokens):
+    """The logits, jitted: compiling the fixtures' models whole costs less than running them op by
+    op, which compiles every operation of each shape on its own."""
+    return model(tokens)
+
+
 @pytest.mark.parametrize("name", ["qwen3_next", "lfm2", "minimax", "recurrent_gemma"])
 def test_the_families_own_projections_take_lora_adapters_that_train(name):
     """The LoRA targets of the README's table exist in each family's model: every one is wrapped,
@@ -91,16 +98,16 @@ def test_the_families_own_projections_take_lora_adapters_that_train(name):
     k_proj is LoRA-wrapped.)"""
     model = from_pretrained(FIXTURES / name)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, model.embed_tokens.embedding.shape[0], (2, 16)))
-    before = model(tokens)
+    before = forward(model, tokens)
     wrapped = add_lora(model, targets=PROJECTIONS[name], rank=4, alpha=8.0, rngs=nnx.Rngs(0))
     named = [path for path, module in nnx.iter_modules(model) if isinstance(module, LoRALinear)]
     assert wrapped == len(named) > 0 and {str(path[-1]) for path in named} == set(PROJECTIONS[name])
-    np.testing.assert_array_equal(model(tokens), before)
+    np.testing.assert_allclose(forward(model, tokens), before, rtol=1e-6, atol=1e-6)
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):  # B = 0 would stop A's gradient
         variable.set_value(0.01 * np.random.default_rng(len(path)).standard_normal(variable.shape, np.float32))
     graphdef, adapters, rest = nnx.split(model, nnx.LoRAParam, ...)
     loss = lambda adapters: jnp.mean(nnx.merge(graphdef, adapters, rest)(tokens)[:, :-1].max(-1))
-    gradients = jax.grad(loss)(adapters)
+    gradients = jax.jit(jax.grad(loss))(adapters)
     assert all(np.abs(np.asarray(g)).max() > 0 for g in jax.tree.leaves(gradients))
 
 
