@@ -29,35 +29,13 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 
-# When the compiled programs a test process holds are dropped: before its memory maps near the
-# kernel's limit (vm.max_map_count, 65530 by default) or its resident memory passes 2 GiB (three
-# test processes run side by side on a small machine).
-MAX_MEMORY_MAPS = 40_000
-MAX_RESIDENT_BYTES = 2 * 2**30
-
-
-def _holds_too_much() -> bool:
-    """Whether this process nears either limit above (always, where /proc cannot tell)."""
-    try:
-        with open("/proc/self/maps", "rb") as maps:
-            count = maps.read().count(b"\n")
-        with open("/proc/self/statm") as statm:
-            resident = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return True
-    return count > MAX_MEMORY_MAPS or resident > MAX_RESIDENT_BYTES
-
-
 @pytest.fixture(autouse=True, scope="module")
-def _compiled_programs_released_before_the_limits():
+def _compiled_programs_released_after_each_module():
     """XLA:CPU maps each compiled program's code into the process, about 2,000 memory maps per test
-    module, and a test group that keeps them all passes the kernel's limit and crashes with a
-    segmentation fault inside a late compilation. Dropping jax's caches unmaps them (measured:
-    5,610 maps -> 620); a program compiled again after that comes back from the persistent cache
-    above. They are dropped only near the limits: until then the next modules reuse the programs
-    (the mixers' tests without the harness: 157 -> 125 CPU-s, since the small operations that
-    tests run eagerly compile once each, not once per module)."""
+    module, and a test group that keeps them all passes the kernel's limit (vm.max_map_count,
+    65530) and crashes with a segmentation fault inside a late compilation. Dropping jax's caches
+    after each module unmaps them (measured: 5,610 maps -> 620); a program the next module
+    compiles again comes back from the persistent cache above."""
     yield
-    if _holds_too_much():
-        jax.clear_caches()
-        gc.collect()
+    jax.clear_caches()
+    gc.collect()
