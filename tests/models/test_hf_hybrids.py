@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hf_fixtures import FIXTURES, copy_fixture, hf_json, rel_err
+from hf_fixtures import FIXTURES, copy_fixture, hf_json, logits_of, rel_err
 from safetensors.numpy import load_file, save_file
 
 from seqmix.configuration import build
@@ -40,13 +40,6 @@ HYBRIDS = ["qwen3_next", "qwen3_5_text", "qwen3_5", "olmo_hybrid", "kimi_linear"
 EXPORTED_AS = {"qwen3_5": "qwen3_5_text", "kimi_linear_no_q_lora": "kimi_linear",
                "falcon_h1_no_norm": "falcon_h1"}
 
-
-
-@nnx.jit
-def logits_of(model, tokens):
-    """The full forward's logits (jitted: several times faster than eager here, and models of one
-    structure share the compilation)."""
-    return model(tokens)
 
 
 def expected(name):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hf_fixtures import logits_of
 
 import seqmix
 from seqmix.cli import build_parser
@@ -50,9 +51,7 @@ def teacher():
     return model, config
 
 
-# Jitted: a model compiled whole costs less than one run op by op, which compiles each operation
-# of each shape on its own.
-forward = nnx.jit(lambda model, tokens: model(tokens))
+# Jitted, as `logits_of`: a model compiled whole costs less than one run op by op.
 extend = nnx.jit(lambda model, tokens, cache: model.extend(tokens, cache))
 mix = nnx.jit(lambda layer, x: layer(x)[0])
 
@@ -175,7 +174,7 @@ def test_a_students_new_parameters_are_transfer_params_and_the_rest_the_teachers
 def test_a_student_decodes_as_its_forward(name):
     student, _ = converted(name)
     tokens = jax.random.randint(jax.random.key(5), (2, 9), 0, 256)
-    logits = forward(student, tokens)
+    logits = logits_of(student, tokens)
     cache = student.init_cache(2, 9)
     prefill, cache = extend(student, tokens[:, :5], cache)
     steps = [prefill]
@@ -190,8 +189,8 @@ def test_a_student_exports_and_reloads_with_its_logits(name, tmp_path):
     student, config = converted(name)
     assert export_pretrained(student, config, tmp_path, form="seqmix") == "seqmix"
     tokens = jax.random.randint(jax.random.key(6), (2, 10), 0, 256)
-    logits = forward(student, tokens)
-    reloaded = forward(seqmix.from_pretrained(tmp_path), tokens)
+    logits = logits_of(student, tokens)
+    reloaded = logits_of(seqmix.from_pretrained(tmp_path), tokens)
     assert float(jnp.abs(reloaded - logits).max() / jnp.abs(logits).max()) < 1e-6
 
 
