@@ -1,4 +1,12 @@
-"""Helpers shared by the kernel families' tests."""
+"""Helpers shared by the kernel families' tests.
+
+A family's tests call its op through a module-level jitted `run` and take gradients through
+`outputs_and_gradients`: parametrized cases with the same implementation and shapes (the reference
+beside each implementation, the same shapes under several gate or beta ranges) then share one
+compilation instead of compiling the same program again op by op.
+"""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -33,3 +41,18 @@ def assert_gradients_match(names, actual, expected):
     """Each named gradient (pytrees flattened in order) within 1e-4 relative error of the reference's."""
     for name, a, e in zip(names, jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
         assert relative_error(a, e) < 1e-4, name
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames="options")
+def outputs_and_gradients(run, impl, inputs, fixed, weights, options=()):
+    """((out, state), gradients) of sum(out * weights[0]) + sum(state * weights[1]) with respect
+    to each of `inputs`, where (out, state) = run(impl, *inputs, *fixed, **dict(options)).
+    run: a family's module-level function (its identity and impl key the compilation); options: a
+    tuple of (name, value) pairs of static keywords (chunk_size, ...)."""
+
+    def loss(*inputs):
+        out, state = run(impl, *inputs, *fixed, **dict(options))
+        return jnp.sum(out * weights[0]) + jnp.sum(state * weights[1]), (out, state)
+
+    gradients, outputs = jax.grad(loss, argnums=tuple(range(len(inputs))), has_aux=True)(*inputs)
+    return outputs, gradients

@@ -1,5 +1,7 @@
 """chunk_delta_rule: every implementation against the token-by-token reference."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,8 @@ from seqmix.pallas_kernels import chunked
 from seqmix.pallas_kernels.delta import chunk_delta_rule, delta_step
 from seqmix.pallas_kernels.triangular import unit_lower_inverse
 
-from kernel_checks import assert_gradients_match, assert_matches_reference, packed_segments, relative_error
+from kernel_checks import (assert_gradients_match, assert_matches_reference, outputs_and_gradients, packed_segments,
+                           relative_error)
 
 IMPLS = ["xla", "pallas_tpu", "pallas_gpu"]
 GATES = ["gated", "plain", "key"]  # log_a per head (Gated DeltaNet), none (DeltaNet), log_g per key (KDA)
@@ -35,9 +38,16 @@ def make_inputs(seed, batch=2, length=45, heads=2, key_dim=16, value_dim=32, gat
     return q, k, v, beta, gates, initial_state, segment_ids
 
 
-def run(impl, q, k, v, beta, gates, initial_state=None, segment_ids=None, chunk_size=16, **kwargs):
+@functools.partial(jax.jit, static_argnames=("impl", "chunk_size"))
+def run(impl, q, k, v, beta, gates, initial_state=None, segment_ids=None, chunk_size=16):
     return chunk_delta_rule(q, k, v, beta, **gates, initial_state=initial_state, segment_ids=segment_ids,
-                            output_final_state=True, chunk_size=chunk_size, impl=impl, **kwargs)
+                            output_final_state=True, chunk_size=chunk_size, impl=impl)
+
+
+def gradients(impl, inputs, segment_ids, weights, chunk_size=16):
+    """((out, state), d/d inputs) of sum(out * weights[0]) + sum(state * weights[1]); inputs:
+    (q, k, v, beta, gates, initial_state)."""
+    return outputs_and_gradients(run, impl, inputs, (segment_ids,), weights, options=(("chunk_size", chunk_size),))
 
 
 @pytest.mark.parametrize("gate", GATES)
@@ -57,12 +67,9 @@ def test_gradients_match_reference(impl, gate):
     out_weights = jnp.asarray(rng.normal(size=v.shape), jnp.float32)
     state_weights = jnp.asarray(rng.normal(size=h0.shape), jnp.float32)
 
-    def loss(impl, q, k, v, beta, gates, h0):
-        out, state = run(impl, q, k, v, beta, gates, h0, segments)
-        return jnp.sum(out * out_weights) + jnp.sum(state * state_weights)
-
-    expected = jax.grad(loss, argnums=(1, 2, 3, 4, 5, 6))("reference", q, k, v, beta, gates, h0)
-    actual = jax.grad(loss, argnums=(1, 2, 3, 4, 5, 6))(impl, q, k, v, beta, gates, h0)
+    inputs, weights = (q, k, v, beta, gates, h0), (out_weights, state_weights)
+    _, expected = gradients("reference", inputs, segments, weights)
+    _, actual = gradients(impl, inputs, segments, weights)
     names = ["dq", "dk", "dv", "dbeta", *(f"d{name}" for name in gates), "dh0"]
     assert_gradients_match(names, actual, expected)
 
@@ -74,15 +81,10 @@ def test_grouped_value_heads_match_reference(impl, gate):
     and every gradient, finite (fla #624: KDA gave NaN when the head counts differ) and equal to
     the reference; and the reference equals the op on q, k repeated to the value heads."""
     q, k, v, beta, gates, h0, segments = make_inputs(15, length=40, heads=4, query_heads=2, gate=gate)
-    weights = jnp.asarray(np.random.default_rng(16).normal(size=v.shape), jnp.float32)
-
-    def loss(impl, q, k, v, beta, gates, h0):
-        out, state = run(impl, q, k, v, beta, gates, h0, segments)
-        return jnp.sum(out * weights) + jnp.sum(state), (out, state)
-
-    grad = jax.grad(loss, argnums=(1, 2, 3, 4, 5, 6), has_aux=True)
-    expected_grads, expected = grad("reference", q, k, v, beta, gates, h0)
-    actual_grads, actual = grad(impl, q, k, v, beta, gates, h0)
+    inputs = (q, k, v, beta, gates, h0)
+    weights = (jnp.asarray(np.random.default_rng(16).normal(size=v.shape), jnp.float32), jnp.ones_like(h0))
+    expected, expected_grads = gradients("reference", inputs, segments, weights)
+    actual, actual_grads = gradients(impl, inputs, segments, weights)
     for a, e in zip(jax.tree.leaves((actual, actual_grads)), jax.tree.leaves((expected, expected_grads))):
         assert np.all(np.isfinite(np.asarray(a)))
         assert relative_error(a, e) < 1e-4
@@ -97,15 +99,10 @@ def test_per_key_gates_over_several_sub_blocks_per_chunk(impl):
     token) with mild per-key decays and grouped heads: values and gradients match the reference."""
     q, k, v, beta, gates, h0, segments = make_inputs(19, length=100, heads=4, query_heads=2, gate="key",
                                                      log_decay=(-0.5, 0.0))
-    weights = jnp.asarray(np.random.default_rng(20).normal(size=v.shape), jnp.float32)
-
-    def loss(impl, q, k, v, beta, gates, h0):
-        out, state = run(impl, q, k, v, beta, gates, h0, segments, chunk_size=64)
-        return jnp.sum(out * weights) + jnp.sum(state), (out, state)
-
-    grad = jax.grad(loss, argnums=(1, 2, 3, 4, 5, 6), has_aux=True)
-    expected_grads, expected = grad("reference", q, k, v, beta, gates, h0)
-    actual_grads, actual = grad(impl, q, k, v, beta, gates, h0)
+    inputs = (q, k, v, beta, gates, h0)
+    weights = (jnp.asarray(np.random.default_rng(20).normal(size=v.shape), jnp.float32), jnp.ones_like(h0))
+    expected, expected_grads = gradients("reference", inputs, segments, weights, chunk_size=64)
+    actual, actual_grads = gradients(impl, inputs, segments, weights, chunk_size=64)
     for a, e in zip(jax.tree.leaves((actual, actual_grads)), jax.tree.leaves((expected, expected_grads))):
         assert relative_error(a, e) < 1e-4
 
@@ -127,13 +124,13 @@ def test_xla_sweeps_blocks_of_chunks(monkeypatch, gate):
     q, k, v, beta, gates, h0, segments = make_inputs(12, length=150, gate=gate)
     weights = jnp.asarray(np.random.default_rng(13).normal(size=v.shape), jnp.float32)
 
-    def loss(impl, q, k, v, beta, gates, h0):
-        out, state = run(impl, q, k, v, beta, gates, h0, segments)
+    def loss(q, k, v, beta, gates, h0):  # unjitted: the block size is read when the op is traced
+        out, state = run.__wrapped__("xla", q, k, v, beta, gates, h0, segments)
         return jnp.sum(out * weights) + jnp.sum(state), (out, state)
 
-    grad = jax.grad(loss, argnums=(1, 2, 3, 4, 5, 6), has_aux=True)
-    expected_grads, expected = grad("reference", q, k, v, beta, gates, h0)
-    actual_grads, actual = grad("xla", q, k, v, beta, gates, h0)
+    actual_grads, actual = jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5), has_aux=True)(q, k, v, beta, gates, h0)
+    expected, expected_grads = gradients("reference", (q, k, v, beta, gates, h0), segments,
+                                         (weights, jnp.ones_like(h0)))
     for a, e in zip(jax.tree.leaves((actual, actual_grads)), jax.tree.leaves((expected, expected_grads))):
         assert relative_error(a, e) < 1e-4
 
@@ -201,13 +198,10 @@ def test_extreme_betas_and_decays_stay_finite_and_exact(case, impl, gate):
     q, k, v, beta, gates, h0, segments = make_inputs(6, batch=1, length=256, beta_range=beta_range,
                                                      log_decay=log_decay, gate=gate)
 
-    def loss(impl, q, k, beta, gates):
-        out, state = run(impl, q, k, v, beta, gates, h0, segments, chunk_size=64)
-        return jnp.sum(out**2) + jnp.sum(state), (out, state)
-
-    grad = jax.value_and_grad(loss, argnums=(1, 2, 3, 4), has_aux=True)
-    (_, expected), expected_grads = grad("reference", q, k, beta, gates)
-    (_, actual), grads = grad(impl, q, k, beta, gates)
+    inputs = (q, k, v, beta, gates, h0)
+    weights = (jnp.asarray(np.random.default_rng(21).normal(size=v.shape), jnp.float32), jnp.ones_like(h0))
+    expected, expected_grads = gradients("reference", inputs, segments, weights, chunk_size=64)
+    actual, grads = gradients(impl, inputs, segments, weights, chunk_size=64)
     for a, e in zip(jax.tree.leaves((actual, grads)), jax.tree.leaves((expected, expected_grads))):
         assert np.all(np.isfinite(np.asarray(a)))
         assert relative_error(a, e) < 1e-4

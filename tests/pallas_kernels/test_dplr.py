@@ -4,6 +4,8 @@ Inputs are RWKV-7-like, so that the recurrence is stable: a = -kappa_hat, b = ka
 kappa_hat L2-normalised and alpha in (0, 1), making Diag(exp(log_g)) + b a^T a contraction.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,8 @@ from seqmix.pallas_kernels import chunked
 from seqmix.pallas_kernels.delta import chunk_delta_rule
 from seqmix.pallas_kernels.dplr import chunk_dplr, dplr_step
 
-from kernel_checks import assert_gradients_match, assert_matches_reference, packed_segments, relative_error
+from kernel_checks import (assert_gradients_match, assert_matches_reference, outputs_and_gradients, packed_segments,
+                           relative_error)
 
 IMPLS = ["xla", "pallas_tpu", "pallas_gpu"]
 GRADIENT_NAMES = ["dq", "dk", "dv", "da", "db", "dlog_g", "dh0"]
@@ -37,24 +40,24 @@ def make_inputs(seed, batch=2, length=45, heads=2, key_dim=16, value_dim=32, gro
     return q, k, v, a, b, log_g, initial_state, packed_segments(rng, batch, length)
 
 
-def run(impl, q, k, v, a, b, log_g, initial_state=None, segment_ids=None, chunk_size=16, **kwargs):
+@functools.partial(jax.jit, static_argnames=("impl", "chunk_size"))
+def run(impl, q, k, v, a, b, log_g, initial_state=None, segment_ids=None, chunk_size=16):
     return chunk_dplr(q, k, v, a, b, log_g=log_g, initial_state=initial_state, segment_ids=segment_ids,
-                      output_final_state=True, chunk_size=chunk_size, impl=impl, **kwargs)
+                      output_final_state=True, chunk_size=chunk_size, impl=impl)
 
 
-def gradients(impl, inputs, segments, chunk_size=16, seed=2):
+def projection_weights(inputs, seed=2):
+    """Random weights for the output and the final state, of (q, k, v, a, b, log_g, initial_state)'s shapes."""
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(rng.normal(size=inputs[2].shape), jnp.float32),
+            jnp.asarray(rng.normal(size=inputs[-1].shape), jnp.float32))
+
+
+def gradients(impl, inputs, segments, chunk_size=16):
     """Outputs and the gradients of q, k, v, a, b, log_g, initial_state of a random projection of
     the output and final state."""
-    rng = np.random.default_rng(seed)
-    out_weights = jnp.asarray(rng.normal(size=inputs[2].shape), jnp.float32)
-    state_weights = jnp.asarray(rng.normal(size=inputs[-1].shape), jnp.float32)
-
-    def loss(*inputs):
-        out, state = run(impl, *inputs, segments, chunk_size=chunk_size)
-        return jnp.sum(out.astype(jnp.float32) * out_weights) + jnp.sum(state * state_weights), (out, state)
-
-    (_, outputs), grads = jax.value_and_grad(loss, argnums=range(7), has_aux=True)(*inputs)
-    return outputs, grads
+    return outputs_and_gradients(run, impl, tuple(inputs), (segments,), projection_weights(inputs),
+                                 options=(("chunk_size", chunk_size),))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -90,8 +93,15 @@ def test_xla_sweeps_blocks_of_chunks(monkeypatch):
     boundaries: values and gradients match the reference."""
     monkeypatch.setattr(chunked, "_CPU_BLOCK_ELEMENTS", 3 * 2 * 2 * 16 * (16 + 32))  # B * H * C * (K + V)
     *inputs, segments = make_inputs(12, length=150)
+    out_weights, state_weights = projection_weights(inputs)
+
+    def loss(*inputs):  # unjitted: the block size is read when the op is traced
+        out, state = run.__wrapped__("xla", *inputs, segments)
+        return jnp.sum(out * out_weights) + jnp.sum(state * state_weights), (out, state)
+
+    grads, outputs = jax.grad(loss, argnums=tuple(range(7)), has_aux=True)(*inputs)
+    actual = outputs, grads
     expected = gradients("reference", inputs, segments)
-    actual = gradients("xla", inputs, segments)
     for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
         assert relative_error(a, e) < 1e-4
 
