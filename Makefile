@@ -36,17 +36,21 @@ train: $(VENV)/.train-installed
 # (tests/conftest.py), which keeps it under the kernel's limit on memory maps (vm.max_map_count).
 # Each writes its own log, printed in order when all have finished, and the first failing group's
 # status is make's.
-# The groups are balanced by measured time (per module, from `pytest --durations=0` on a fresh clone):
-# the mixer harness and the student tests; the kernels, the models and the loss tests; the trainer.
-TEST_GROUPS = "tests/layers tests/mixers tests/integrations tests/test_configuration.py tests/test_examples.py tests/models/test_students.py" \
-	"tests/pallas_kernels tests/models --ignore=tests/models/test_students.py tests/train/test_loss.py" \
-	"tests/train --ignore=tests/train/test_loss.py"
+# Each group is "<devices>:<pytest arguments>", balanced by measured time (per module, from
+# `pytest --durations=0` on a fresh clone): the mixer harness and the student tests; the kernels,
+# the models and the tests that build meshes (the `eight_devices` modules, on 8 fake devices); the
+# rest of the trainer, whose runs train on one device as on a machine with one (tests/conftest.py).
+MESH_TESTS = tests/train/test_loss.py tests/train/test_sharding.py tests/train/test_activation_sharding.py \
+	tests/train/test_checkpoint.py tests/train/test_compile_only.py
+TEST_GROUPS = "1:tests/layers tests/mixers tests/integrations tests/test_configuration.py tests/test_examples.py tests/models/test_students.py" \
+	"8:tests/pallas_kernels tests/models --ignore=tests/models/test_students.py $(MESH_TESTS)" \
+	"1:tests/train $(addprefix --ignore=,$(MESH_TESTS))"
 TEST_LOGS := .test-logs
 test: $(VENV)/.test-installed
 	@rm -rf $(TEST_LOGS) && mkdir -p $(TEST_LOGS); \
 	echo "running the test groups side by side (logs in $(TEST_LOGS)/)"; \
 	group_index=0; for group in $(TEST_GROUPS); do group_index=$$((group_index + 1)); \
-	  ( $(BIN)/python -m pytest $$group > $(TEST_LOGS)/$$group_index.log 2>&1; \
+	  ( SEQMIX_TEST_DEVICES=$${group%%:*} $(BIN)/python -m pytest $${group#*:} > $(TEST_LOGS)/$$group_index.log 2>&1; \
 	    echo $$? > $(TEST_LOGS)/$$group_index.status ) & \
 	done; wait; status=0; \
 	for log in $(TEST_LOGS)/*.log; do cat $$log; group_status=$$(cat $${log%.log}.status); \

@@ -1,5 +1,11 @@
-"""Test session set-up: 8 fake CPU devices, so sharding tests run on this CPU-only machine, XLA:CPU
-code compiled without LLVM's optimisations, and one persistent compilation cache for the run.
+"""Test session set-up: fake CPU devices (8, so that the sharding tests run on this CPU-only machine,
+or SEQMIX_TEST_DEVICES of them), XLA:CPU code compiled without LLVM's optimisations, and one
+persistent compilation cache for the run.
+
+`make test` gives one device to the groups that build no mesh: a run there trains on one device,
+as a user's does on a machine with one, instead of splitting each batch over 8 devices that share
+the two cores (the trainer's tests took about an eighth less time). The modules that need 8
+devices carry the `eight_devices` mark and fail at once, saying so, in a process with fewer.
 
 XLA reads the flag once, when jax initialises its backend, so it is set before anything imports jax.
 Many tests compile the same programs (the smoke model's train step in a dozen Trainers, the CLI
@@ -14,8 +20,10 @@ from pathlib import Path
 # LLVM's optimisations of XLA:CPU's code cost compile time the tests' tiny shapes never earn back:
 # without them the kernels' tests took 116 s instead of 150 s, the mixers' gradient tests 15 s
 # instead of 24 s (cold caches, 2026-12-02). The library and its benchmarks keep them.
+DEVICES = os.environ.get("SEQMIX_TEST_DEVICES", "8")
 os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"]
+    [os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={DEVICES}",
+     "--xla_backend_optimization_level=0"]
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).parents[1] / ".cache" / "jax-tests"))
@@ -39,3 +47,9 @@ def _compiled_programs_released_after_each_module():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("eight_devices") and jax.device_count() < 8:
+        pytest.fail(f"{item.nodeid} needs 8 devices and this process has {jax.device_count()}: "
+                    "run it with SEQMIX_TEST_DEVICES=8 (the default)", pytrace=False)

@@ -13,6 +13,8 @@ from seqmix.pallas_kernels.dplr import chunk_dplr, sequence_parallel_dplr
 from seqmix.pallas_kernels.gla import chunk_gla, sequence_parallel_gla
 from seqmix.train.compile_check import collective_bytes
 
+pytestmark = pytest.mark.eight_devices
+
 SHARDS, SHARD_LEN = 8, 20  # T = 160; shards of 20 tokens, chunks of 16: a partial chunk per shard
 B, H, K, V = 3, 2, 8, 4
 OPS = {"gla": (chunk_gla, sequence_parallel_gla), "delta": (chunk_delta_rule, sequence_parallel_delta_rule),

@@ -23,6 +23,8 @@ from seqmix.train.compile_check import compile_train_step
 from seqmix.train.config import MeshConfig, load_train_config
 from seqmix.train.sharding import make_mesh
 
+pytestmark = pytest.mark.eight_devices
+
 MODEL = ["model.n_kv_heads=4", "model.d_model=32", "model.mlp_hidden=384", "model.vocab_size=640"]
 ROWS, LENGTH = 8, 64  # the smoke run's batch
 TENSOR_RULES_OFF = "mesh.rules={heads: [], kv_heads: [], mlp: [], vocab: []}"

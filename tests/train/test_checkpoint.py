@@ -14,6 +14,8 @@ from jax.sharding import PartitionSpec as P
 
 from seqmix.train.checkpoint import Checkpointer, CheckpointsUnreadable
 
+pytestmark = pytest.mark.eight_devices
+
 
 def _mesh(shape):
     n = int(np.prod(shape))

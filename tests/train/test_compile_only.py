@@ -15,6 +15,8 @@ from seqmix.train.config import MeshConfig, load_train_config
 from seqmix.train.sharding import make_mesh
 from seqmix.train.state import abstract_train_state
 
+pytestmark = pytest.mark.eight_devices
+
 
 def test_compile_only_reports_memory_per_device_and_runs_nothing(tmp_path, capsys):
     run = tmp_path / "run"

@@ -4,6 +4,7 @@ features and the head, padding and a partial last block; and that it never holds
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from seqmix.train.loss import chunked_cross_entropy_sum, cross_entropy_sum
 
@@ -79,6 +80,7 @@ def test_the_train_step_loss_in_blocks_equals_the_plain_one():
             assert float(jnp.linalg.norm(got - want)) <= 1e-5 * float(jnp.linalg.norm(want)) + 1e-9, (tied, path)
 
 
+@pytest.mark.eight_devices
 def test_blocks_keep_the_rows_on_their_devices():
     """On 8 devices holding one row each, a device's blocks are its own row's: blocks of the
     flattened batch would gather every row's features (8 x [2048, 32] float32) onto each."""

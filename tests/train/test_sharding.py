@@ -26,6 +26,8 @@ from seqmix.train.state import TrainState, create_train_state
 from seqmix.train.step import make_train_step
 from seqmix.train.trainer import Trainer
 
+pytestmark = pytest.mark.eight_devices
+
 SEQ_LEN = 32
 # warmup_steps=0: with warmup the first step's learning rate is 0 and no parameter would move.
 RUN = [f"data.seq_len={SEQ_LEN}", "data.batch_size=8", "optim.warmup_steps=0", "sample_tokens=0"]
