@@ -17,13 +17,15 @@ $(BIN)/python: | check-python
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# Stamps re-install when pyproject.toml changes.
+# Stamps re-install when pyproject.toml changes. --no-compile: pip would byte-compile every file of
+# every package it installs (jax, transformers, ...: 38 of the 64 s the test extra took here);
+# Python compiles the modules a process imports when it first imports them, and caches them.
 $(VENV)/.train-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet --no-compile -e .
 	touch $@
 
 $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-compile -e '.[test]'
 	touch $@ $(VENV)/.train-installed
 
 train: $(VENV)/.train-installed
@@ -36,15 +38,17 @@ train: $(VENV)/.train-installed
 # (tests/conftest.py), which keeps it under the kernel's limit on memory maps (vm.max_map_count).
 # Each writes its own log, printed in order when all have finished, and the first failing group's
 # status is make's.
-# Each group is "<devices>:<pytest arguments>", balanced by measured time (per module, from
-# `pytest --durations=0` on a fresh clone): the mixer harness and the student tests; the kernels,
-# the models and the tests that build meshes (the `eight_devices` modules, on 8 fake devices); the
-# rest of the trainer, whose runs train on one device as on a machine with one (tests/conftest.py).
+# Each group is "<devices>:<pytest arguments>", balanced by measured time (per module, from the
+# groups' times on a fresh clone): the mixer harness and the student tests; the kernels, most
+# models' tests and the tests that build meshes (the `eight_devices` modules, on 8 fake devices);
+# the trainer's and the linearization tests, whose runs train on one device as on a machine with
+# one (tests/conftest.py).
 MESH_TESTS = tests/train/test_loss.py tests/train/test_sharding.py tests/train/test_activation_sharding.py \
 	tests/train/test_checkpoint.py tests/train/test_compile_only.py
+ONE_DEVICE_MODEL_TESTS = tests/models/test_students.py tests/models/test_linearize.py tests/models/test_hf.py
 TEST_GROUPS = "1:tests/layers tests/mixers tests/integrations tests/test_configuration.py tests/test_examples.py tests/models/test_students.py" \
-	"8:tests/pallas_kernels tests/models --ignore=tests/models/test_students.py $(MESH_TESTS)" \
-	"1:tests/train $(addprefix --ignore=,$(MESH_TESTS))"
+	"8:tests/pallas_kernels tests/models $(addprefix --ignore=,$(ONE_DEVICE_MODEL_TESTS)) $(MESH_TESTS)" \
+	"1:tests/train tests/models/test_linearize.py tests/models/test_hf.py $(addprefix --ignore=,$(MESH_TESTS))"
 TEST_LOGS := .test-logs
 test: $(VENV)/.test-installed
 	@rm -rf $(TEST_LOGS) && mkdir -p $(TEST_LOGS); \
