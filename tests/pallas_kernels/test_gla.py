@@ -112,13 +112,12 @@ def test_xla_sweeps_blocks_of_chunks(monkeypatch, gate):
     gates = {"key": dict(log_g=decay), "head": dict(log_a=decay[..., 0]), "none": {}}[gate]
     weights = jnp.asarray(rng.normal(size=v.shape), jnp.float32)
 
-    def loss(q, k, v, gates, h0):  # unjitted: the block size is read when the op is traced
-        out, state = run.__wrapped__("xla", q, k, v, gates, h0, segments, chunk_size=16)
-        return jnp.sum(out * weights) + jnp.sum(state), (out, state)
-
-    actual_grads, actual = jax.grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(q, k, v, gates, h0)
-    expected, expected_grads = gradients("reference", (q, k, v, gates, h0), segments, (weights, jnp.ones_like(h0)),
-                                         chunk_size=16)
+    inputs, weights = (q, k, v, gates, h0), (weights, jnp.ones_like(h0))
+    # traced afresh (the block size is read when the op is traced, which a compilation keyed on
+    # shapes would not see)
+    actual, actual_grads = outputs_and_gradients.__wrapped__(run.__wrapped__, "xla", inputs, (segments,), weights,
+                                                             options=(("chunk_size", 16),))
+    expected, expected_grads = gradients("reference", inputs, segments, weights, chunk_size=16)
     for a, e in zip(jax.tree.leaves((actual, actual_grads)), jax.tree.leaves((expected, expected_grads))):
         assert relative_error(a, e) < 1e-4
 
