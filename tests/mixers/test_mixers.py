@@ -67,7 +67,7 @@ CASES = {
     "spectral_ssm": {"layer_pattern": ["mixer"], "mixers": {"mixer": {
         "type": "spectral_ssm", "num_filters": 4, "filter_length": 16}}},
     # Nemotron-H's MLP layers (its `moe` layers: tests/layers/test_moe.py and the nemotron_h fixture's decode)
-    "feed_forward_layer": {"mlp_hidden": 0, "layer_pattern": ["gated_conv", "mlp"],
+    "feed_forward_layer": {"layer_pattern": ["gated_conv", "mlp"],
                            "mixers": {"mlp": {"type": "mlp", "hidden": 48}}},
 }
 GLOBAL_ATTENTION_CASES = ("gated_deltanet_3to1_hybrid", "gated_conv_attention", "mla", "parallel_hybrid",
@@ -136,16 +136,18 @@ def case_options(case):
     """The ModelConfig options of a case (of CASES, VARIANTS or MIXED_CACHES): one layer of each kind
     in its layer pattern unless it says otherwise (a second layer of the same mixer would double
     the compile time of every check, the suite's largest cost, and test nothing the first does not;
-    the hybrids and MIXED_CACHES stack several)."""
+    the hybrids and MIXED_CACHES stack several), and blocks without an MLP, which mixes no tokens
+    (compiling it took a fifth of this module's time; the models' and trainer's tests have MLPs, and
+    the `feed_forward_layer` case has one as a layer of its own)."""
     options = {**CASES, **VARIANTS, **MIXED_CACHES}[case]
-    return {"vocab_size": VOCAB, "d_model": 32, "n_layers": len(options["layer_pattern"]), "n_heads": 2,
-            "init_std": 0.2, **options}
+    return {"vocab_size": VOCAB, "d_model": 32, "mlp_hidden": 0, "n_layers": len(options["layer_pattern"]),
+            "n_heads": 2, "init_std": 0.2, **options}
 
 
 def model_for(case, seed=0, learned_states=False):
     """The case's model. learned_states: its layers that can learn their start state (state
     tuning) have one, random and non-zero, so that decoding has to carry it (for the other cases
-    the model is the same either way). Every test builds its cases' models here, so the check
+    the model is the same either way). The tests that run a model build it here, so the check
     below covers every case."""
     options = case_options(case)
     config = build(ModelConfig, options, "model")
@@ -301,17 +303,20 @@ def test_gradients_reach_every_parameter_and_a_tiny_batch_is_overfit(case):
     assert float(first) > 3.5 and float(last) < 0.3, (float(first), float(last))
 
 
-def cache_bytes(model, max_len):
-    shapes = jax.eval_shape(lambda: model.init_cache(2, max_len))
-    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes))
+def cache_bytes(case, max_len):
+    """The bytes of the case's decode cache for 2 rows of max_len tokens, from shapes alone: neither the
+    model nor its cache is built (building the 30 models took this test 24 s of the suite's time)."""
+    def cache():
+        return LanguageModel(build(ModelConfig, case_options(case), "model"), rngs=nnx.Rngs(0)).init_cache(2, max_len)
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(jax.eval_shape(cache)))
 
 
 def test_decode_cache_does_not_grow_with_context_except_for_global_attention():
     for constant in [case for case in CASES if case not in GLOBAL_ATTENTION_CASES + NON_CAUSAL_CASES] + [
             "sliding_window_hybrid"]:
-        model = model_for(constant)
-        assert cache_bytes(model, 64) == cache_bytes(model, 65536), constant
-    hybrid = model_for("gated_deltanet_3to1_hybrid")  # one global attention layer in four
-    attention_layer = hybrid.layers[3].self_attn
+        assert cache_bytes(constant, 64) == cache_bytes(constant, 65536), constant
+    hybrid = "gated_deltanet_3to1_hybrid"  # one global attention layer in four
+    attention_layer = nnx.eval_shape(
+        lambda: LanguageModel(build(ModelConfig, case_options(hybrid), "model"), rngs=nnx.Rngs(0))).layers[3].self_attn
     per_token = 2 * (2 * attention_layer.k_proj.out_features * 4 + 1)  # rows x ((k, v) x width x float32 + valid)
     assert cache_bytes(hybrid, 1064) - cache_bytes(hybrid, 64) == 1000 * per_token
