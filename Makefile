@@ -17,16 +17,15 @@ $(BIN)/python: | check-python
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# Stamps re-install when pyproject.toml changes. pip byte-compiles what it installs (38 of the 64 s
-# the test extra takes here), and that is kept: where PYTHONDONTWRITEBYTECODE is set, as on this
-# VM, nothing compiles them later, and each of the suite's processes then compiled its imports
-# from source (8.1 s instead of 3.6 s of CPU for the imports of a test process).
+# Stamps re-install when pyproject.toml changes. For the tests pip does not byte-compile what it
+# installs (38 of the 64 s the test extra took here, every file of every package); the suite's
+# processes write the bytecode of what they import instead, into .cache/pycache (below).
 $(VENV)/.train-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
 $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-compile -e '.[test]'
 	touch $@ $(VENV)/.train-installed
 
 train: $(VENV)/.train-installed
@@ -38,24 +37,28 @@ train: $(VENV)/.train-installed
 # mostly single-threaded); each drops its compiled programs after every test module
 # (tests/conftest.py), which keeps it under the kernel's limit on memory maps (vm.max_map_count).
 # Each writes its own log, printed in order when all have finished, and the first failing group's
-# status is make's.
+# status is make's. The groups and the CLI runs they start keep the bytecode of their imports in
+# .cache/pycache, even where PYTHONDONTWRITEBYTECODE is set (as on the VM these were timed on):
+# importing from source cost a test process 9 s of CPU instead of 3.
 # Each group is "<devices>:<pytest arguments>", balanced by measured time (per module, from the
-# groups' times on a fresh clone): the mixer harness and the student tests; the kernels, most
+# groups' times on a fresh clone): the mixer harness and some models' tests; the kernels, the other
 # models' tests and the tests that build meshes (the `eight_devices` modules, on 8 fake devices);
 # the trainer's and the linearization tests, whose runs train on one device as on a machine with
 # one (tests/conftest.py).
 MESH_TESTS = tests/train/test_loss.py tests/train/test_sharding.py tests/train/test_activation_sharding.py \
 	tests/train/test_checkpoint.py tests/train/test_compile_only.py
-ONE_DEVICE_MODEL_TESTS = tests/models/test_students.py tests/models/test_linearize.py tests/models/test_hf.py
-TEST_GROUPS = "1:tests/layers tests/mixers tests/integrations tests/test_configuration.py tests/test_examples.py tests/models/test_students.py" \
-	"8:tests/pallas_kernels tests/models $(addprefix --ignore=,$(ONE_DEVICE_MODEL_TESTS)) $(MESH_TESTS)" \
-	"1:tests/train tests/models/test_linearize.py tests/models/test_hf.py $(addprefix --ignore=,$(MESH_TESTS))"
+MODEL_TESTS_IN_GROUP_1 = tests/models/test_students.py tests/models/test_lm.py tests/models/test_attention.py
+MODEL_TESTS_IN_GROUP_3 = tests/models/test_linearize.py tests/models/test_hf.py
+TEST_GROUPS = "1:tests/layers tests/mixers tests/integrations tests/test_configuration.py tests/test_examples.py $(MODEL_TESTS_IN_GROUP_1)" \
+	"8:tests/pallas_kernels tests/models $(addprefix --ignore=,$(MODEL_TESTS_IN_GROUP_1) $(MODEL_TESTS_IN_GROUP_3)) $(MESH_TESTS)" \
+	"1:tests/train $(MODEL_TESTS_IN_GROUP_3) $(addprefix --ignore=,$(MESH_TESTS))"
 TEST_LOGS := .test-logs
 test: $(VENV)/.test-installed
 	@rm -rf $(TEST_LOGS) && mkdir -p $(TEST_LOGS); \
 	echo "running the test groups side by side (logs in $(TEST_LOGS)/)"; \
 	group_index=0; for group in $(TEST_GROUPS); do group_index=$$((group_index + 1)); \
-	  ( SEQMIX_TEST_DEVICES=$${group%%:*} $(BIN)/python -m pytest $${group#*:} > $(TEST_LOGS)/$$group_index.log 2>&1; \
+	  ( SEQMIX_TEST_DEVICES=$${group%%:*} PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX=$(CURDIR)/.cache/pycache \
+	    $(BIN)/python -m pytest $${group#*:} > $(TEST_LOGS)/$$group_index.log 2>&1; \
 	    echo $$? > $(TEST_LOGS)/$$group_index.status ) & \
 	done; wait; status=0; \
 	for log in $(TEST_LOGS)/*.log; do cat $$log; group_status=$$(cat $${log%.log}.status); \

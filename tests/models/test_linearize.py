@@ -103,11 +103,11 @@ def test_a_linearized_model_decodes_from_its_cache_as_its_full_forward(method, k
     for path, variable in nnx.to_flat_state(nnx.state(student, nnx.LoRAParam)):
         variable.set_value(0.05 * jax.random.normal(jax.random.key(hash(path) % 2**31), variable.shape))
     tokens = jax.random.randint(jax.random.key(3), (2, 80), 0, config.vocab_size)
-    extend = jax.jit(lambda tokens, cache: student.extend(tokens, cache))
-    logits, cache = extend(tokens[:, :70], student.init_cache(2, 80))
+    extend = nnx.jit(lambda student, tokens, cache: student.extend(tokens, cache))
+    logits, cache = extend(student, tokens[:, :70], student.init_cache(2, 80))
     pieces = [logits]
     for t in range(70, 80):
-        step_logits, cache = extend(tokens[:, t:t + 1], cache)
+        step_logits, cache = extend(student, tokens[:, t:t + 1], cache)
         pieces.append(step_logits)
     assert rel_err(jnp.concatenate(pieces, axis=1), logits_of(student, tokens)) < 1e-4
     generated = generate(student, [np.asarray(tokens[0, :5])], 4, rng=jax.random.key(0), temperature=0.0)

@@ -1,7 +1,7 @@
 """chunk_gla: every implementation against the token-by-token reference.
 
-Pallas kernels run in interpret mode here (TPU-semantics interpreter; the generic interpreter for
-the Triton-lowered GPU kernel), on small shapes; larger and longer cases run on the `xla` path.
+Pallas kernels run in Pallas' generic interpreter here (sweep_tpu.py says why for the TPU kernel),
+on small shapes; larger and longer cases run on the `xla` path.
 """
 
 import functools
