@@ -196,14 +196,15 @@ class Checkpointer:
     @contextlib.contextmanager
     def _writing(self, step: int | None):
         """Turns orbax's error for a checkpoint it could not write into CheckpointWriteFailed with
-        the cause's first line (tensorstore's error ends with the OS's reason), after removing the
+        the OS's reason (which tensorstore's error holds, on its first line or, when the file it
+        names runs over lines, a later one) or else the cause's first line, after removing the
         partial directory, which on a full disk holds the space the next save needs."""
         try:
             yield
         except Exception as err:
             shutil.rmtree(self.directory / f"{step}.orbax-checkpoint-tmp", ignore_errors=True)
             cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            reason = re.search(r": ([^:\[]+) \[os_error_code", cause)  # e.g. "No space left on device"
+            reason = re.search(r": ([^:\[\n]+) \[os_error_code", str(err))  # e.g. "No space left on device"
             complete = [saved for saved in self._manager.all_steps() if saved != step]
             raise CheckpointWriteFailed(
                 f"the checkpoint of step {step} could not be written in {self.directory}: "
