@@ -303,20 +303,22 @@ def test_gradients_reach_every_parameter_and_a_tiny_batch_is_overfit(case):
     assert float(first) > 3.5 and float(last) < 0.3, (float(first), float(last))
 
 
-def cache_bytes(case, max_len):
-    """The bytes of the case's decode cache for 2 rows of max_len tokens, from shapes alone: neither the
-    model nor its cache is built (building the 30 models took this test 24 s of the suite's time)."""
-    def cache():
-        return LanguageModel(build(ModelConfig, case_options(case), "model"), rngs=nnx.Rngs(0)).init_cache(2, max_len)
-    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(jax.eval_shape(cache)))
+def abstract_model(case):
+    """The case's model from shapes alone: no parameter is allocated or initialised."""
+    return nnx.eval_shape(lambda: LanguageModel(build(ModelConfig, case_options(case), "model"), rngs=nnx.Rngs(0)))
+
+
+def cache_bytes(model, max_len):
+    """The bytes of a model's decode cache for 2 rows of max_len tokens, from shapes alone (building the 30
+    models and their caches took this test 24 s of the suite's time)."""
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(jax.eval_shape(lambda: model.init_cache(2, max_len))))
 
 
 def test_decode_cache_does_not_grow_with_context_except_for_global_attention():
     for constant in [case for case in CASES if case not in GLOBAL_ATTENTION_CASES + NON_CAUSAL_CASES] + [
             "sliding_window_hybrid"]:
-        assert cache_bytes(constant, 64) == cache_bytes(constant, 65536), constant
-    hybrid = "gated_deltanet_3to1_hybrid"  # one global attention layer in four
-    attention_layer = nnx.eval_shape(
-        lambda: LanguageModel(build(ModelConfig, case_options(hybrid), "model"), rngs=nnx.Rngs(0))).layers[3].self_attn
-    per_token = 2 * (2 * attention_layer.k_proj.out_features * 4 + 1)  # rows x ((k, v) x width x float32 + valid)
+        model = abstract_model(constant)
+        assert cache_bytes(model, 64) == cache_bytes(model, 65536), constant
+    hybrid = abstract_model("gated_deltanet_3to1_hybrid")  # one global attention layer in four
+    per_token = 2 * (2 * hybrid.layers[3].self_attn.k_proj.out_features * 4 + 1)  # rows x ((k, v) x width x float32 + valid)
     assert cache_bytes(hybrid, 1064) - cache_bytes(hybrid, 64) == 1000 * per_token
