@@ -31,9 +31,9 @@ def supports(call) -> str | None:
 
 
 def _params(**kwargs):
-    interpret = registry.interpret_off_device("tpu")
-    compiler_params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
-    return dict(interpret=interpret, compiler_params=compiler_params, **kwargs)
+    return dict(interpret=registry.interpret_off_device("tpu"),
+                compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+                **kwargs)
 
 
 def _chunk_at(n, reverse):

@@ -203,8 +203,9 @@ class Checkpointer:
             yield
         except Exception as err:
             shutil.rmtree(self.directory / f"{step}.orbax-checkpoint-tmp", ignore_errors=True)
-            cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            reason = re.search(r": ([^:\[\n]+) \[os_error_code", str(err))  # e.g. "No space left on device"
+            message = str(err).strip()
+            cause = message.splitlines()[0] if message else type(err).__name__
+            reason = re.search(r": ([^:\[\n]+) \[os_error_code", message)  # e.g. "No space left on device"
             complete = [saved for saved in self._manager.all_steps() if saved != step]
             raise CheckpointWriteFailed(
                 f"the checkpoint of step {step} could not be written in {self.directory}: "
