@@ -118,12 +118,15 @@ def test_dropless_experts_match_the_dense_reference(name):
             return loss(nnx.merge(graph, params, rest), x, forward)
         return jax.jit(jax.grad(of, argnums=(0, 1)))(params, x)
 
+    # atol: the outputs reach about 8 and the two paths sum in different orders (ragged_dot against
+    # dense einsums), so an entry near 0 can differ by a few float32 roundings of the largest (a
+    # fresh clone's run once saw 1.6e-6 at an entry of 0.03)
     np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, x: m(x))(moe, x)),
-                               np.asarray(nnx.jit(dense_reference)(moe, x)), rtol=1e-5, atol=1e-6)
+                               np.asarray(nnx.jit(dense_reference)(moe, x)), rtol=1e-5, atol=1e-5)
     actual, expected = grads(lambda m, x: m(x)), grads(dense_reference)
     for path_and_a, b in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected)):
         path, a = path_and_a
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6, err_msg=str(path))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5, err_msg=str(path))
     if moe.selection_bias is not None:  # it only picks experts
         assert not np.any(np.asarray(actual[0]["selection_bias"][...]))
 
@@ -136,7 +139,7 @@ def test_every_token_reaches_its_experts_however_unbalanced():
     moe.router.kernel[...] = moe.router.kernel[...].at[:, 1].set(5.0).at[:, 2].set(4.0)
     x = jnp.abs(jax.random.normal(jax.random.key(1), (1, 40, 8)))  # positive: experts 1 and 2 win everywhere
     assert set(np.asarray(moe.route(x.reshape(-1, 8)).experts).ravel()) == {1, 2}
-    np.testing.assert_allclose(np.asarray(moe(x)), np.asarray(dense_reference(moe, x)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(moe(x)), np.asarray(dense_reference(moe, x)), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("options, message", [
