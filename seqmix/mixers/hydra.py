@@ -52,9 +52,9 @@ from seqmix.configuration import require
 from seqmix.layers.centred_conv import CentredConvolution
 from seqmix.layers.linear import projection
 from seqmix.layers.norms import RMSNorm
+from seqmix.layers.token_shift import previous_tokens, shift
 from seqmix.mixers.recurrent import decay_parameters
 from seqmix.mixers.registry import register_mixer
-from seqmix.mixers.rwkv6 import previous_tokens, shift
 from seqmix.pallas_kernels.gla import chunk_gla
 
 NOT_CAUSAL = ("{name} is not causal (each token reads the tokens after it): it has no decode cache, so a model "

@@ -29,10 +29,10 @@ from flax import nnx
 
 from seqmix.configuration import require
 from seqmix.layers.linear import projection
+from seqmix.layers.token_shift import previous_tokens, shift, take, token_shift
 from seqmix.mixers.recurrent import RecurrentCache, RecurrentMixer
 from seqmix.mixers.registry import register_mixer
 from seqmix.pallas_kernels.gla import chunk_gla, gla_step
-from seqmix.pallas_kernels.segments import last_real_tokens
 
 BRANCHES = ("r", "k", "v", "w", "g")  # the inputs ddlerp mixes, in the order of mu and mix_up
 
@@ -45,44 +45,6 @@ class RWKV6Config:
     def validate(self, path: str) -> None:
         for key in ("mix_rank", "decay_rank"):
             require(getattr(self, key) >= 1, path, key, f"must be >= 1, got {getattr(self, key)}")
-
-
-def previous_tokens(segment_ids, batch: int, length: int):
-    """Where each token's predecessor is, padding (segment 0) skipped as the recurrence skips it.
-
-    segment_ids [B, T] or None. Returns (previous [B, T] int32: the index of the last real token
-    before t in the row, -1 when none; same [B, T] bool: t is real and `previous` is in its
-    segment; last [B, 1] int32: the row's last real token, -1 when none).
-    """
-    real = jnp.ones((batch, length), bool) if segment_ids is None else segment_ids != 0
-    last_real, previous = last_real_tokens(real)
-    same = real & (previous >= 0)
-    if segment_ids is not None:
-        same &= take(segment_ids, previous) == segment_ids
-    return previous, same, last_real[:, -1:]
-
-
-def take(x, index):
-    """x [B, T, ...] at index [B, N] (clamped to >= 0) -> [B, N, ...]."""
-    index = jnp.maximum(index, 0).reshape(index.shape + (1,) * (x.ndim - 2))
-    return jnp.take_along_axis(x, index, axis=1)
-
-
-def shift(x, previous, same):
-    """x [B, T, ...] moved one token later within segments: x at `previous` where `same`, else 0."""
-    return jnp.where(same.reshape(same.shape + (1,) * (x.ndim - 2)), take(x, previous), jnp.zeros((), x.dtype))
-
-
-def token_shift(x, previous, same, last, tail):
-    """The previous input of each token, and what the next call continues from.
-
-    x [B, T, D]; previous, same, last from `previous_tokens`; tail [B, 1, D]: the last input of
-    the previous call (zeros without one). Returns (x_prev [B, T, D]: the previous token of the
-    segment, the tail for the call's first real token, 0 at later segment starts; the new tail
-    [B, 1, D]: the row's last real input, the old tail when the call has none).
-    """
-    x_prev = jnp.where((previous < 0)[..., None], tail, shift(x, previous, same))
-    return x_prev, jnp.where((last >= 0)[..., None], take(x, last), tail)
 
 
 @register_mixer("rwkv6", RWKV6Config, depth_aware=True)
@@ -128,9 +90,7 @@ class RWKV6(RecurrentMixer):
         del positions
         batch, length, _ = x.shape
         previous, same, last = previous_tokens(segment_ids, batch, length)
-        # The first real token of a call continues the cached context; later segment starts see 0.
-        tail = jnp.zeros((batch, 1, x.shape[-1]), x.dtype) if cache is None else cache.conv_tails[0].astype(x.dtype)
-        x_prev, next_tail = token_shift(x, previous, same, last, tail)
+        x_prev, next_tail = token_shift(x, previous, same, last, None if cache is None else cache.conv_tails[0])
         mixed = self.ddlerp(x, x_prev - x)
         r, k, v = (self.split_heads(proj(mixed[name])) for name, proj in
                    (("r", self.r_proj), ("k", self.k_proj), ("v", self.v_proj)))

@@ -42,9 +42,9 @@ from seqmix.configuration import require
 from seqmix.layers.linear import projection
 from seqmix.layers.norms import GroupNorm, l2_normalize
 from seqmix.layers.partitioning import logical
+from seqmix.layers.token_shift import previous_tokens, token_shift
 from seqmix.mixers.recurrent import RecurrentCache, RecurrentMixer
 from seqmix.mixers.registry import register_mixer
-from seqmix.mixers.rwkv6 import previous_tokens, token_shift
 from seqmix.pallas_kernels.dplr import chunk_dplr, dplr_step
 
 BRANCHES = ("r", "w", "k", "v", "a", "g")  # the inputs the token shift mixes
@@ -125,9 +125,7 @@ class RWKV7(RecurrentMixer):
         del positions
         batch, length, _ = x.shape
         previous, same, last = previous_tokens(segment_ids, batch, length)
-        # The first real token of a call continues the cached context; later segment starts see 0.
-        tail = jnp.zeros((batch, 1, self.d_model), x.dtype) if cache is None else cache.conv_tails[0].astype(x.dtype)
-        x_prev, next_tail = token_shift(x, previous, same, last, tail)
+        x_prev, next_tail = token_shift(x, previous, same, last, None if cache is None else cache.conv_tails[0])
         mixed = {name: x + getattr(self, f"x_{name}")[...].astype(x.dtype) * (x_prev - x) for name in BRANCHES}
         r, k, v = self.r_proj(mixed["r"]), self.k_proj(mixed["k"]), self.v_proj(mixed["v"])
         log_w = -MAX_DECAY_RATE * jax.nn.sigmoid(self.w_lora(mixed["w"]).astype(jnp.float32))
