@@ -34,17 +34,19 @@ def cmd_train(args) -> int:
     if args.compile_only:
         return _compile_only(config)
     result = train(config, resume=args.resume)
-    print(f"\ntrained {result.step} steps -> {result.out_dir}")
+    return _reported(result, f"trained {result.step} steps")
+
+
+def _reported(result, what: str) -> int:
+    """Prints what a finished `TrainResult` did (`what`, then its output directory), its held-out
+    loss and its end-of-run sample, if the run took them; returns the command's exit status: 0, or
+    128 + the signal that stopped the run."""
+    print(f"\n{what} -> {result.out_dir}")
     if result.eval_loss is not None:
         print(f"held-out loss {result.eval_loss:.4f} nats/token (unigram baseline {result.unigram_loss:.4f})")
-    _print_sample(result)
-    return 0 if result.stop_signal is None else 128 + result.stop_signal
-
-
-def _print_sample(result) -> None:
-    """The end-of-run sample of a `TrainResult`, if the run took one."""
     if result.sample is not None:
         print(f"\n--- sample ---\n{result.sample}\n--------------")
+    return 0 if result.stop_signal is None else 128 + result.stop_signal
 
 
 def _compile_only(config) -> int:
@@ -253,11 +255,7 @@ def cmd_linearize(args) -> int:
     config.validate("")
     result = train(config, resume=args.resume)
     last = f" (the last of {len(config.stages)} stages)" if config.stages else ""
-    print(f"\nlinearized ({method}) and trained {result.step} steps{last} -> {result.out_dir}")
-    if result.eval_loss is not None:
-        print(f"held-out loss {result.eval_loss:.4f} nats/token")
-    _print_sample(result)
-    return 0 if result.stop_signal is None else 128 + result.stop_signal
+    return _reported(result, f"linearized ({method}) and trained {result.step} steps{last}")
 
 
 def cmd_export(args) -> int:

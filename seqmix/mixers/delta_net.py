@@ -26,7 +26,9 @@ from seqmix.configuration import require
 from seqmix.layers.linear import projection
 from seqmix.layers.norms import l2_normalize
 from seqmix.layers.short_conv import ShortConvolution
-from seqmix.mixers.recurrent import RecurrentCache, RecurrentMixer, decay_parameters, softplus_log_decay
+from seqmix.mixers.recurrent import (
+    RecurrentCache, RecurrentMixer, decay_parameters, grouped_heads, softplus_log_decay, validate_head_options,
+)
 from seqmix.mixers.registry import register_mixer
 from seqmix.pallas_kernels.delta import chunk_delta_rule, delta_step
 
@@ -49,9 +51,7 @@ class DeltaNetConfig:
         require(self.expand_v > 0, path, "expand_v", f"must be positive, got {self.expand_v}")
         require(self.output_norm_eps is None or self.output_norm_eps > 0, path, "output_norm_eps",
                 f"must be positive or null, got {self.output_norm_eps}")
-        for key in ("num_heads", "head_dim", "num_v_heads"):
-            value = getattr(self, key)
-            require(value is None or value >= 1, path, key, f"must be >= 1 or null, got {value}")
+        validate_head_options(self, path)
 
 
 @dataclasses.dataclass
@@ -71,10 +71,7 @@ class DeltaNet(RecurrentMixer):
 
     def __init__(self, model_config, config: DeltaNetConfig, *, rngs: nnx.Rngs):
         d_model = model_config.d_model
-        key_heads, key_dim = config.num_heads or model_config.n_heads, config.head_dim or model_config.dim_per_head
-        heads = config.num_v_heads or key_heads
-        if heads % key_heads:
-            raise ValueError(f"delta rule: num_v_heads = {heads} is not a multiple of the {key_heads} q/k heads")
+        key_heads, key_dim, heads = grouped_heads(model_config, config, "delta rule")
         self.init_state(heads, key_dim, int(round(config.expand_v * key_dim)))
         self.init_output(model_config, self.value_dim, gated=config.output_gate, rngs=rngs,
                          eps=config.output_norm_eps or model_config.norm_eps)

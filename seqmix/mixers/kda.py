@@ -31,7 +31,9 @@ from seqmix.configuration import require
 from seqmix.layers.linear import projection
 from seqmix.layers.norms import l2_normalize
 from seqmix.layers.short_conv import ShortConvolution
-from seqmix.mixers.recurrent import RecurrentCache, RecurrentMixer, decay_parameters, softplus_log_decay
+from seqmix.mixers.recurrent import (
+    RecurrentCache, RecurrentMixer, decay_parameters, grouped_heads, softplus_log_decay, validate_head_options,
+)
 from seqmix.mixers.registry import register_mixer
 from seqmix.pallas_kernels.delta import chunk_delta_rule, delta_step
 
@@ -47,9 +49,7 @@ class KDAConfig:
 
     def validate(self, path: str) -> None:
         require(self.conv_width >= 1, path, "conv_width", f"must be >= 1, got {self.conv_width}")
-        for key in ("num_heads", "head_dim", "num_v_heads"):
-            value = getattr(self, key)
-            require(value is None or value >= 1, path, key, f"must be >= 1 or null, got {value}")
+        validate_head_options(self, path)
         require(self.gate_lower_bound is None or self.gate_lower_bound < 0, path, "gate_lower_bound",
                 f"must be negative or null, got {self.gate_lower_bound}")
 
@@ -63,10 +63,7 @@ class KimiDeltaAttention(RecurrentMixer):
 
     def __init__(self, model_config, config: KDAConfig, *, rngs: nnx.Rngs):
         d_model = model_config.d_model
-        key_heads, head_dim = config.num_heads or model_config.n_heads, config.head_dim or model_config.dim_per_head
-        heads = config.num_v_heads or key_heads
-        if heads % key_heads:
-            raise ValueError(f"kda: num_v_heads = {heads} is not a multiple of the {key_heads} q/k heads")
+        key_heads, head_dim, heads = grouped_heads(model_config, config, "kda")
         self.init_state(heads, head_dim, head_dim)
         self.init_output(model_config, head_dim, gated=False, rngs=rngs)  # KDA's own gate: sigmoid, low rank
         self.beta_scale = 2.0 if config.negative_eigenvalues else 1.0

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from seqmix.configuration import require
 from seqmix.layers.linear import projection
 from seqmix.layers.norms import RMSNorm
 from seqmix.layers.partitioning import constrained
@@ -168,3 +169,25 @@ def softplus_log_decay(logits, A_log, dt_bias):
     `decay_parameters(H)`, or [B, T, H, K] with `decay_parameters(H, keys_per_head=K)` (per key)."""
     rate = jnp.exp(A_log[...]).reshape(A_log.shape + (1,) * (logits.ndim - 3))
     return -rate * jax.nn.softplus(logits.astype(jnp.float32) + dt_bias[...].reshape(logits.shape[2:]))
+
+
+HEAD_OPTIONS = ("num_heads", "head_dim", "num_v_heads")  # a delta-rule layer's own head geometry
+
+
+def validate_head_options(config, path: str) -> None:
+    """Checks a config's HEAD_OPTIONS: each >= 1 or None (the model's)."""
+    for key in HEAD_OPTIONS:
+        value = getattr(config, key)
+        require(value is None or value >= 1, path, key, f"must be >= 1 or null, got {value}")
+
+
+def grouped_heads(model_config, config, family: str) -> tuple[int, int, int]:
+    """(q/k heads, key head dim, value heads) of a layer whose config has HEAD_OPTIONS: num_heads
+    and head_dim default to the model's n_heads and head dim, num_v_heads to num_heads, of which it
+    must be a multiple (grouped value heads: value head j reads q/k head j // (value heads / q/k
+    heads)). family names the layer in the error."""
+    key_heads = config.num_heads or model_config.n_heads
+    value_heads = config.num_v_heads or key_heads
+    if value_heads % key_heads:
+        raise ValueError(f"{family}: num_v_heads = {value_heads} is not a multiple of the {key_heads} q/k heads")
+    return key_heads, config.head_dim or model_config.dim_per_head, value_heads
