@@ -12,8 +12,10 @@ as a step (the next `Checkpointer` on the directory removes it before its first 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -196,22 +198,32 @@ class Checkpointer:
     @contextlib.contextmanager
     def _writing(self, step: int | None):
         """Turns orbax's error for a checkpoint it could not write into CheckpointWriteFailed with
-        the OS's reason (which tensorstore's error holds, on its first line or, when the file it
-        names runs over lines, a later one) or else the cause's first line, after removing the
-        partial directory, which on a full disk holds the space the next save needs."""
+        the OS's reason (`_os_reason`) or else the cause's first line, after removing the partial
+        directory, which on a full disk holds the space the next save needs."""
         try:
             yield
         except Exception as err:
             shutil.rmtree(self.directory / f"{step}.orbax-checkpoint-tmp", ignore_errors=True)
             message = str(err).strip()
             cause = message.splitlines()[0] if message else type(err).__name__
-            reason = re.search(r": ([^:\[\n]+) \[os_error_code", message)  # e.g. "No space left on device"
             complete = [saved for saved in self._manager.all_steps() if saved != step]
             raise CheckpointWriteFailed(
                 f"the checkpoint of step {step} could not be written in {self.directory}: "
-                f"{reason.group(1).strip() if reason else cause[:300]}; "
+                f"{_os_reason(message) or cause[:300]}; "
                 + (f"the checkpoint of step {max(complete)} is the newest complete one" if complete else
                    "no complete checkpoint exists")) from None
+
+
+def _os_reason(message: str) -> str | None:
+    """The OS's reason in a tensorstore error, e.g. "No space left on device": most often written
+    ": REASON [os_error_code=...]", on the first line or, when the file it names runs over lines, a
+    later one; some write paths (a zarr array's metadata in the OCDBT database) word it otherwise,
+    so failing that, the first of the OS's error descriptions the message holds."""
+    tagged = re.search(r": ([^:\[\n]+) \[os_error_code", message)
+    if tagged:
+        return tagged.group(1).strip()
+    found = [(message.find(text), text) for text in map(os.strerror, errno.errorcode) if text in message]
+    return min(found)[1] if found else None
 
 
 def _saved_iterator_state(directory: Path) -> dict:
