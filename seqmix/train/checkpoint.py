@@ -16,7 +16,6 @@ import errno
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -215,13 +214,11 @@ class Checkpointer:
 
 
 def _os_reason(message: str) -> str | None:
-    """The OS's reason in a tensorstore error, e.g. "No space left on device": most often written
-    ": REASON [os_error_code=...]", on the first line or, when the file it names runs over lines, a
-    later one; some write paths (a zarr array's metadata in the OCDBT database) word it otherwise,
-    so failing that, the first of the OS's error descriptions the message holds."""
-    tagged = re.search(r": ([^:\[\n]+) \[os_error_code", message)
-    if tagged:
-        return tagged.group(1).strip()
+    """The OS's reason in a tensorstore error, e.g. "No space left on device": the first of the
+    OS's error descriptions (`os.strerror`) the message holds, wherever its wording puts it (most
+    paths write ": REASON [os_error_code=...]", on the first line or, when the file it names runs
+    over lines, a later one; a zarr array's metadata written into the OCDBT database words it
+    otherwise)."""
     found = [(message.find(text), text) for text in map(os.strerror, errno.errorcode) if text in message]
     return min(found)[1] if found else None
 

@@ -14,6 +14,7 @@ import pytest
 
 from cli_env import cli_env
 from seqmix.cli import main
+from seqmix.train.checkpoint import _os_reason
 
 pytestmark = pytest.mark.faults  # the fault suite: pytest -m faults
 
@@ -97,6 +98,17 @@ def test_a_checkpoint_the_disk_cannot_take_stops_the_run_in_one_line_and_keeps_t
     assert sorted(path.name for path in (run / "checkpoints").iterdir()) == ["2", "4"]  # no partial step 6
     code, err = resume(run, capsys)
     assert code == 0 and "resumed from step 4" in err and "warning" not in err
+
+
+@pytest.mark.parametrize("message, reason", [
+    ('RESOURCE_EXHAUSTED: Error writing local file "/run/checkpoints/6.orbax-checkpoint-tmp/d/1a": '
+     'No space left on device [os_error_code=28] [source locations=...]', "No space left on device"),
+    ('OUT_OF_RANGE: Error writing "0.params.kernel.value/.zarray" in OCDBT database at local file\n'
+     '"/run/checkpoints/6.orbax-checkpoint-tmp/state/ocdbt.process_0/d/2b": File too large', "File too large"),
+    ("Checkpoint manager lost its thread", None),
+])
+def test_the_os_reason_is_read_from_each_wording_tensorstore_gives(message, reason):
+    assert _os_reason(message) == reason
 
 
 def test_generate_loads_past_a_corrupt_checkpoint_as_resume_does(trained, tmp_path, capsys):
