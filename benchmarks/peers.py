@@ -3,7 +3,7 @@
     pip install --no-deps ejkernel==0.0.80.3 && pip install beartype chex einops jaxtyping pydantic
     python benchmarks/peers.py --family dplr --lengths 1024 4096 16384
     python benchmarks/peers.py --family delta --lengths 1024 4096 16384
-    # fla's torch references too, in a Python 3.11 venv with torch (see ../DESIGN's fixture recipe):
+    # fla's torch references too, from a Python 3.11 venv with torch's CPU build:
     #   python3.11 -m venv /tmp/hf311 && /tmp/hf311/bin/pip install torch==2.13.0 numpy einops
     #   /tmp/hf311/bin/pip install --no-deps fla-core==0.6.0
     python benchmarks/peers.py --family kda --fla-python /tmp/hf311/bin/python
