@@ -106,7 +106,11 @@ def build(cls: type[T], mapping: dict[str, Any] | None, path: str = "") -> T:
     unknown = sorted(set(mapping) - set(fields))
     if unknown:
         key = _join(path, unknown[0])
-        raise ConfigError(f"{key}: unknown key (valid keys of {path or 'the config'}: {', '.join(sorted(fields))})")
+        # A key of a section one level down, given at this level (`lr=` for `optim.lr=`): name it.
+        homes = [_join(path, f"{name}.{unknown[0]}") for name in sorted(fields)
+                 if dataclasses.is_dataclass(hints[name]) and unknown[0] in {f.name for f in dataclasses.fields(hints[name])}]
+        hint = f"did you mean {' or '.join(homes)}? " if homes else ""
+        raise ConfigError(f"{key}: unknown key ({hint}valid keys of {path or 'the config'}: {', '.join(sorted(fields))})")
     kwargs = {name: _coerce(hints[name], value, _join(path, name)) for name, value in mapping.items()}
     for name, field in fields.items():
         if name not in kwargs and field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:

@@ -67,6 +67,15 @@ def test_config_errors_name_the_key(overrides, key):
     assert str(err.value).startswith(key), str(err.value)
 
 
+@pytest.mark.parametrize("override, home", [("imports=[my_mixer.py]", "model.imports"), ("lr=1e-3", "optim.lr"),
+                                            ("seq_len=64", "data.seq_len")])
+def test_a_key_given_outside_its_section_is_pointed_to_it(override, home):
+    with pytest.raises(ConfigError, match=rf"^{override.split('=')[0]}: unknown key \(did you mean {home}\? valid keys"):
+        load_train_config("configs/runs/smoke.yaml", [override])
+    with pytest.raises(ConfigError, match=r"^optim\.lrr: unknown key \(valid keys of optim: "):  # no home: no guess
+        load_train_config("configs/runs/smoke.yaml", ["optim.lrr=1"])
+
+
 def test_unknown_mixer_type_names_its_kind():
     with pytest.raises(ConfigError, match=r"^model\.mixers\.local\.type: unknown mixer 'nope'"):
         load_train_config("configs/runs/smoke.yaml", ["model.mixers.local.type=nope"])
