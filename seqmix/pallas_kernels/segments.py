@@ -42,6 +42,14 @@ def chunk_relative_groups(groups, chunk: int):
     return (by_chunk - incoming[:, :, None]).reshape(batch, length)
 
 
+def segment_starts(relative_groups, chunk: int):
+    """Chunk-relative reset groups [B, N*C] (`chunk_relative_groups`) -> [B, N*C] bool: the tokens
+    where a segment starts after the row's first, where a token-by-token scan resets its state."""
+    batch, length = relative_groups.shape
+    by_chunk = relative_groups.reshape(batch, length // chunk, chunk)
+    return (jnp.diff(by_chunk, axis=-1, prepend=0) > 0).reshape(batch, length)
+
+
 def zero_padded(x, valid, padded_length: int, dtype=None):
     """[B,T,...] -> [B,padded_length,...] in `dtype` (default x's): padding tokens (valid False) and
     the appended tail are zero, so they neither read nor change a state."""

@@ -56,3 +56,11 @@ def outputs_and_gradients(run, impl, inputs, fixed, weights, options=()):
 
     gradients, outputs = jax.grad(loss, argnums=tuple(range(len(inputs))), has_aux=True)(*inputs)
     return outputs, gradients
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames="options")
+def differentiated_outputs(run, impl, inputs, fixed, options=()):
+    """run(impl, *inputs, *fixed, **dict(options)) as a differentiated call computes it, through
+    `jax.vjp`: the xla paths' chunked forward, where an undifferentiated call on a CPU scans token by
+    token (`chunked.swept`)."""
+    return jax.vjp(lambda *inputs: run(impl, *inputs, *fixed, **dict(options)), *inputs)[0]

@@ -11,8 +11,8 @@ from seqmix.pallas_kernels import chunked
 from seqmix.pallas_kernels.delta import chunk_delta_rule, delta_step
 from seqmix.pallas_kernels.triangular import unit_lower_inverse
 
-from kernel_checks import (assert_gradients_match, assert_matches_reference, outputs_and_gradients, packed_segments,
-                           relative_error)
+from kernel_checks import (assert_gradients_match, assert_matches_reference, differentiated_outputs,
+                           outputs_and_gradients, packed_segments, relative_error)
 
 IMPLS = ["xla", "pallas_tpu", "pallas_gpu"]
 GATES = ["gated", "plain", "key"]  # log_a per head (Gated DeltaNet), none (DeltaNet), log_g per key (KDA)
@@ -68,8 +68,9 @@ def test_gradients_match_reference(impl, gate):
     state_weights = jnp.asarray(rng.normal(size=h0.shape), jnp.float32)
 
     inputs, weights = (q, k, v, beta, gates, h0), (out_weights, state_weights)
-    _, expected = gradients("reference", inputs, segments, weights)
-    _, actual = gradients(impl, inputs, segments, weights)
+    expected_outputs, expected = gradients("reference", inputs, segments, weights)
+    outputs, actual = gradients(impl, inputs, segments, weights)
+    assert_matches_reference(*outputs, *expected_outputs, segments)  # the differentiated call's forward
     names = ["dq", "dk", "dv", "dbeta", *(f"d{name}" for name in gates), "dh0"]
     assert_gradients_match(names, actual, expected)
 
@@ -109,11 +110,15 @@ def test_per_key_gates_over_several_sub_blocks_per_chunk(impl):
 
 @pytest.mark.parametrize("chunk_size", [16, 48, 64, 128])  # 48: the inverse pads to 64
 def test_xla_longer_rows_and_chunk_sizes(chunk_size):
+    """Both of the xla path's forwards: the chunked one of differentiated calls, and the one of
+    calls that are not (on a CPU a scan token by token, whatever the chunk size)."""
     q, k, v, beta, gates, h0, segments = make_inputs(3, batch=3, length=203, heads=3, key_dim=32, value_dim=16)
     expected = run("reference", q, k, v, beta, gates, h0, segments)
-    actual = run("xla", q, k, v, beta, gates, h0, segments, chunk_size=chunk_size)
-    for a, e in zip(actual, expected):
-        assert relative_error(a, e) < 1e-4
+    for actual in (run("xla", q, k, v, beta, gates, h0, segments, chunk_size=chunk_size),
+                   differentiated_outputs(run, "xla", (q, k, v, beta, gates, h0), (segments,),
+                                          options=(("chunk_size", chunk_size),))):
+        for a, e in zip(actual, expected, strict=True):
+            assert relative_error(a, e) < 1e-4
 
 
 @pytest.mark.parametrize("gate", GATES)

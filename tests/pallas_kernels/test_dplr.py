@@ -15,8 +15,8 @@ from seqmix.pallas_kernels import chunked
 from seqmix.pallas_kernels.delta import chunk_delta_rule
 from seqmix.pallas_kernels.dplr import chunk_dplr, dplr_step
 
-from kernel_checks import (assert_gradients_match, assert_matches_reference, outputs_and_gradients, packed_segments,
-                           relative_error)
+from kernel_checks import (assert_gradients_match, assert_matches_reference, differentiated_outputs,
+                           outputs_and_gradients, packed_segments, relative_error)
 
 IMPLS = ["xla", "pallas_tpu", "pallas_gpu"]
 GRADIENT_NAMES = ["dq", "dk", "dv", "da", "db", "dlog_g", "dh0"]
@@ -81,11 +81,15 @@ def test_gradients_match_reference(impl, groups):
 
 @pytest.mark.parametrize("chunk_size", [16, 64])  # the xla path walks chunks of at most 32 tokens
 def test_xla_longer_rows_and_chunk_sizes(chunk_size):
+    """Both of the xla path's forwards: the chunked one of differentiated calls, and the one of
+    calls that are not (on a CPU a scan token by token, whatever the chunk size)."""
     *inputs, segments = make_inputs(3, batch=3, length=203, heads=3, key_dim=32, value_dim=16)
     expected = run("reference", *inputs, segments)
-    actual = run("xla", *inputs, segments, chunk_size=chunk_size)
-    for a, e in zip(actual, expected):
-        assert relative_error(a, e) < 1e-4
+    for actual in (run("xla", *inputs, segments, chunk_size=chunk_size),
+                   differentiated_outputs(run, "xla", tuple(inputs), (segments,),
+                                          options=(("chunk_size", chunk_size),))):
+        for a, e in zip(actual, expected, strict=True):
+            assert relative_error(a, e) < 1e-4
 
 
 def test_xla_sweeps_blocks_of_chunks(monkeypatch):

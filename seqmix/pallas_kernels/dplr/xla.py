@@ -38,7 +38,8 @@ decay, never grow.
 Segments cut L, the reads of S and the writes into S' (`chunked.segment_masks`). Arrays are
 chunk-major (see `chunked`): q, k, a, b, log_g [N,B,H,C,K], v [N,B,H,C,V], groups [N,B,1,C,1],
 states [B,H,K,V], all float32. The forward pass keeps only the state entering each chunk; the
-backward pass recomputes the rest.
+backward pass recomputes the rest. Calls that are not differentiated run, on a CPU while the state
+is small, the recurrence token by token instead (`_token_scan`, `chunked.swept`).
 """
 
 import dataclasses
@@ -48,6 +49,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from seqmix.pallas_kernels import chunked, per_key_decay
+from seqmix.pallas_kernels.dplr.step import recurrence
 from seqmix.pallas_kernels.tile_math import eye
 from seqmix.pallas_kernels.triangular import unit_lower_inverse
 
@@ -201,7 +203,17 @@ def _backward(q, k, v, a, b, log_g, groups, incoming, d_out, d_final):
     return (dq, dk, dv, da, db, d_log_g), d_state0
 
 
-_swept = chunked.swept(_forward, _backward, LONGEST_CHUNK)
+def _token_scan(q, k, v, a, b, log_g, starts, state0):
+    """The undifferentiated forward on a CPU (see `chunked.swept`): `step.recurrence` token by token
+    on float32 [B,T,H,*] inputs (q scaled; padding zeroed, so it neither reads nor changes the
+    state), a reset at `starts` [B,T] taken as a decay of 0 and no read of the old state. Returns
+    (o [B,T,H,V], final state [B,H,K,V])."""
+    reset = starts[:, :, None, None]
+    log_g, a = jnp.where(reset, -jnp.inf, log_g), jnp.where(reset, 0.0, a)
+    return chunked.scan_tokens(recurrence, (q, k, v, a, b, log_g), state0)
+
+
+_swept = chunked.swept(_forward, _backward, LONGEST_CHUNK, token_scan=_token_scan)
 
 
 def dplr_xla(q, k, v, *, a, b, log_g, scale, initial_state, segment_ids, chunk_size):
