@@ -112,8 +112,13 @@ def _token_scan(q, k, v, beta, log_gate, starts, state0):
     on float32 [B,T,H,*] inputs (q scaled; padding zeroed, so beta = 0 leaves the state alone), a
     reset at `starts` [B,T] taken as a decay of 0. Returns (o [B,T,H,V], final state [B,H,V,K],
     value-major as the chunked sweep's)."""
-    log_gate = jnp.where(starts[:, :, None, None], -jnp.inf, log_gate)
-    out, final = chunked.scan_tokens(recurrence, (q, k, v, beta[..., 0], log_gate), jnp.swapaxes(state0, -1, -2))
+
+    def token_step(q, k, v, beta, log_gate, start, state):
+        # per token: a whole-sequence select is a pass over the array
+        return recurrence(q, k, v, beta, jnp.where(start[:, None, None], -jnp.inf, log_gate), state)
+
+    out, final = chunked.scan_tokens(token_step, (q, k, v, beta[..., 0], log_gate, starts),
+                                     jnp.swapaxes(state0, -1, -2))
     return out, jnp.swapaxes(final, -1, -2)
 
 

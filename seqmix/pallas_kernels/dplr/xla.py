@@ -208,9 +208,12 @@ def _token_scan(q, k, v, a, b, log_g, starts, state0):
     on float32 [B,T,H,*] inputs (q scaled; padding zeroed, so it neither reads nor changes the
     state), a reset at `starts` [B,T] taken as a decay of 0 and no read of the old state. Returns
     (o [B,T,H,V], final state [B,H,K,V])."""
-    reset = starts[:, :, None, None]
-    log_g, a = jnp.where(reset, -jnp.inf, log_g), jnp.where(reset, 0.0, a)
-    return chunked.scan_tokens(recurrence, (q, k, v, a, b, log_g), state0)
+
+    def token_step(q, k, v, a, b, log_g, start, state):
+        reset = start[:, None, None]  # per token: a whole-sequence select is a pass over the array
+        return recurrence(q, k, v, jnp.where(reset, 0.0, a), b, jnp.where(reset, -jnp.inf, log_g), state)
+
+    return chunked.scan_tokens(token_step, (q, k, v, a, b, log_g, starts), state0)
 
 
 _swept = chunked.swept(_forward, _backward, LONGEST_CHUNK, token_scan=_token_scan)
