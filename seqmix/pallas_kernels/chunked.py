@@ -211,15 +211,17 @@ def sweep_backward(block_backward, inputs, residuals, d_out, d_final, length: in
     return tuple(map(_joined, grads)), d_state0
 
 
-def scan_tokens(recurrence, inputs, state):
-    """recurrence(*token, state) -> (out, state) run token by token over inputs [B,T,H,...];
-    returns (out [B,T,H,V], the final state)."""
+def scan_tokens(recurrence, inputs, starts, state):
+    """recurrence(*token, start, state) -> (out, state) run token by token over inputs [B,T,H,...],
+    start [B] bool: a segment starts at this token, where the recurrence resets its state (per
+    token, on the token's own vectors: a select over whole inputs before the scan would be one
+    more pass over each array). Returns (out [B,T,H,V], the final state)."""
 
     def token_step(state, token):
         out, state = recurrence(*token, state)
         return state, out
 
-    final, out = lax.scan(token_step, state, tuple(jnp.swapaxes(x, 0, 1) for x in inputs))
+    final, out = lax.scan(token_step, state, tuple(jnp.swapaxes(x, 0, 1) for x in (*inputs, starts)))
     return jnp.swapaxes(out, 0, 1), final
 
 

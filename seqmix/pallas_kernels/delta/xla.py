@@ -114,10 +114,9 @@ def _token_scan(q, k, v, beta, log_gate, starts, state0):
     value-major as the chunked sweep's)."""
 
     def token_step(q, k, v, beta, log_gate, start, state):
-        # per token: a whole-sequence select is a pass over the array
         return recurrence(q, k, v, beta, jnp.where(start[:, None, None], -jnp.inf, log_gate), state)
 
-    out, final = chunked.scan_tokens(token_step, (q, k, v, beta[..., 0], log_gate, starts),
+    out, final = chunked.scan_tokens(token_step, (q, k, v, beta[..., 0], log_gate), starts,
                                      jnp.swapaxes(state0, -1, -2))
     return out, jnp.swapaxes(final, -1, -2)
 

@@ -210,10 +210,10 @@ def _token_scan(q, k, v, a, b, log_g, starts, state0):
     (o [B,T,H,V], final state [B,H,K,V])."""
 
     def token_step(q, k, v, a, b, log_g, start, state):
-        reset = start[:, None, None]  # per token: a whole-sequence select is a pass over the array
+        reset = start[:, None, None]
         return recurrence(q, k, v, jnp.where(reset, 0.0, a), b, jnp.where(reset, -jnp.inf, log_g), state)
 
-    return chunked.scan_tokens(token_step, (q, k, v, a, b, log_g, starts), state0)
+    return chunked.scan_tokens(token_step, (q, k, v, a, b, log_g), starts, state0)
 
 
 _swept = chunked.swept(_forward, _backward, LONGEST_CHUNK, token_scan=_token_scan)
