@@ -49,15 +49,24 @@ def sample_token(logits: jax.Array, rng: jax.Array, temperature: float, top_p: f
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def compiled_length(length: int) -> int:
+    """How many tokens `generate` makes of `length`, for the width of a batch of prompts whose
+    longest has `length` tokens and for the length of a cache: at least 16, and rounded up in four
+    steps per doubling (to a multiple of 2^(ceil(log2 length) - 2), adding at most a quarter), so
+    that calls with nearby lengths share one compiled prefill and decode step."""
+    step = 1 << max((length - 1).bit_length() - 2, 0)
+    return max(16, -(-length // step) * step)
+
+
 def left_pad(prompts) -> tuple[jax.Array, jax.Array]:
     """Prompts of different lengths (a sequence of 1-D int sequences, or [B, P] when they share
-    one length) -> (tokens [B, P_max] int32, segment_ids [B, P_max] int32), each prompt aligned
-    to the right and preceded by padding (segment 0), so that every row's next token comes at
-    the same index."""
+    one length) -> (tokens [B, W] int32, segment_ids [B, W] int32), W = `compiled_length` of the
+    longest, each prompt aligned to the right and preceded by padding (segment 0), so that every
+    row's next token comes at the same index."""
     rows = [np.asarray(prompt, np.int32).reshape(-1) for prompt in prompts]
     if not rows or min(len(row) for row in rows) == 0:
         raise ValueError(f"generate needs at least one prompt, each of >= 1 token; got lengths {[len(r) for r in rows]}")
-    width = max(len(row) for row in rows)
+    width = compiled_length(max(len(row) for row in rows))
     tokens = np.zeros((len(rows), width), np.int32)
     segment_ids = np.zeros((len(rows), width), np.int32)
     for b, row in enumerate(rows):
@@ -79,12 +88,15 @@ def generate(model: nnx.Module, prompts, max_new_tokens: int, *, rng: jax.Array,
 
     prompts: a sequence of 1-D token sequences, of different lengths if need be (they are
     left-padded, see `left_pad`; padding changes no row's result), or an int array [B, P].
+    The padded prompts and the cache take `compiled_length`s, so that a call compiles its prefill
+    and decode step only for shapes no earlier call had (an evaluation's batches of prompts sorted
+    by length compiled both anew for every batch).
     Caches that would not fit in memory are refused before anything is allocated (CacheTooLarge).
     """
     tokens, segment_ids = left_pad(prompts)
     graphdef, state = nnx.split(model)
     batch, prompt_len = tokens.shape
-    max_len = prompt_len + max_new_tokens
+    max_len = compiled_length(prompt_len + max_new_tokens)
     require_cache_fits(model, batch, max_len, cache_dtype)
     padding = jnp.sum(segment_ids == 0, axis=1, dtype=jnp.int32)
 

@@ -235,7 +235,8 @@ def test_prompts_of_different_lengths_batched_with_left_padding_equal_each_alone
     model = model_for(case, learned_states=True)
     prompts = [tokens(10, (9,)), tokens(11, (3,))]
     padded, segment_ids = left_pad(prompts)
-    batch_logits, cache = extend(model, padded, model.init_cache(2, 12), segment_ids, prompt_positions(segment_ids))
+    batch_logits, cache = extend(model, padded, model.init_cache(2, padded.shape[1] + 1), segment_ids,
+                                 prompt_positions(segment_ids))
     greedy = jnp.argmax(batch_logits[:, -1], axis=-1)
     step_logits, _ = extend(model, greedy[:, None], cache, None, jnp.array([[9], [3]]))
     for row, prompt in enumerate(prompts):

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from seqmix.configuration import build
 from seqmix.models.config import ModelConfig
-from seqmix.models.generate import generate, sample_token
+from seqmix.models.generate import compiled_length, generate, sample_token
 from seqmix.models.lm import LanguageModel, positions_from_segments
 
 
@@ -85,6 +85,29 @@ def test_greedy_generation_follows_the_full_forward_argmax():
     # Causal: the logits at t - 1 of the whole output are those of the prefix out[:, :t].
     expected = jnp.argmax(forward(model, out)[:, 4:12], axis=-1)
     assert np.array_equal(out[:, 5:], expected)
+
+
+def test_prompts_of_nearby_lengths_share_the_compiled_prefill_and_decode_step(caplog):
+    """`generate` pads a batch's prompts and its cache to `compiled_length`s: prompts of 3 and then
+    13 tokens (both padded to 16, caches of 24 for 8 new tokens) compile nothing the second time,
+    a prompt of 40 tokens compiles both programs again; and the padding changes no token."""
+    model = tiny_model()
+    prompt = np.asarray(jax.random.randint(jax.random.key(5), (40,), 0, 256))
+
+    def compiled_programs(length):
+        caplog.clear()
+        with jax.log_compiles(True):
+            new_tokens = generate(model, [prompt[:length]], 8, rng=jax.random.key(0), temperature=0.0)
+        return {name for name in ("_prefill", "_decode") if f"Compiling jit({name})" in caplog.text}, new_tokens
+
+    generate(model, [prompt[:3]], 8, rng=jax.random.key(0), temperature=0.0)
+    assert compiled_programs(13)[0] == set()
+    assert [compiled_length(n) for n in (1, 16, 17, 33, 64, 65, 1000, 5000)] == [16, 16, 24, 48, 64, 96, 1024, 6144]
+    compiled, new_tokens = compiled_programs(40)
+    assert compiled == {"_prefill", "_decode"}
+    # Causal: the greedy tokens of the padded prompt are the full forward's argmax, as unpadded.
+    out = jnp.concatenate([prompt[None], new_tokens], axis=1)
+    assert np.array_equal(new_tokens, jnp.argmax(forward(model, out)[:, 39:47], axis=-1))
 
 
 def test_sampling_respects_temperature_and_top_p():
