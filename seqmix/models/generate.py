@@ -97,7 +97,11 @@ def generate(model: nnx.Module, prompts, max_new_tokens: int, *, rng: jax.Array,
     graphdef, state = nnx.split(model)
     batch, prompt_len = tokens.shape
     max_len = compiled_length(prompt_len + max_new_tokens)
-    require_cache_fits(model, batch, max_len, cache_dtype)
+    try:
+        require_cache_fits(model, batch, max_len, cache_dtype)
+    except CacheTooLarge as err:
+        raise CacheTooLarge(f"{err} (a prompt padded to {prompt_len} tokens and {max_new_tokens} new tokens, rounded "
+                            "up to a compiled length)") from None
     padding = jnp.sum(segment_ids == 0, axis=1, dtype=jnp.int32)
 
     logits, cache = _prefill(graphdef, state, tokens, segment_ids, max_len, cache_dtype)
