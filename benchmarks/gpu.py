@@ -1,6 +1,8 @@
 """A kernel family on a CUDA GPU: correctness of its Pallas kernel, then speed against XLA, cuDNN and fla.
 
-Run through `benchmarks/gpu.sh [--family gla|delta|kda|dplr]`. The families, their inputs and FLOP
+Run through `benchmarks/gpu.sh [--family gla|delta|kda|dplr]`; without --family every family runs in
+turn, each in its own process stopped after --seconds-per-family (one that hangs, crashes or runs
+long costs only its own table), and the exit status says whether every one passed. The families, their inputs and FLOP
 counts are `kernels.py`'s (`kernels.FAMILIES`): chunk_gla with per-key gates; chunk_delta_rule
 with per-head gates (Gated DeltaNet) or per-key gates (KDA, Kimi's gate); chunk_dplr on RWKV-7
 inputs. Steps:
@@ -26,6 +28,8 @@ Bytes: one read of the inputs and one write of the outputs (the least any implem
 
 import argparse
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -178,15 +182,35 @@ def fla_timer(family_name: str):
     return timed
 
 
+def every_family(seconds: int) -> int:
+    """Runs this script once per family with the same arguments, each in its own process stopped
+    after `seconds`; 0 when every family passed."""
+    failed = []
+    for name in FAMILIES:
+        try:
+            returncode = subprocess.run([sys.executable, __file__, "--family", name, *sys.argv[1:]],
+                                        timeout=seconds).returncode
+        except subprocess.TimeoutExpired:
+            print(f"\n{name}: stopped after {seconds} s\n", flush=True)
+            returncode = "timeout"
+        if returncode != 0:
+            failed.append(f"{name} ({returncode})")
+    print(f"families failed: {', '.join(failed)}" if failed else "every family passed")
+    return 1 if failed else 0
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--family", choices=sorted(FAMILIES), default="gla")
+    parser.add_argument("--family", choices=sorted(FAMILIES), help="one family (default: each in turn)")
+    parser.add_argument("--seconds-per-family", type=int, default=120)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--heads", type=int, default=16, help="value heads H")
     parser.add_argument("--value-heads-per-key", type=int, default=1, help="G: q and k with H/G heads")
     parser.add_argument("--dim", type=int, default=128)
     args = parser.parse_args()
+    if args.family is None:
+        raise SystemExit(every_family(args.seconds_per_family))
     family = FAMILIES[args.family]
     gate = chosen_gate(parser, args.family, None)
     if args.heads % args.value_heads_per_key:
