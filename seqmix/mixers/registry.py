@@ -32,7 +32,7 @@ seqmix's mixers, through a case of its own there):
 - `init_cache(batch, max_len, dtype) -> cache`: the cache of rows of up to max_len tokens, a pytree
   of arrays (a `flax.struct.dataclass`) whose shapes depend on (batch, max_len) alone, so that one
   jitted decode step serves every token and `jax.eval_shape` sizes it before anything is allocated
-  (`models.generate.require_cache_fits`). It must carry `lengths` [B] int32: tokens seen per row,
+  (`models.generate.cache_length`). It must carry `lengths` [B] int32: tokens seen per row,
   padding included, advanced by T on every call; `LanguageModel.extend` reads `cache[0].lengths`
   for default positions and `generate` for its decode positions, and every layer's agree. The rest
   is the mixer's: a float32 state [B, H, K, V] and short-convolution tails for recurrent mixers

@@ -15,11 +15,14 @@ class CacheTooLarge(ValueError):
     """The decode caches of a generation would not fit in the device's free memory."""
 
 
-def require_cache_fits(model: nnx.Module, batch: int, max_len: int, dtype) -> None:
-    """Refuses (CacheTooLarge) a generation whose caches, `model.init_cache(batch, max_len, dtype)`,
-    would not fit in the free memory of the first device (the host's available memory on CPU),
-    estimated from their shapes before anything is allocated."""
-    shapes = jax.eval_shape(lambda: model.init_cache(batch, max_len, dtype))
+def cache_length(model: nnx.Module, batch: int, prompt_len: int, max_new_tokens: int, dtype) -> int:
+    """The length of the caches `generate` allocates for `batch` prompts padded to `prompt_len`
+    tokens and `max_new_tokens` new ones: `compiled_length` of their sum. Refuses (CacheTooLarge)
+    a generation whose caches, `model.init_cache(batch, length, dtype)`, would not fit in the free
+    memory of the first device (the host's available memory on CPU), estimated from their shapes
+    before anything is allocated."""
+    length = compiled_length(prompt_len + max_new_tokens)
+    shapes = jax.eval_shape(lambda: model.init_cache(batch, length, dtype))
     needed = sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(shapes))
     device = jax.devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
@@ -28,8 +31,10 @@ def require_cache_fits(model: nnx.Module, batch: int, max_len: int, dtype) -> No
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if needed > free:
-        raise CacheTooLarge(f"the decode caches of {batch} row(s) of {max_len} tokens need {needed / 2**30:.1f} GiB, "
-                            f"more than the {free / 2**30:.1f} GiB free on {device.platform}")
+        raise CacheTooLarge(f"the decode caches of {batch} row(s) of {length} tokens (a prompt padded to {prompt_len} "
+                            f"tokens and {max_new_tokens} new tokens, rounded up to a compiled length) need "
+                            f"{needed / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on {device.platform}")
+    return length
 
 
 def sample_token(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float) -> jax.Array:
@@ -96,12 +101,7 @@ def generate(model: nnx.Module, prompts, max_new_tokens: int, *, rng: jax.Array,
     tokens, segment_ids = left_pad(prompts)
     graphdef, state = nnx.split(model)
     batch, prompt_len = tokens.shape
-    max_len = compiled_length(prompt_len + max_new_tokens)
-    try:
-        require_cache_fits(model, batch, max_len, cache_dtype)
-    except CacheTooLarge as err:
-        raise CacheTooLarge(f"{err} (a prompt padded to {prompt_len} tokens and {max_new_tokens} new tokens, rounded "
-                            "up to a compiled length)") from None
+    max_len = cache_length(model, batch, prompt_len, max_new_tokens, cache_dtype)
     padding = jnp.sum(segment_ids == 0, axis=1, dtype=jnp.int32)
 
     logits, cache = _prefill(graphdef, state, tokens, segment_ids, max_len, cache_dtype)

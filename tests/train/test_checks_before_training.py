@@ -13,7 +13,7 @@ from cli_env import cli_env
 from flax import nnx
 
 from seqmix.cli import main
-from seqmix.models.generate import CacheTooLarge, require_cache_fits
+from seqmix.models.generate import CacheTooLarge, cache_length
 from seqmix.models.lm import LanguageModel
 from seqmix.configuration import ConfigError
 from seqmix.train.config import load_train_config
@@ -99,6 +99,8 @@ def test_numeric_flags_out_of_range_are_refused_before_loading_the_run(argv, mes
 def test_a_generation_whose_caches_would_not_fit_is_refused_before_allocating():
     """(`seqmix generate --max-new-tokens 1000000000` through the CLI: tests/train/test_trainer.py.)"""
     model = LanguageModel(load_train_config(SMOKE).model, rngs=nnx.Rngs(0))
-    with pytest.raises(CacheTooLarge, match=r"the decode caches of 2 row\(s\) of 1000000000 tokens need \d+\.\d GiB"):
-        require_cache_fits(model, 2, 10**9, jnp.float32)
-    require_cache_fits(model, 2, 64, jnp.float32)  # a small one passes
+    with pytest.raises(CacheTooLarge, match=r"the decode caches of 2 row\(s\) of 1073741824 tokens \(a prompt padded to "
+                                            r"16 tokens and 1000000000 new tokens, rounded up to a compiled length\) "
+                                            r"need \d+\.\d GiB, more than the \d+\.\d GiB free on cpu"):
+        cache_length(model, 2, 16, 10**9, jnp.float32)
+    assert cache_length(model, 2, 16, 45, jnp.float32) == 64  # a small one passes, rounded up to a compiled length

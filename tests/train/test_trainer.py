@@ -171,9 +171,9 @@ def test_cli_generate_eval_and_errors(tmp_path, corpus, capsys):
     assert main(["generate", str(tmp_path), "--prompt", "KING", "--prompt", ""]) == 2
     assert "--prompt: an empty prompt" in capsys.readouterr().err
     assert main(["generate", str(tmp_path), "--prompt", "KING", "--max-new-tokens", "1000000000"]) == 2
-    assert re.search(r"--max-new-tokens 1000000000: the decode caches of 1 row\(s\) of 1073741824 tokens need "
-                     r"\d+\.\d GiB, more than the \d+\.\d GiB free on cpu \(a prompt padded to 16 tokens and "
-                     r"1000000000 new tokens, rounded up to a compiled length\)", capsys.readouterr().err)
+    assert re.search(r"--max-new-tokens 1000000000: the decode caches of 1 row\(s\) of 1073741824 tokens \(a prompt "
+                     r"padded to 16 tokens and 1000000000 new tokens, rounded up to a compiled length\) need "
+                     r"\d+\.\d GiB, more than the \d+\.\d GiB free on cpu", capsys.readouterr().err)
     assert main(["eval", str(tmp_path), "--batches", "2"]) == 0
     assert "held-out loss" in capsys.readouterr().out
     task = tmp_path / "task.jsonl"
