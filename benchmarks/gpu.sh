@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 if [[ -n "${FLA_WHEEL:-}" ]] && ! python3 -c "import fla" 2>/dev/null; then
-  python3 -m pip install --quiet --no-deps --target "${TMPDIR:-/tmp}/fla-site" "$FLA_WHEEL"
+  python3 -m pip install --quiet --no-index --no-deps --no-compile --target "${TMPDIR:-/tmp}/fla-site" "$FLA_WHEEL"
   export PYTHONPATH="${TMPDIR:-/tmp}/fla-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 timeout 570 python3 benchmarks/gpu.py "$@"
