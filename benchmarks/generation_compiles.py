@@ -46,7 +46,8 @@ def run_mode(bucketed: bool, prompts: int, batch: int, new_tokens: int) -> None:
                                  for i in range(0, prompts, batch)])
     wall = time.perf_counter() - start
     text = log.getvalue()
-    print(wall, text.count("Compiling jit(_prefill)"), text.count("Compiling jit(_decode)"), hashlib.sha1(tokens.tobytes()).hexdigest()[:12])
+    print(wall, text.count("Compiling jit(_prefill)"), text.count("Compiling jit(_decode)"),
+          hashlib.sha1(tokens.tobytes()).hexdigest()[:12])
 
 
 def main() -> None:

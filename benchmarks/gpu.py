@@ -2,8 +2,8 @@
 
 Run through `benchmarks/gpu.sh [--family gla|delta|kda|dplr]`; without --family every family runs in
 turn, each in its own process stopped after --seconds-per-family (one that hangs, crashes or runs
-long costs only its own table), and the exit status says whether every one passed. The families, their inputs and FLOP
-counts are `kernels.py`'s (`kernels.FAMILIES`): chunk_gla with per-key gates; chunk_delta_rule
+long costs only its own table), and the exit status says whether every one passed. The families,
+their inputs and FLOP counts are `kernels.py`'s (`kernels.FAMILIES`): chunk_gla with per-key gates; chunk_delta_rule
 with per-head gates (Gated DeltaNet) or per-key gates (KDA, Kimi's gate); chunk_dplr on RWKV-7
 inputs. Steps:
 1. `pallas_gpu` against `reference` (forward, final state and all gradients; float32 and bf16),
@@ -190,11 +190,11 @@ def every_family(seconds: int) -> int:
         try:
             returncode = subprocess.run([sys.executable, __file__, "--family", name, *sys.argv[1:]],
                                         timeout=seconds).returncode
+            if returncode != 0:
+                failed.append(f"{name} (exit {returncode})")
         except subprocess.TimeoutExpired:
             print(f"\n{name}: stopped after {seconds} s\n", flush=True)
-            returncode = "timeout"
-        if returncode != 0:
-            failed.append(f"{name} ({returncode})")
+            failed.append(f"{name} (stopped)")
     print(f"families failed: {', '.join(failed)}" if failed else "every family passed")
     return 1 if failed else 0
 

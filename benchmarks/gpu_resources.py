@@ -92,7 +92,8 @@ def main():
     parser.add_argument("--family", nargs="+", choices=sorted(FAMILIES), default=list(FAMILIES))
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128], help="K = V")
     args = parser.parse_args()
-    print(f"# Pallas GPU kernels compiled for sm_90 by Triton {triton.__version__} (jax {jax.__version__}), bf16 inputs")
+    print(f"# Pallas GPU kernels compiled for sm_90 by Triton {triton.__version__} (jax {jax.__version__}), "
+          "bf16 inputs")
     print(f"| family | kernel | K = V | warps, stages | shared KiB (of {HOPPER_SHARED_BYTES // 1024}) | registers "
           "| stack frame B | spill stores B | spill loads B | compile s |")
     print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
@@ -102,8 +103,8 @@ def main():
                 start = time.perf_counter()
                 found = resources(module, warps, stages)
                 over = " (over)" if found["shared"] > HOPPER_SHARED_BYTES else ""
-                print(f"| {family_name} | {name} | {dim} | {warps}, {stages} | {found['shared'] / 1024:.1f}{over} | {found['registers']} "
-                      f"| {found['stack']} | {found['spill_stores']} | {found['spill_loads']} "
+                print(f"| {family_name} | {name} | {dim} | {warps}, {stages} | {found['shared'] / 1024:.1f}{over} "
+                      f"| {found['registers']} | {found['stack']} | {found['spill_stores']} | {found['spill_loads']} "
                       f"| {time.perf_counter() - start:.0f} |", flush=True)
 
 
