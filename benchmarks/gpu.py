@@ -20,6 +20,9 @@ inputs. Steps:
    Diag(exp(gk_t)) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T in fla's naive.py, gk = log_g).
    Where fla's op has no grouped value heads (gla, dplr) its q and k are repeated to v's heads,
    inside the timed call, as fla's layers do. An fla op that fails is reported and left out.
+   Where --dim is wider than `sweep_gpu.VALUE_BLOCK`, the Pallas kernels split V across programs;
+   the row `pallas_gpu whole V` times them holding the whole [V, K] state in one program, the form
+   the split replaced (chosen from ptxas's spill report, `gpu_resources.py`), side by side.
 FLOPs, per value head and token: the matmuls of the chunked forward on whole tiles (2 per
 multiply-add), as `kernels.py` counts them for the `xla` path, with C = the chunk the
 implementation walks (the Pallas GPU kernels walk 16). Causal softmax forward 2T(K+V)/2 per token.
@@ -27,6 +30,7 @@ Bytes: one read of the inputs and one write of the outputs (the least any implem
 """
 
 import argparse
+import contextlib
 import statistics
 import subprocess
 import sys
@@ -37,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import FAMILIES, Family, chosen_gate, random_inputs
+from seqmix.pallas_kernels import sweep_gpu
 
 
 def _fla_gla():
@@ -87,7 +92,17 @@ FLA = {
 
 # The chunk each implementation walks at the ops' default chunk_size (64), for the FLOP counts: the
 # Pallas GPU kernels always walk 16.
-CHUNKS = {"pallas_gpu": 16, "xla": 64}
+CHUNKS = {"pallas_gpu": 16, "pallas_gpu whole V": 16, "xla": 64}
+
+
+@contextlib.contextmanager
+def value_block(columns: int):
+    """The Pallas GPU kernels traced inside hold `columns` value columns per program."""
+    saved, sweep_gpu.VALUE_BLOCK = sweep_gpu.VALUE_BLOCK, columns
+    try:
+        yield
+    finally:
+        sweep_gpu.VALUE_BLOCK = saved
 
 
 def median_seconds(fn, *args, repeats=10):
@@ -105,11 +120,11 @@ def relative_error(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def check_against_reference(family: Family, gate: str, value_heads_per_key: int) -> bool:
+def check_against_reference(family: Family, gate: str, value_heads_per_key: int, dim: int) -> bool:
     """Prints the relative errors of `pallas_gpu` against `reference` (float32 and bf16 inputs) on
-    packed rows with an initial state; True when they are within bounds."""
+    packed rows with an initial state, K = V = dim as timed; True when they are within bounds."""
     rng = np.random.default_rng(0)
-    batch, length, heads, dim = 2, 300, 4, 64
+    batch, length, heads = 2, 300, 4
     q, k, v, extras = random_inputs(rng, family, gate, (batch, length, heads // value_heads_per_key, dim), heads,
                                     jnp.float32)
     h0 = jnp.asarray(rng.normal(size=(batch, heads, dim, dim)), jnp.float32)
@@ -220,7 +235,7 @@ def main():
     ok = True
     if pallas:
         try:
-            ok = check_against_reference(family, gate, args.value_heads_per_key)
+            ok = check_against_reference(family, gate, args.value_heads_per_key, args.dim)
         except Exception as error:  # a kernel that does not run yet: time the rest
             print(f"pallas_gpu failed: {type(error).__name__}: {error}\n")
             ok, pallas = False, []
@@ -246,12 +261,17 @@ def main():
             q, k = (jnp.repeat(x, groups, axis=2) for x in (q, k))
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
-        candidates = {**{name: chunked(name) for name in [*pallas, "xla"]}, "cudnn softmax": softmax}
+        # name: (the function, the value columns per program its Pallas GPU kernels are traced with)
+        candidates = {name: (chunked(name), sweep_gpu.VALUE_BLOCK) for name in [*pallas, "xla"]}
+        if pallas and d > sweep_gpu.VALUE_BLOCK:
+            candidates["pallas_gpu whole V"] = (chunked("pallas_gpu"), d)
+        candidates["cudnn softmax"] = (softmax, sweep_gpu.VALUE_BLOCK)
         timings = {}
-        for name, fn in candidates.items():
+        for name, (fn, columns) in candidates.items():
             loss = lambda *a, fn=fn: jnp.sum(fn(*a).astype(jnp.float32))
-            fwd = median_seconds(jax.jit(fn), q, k, v, extras)
-            fwd_bwd = median_seconds(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), q, k, v, extras)
+            with value_block(columns):
+                fwd = median_seconds(jax.jit(fn), q, k, v, extras)
+                fwd_bwd = median_seconds(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), q, k, v, extras)
             per_head = (length * family.flops(CHUNKS[name], d, d)[0] if name in CHUNKS else length**2 * 2 * d)
             moved = q.nbytes + k.nbytes + 2 * v.nbytes + sum(x.nbytes for x in extras.values())
             timings[name] = (fwd, fwd_bwd, b * h * per_head, moved)

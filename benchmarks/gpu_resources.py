@@ -31,7 +31,7 @@ from jax._src.pallas.triton import lowering as triton_lowering
 from triton.backends.compiler import GPUTarget
 
 from kernels import FAMILIES, random_inputs
-from seqmix.pallas_kernels import registry
+from seqmix.pallas_kernels import registry, sweep_gpu
 
 HOPPER_SHARED_BYTES = 227 * 1024  # the most dynamic shared memory one block may opt into on sm_90
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -94,16 +94,17 @@ def main():
     args = parser.parse_args()
     print(f"# Pallas GPU kernels compiled for sm_90 by Triton {triton.__version__} (jax {jax.__version__}), "
           "bf16 inputs")
-    print(f"| family | kernel | K = V | warps, stages | shared KiB (of {HOPPER_SHARED_BYTES // 1024}) | registers "
-          "| stack frame B | spill stores B | spill loads B | compile s |")
-    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| family | kernel | K = V | V per program | warps, stages | shared KiB (of {HOPPER_SHARED_BYTES // 1024}) "
+          "| registers | stack frame B | spill stores B | spill loads B | compile s |")
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for family_name in args.family:
         for dim in args.dims:
             for name, module, warps, stages in triton_modules(family_name, dim):
                 start = time.perf_counter()
                 found = resources(module, warps, stages)
                 over = " (over)" if found["shared"] > HOPPER_SHARED_BYTES else ""
-                print(f"| {family_name} | {name} | {dim} | {warps}, {stages} | {found['shared'] / 1024:.1f}{over} "
+                print(f"| {family_name} | {name} | {dim} | {sweep_gpu.value_block(dim)} | {warps}, {stages} "
+                      f"| {found['shared'] / 1024:.1f}{over} "
                       f"| {found['registers']} | {found['stack']} | {found['spill_stores']} | {found['spill_loads']} "
                       f"| {time.perf_counter() - start:.0f} |", flush=True)
 

@@ -64,3 +64,22 @@ def differentiated_outputs(run, impl, inputs, fixed, options=()):
     `jax.vjp`: the xla paths' chunked forward, where an undifferentiated call on a CPU scans token by
     token (`chunked.swept`)."""
     return jax.vjp(lambda *inputs: run(impl, *inputs, *fixed, **dict(options)), *inputs)[0]
+
+
+def pallas_grids(fn, *args) -> list[tuple[int, ...]]:
+    """The grids of the pallas_calls that fn(*args) traces, in order, inside nested calls (jit,
+    custom VJPs, control flow) too."""
+
+    def walk(jaxpr):
+        grids = []
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                grids.append(tuple(eqn.params["grid_mapping"].grid))
+            for value in eqn.params.values():
+                for inner in value if isinstance(value, (tuple, list)) else [value]:
+                    inner = getattr(inner, "jaxpr", inner)
+                    if hasattr(inner, "eqns"):
+                        grids += walk(inner)
+        return grids
+
+    return walk(jax.make_jaxpr(fn)(*args).jaxpr)

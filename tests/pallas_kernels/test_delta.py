@@ -12,7 +12,7 @@ from seqmix.pallas_kernels.delta import chunk_delta_rule, delta_step
 from seqmix.pallas_kernels.triangular import unit_lower_inverse
 
 from kernel_checks import (assert_gradients_match, assert_matches_reference, differentiated_outputs,
-                           outputs_and_gradients, packed_segments, relative_error)
+                           outputs_and_gradients, packed_segments, pallas_grids, relative_error)
 
 IMPLS = ["xla", "pallas_tpu", "pallas_gpu"]
 GATES = ["gated", "plain", "key"]  # log_a per head (Gated DeltaNet), none (DeltaNet), log_g per key (KDA)
@@ -92,6 +92,20 @@ def test_grouped_value_heads_match_reference(impl, gate):
     repeated = run("reference", *(jnp.repeat(x, 2, axis=2) for x in (q, k)), v, beta, gates, h0, segments)
     for a, e in zip(expected, repeated):
         np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-6, atol=1e-6)
+
+
+def test_pallas_gpu_splits_wide_value_heads_across_programs():
+    """V = 128 runs as two programs of 64 value columns per (batch, head) (`sweep_gpu.VALUE_BLOCK`),
+    forward and backward, under grouped value heads and KDA's per-key gates: outputs, final state and
+    every gradient (the key-side ones summed over the two programs) equal the reference's."""
+    q, k, v, beta, gates, h0, segments = make_inputs(23, length=40, heads=4, query_heads=2, value_dim=128, gate="key")
+    inputs = (q, k, v, beta, gates, h0)
+    weights = (jnp.asarray(np.random.default_rng(24).normal(size=v.shape), jnp.float32), jnp.ones_like(h0))
+    expected, expected_grads = gradients("reference", inputs, segments, weights)
+    actual, actual_grads = gradients("pallas_gpu", inputs, segments, weights)
+    assert_matches_reference(*actual, *expected, segments)
+    assert_gradients_match(["dq", "dk", "dv", "dbeta", "dlog_g", "dh0"], actual_grads, expected_grads)
+    assert pallas_grids(lambda inputs: gradients("pallas_gpu", inputs, segments, weights), inputs) == [(2, 4, 2)] * 2
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas_tpu"])

@@ -16,7 +16,7 @@ from seqmix.pallas_kernels.delta import chunk_delta_rule
 from seqmix.pallas_kernels.dplr import chunk_dplr, dplr_step
 
 from kernel_checks import (assert_gradients_match, assert_matches_reference, differentiated_outputs,
-                           outputs_and_gradients, packed_segments, relative_error)
+                           outputs_and_gradients, packed_segments, pallas_grids, relative_error)
 
 IMPLS = ["xla", "pallas_tpu", "pallas_gpu"]
 GRADIENT_NAMES = ["dq", "dk", "dv", "da", "db", "dlog_g", "dh0"]
@@ -77,6 +77,18 @@ def test_gradients_match_reference(impl, groups):
     outputs, actual = gradients(impl, inputs, segments)
     assert_matches_reference(*outputs, *expected_outputs, segments)
     assert_gradients_match(GRADIENT_NAMES, actual, expected)
+
+
+def test_pallas_gpu_splits_wide_value_heads_across_programs():
+    """V = 128 runs as two programs of 64 value columns per (batch, head) (`sweep_gpu.VALUE_BLOCK`),
+    forward and backward, under grouped value heads: outputs, final state and every gradient (the
+    key-side ones summed over the two programs) equal the reference's."""
+    *inputs, segments = make_inputs(25, length=40, heads=4, value_dim=128, groups=2)
+    expected_outputs, expected = gradients("reference", inputs, segments)
+    outputs, actual = gradients("pallas_gpu", inputs, segments)
+    assert_matches_reference(*outputs, *expected_outputs, segments)
+    assert_gradients_match(GRADIENT_NAMES, actual, expected)
+    assert pallas_grids(lambda inputs: gradients("pallas_gpu", inputs, segments), inputs) == [(2, 4, 2)] * 2
 
 
 @pytest.mark.parametrize("chunk_size", [16, 64])  # the xla path walks chunks of at most 32 tokens

@@ -42,12 +42,10 @@ def on_device(monkeypatch):
 CASES = [(op, 1) for op in OPS] + [("gla_key_gates", 2), ("kda", 2), ("dplr", 2)]
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("impl", list(PLATFORMS))
-@pytest.mark.parametrize("op, groups", CASES, ids=[f"{op}-G{groups}" for op, groups in CASES])
-def test_forward_and_backward_lower(op, groups, impl, dtype):
+def kernel_count(op, groups, impl, dtype, value_dim=32):
+    """How many kernels of the device's kind value_and_grad of the op lowers to (for an H100 or a TPU)."""
     rng = np.random.default_rng(0)
-    batch, length, heads, key_dim, value_dim = 1, 64, groups, 16, 32
+    batch, length, heads, key_dim = 1, 64, groups, 16
     q, k = (jnp.asarray(rng.normal(size=(batch, length, 1, key_dim)), dtype) for _ in range(2))
     v = jnp.asarray(rng.normal(size=(batch, length, heads, value_dim)), dtype)
     gate = jnp.asarray(-rng.uniform(size=(batch, length, heads, key_dim)), jnp.float32)
@@ -63,5 +61,17 @@ def test_forward_and_backward_lower(op, groups, impl, dtype):
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=H100)):
         lowered = jax.jit(jax.value_and_grad(loss, argnums=range(5))).trace(q, k, v, gate, state).lower(
             lowering_platforms=(PLATFORMS[impl],))
-    kernels = {"pallas_gpu": "__gpu$xla.gpu.triton", "pallas_tpu": "tpu_custom_call"}[impl]
-    assert lowered.as_text().count(kernels) == 2  # the forward kernel and the backward kernel
+    return lowered.as_text().count({"pallas_gpu": "__gpu$xla.gpu.triton", "pallas_tpu": "tpu_custom_call"}[impl])
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("impl", list(PLATFORMS))
+@pytest.mark.parametrize("op, groups", CASES, ids=[f"{op}-G{groups}" for op, groups in CASES])
+def test_forward_and_backward_lower(op, groups, impl, dtype):
+    assert kernel_count(op, groups, impl, dtype) == 2  # the forward kernel and the backward kernel
+
+
+@pytest.mark.parametrize("op", ["gla_key_gates", "kda", "dplr"])
+def test_pallas_gpu_kernels_over_slices_of_wide_value_heads_lower(op):
+    """V = 128: each GPU kernel's programs take 64 value columns (`sweep_gpu.VALUE_BLOCK`)."""
+    assert kernel_count(op, 2, "pallas_gpu", jnp.bfloat16, value_dim=128) == 2

@@ -1,8 +1,9 @@
 """The (gated) delta rule as Pallas GPU kernels (Triton lowering), forward and backward.
 
-The kernels are `sweep_gpu`'s (grid (B, H), one program per (batch, head) sweeping the chunks with
-the [V, K] state in registers and storing the state entering each chunk, a reverse sweep carrying
-dS for the backward) over `chunk_math`, with its written-out backward.
+The kernels are `sweep_gpu`'s (grid (B, H, V / Vb), one program per (batch, head, slice of value
+columns) sweeping the chunks with its [Vb, K] slice of the state in registers and storing the slice
+entering each chunk, a reverse sweep carrying dS for the backward) over `chunk_math`, with its
+written-out backward.
 
 The kernels walk 16-token chunks whatever the call's chunk_size (which only sets the `xla` and
 `pallas_tpu` chunks), for three reasons. The triangular inverse runs as float32 matmuls at full

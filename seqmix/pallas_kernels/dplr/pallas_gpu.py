@@ -1,8 +1,9 @@
 """The DPLR generalized delta rule as Pallas GPU kernels (Triton lowering), forward and backward.
 
-The kernels are `sweep_gpu`'s (grid (B, H), one program per (batch, value head) sweeping the chunks
-with the [V, K] state in registers and storing the state entering each chunk, a reverse sweep
-carrying dS for the backward) over `chunk_math`, whose backward differentiates the chunk's forward.
+The kernels are `sweep_gpu`'s (grid (B, H, V / Vb), one program per (batch, value head, slice of
+value columns) sweeping the chunks with its [Vb, K] slice of the state in registers and storing the
+slice entering each chunk, a reverse sweep carrying dS for the backward) over `chunk_math`, whose
+backward differentiates the chunk's forward.
 The kernels walk 16-token chunks whatever the call's chunk_size, as the delta rule's do: a chunk
 of one sub-block needs no slices of its tiles (Triton cannot slice a register tile, which the
 per-key decays of a longer chunk's sub-blocks would need), the float32 triangular inverse costs
