@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# Tokens per block on which per-key decays are taken elementwise (`decayed_products`); 16 is also
+# Tokens per block on which per-key decays are taken elementwise ([c, c, D] temporaries); 16 is also
 # the smallest tensor-core matmul edge.
 SUB_BLOCK = 16
 
@@ -34,12 +34,6 @@ def differentiable(matmul_dtype):
     type"). Only inside a differentiated function: a custom VJP left undifferentiated in a kernel
     body does not lower to Triton (no rule for custom_vjp_call), so forward kernels pass the dtype."""
     return _Differentiable(jnp.dtype(matmul_dtype))
-
-
-def is_differentiable(matmul_dtype) -> bool:
-    """Whether math given this matmul_dtype runs under `jax.vjp` (`differentiable`): the functions
-    here with a custom VJP (`decayed_products`) take it only then."""
-    return isinstance(matmul_dtype, _Differentiable)
 
 
 # The three matmul forms, by the operands' axes: for 2-D tiles, dot_general's contracting dimensions;
@@ -158,91 +152,18 @@ def decay_to_chunk_end(log_g):
     return masked_sums(log_g, ~causal(size, size))
 
 
-def _row(tile, index):
-    """Row `index` (traced) of a [c, D] tile as [1, D]: a masked sublane sum, since a kernel body
-    takes no dynamic slices of a tile."""
-    at = lax.broadcasted_iota(jnp.int32, (tile.shape[0], 1), 0) == index
-    return jnp.sum(jnp.where(at, tile, 0.0), axis=0, keepdims=True)
-
-
-def _column_decays(gates, mask, column):
-    """exp(G_id - G_jd) [c, D] for j = column where mask[i, j], else 0 (masked before the exp)."""
-    at = lax.broadcasted_iota(jnp.int32, mask.shape, 1) == column
-    read = jnp.sum(jnp.where(at, mask.astype(jnp.float32), 0.0), axis=1, keepdims=True) > 0.0
-    return jnp.exp(jnp.where(read, gates - _row(gates, column), -jnp.inf))
-
-
-def decayed_products(row_tiles, column_tiles, gates, mask, differentiated: bool):
-    """[[out[i, j] = sum_d x_id y_jd exp(G_id - G_jd) where mask[i, j], else 0, for y in column_tiles]
-    for x in row_tiles], each [c, c] float32, for x, y [c, D] float32, gates G [c, D] float32
+def pairwise_decays(gates, mask):
+    """[c, c, D] float32: exp(G_id - G_jd) where mask[i, j], else 0, for gates G [c, D] float32
     (cumulative log decays, non-increasing along c) and mask [c, c] bool, true only where j < i, so
     every exponential is <= 1: per-key decays taken elementwise on a block of SUB_BLOCK tokens,
-    without factorisation, so any gate magnitude is exact.
-
-    Column by column (a loop over j), as fla's KDA kernels take their diagonal blocks, with a VJP
-    written out the same way: the live temporaries are [c, D] tiles. The [c, c, D] block of every
-    pair at once (and its cotangents under `jax.vjp`) held 16 x 16 x 128 floats per kernel program,
-    which Triton spilled to local memory (`benchmarks/gpu_resources.py`). differentiated: the call
-    runs under `jax.vjp` and takes the custom VJP, which a kernel body cannot lower otherwise (see
-    `differentiable`)."""
-    products = (_decayed_products if differentiated else _products_by_column)(
-        tuple(row_tiles), tuple(column_tiles), gates, mask)
-    return [list(by_row) for by_row in products]
+    without factorisation, so any gate magnitude is exact."""
+    return jnp.exp(jnp.where(mask[:, :, None], gates[:, None, :] - gates[None, :, :], -jnp.inf))
 
 
-def _products_by_column(rows, columns, gates, mask):
-    size = gates.shape[0]
-    at_column = lax.broadcasted_iota(jnp.int32, (size, size), 1)
-
-    def add_column(j, products):
-        decays = _column_decays(gates, mask, j)
-        columns_j = [_row(y, j) for y in columns]
-        return tuple(tuple(p + jnp.where(at_column == j, jnp.sum(x * decays * y_j, axis=1, keepdims=True), 0.0)
-                           for p, y_j in zip(by_row, columns_j, strict=True))
-                     for by_row, x in zip(products, rows, strict=True))
-
-    zeros = tuple(tuple(jnp.zeros((size, size), jnp.float32) for _ in columns) for _ in rows)
-    return lax.fori_loop(0, size, add_column, zeros)
-
-
-_decayed_products = jax.custom_vjp(_products_by_column)
-
-
-def _decayed_products_forward(rows, columns, gates, mask):
-    return _products_by_column(rows, columns, gates, mask), (rows, columns, gates, mask)
-
-
-def _decayed_products_backward(residuals, d_products):
-    """dx_i = sum_j dP_ij y_j e_ij, dy_j = sum_i dP_ij x_i e_ij (e_ij = exp(G_i - G_j) per key), and,
-    as every term is a product of x_i exp(G_i) and y_j exp(-G_j), dG = sum x dx - sum y dy."""
-    rows, columns, gates, mask = residuals
-    size = gates.shape[0]
-    at_column = lax.broadcasted_iota(jnp.int32, (size, size), 1)
-    at_row = lax.broadcasted_iota(jnp.int32, (size, 1), 0)
-
-    def add_column(j, gradients):
-        d_rows, d_columns = gradients
-        decays = _column_decays(gates, mask, j)
-        columns_j = [_row(y, j) for y in columns]
-        d_columns_j = [jnp.zeros_like(y_j) for y_j in columns_j]
-        new_d_rows = []
-        for x, d_x, d_by_row in zip(rows, d_rows, d_products, strict=True):
-            for c, (y_j, d_p) in enumerate(zip(columns_j, d_by_row, strict=True)):
-                weights = jnp.sum(jnp.where(at_column == j, d_p, 0.0), axis=1, keepdims=True) * decays
-                d_x = d_x + weights * y_j
-                d_columns_j[c] = d_columns_j[c] + jnp.sum(weights * x, axis=0, keepdims=True)
-            new_d_rows.append(d_x)
-        return (tuple(new_d_rows),
-                tuple(d + jnp.where(at_row == j, d_j, 0.0) for d, d_j in zip(d_columns, d_columns_j, strict=True)))
-
-    d_rows, d_columns = lax.fori_loop(0, size, add_column, (tuple(map(jnp.zeros_like, rows)),
-                                                            tuple(map(jnp.zeros_like, columns))))
-    d_gates = (sum(x * d for x, d in zip(rows, d_rows, strict=True))
-               - sum(y * d for y, d in zip(columns, d_columns, strict=True)))
-    return d_rows, d_columns, d_gates, None
-
-
-_decayed_products.defvjp(_decayed_products_forward, _decayed_products_backward)
+def decayed_products(x, k, decays):
+    """out[i, j] = sum_d x_id k_jd decays[i, j, d], [c, c] float32, for x, k [c, D] float32 and
+    decays [c, c, D] (`pairwise_decays`)."""
+    return jnp.sum(x[:, None, :] * k[None, :, :] * decays, axis=2)
 
 
 def self_products(x, k):
@@ -253,15 +174,15 @@ def self_products(x, k):
     return jnp.where(eye(x.shape[0]), jnp.sum(x * k, axis=1, keepdims=True), 0.0)
 
 
-def pair_products(row_tiles, column_tiles, gates, groups, differentiated: bool):
+def pair_products(row_tiles, column_tiles, gates, groups):
     """Decayed products under a decay per key, for every pair of a row tile x and a column tile y:
     [[sum_d x_id y_jd exp(G_id - G_jd) for j < i in one segment, x_i.y_i for j = i, 0 above, for y
     in column_tiles] for x in row_tiles], each [C, C] float32; x, y [C, K] float32, gates G [C, K]
     (cumulative, non-increasing), groups [C, 1] int32. 2-D tiles only. The pairs share their
     exponentials.
 
-    A chunk of one sub-block (C <= SUB_BLOCK, the GPU kernel's) is one elementwise block
-    (`decayed_products`), without slices, which the Triton lowering cannot take. A longer chunk goes
+    A chunk of one sub-block (C <= SUB_BLOCK, the GPU kernel's) is one elementwise [C, C, K] block
+    (`pairwise_decays`), without slices, which the Triton lowering cannot take. A longer chunk goes
     by sub-blocks of SUB_BLOCK rows (sublane slices): against their own columns elementwise; against
     the earlier tokens j < s, s the sub-block's first token, as matmuls factored around
     G_ref = G_{s-1}, so that exp(G_i - G_ref) and exp(G_ref - G_j) are both <= 1. The products do
@@ -272,10 +193,8 @@ def pair_products(row_tiles, column_tiles, gates, groups, differentiated: bool):
     size = gates.shape[0]
 
     def own_block(rows, columns, gates, groups):
-        decayed = decayed_products(rows, columns, gates, strictly_causal(groups.shape[0]) & (groups == as_row(groups)),
-                                   differentiated)
-        return [[p + self_products(x, y) for p, y in zip(by_row, columns, strict=True)]
-                for by_row, x in zip(decayed, rows, strict=True)]
+        decays = pairwise_decays(gates, strictly_causal(groups.shape[0]) & (groups == as_row(groups)))
+        return [[decayed_products(x, y, decays) + self_products(x, y) for y in columns] for x in rows]
 
     if size <= SUB_BLOCK:
         return own_block(row_tiles, column_tiles, gates, groups)

@@ -31,8 +31,7 @@ import jax.numpy as jnp
 from seqmix.pallas_kernels.chunked import Gates, segment_masks
 from seqmix.pallas_kernels.delta import algebra
 from seqmix.pallas_kernels.tile_math import (
-    as_row, cumulative_gates, decay_to_chunk_end, differentiable, eye, is_differentiable, masked_sums, matmul_nt,
-    pair_products, strictly_causal,
+    as_row, cumulative_gates, decay_to_chunk_end, eye, masked_sums, matmul_nt, pair_products, strictly_causal,
 )
 
 
@@ -48,7 +47,7 @@ def _decayed_products(q, k, gates, groups, earlier, matmul_dtype):
         return (decay * matmul_nt(k, k, matmul_dtype),
                 jnp.where(eye(q.shape[0]), 1.0, decay) * matmul_nt(q, k, matmul_dtype))
     q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
-    (keys,), (queries,) = pair_products([k32, q32], [k32], gates, groups, is_differentiable(matmul_dtype))
+    (keys,), (queries,) = pair_products([k32, q32], [k32], gates, groups)
     return jnp.where(eye(q.shape[0]), 0.0, keys), queries
 
 
@@ -76,7 +75,7 @@ def chunk_backward(q, k, v, beta, log_gate, groups, state, d_out, d_state_out, m
     # Float32 products of the (bfloat16-exact) inputs equal the forward's bfloat16 matmuls, and keep
     # their transposed matmuls, dq and dk, at full precision like the rest of this pass.
     products, pullback = jax.vjp(
-        lambda q, k, to_here: _decayed_products(q, k, to_here, groups, masks.earlier, differentiable(jnp.float32)),
+        lambda q, k, to_here: _decayed_products(q, k, to_here, groups, masks.earlier, jnp.float32),
         q.astype(jnp.float32), k.astype(jnp.float32), gates.to_here)
     terms = algebra.terms(q, k, v, beta, gates, masks, products)
     written = algebra.written(terms.carry, state)

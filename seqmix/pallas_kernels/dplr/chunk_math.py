@@ -15,9 +15,9 @@ for j <= t, both within a segment. X comes from `triangular.unit_lower_inverse` 
 doubling, never Neumann powers). The backward kernel differentiates `chunk_forward` with
 `jax.vjp` (`chunk_backward`), as the GLA kernels do, so both passes share one definition.
 
-Numerics: the four decayed products share the one gate G (`tile_math.pair_products`: elementwise
-decays masked before the exp inside a 16-token sub-block, and across sub-blocks of a longer chunk a
-matmul factored around the gate of the token before the sub-block): no exponential exceeds 1. P_qx
+Numerics: the four decayed products share the one gate G (`tile_math.pair_products`: an elementwise
+[c, c, K] block masked before the exp, and across 16-token sub-blocks of a longer chunk a matmul
+factored around the gate of the token before the sub-block): no exponential exceeds 1. P_qx
 directly; L_ax as the rows of P'(a_{t+1}, x) moved down by one, so that L's first subdiagonal
 a_t.x_{t-1} is P's undecayed diagonal and stays out of the gates' graph (its exp(G_{t-1} - G_{t-1})
 would send +u and -u to the gates, rounding noise that swamps their true gradient under strong
@@ -47,23 +47,23 @@ def _row_mover(size: int, step: int):
     return (rows == lax.broadcasted_iota(jnp.int32, (size, size), 1) + step).astype(jnp.float32)
 
 
-def _decayed_products(q, k, a, b, gates, groups, differentiated):
+def _decayed_products(q, k, a, b, gates, groups):
     """(L_ab, L_ak) [C, C] (j < t in one segment) and (P_qb, P_qk) [C, C] (j <= t), float32."""
     size = q.shape[0]
     earlier = strictly_causal(size) & (groups == as_row(groups))
     (from_next_ab, from_next_ak), (p_qb, p_qk) = pair_products(
-        [matmul(_row_mover(size, -1), a), q], [b, k], gates, groups, differentiated)
+        [matmul(_row_mover(size, -1), a), q], [b, k], gates, groups)
     lower = lambda from_next: jnp.where(earlier, matmul(_row_mover(size, 1), from_next), 0.0)
     return lower(from_next_ab), lower(from_next_ak), p_qb, p_qk
 
 
-def _forward(q, k, v, a, b, log_g, state, groups, differentiated: bool):
+def _forward(q, k, v, a, b, log_g, state, groups):
     size = q.shape[0]
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
     gates = cumulative_gates(log_g)
     last_group = jnp.max(groups, axis=0, keepdims=True)  # groups never decrease along a row
     reads_state, writes_state = groups == 0, groups == last_group
-    l_ab, l_ak, p_qb, p_qk = _decayed_products(q, k, a, b, gates, groups, differentiated)
+    l_ab, l_ak, p_qb, p_qk = _decayed_products(q, k, a, b, gates, groups)
     inverse = unit_lower_inverse(-l_ab)
     # A token's a reads the state before its own decay: exp(G_{t-1}), summed directly.
     a_read = jnp.where(reads_state, jnp.exp(masked_sums(log_g, strictly_causal(size))) * a, 0.0)
@@ -80,12 +80,12 @@ def chunk_forward(q, k, v, a, b, log_g, groups, state, matmul_dtype):
     """One chunk, after the previous one: (o [C, V] float32, state leaving the chunk [V, K] float32).
     matmul_dtype is the sweeps' argument; this family computes in float32 whatever the inputs."""
     del matmul_dtype
-    return _forward(q, k, v, a, b, log_g, state, groups, differentiated=False)
+    return _forward(q, k, v, a, b, log_g, state, groups)
 
 
 def chunk_backward(q, k, v, a, b, log_g, groups, state, d_out, d_state_out, matmul_dtype):
     """Cotangents (dq, dk, dv, da, db, dlog_g, d_state entering the chunk) of `chunk_forward`, from
     d_out [C, V] and d_state_out [V, K] float32, recomputing the chunk's forward."""
     del matmul_dtype
-    _, pullback = jax.vjp(lambda *inputs: _forward(*inputs, groups, differentiated=True), q, k, v, a, b, log_g, state)
+    _, pullback = jax.vjp(lambda *inputs: _forward(*inputs, groups), q, k, v, a, b, log_g, state)
     return pullback((d_out, d_state_out))

@@ -24,16 +24,16 @@ import jax
 import jax.numpy as jnp
 
 from seqmix.pallas_kernels.tile_math import (
-    SUB_BLOCK, as_row, cumulative_gates, decay_to_chunk_end, decayed_products, differentiable, eye,
-    is_differentiable, matmul, matmul_nt, matmul_tn, self_products, strictly_causal,
+    SUB_BLOCK, as_row, cumulative_gates, decay_to_chunk_end, decayed_products, differentiable, eye, matmul,
+    matmul_nt, matmul_tn, pairwise_decays, self_products, strictly_causal,
 )
 
 
 def _diagonal_block(q32, k32, v, gates, same_group, matmul_dtype):
-    """Per-key decays taken elementwise (`decayed_products`), for one sub-block of queries against its
-    own keys: no factorisation, so any gate magnitude is exact."""
-    [[scores]] = decayed_products([q32], [k32], gates, strictly_causal(q32.shape[0]) & same_group,
-                                  is_differentiable(matmul_dtype))
+    """Per-key decays taken elementwise on a masked [c, c, K] block, for one sub-block of queries
+    against its own keys: no factorisation, so any gate magnitude is exact."""
+    decays = pairwise_decays(gates, strictly_causal(q32.shape[0]) & same_group)
+    scores = decayed_products(q32, k32, decays)
     return matmul(scores + self_products(q32, k32), v, matmul_dtype)
 
 
