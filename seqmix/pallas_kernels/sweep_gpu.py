@@ -164,10 +164,12 @@ def builders(chunk_math, name: str):
         q, (batch, heads, padded, value_dim) = tiles[0], tiles[VALUE_TILE].shape
         key_dim, block, chunks = q.shape[-1], value_block(value_dim), padded // chunk
         slices = value_dim // block
-        # A key-side tile's gradient per value head and slice of value columns, in float32, summed
-        # below over the slices and over the value heads that share the tile's head.
+        # A key-side tile's gradient per value head and slice of value columns, summed below over the
+        # slices and over the value heads that share the tile's head: in float32 where there is such
+        # a sum (one more [B,H,Tp,K] float32 array per slice), else written in the tile's dtype.
         d_tile_shapes = [jax.ShapeDtypeStruct(tile.shape, tile.dtype) if index == VALUE_TILE else
-                         jax.ShapeDtypeStruct((batch, heads, slices, *tile.shape[2:]), jnp.float32)
+                         jax.ShapeDtypeStruct((batch, heads, slices, *tile.shape[2:]),
+                                              tile.dtype if slices == 1 and tile.shape[1] == heads else jnp.float32)
                          for index, tile in enumerate(tiles)]
         d_tile_specs = [_value_spec(shape, block) if index == VALUE_TILE else _slice_gradient_spec(shape.shape)
                         for index, shape in enumerate(d_tile_shapes)]
