@@ -52,7 +52,8 @@ def _params(**kwargs):
 # The most value columns one program holds (fla's BV): wider heads split across programs. At
 # K = V = 128 (Qwen3-Next's and Kimi Linear's heads) the whole [V, K] state spilled 24-62 KB a thread
 # in five of the six delta-family kernels with eight warps (`gpu_resources.py`, Triton 3.6); slices of
-# 64 columns cut the forward kernels' spills to 0.7-2.6 KB. Chosen from that report, not timed:
+# 64 columns cut the forward kernels' spills to 0.3-2.6 KB, and DPLR's backward kernel then asks for
+# 174 KiB of shared memory instead of 258 (Hopper allows 227). Chosen from that report, not timed:
 # `benchmarks/gpu.py` times the whole-state kernels beside the split ones on a GPU.
 VALUE_BLOCK = 64
 
