@@ -2,10 +2,10 @@
 
 Run through `benchmarks/gpu.sh [--family gla|delta|kda|dplr]`; without --family every family runs in
 turn, each in its own process stopped after --seconds-per-family (one that hangs, crashes or runs
-long costs only its own table), and the exit status says whether every one passed. The families,
-their inputs and FLOP counts are `kernels.py`'s (`kernels.FAMILIES`): chunk_gla with per-key gates; chunk_delta_rule
-with per-head gates (Gated DeltaNet) or per-key gates (KDA, Kimi's gate); chunk_dplr on RWKV-7
-inputs. Steps:
+long loses only the rest of its own table: rows print as they are timed), and the exit status says
+whether every one passed. The families, their inputs and FLOP counts are `kernels.py`'s
+(`kernels.FAMILIES`): chunk_gla with per-key gates; chunk_delta_rule with per-head gates (Gated
+DeltaNet) or per-key gates (KDA, Kimi's gate); chunk_dplr on RWKV-7 inputs. Steps:
 1. `pallas_gpu` against `reference` (forward, final state and all gradients; float32 and bf16),
    where the family has a `pallas_gpu` implementation; a kernel that fails is reported and left
    out of the timings;
@@ -20,6 +20,7 @@ inputs. Steps:
    Diag(exp(gk_t)) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T in fla's naive.py, gk = log_g).
    Where fla's op has no grouped value heads (gla, dplr) its q and k are repeated to v's heads,
    inside the timed call, as fla's layers do. An fla op that fails is reported and left out.
+   The order: cuDNN, the seqmix rows, then fla (whose autotuning compiles many kernels).
    Where --dim is wider than `sweep_gpu.VALUE_BLOCK`, the Pallas kernels split V across programs;
    the row `pallas_gpu whole V` times them holding the whole [V, K] state in one program, the form
    the split replaced (chosen from ptxas's spill report, `gpu_resources.py`), side by side.
@@ -248,8 +249,8 @@ def main():
     b, h, d = args.batch, args.heads, args.dim
     print(f"## B={b} H={h} (q/k heads {h // args.value_heads_per_key}) K=V={d} bf16, gate={gate}; "
           "times in ms (median of 10)")
-    print("| T | impl | fwd | fwd+bwd | fwd TFLOP/s (of peak) | fwd GB/s (of peak) | fwd+bwd vs cuDNN | fwd+bwd seqmix/fla |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("| T | impl | fwd | fwd+bwd | fwd TFLOP/s (of peak) | fwd GB/s (of peak) | fwd+bwd vs cuDNN |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
     rng = np.random.default_rng(0)
     for length in args.lengths:
         q, k, v, extras = random_inputs(rng, family, gate, (b, length, h // args.value_heads_per_key, d), h,
@@ -261,35 +262,43 @@ def main():
             q, k = (jnp.repeat(x, groups, axis=2) for x in (q, k))
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
-        # name: (the function, the value columns per program its Pallas GPU kernels are traced with)
-        candidates = {name: (chunked(name), sweep_gpu.VALUE_BLOCK) for name in [*pallas, "xla"]}
-        if pallas and d > sweep_gpu.VALUE_BLOCK:
-            candidates["pallas_gpu whole V"] = (chunked("pallas_gpu"), d)
-        candidates["cudnn softmax"] = (softmax, sweep_gpu.VALUE_BLOCK)
-        timings = {}
-        for name, (fn, columns) in candidates.items():
-            loss = lambda *a, fn=fn: jnp.sum(fn(*a).astype(jnp.float32))
+        def timed(name, fn, columns=sweep_gpu.VALUE_BLOCK):
+            """(fwd s, fwd+bwd s, FLOPs, bytes moved) of fn, its Pallas GPU kernels traced with
+            `columns` value columns per program."""
+            loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32))
             with value_block(columns):
                 fwd = median_seconds(jax.jit(fn), q, k, v, extras)
                 fwd_bwd = median_seconds(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), q, k, v, extras)
             per_head = (length * family.flops(CHUNKS[name], d, d)[0] if name in CHUNKS else length**2 * 2 * d)
             moved = q.nbytes + k.nbytes + 2 * v.nbytes + sum(x.nbytes for x in extras.values())
-            timings[name] = (fwd, fwd_bwd, b * h * per_head, moved)
-        fla_times = None
-        if fla is not None:
-            try:
-                fla_times = fla(q, k, v, extras)
-            except Exception as error:  # an fla kernel that rejects these inputs: report, time the rest
-                print(f"fla {fla_name} failed at T={length}: {type(error).__name__}: {error}")
-        for name, (fwd, fwd_bwd, flops, moved) in timings.items():
-            versus_fla = f"{fla_times[1] / fwd_bwd:.2f}x" if fla_times is not None and name in CHUNKS else ""
+            return fwd, fwd_bwd, b * h * per_head, moved
+
+        # cuDNN first (the ratios' denominator), then each seqmix row printed as soon as it is timed
+        # and fla last (its autotuning compiles many kernels), so that a family stopped at its time
+        # limit keeps the rows it finished.
+        cudnn = timed("cudnn softmax", softmax)
+        rows = [(name, chunked(name), sweep_gpu.VALUE_BLOCK) for name in [*pallas, "xla"]]
+        if pallas and d > sweep_gpu.VALUE_BLOCK:
+            rows.append(("pallas_gpu whole V", chunked("pallas_gpu"), d))
+        fwd_bwd_times = {}
+        for name, fn, columns in [*rows, ("cudnn softmax", None, None)]:
+            fwd, fwd_bwd, flops, moved = cudnn if fn is None else timed(name, fn, columns)
+            fwd_bwd_times[name] = fwd_bwd
             print(f"| {length} | {name} | {fwd * 1e3:.2f} | {fwd_bwd * 1e3:.2f} | {flops / fwd / 1e12:.1f} "
                   f"({flops / fwd / peak_flops:.0%}) | {moved / fwd / 1e9:.0f} ({moved / fwd / peak_bytes:.0%}) "
-                  f"| {timings['cudnn softmax'][1] / fwd_bwd:.2f}x | {versus_fla} |", flush=True)
-        if fla_times is not None:
-            print(f"| {length} | fla {fla_name} | {fla_times[0] * 1e3:.2f} | {fla_times[1] * 1e3:.2f} | | | "
-                  f"{timings['cudnn softmax'][1] / fla_times[1]:.2f}x | |", flush=True)
-    print("\n'vs cuDNN' and 'seqmix/fla' are speed-ups: the other's time over this row's; > 1 means this row is faster.")
+                  f"| {cudnn[1] / fwd_bwd:.2f}x |", flush=True)
+        if fla is not None:
+            try:
+                fla_fwd, fla_fwd_bwd = fla(q, k, v, extras)
+            except Exception as error:  # an fla kernel that rejects these inputs: report, time the rest
+                print(f"fla {fla_name} failed at T={length}: {type(error).__name__}: {error}")
+                continue
+            print(f"| {length} | fla {fla_name} | {fla_fwd * 1e3:.2f} | {fla_fwd_bwd * 1e3:.2f} | | | "
+                  f"{cudnn[1] / fla_fwd_bwd:.2f}x |", flush=True)
+            print(f"\nT={length}, fwd+bwd against fla {fla_name} (its time over each row's): " + ", ".join(
+                f"{name} {fla_fwd_bwd / fwd_bwd_times[name]:.2f}x" for name, _, _ in rows) + "\n", flush=True)
+    print("\n'vs cuDNN' and 'against fla' are speed-ups: the other's time over this row's; "
+          "> 1 means this row is faster.")
     raise SystemExit(0 if ok else 1)
 
 
