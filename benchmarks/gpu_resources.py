@@ -8,7 +8,11 @@ what this finds: a kernel whose shared memory exceeds the 227 KiB a Hopper block
 launch, and one that spills moves its state through local memory.
 
     pip install triton==3.6.0   # the CUDA machines' version; XLA compiles with its own Triton
-    python benchmarks/gpu_resources.py [--family gla delta kda dplr] [--dims 64 128]
+    python benchmarks/gpu_resources.py [--family gla delta kda dplr] [--dims 64 128] \
+        [--warps 16] [--value-block 128]
+
+--warps and --value-block compile the kernels with other settings than `sweep_gpu`'s NUM_WARPS and
+VALUE_BLOCK (the value columns a program holds), to compare them without editing the library.
 
 The figures are Triton 3.6's; XLA's bundled Triton may allocate somewhat differently. The kernels
 hold a (batch, head)'s [V, K] float32 state in registers (`sweep_gpu`), so K and V set the
@@ -91,7 +95,10 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--family", nargs="+", choices=sorted(FAMILIES), default=list(FAMILIES))
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128], help="K = V")
+    parser.add_argument("--warps", type=int, default=sweep_gpu.NUM_WARPS)
+    parser.add_argument("--value-block", type=int, default=sweep_gpu.VALUE_BLOCK)
     args = parser.parse_args()
+    sweep_gpu.NUM_WARPS, sweep_gpu.VALUE_BLOCK = args.warps, args.value_block
     print(f"# Pallas GPU kernels compiled for sm_90 by Triton {triton.__version__} (jax {jax.__version__}), "
           "bf16 inputs")
     print(f"| family | kernel | K = V | V per program | warps, stages | shared KiB (of {HOPPER_SHARED_BYTES // 1024}) "

@@ -44,9 +44,12 @@ def supports(call) -> str | None:
 # the threads. Compiled for sm_90 (`benchmarks/gpu_resources.py`, Triton 3.6), four warps spilled
 # 17-46 KB a thread in the delta rule's, KDA's and DPLR's backward kernels at K = V = 64 and eight
 # 1.7-7 KB; the forward kernels' spills went to none or nearly. Chosen from that report, not timed.
+NUM_WARPS = 8
+
+
 def _params(**kwargs):
     return dict(interpret=registry.interpret_off_device("gpu"),
-                compiler_params=pl_triton.CompilerParams(num_warps=8, num_stages=2), **kwargs)
+                compiler_params=pl_triton.CompilerParams(num_warps=NUM_WARPS, num_stages=2), **kwargs)
 
 
 # The most value columns one program holds (fla's BV): wider heads split across programs. At
