@@ -43,7 +43,9 @@ def supports(call) -> str | None:
 # Eight warps, not four: the [V, K] float32 state and the chunk's temporaries are spread over twice
 # the threads. Compiled for sm_90 (`benchmarks/gpu_resources.py`, Triton 3.6), four warps spilled
 # 17-46 KB a thread in the delta rule's, KDA's and DPLR's backward kernels at K = V = 64 and eight
-# 1.7-7 KB; the forward kernels' spills went to none or nearly. Chosen from that report, not timed.
+# 1.7-7 KB (per program, twice the threads counted: 2.3-5.9 MB -> 0.4-1.8 MB); the forward kernels'
+# spills went to none or nearly. Sixteen warps spill more per program in every kernel but KDA's
+# backward at K = V = 128. Chosen from that report, not timed.
 NUM_WARPS = 8
 
 
