@@ -72,17 +72,24 @@ def tile_head(head, tile_heads: int, heads: int):
     return head if groups == 1 else lax.div(head, groups)
 
 
-def gradient_per_value_head(tile, heads: int) -> jax.ShapeDtypeStruct:
-    """What a backward kernel writes for a tile: its gradient per value head, [B,H,Tp,D]; float32
-    where several value heads share the tile's head, so that `shared_head_gradient` sums in float32."""
-    dtype = tile.dtype if tile.shape[1] == heads else jnp.float32
-    return jax.ShapeDtypeStruct((tile.shape[0], heads, *tile.shape[2:]), dtype)
+def gradient_per_value_head(tile, heads: int, slices: int | None = None) -> jax.ShapeDtypeStruct:
+    """What a backward kernel writes for a tile: its gradient per value head, [B,H,Tp,D], or, with
+    `slices`, per value head and slice of value columns, [B,H,slices,Tp,D] (the GPU kernels split
+    wide heads across programs, `sweep_gpu`); float32 where `shared_head_gradient` sums several of
+    them (value heads sharing the tile's head, or slices), else the tile's dtype."""
+    per_slice = () if slices is None else (slices,)
+    summed = tile.shape[1] != heads or (slices or 1) > 1
+    return jax.ShapeDtypeStruct((tile.shape[0], heads, *per_slice, *tile.shape[2:]),
+                                jnp.float32 if summed else tile.dtype)
 
 
 def shared_head_gradient(gradient, tile):
-    """A backward kernel's [B,H,Tp,D] gradient -> the tile's [B,Hk,Tp,D] in its dtype: each shared
-    head's G consecutive value heads summed (the kernels keep one program or grid row per value head,
-    none of which may write another's head; the reduction is one XLA sum over G)."""
+    """A backward kernel's gradient (`gradient_per_value_head`) -> the tile's [B,Hk,Tp,D] in its dtype:
+    the slices summed, and each shared head's G consecutive value heads (the kernels keep one program
+    or grid row per value head and slice, none of which may write another's; the reductions are XLA
+    sums)."""
+    if gradient.ndim == 5:
+        gradient = gradient.sum(axis=2)
     batch, heads, padded, width = gradient.shape
     tile_heads = tile.shape[1]
     if tile_heads != heads:

@@ -170,13 +170,10 @@ def builders(chunk_math, name: str):
         q, (batch, heads, padded, value_dim) = tiles[0], tiles[VALUE_TILE].shape
         key_dim, block, chunks = q.shape[-1], value_block(value_dim), padded // chunk
         slices = value_dim // block
-        # A key-side tile's gradient per value head and slice of value columns, summed below over the
-        # slices and over the value heads that share the tile's head: in float32 where there is such
-        # a sum (one more [B,H,Tp,K] float32 array per slice), else written in the tile's dtype.
+        # A key-side tile's gradient per value head and slice of value columns, summed afterwards (one
+        # more [B,H,Tp,K] float32 array per slice); v's, per program, is whole.
         d_tile_shapes = [jax.ShapeDtypeStruct(tile.shape, tile.dtype) if index == VALUE_TILE else
-                         jax.ShapeDtypeStruct((batch, heads, slices, *tile.shape[2:]),
-                                              tile.dtype if slices == 1 and tile.shape[1] == heads else jnp.float32)
-                         for index, tile in enumerate(tiles)]
+                         layout.gradient_per_value_head(tile, heads, slices) for index, tile in enumerate(tiles)]
         d_tile_specs = [_value_spec(shape, block) if index == VALUE_TILE else _slice_gradient_spec(shape.shape)
                         for index, shape in enumerate(d_tile_shapes)]
         kernel = functools.partial(_backward_kernel, chunk_backward=chunk_math.chunk_backward,
@@ -190,7 +187,7 @@ def builders(chunk_math, name: str):
             out_shape=[*d_tile_shapes, jax.ShapeDtypeStruct((batch, heads, value_dim, key_dim), jnp.float32)],
             **_params(name=f"{name}_backward_gpu"),
         )(*tiles, groups, incoming, d_out, d_final)
-        d_tiles = [d if index == VALUE_TILE else layout.shared_head_gradient(d.sum(axis=2), tile)
+        d_tiles = [d if index == VALUE_TILE else layout.shared_head_gradient(d, tile)
                    for index, (d, tile) in enumerate(zip(d_tiles, tiles, strict=True))]
         return tuple(d_tiles), d_state0
 
