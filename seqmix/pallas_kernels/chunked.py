@@ -158,10 +158,12 @@ def segment_masks(groups) -> SegmentMasks:
 _CPU_BLOCK_ELEMENTS = 2**17  # elements of one [N, B, H, C, D] block array
 
 
-# On a CPU a lean token-by-token scan is the faster undifferentiated forward while the state stays
-# in the core's cache: measured at T = 2k-4k, K = V = 64 (the chunked forward's time / the scan's),
-# with B x H = 4 / 8 / 16 / 32 state rows: DPLR 2.5 / 3.1 / 2.2 / 1.1, KDA 1.4 / 1.5 / 1.1 / 1.1-1.3,
-# the gated delta rule 1.8 / 1.6 / 1.1 / 0.56. Beyond 16 rows of 64 x 64 the chunked forward.
+# On a CPU a lean token-by-token scan is the faster forward while the state stays in the core's
+# cache: measured at T = 2k-4k, K = V = 64 (the chunked forward's time / the scan's), with B x H =
+# 4 / 8 / 16 / 32 state rows: DPLR 2.5 / 3.1 / 2.2 / 1.1, KDA 1.4 / 1.5 / 1.1 / 1.1-1.3, the gated
+# delta rule 1.8 / 1.6 / 1.1 / 0.56. Beyond 16 rows of 64 x 64 the chunked forward. Under a
+# backward pass the scan also emits the state entering each chunk: DPLR's fwd+bwd at T = 4k took
+# 0.85x the time it took after the chunked forward, KDA's about the same.
 _CPU_TOKEN_SCAN_STATE_ELEMENTS = 2**16
 
 
@@ -211,18 +213,24 @@ def sweep_backward(block_backward, inputs, residuals, d_out, d_final, length: in
     return tuple(map(_joined, grads)), d_state0
 
 
-def scan_tokens(recurrence, inputs, starts, state):
+def scan_tokens(recurrence, inputs, starts, state, chunk: int):
     """recurrence(*token, start, state) -> (out, state) run token by token over inputs [B,T,H,...],
-    start [B] bool: a segment starts at this token, where the recurrence resets its state (per
-    token, on the token's own vectors: a select over whole inputs before the scan would be one
-    more pass over each array). Returns (out [B,T,H,V], the final state)."""
+    T a multiple of `chunk`, start [B] bool: a segment starts at this token, where the recurrence
+    resets its state (per token, on the token's own vectors: a select over whole inputs before the
+    scan would be one more pass over each array). Returns (out [B,T,H,V], the final state, the state
+    entering each chunk-long span [T/chunk, ...] for a backward pass to start from)."""
 
     def token_step(state, token):
         out, state = recurrence(*token, state)
         return state, out
 
-    final, out = lax.scan(token_step, state, tuple(jnp.swapaxes(x, 0, 1) for x in (*inputs, starts)))
-    return jnp.swapaxes(out, 0, 1), final
+    def chunk_step(state, tokens):
+        outgoing, out = lax.scan(token_step, state, tokens)
+        return outgoing, (out, state)
+
+    by_chunk = lambda x: jnp.swapaxes(x, 0, 1).reshape((x.shape[1] // chunk, chunk, x.shape[0]) + x.shape[2:])
+    final, (out, incoming) = lax.scan(chunk_step, state, tuple(map(by_chunk, (*inputs, starts))))
+    return jnp.swapaxes(out.reshape((-1,) + out.shape[2:]), 0, 1), final, incoming
 
 
 def swept(forward, backward, longest_chunk: int, value_major: bool = False, token_scan=None):
@@ -239,11 +247,12 @@ def swept(forward, backward, longest_chunk: int, value_major: bool = False, toke
     long, at most longest_chunk. The forward sweep keeps only the state entering each chunk; the
     backward recomputes the rest, block by block in reverse. value_major: the per-block math carries
     states [.., V, K] (`layout.state_in`), the public [B,H,K,V] transposed once here.
-    token_scan(*inputs, starts, state) -> (out [B,T,H,V], state): the same recurrence token by token
-    on the float32 inputs [B,T,H,...] as forward takes them (padding zeroed), the state resetting
-    where starts [B,T] bool; it runs the calls that are not differentiated on a CPU while the state
-    is small (`_CPU_TOKEN_SCAN_STATE_ELEMENTS`). Differentiated calls keep the chunked forward,
-    which saves the chunk states the backward pass reads.
+    token_scan(*inputs, starts, state, chunk) -> (out [B,T,H,V], final state, the state entering
+    each chunk [T/chunk, B,H,...] in forward's layout): the same recurrence token by token on the
+    float32 inputs [B,T,H,...] as forward takes them (padding zeroed; T a multiple of chunk), the
+    state resetting where starts [B,T] bool (`scan_tokens`). On a CPU it replaces the chunked
+    forward while the state is small (`_CPU_TOKEN_SCAN_STATE_ELEMENTS`), for calls that are
+    differentiated too: the chunk states it passes on are all the backward pass reads.
     """
 
     def sweep_forward_blocks(inputs, state0, chunk, block):
@@ -253,19 +262,27 @@ def swept(forward, backward, longest_chunk: int, value_major: bool = False, toke
 
         return sweep_forward(block_forward, inputs, state0, chunk * block)
 
+    def forward_with_states(inputs, state0, chunk, block, length):
+        """(out [B,Tp,H,V], final state, the state entering each chunk stacked per block)."""
+        scanned = jax.default_backend() == "cpu" and state0.size <= _CPU_TOKEN_SCAN_STATE_ELEMENTS
+        if token_scan is None or not scanned:
+            return sweep_forward_blocks(inputs, state0, chunk, block)
+        *tensors, groups = inputs
+        padded_chunks, chunks = groups.shape[1] // chunk, -(-length // chunk)
+        starts = segment_starts(groups[..., 0, 0], chunk)[:, :chunks * chunk]
+        out, final, incoming = token_scan(*(x[:, :chunks * chunk] for x in tensors), starts, state0, chunk)
+        # Chunks of padding only leave the state as it is.
+        incoming = jnp.concatenate([incoming, jnp.broadcast_to(final, (padded_chunks - chunks,) + final.shape)])
+        out = jnp.pad(out, ((0, 0), (0, groups.shape[1] - chunks * chunk), (0, 0), (0, 0)))
+        return out, final, incoming.reshape((padded_chunks // block, block) + final.shape)
+
     @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
     def run(inputs, state0, chunk, block, length):
-        scanned = jax.default_backend() == "cpu" and state0.size <= _CPU_TOKEN_SCAN_STATE_ELEMENTS
-        if token_scan is not None and scanned:
-            *tensors, groups = inputs
-            starts = segment_starts(groups[..., 0, 0], chunk)[:, :length]
-            out, final = token_scan(*(x[:, :length] for x in tensors), starts, state0)
-            return jnp.pad(out, ((0, 0), (0, groups.shape[1] - length), (0, 0), (0, 0))), final
-        out, final, _ = sweep_forward_blocks(inputs, state0, chunk, block)
+        out, final, _ = forward_with_states(inputs, state0, chunk, block, length)
         return out, final
 
     def run_forward(inputs, state0, chunk, block, length):
-        out, final, incoming = sweep_forward_blocks(inputs, state0, chunk, block)
+        out, final, incoming = forward_with_states(inputs, state0, chunk, block, length)
         return (out, final), (inputs, incoming)
 
     def run_backward(chunk, block, length, residuals, cotangents):

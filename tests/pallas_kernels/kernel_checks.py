@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqmix.pallas_kernels import chunked
+
 
 def relative_error(actual, expected):
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
@@ -58,12 +60,16 @@ def outputs_and_gradients(run, impl, inputs, fixed, weights, options=()):
     return outputs, gradients
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames="options")
-def differentiated_outputs(run, impl, inputs, fixed, options=()):
-    """run(impl, *inputs, *fixed, **dict(options)) as a differentiated call computes it, through
-    `jax.vjp`: the xla paths' chunked forward, where an undifferentiated call on a CPU scans token by
-    token (`chunked.swept`)."""
-    return jax.vjp(lambda *inputs: run(impl, *inputs, *fixed, **dict(options)), *inputs)[0]
+# The xla paths' two forwards: on a CPU the delta rules and DPLR scan tokens while the state is
+# small; "chunked" makes them take the chunked forward that accelerators and larger states run.
+XLA_FORWARDS = ["token_scan", "chunked"]
+
+
+def xla_forward(monkeypatch, forward):
+    """Selects one of XLA_FORWARDS for the ops traced after it (`chunked.swept` reads it when an op
+    is traced: run the op through a function traced afresh)."""
+    if forward == "chunked":
+        monkeypatch.setattr(chunked, "_CPU_TOKEN_SCAN_STATE_ELEMENTS", 0)
 
 
 def pallas_grids(fn, *args) -> list[tuple[int, ...]]:
@@ -83,3 +89,17 @@ def pallas_grids(fn, *args) -> list[tuple[int, ...]]:
         return grids
 
     return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def some_keys_steep(seed, shape, span=16):
+    """Per-key log decays [B,T,H,K] float32: mild ones in (-0.3, 0), and in each span of tokens a
+    random set of keys decaying by 4 nats a token, a share that grows with the head (from about a
+    tenth of the keys to half of them): halves of a chunk with few and with many steep keys beside
+    mild ones, as trained gates have them. 16 tokens of -4 pass the 60 nats beyond which the per-key
+    paths take a key's decays elementwise, while neighbours still see each other (e^-4)."""
+    batch, length, heads, key_dim = shape
+    rng = np.random.default_rng(seed)
+    share = np.linspace(0.1, 0.5, heads)[:, None]
+    steep = rng.uniform(size=(batch, -(-length // span), heads, key_dim)) < share
+    steep = np.repeat(steep, span, axis=1)[:, :length]
+    return jnp.asarray(np.where(steep, -4.0, rng.uniform(-0.3, 0.0, size=shape)), jnp.float32)

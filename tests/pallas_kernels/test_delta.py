@@ -11,8 +11,8 @@ from seqmix.pallas_kernels import chunked
 from seqmix.pallas_kernels.delta import chunk_delta_rule, delta_step
 from seqmix.pallas_kernels.triangular import unit_lower_inverse
 
-from kernel_checks import (assert_gradients_match, assert_matches_reference, differentiated_outputs,
-                           outputs_and_gradients, packed_segments, pallas_grids, relative_error)
+from kernel_checks import (XLA_FORWARDS, assert_gradients_match, assert_matches_reference, outputs_and_gradients,
+                           packed_segments, pallas_grids, relative_error, some_keys_steep, xla_forward)
 
 IMPLS = ["xla", "pallas_tpu", "pallas_gpu"]
 GATES = ["gated", "plain", "key"]  # log_a per head (Gated DeltaNet), none (DeltaNet), log_g per key (KDA)
@@ -122,23 +122,31 @@ def test_per_key_gates_over_several_sub_blocks_per_chunk(impl):
         assert relative_error(a, e) < 1e-4
 
 
+@pytest.mark.parametrize("forward", XLA_FORWARDS)
 @pytest.mark.parametrize("chunk_size", [16, 48, 64, 128])  # 48: the inverse pads to 64
-def test_xla_longer_rows_and_chunk_sizes(chunk_size):
-    """Both of the xla path's forwards: the chunked one of differentiated calls, and the one of
-    calls that are not (on a CPU a scan token by token, whatever the chunk size)."""
+def test_xla_longer_rows_and_chunk_sizes(monkeypatch, chunk_size, forward):
+    """Either of the xla path's forwards (a CPU's token scan, the chunked one), each with the chunked
+    backward pass after it: values and gradients match the reference."""
+    xla_forward(monkeypatch, forward)
     q, k, v, beta, gates, h0, segments = make_inputs(3, batch=3, length=203, heads=3, key_dim=32, value_dim=16)
-    expected = run("reference", q, k, v, beta, gates, h0, segments)
-    for actual in (run("xla", q, k, v, beta, gates, h0, segments, chunk_size=chunk_size),
-                   differentiated_outputs(run, "xla", (q, k, v, beta, gates, h0), (segments,),
-                                          options=(("chunk_size", chunk_size),))):
-        for a, e in zip(actual, expected, strict=True):
-            assert relative_error(a, e) < 1e-4
+    inputs = (q, k, v, beta, gates, h0)
+    weights = (jnp.asarray(np.random.default_rng(4).normal(size=v.shape), jnp.float32), jnp.ones_like(h0))
+    expected, expected_grads = gradients("reference", inputs, segments, weights)
+    traced_afresh = functools.partial(run.__wrapped__)
+    actual, actual_grads = outputs_and_gradients(traced_afresh, "xla", inputs, (segments,), weights,
+                                                 options=(("chunk_size", chunk_size),))
+    for a, e in zip(jax.tree.leaves((actual, actual_grads)), jax.tree.leaves((expected, expected_grads))):
+        assert relative_error(a, e) < 1e-4
+    for a, e in zip(run("xla", *inputs, segments, chunk_size=chunk_size), expected, strict=True):
+        assert relative_error(a, e) < 1e-4  # the undifferentiated call
 
 
+@pytest.mark.parametrize("forward", XLA_FORWARDS)
 @pytest.mark.parametrize("gate", GATES)
-def test_xla_sweeps_blocks_of_chunks(monkeypatch, gate):
+def test_xla_sweeps_blocks_of_chunks(monkeypatch, gate, forward):
     """Rows swept in blocks of 3 chunks (padded to whole blocks) with segments crossing block
-    boundaries: values and gradients match the reference."""
+    boundaries, after either forward: values and gradients match the reference."""
+    xla_forward(monkeypatch, forward)
     monkeypatch.setattr(chunked, "_CPU_BLOCK_ELEMENTS", 3 * 2 * 2 * 16 * (16 + 32))  # B * H * C * (K + V)
     q, k, v, beta, gates, h0, segments = make_inputs(12, length=150, gate=gate)
     weights = jnp.asarray(np.random.default_rng(13).normal(size=v.shape), jnp.float32)
@@ -223,6 +231,19 @@ def test_extreme_betas_and_decays_stay_finite_and_exact(case, impl, gate):
     for a, e in zip(jax.tree.leaves((actual, grads)), jax.tree.leaves((expected, expected_grads))):
         assert np.all(np.isfinite(np.asarray(a)))
         assert relative_error(a, e) < 1e-4
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_tpu"])
+def test_a_few_steep_keys_among_mild_ones_stay_exact(impl):
+    """Per-key gates where some keys decay by 4 nats a token and the rest mildly, how many differing
+    by head and by half chunk (3 to 16 of 32 keys): values and gradients match the reference."""
+    q, k, v, beta, _, h0, segments = make_inputs(19, batch=1, length=192, heads=3, key_dim=32)
+    inputs = (q, k, v, beta, dict(log_g=some_keys_steep(20, v.shape[:3] + (32,))), h0)
+    weights = (jnp.asarray(np.random.default_rng(21).normal(size=v.shape), jnp.float32), jnp.ones_like(h0))
+    (expected_out, expected_state), expected = gradients("reference", inputs, segments, weights, chunk_size=64)
+    (out, state), actual = gradients(impl, inputs, segments, weights, chunk_size=64)
+    assert_matches_reference(out, state, expected_out, expected_state, segments)
+    assert_gradients_match(["dq", "dk", "dv", "dbeta", "dlog_g", "dh0"], actual, expected)
 
 
 @pytest.mark.parametrize("gate", ["gated", "key"])

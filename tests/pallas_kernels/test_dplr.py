@@ -15,8 +15,8 @@ from seqmix.pallas_kernels import chunked
 from seqmix.pallas_kernels.delta import chunk_delta_rule
 from seqmix.pallas_kernels.dplr import chunk_dplr, dplr_step
 
-from kernel_checks import (assert_gradients_match, assert_matches_reference, differentiated_outputs,
-                           outputs_and_gradients, packed_segments, pallas_grids, relative_error)
+from kernel_checks import (XLA_FORWARDS, assert_gradients_match, assert_matches_reference, outputs_and_gradients,
+                           packed_segments, pallas_grids, relative_error, some_keys_steep, xla_forward)
 
 IMPLS = ["xla", "pallas_tpu", "pallas_gpu"]
 GRADIENT_NAMES = ["dq", "dk", "dv", "da", "db", "dlog_g", "dh0"]
@@ -91,22 +91,28 @@ def test_pallas_gpu_splits_wide_value_heads_across_programs():
     assert pallas_grids(lambda inputs: gradients("pallas_gpu", inputs, segments), inputs) == [(2, 4, 2)] * 2
 
 
+@pytest.mark.parametrize("forward", XLA_FORWARDS)
 @pytest.mark.parametrize("chunk_size", [16, 64])  # the xla path walks chunks of at most 32 tokens
-def test_xla_longer_rows_and_chunk_sizes(chunk_size):
-    """Both of the xla path's forwards: the chunked one of differentiated calls, and the one of
-    calls that are not (on a CPU a scan token by token, whatever the chunk size)."""
+def test_xla_longer_rows_and_chunk_sizes(monkeypatch, chunk_size, forward):
+    """Either of the xla path's forwards (a CPU's token scan, the chunked one), each with the chunked
+    backward pass after it: values and gradients match the reference."""
+    xla_forward(monkeypatch, forward)
     *inputs, segments = make_inputs(3, batch=3, length=203, heads=3, key_dim=32, value_dim=16)
-    expected = run("reference", *inputs, segments)
-    for actual in (run("xla", *inputs, segments, chunk_size=chunk_size),
-                   differentiated_outputs(run, "xla", tuple(inputs), (segments,),
-                                          options=(("chunk_size", chunk_size),))):
-        for a, e in zip(actual, expected, strict=True):
-            assert relative_error(a, e) < 1e-4
+    expected = gradients("reference", inputs, segments)
+    traced_afresh = functools.partial(run.__wrapped__)
+    actual = outputs_and_gradients(traced_afresh, "xla", tuple(inputs), (segments,), projection_weights(inputs),
+                                   options=(("chunk_size", chunk_size),))
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        assert relative_error(a, e) < 1e-4
+    for a, e in zip(run("xla", *inputs, segments, chunk_size=chunk_size), expected[0], strict=True):
+        assert relative_error(a, e) < 1e-4  # the undifferentiated call
 
 
-def test_xla_sweeps_blocks_of_chunks(monkeypatch):
+@pytest.mark.parametrize("forward", XLA_FORWARDS)
+def test_xla_sweeps_blocks_of_chunks(monkeypatch, forward):
     """Rows swept in blocks of 3 chunks (padded to whole blocks) with segments crossing block
-    boundaries: values and gradients match the reference."""
+    boundaries, after either forward: values and gradients match the reference."""
+    xla_forward(monkeypatch, forward)
     monkeypatch.setattr(chunked, "_CPU_BLOCK_ELEMENTS", 3 * 2 * 2 * 16 * (16 + 32))  # B * H * C * (K + V)
     *inputs, segments = make_inputs(12, length=150)
     # traced afresh (the block size is read when the op is traced, which a compilation keyed on
@@ -161,6 +167,18 @@ def test_decays_of_minus_8_per_token_stay_finite_and_exact(impl):
     (out, state), actual = gradients(impl, inputs, segments, chunk_size=64)
     for a in jax.tree.leaves((out, state, actual)):
         assert np.all(np.isfinite(np.asarray(a)))
+    assert_matches_reference(out, state, expected_out, expected_state, segments)
+    assert_gradients_match(GRADIENT_NAMES, actual, expected)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_tpu"])
+def test_a_few_steep_keys_among_mild_ones_stay_exact(impl):
+    """Some keys decaying by 4 nats a token beside mild ones, how many differing by head and by half
+    chunk (3 to 16 of 32 keys): values and gradients match the reference."""
+    q, k, v, a, b, _, h0, segments = make_inputs(10, batch=1, length=192, heads=3, key_dim=32)
+    inputs = (q, k, v, a, b, some_keys_steep(11, a.shape), h0)
+    (expected_out, expected_state), expected = gradients("reference", inputs, segments, chunk_size=64)
+    (out, state), actual = gradients(impl, inputs, segments, chunk_size=64)
     assert_matches_reference(out, state, expected_out, expected_state, segments)
     assert_gradients_match(GRADIENT_NAMES, actual, expected)
 

@@ -5,8 +5,8 @@ chunk-major arrays (see `chunked`): everything but the carry of the state is bat
 block's chunks (the sequence is swept in blocks, `chunked.swept`), and the sequential part, a
 `lax.scan` over the chunks, is `algebra.step` forward and `algebra.step_backward` in reverse: two
 [C,K]-by-[K,V] products per chunk. The forward pass keeps only the state entering each chunk; the
-backward pass recomputes the rest. Calls that are not differentiated run, on a CPU while the state
-is small, the recurrence token by token instead (`_token_scan`, `chunked.swept`).
+backward pass recomputes the rest. On a CPU while the state is small, the forward runs the
+recurrence token by token instead, keeping the same chunk states (`_token_scan`, `chunked.swept`).
 What this path computes its own way: the gates' prefix sums (`chunked.gates`, `gate_cotangent`), the
 segment masks (`chunked.segment_masks`) and the decayed products with their pullback (`_products`):
 one materialised [C, C] decay matrix times k k^T and q k^T for a per-head gate, `per_key_decay` for
@@ -107,18 +107,18 @@ def _backward(q, k, v, beta, log_gate, groups, incoming, d_out, d_final):
 LONGEST_CHUNK = 32
 
 
-def _token_scan(q, k, v, beta, log_gate, starts, state0):
-    """The undifferentiated forward on a CPU (see `chunked.swept`): `step.recurrence` token by token
-    on float32 [B,T,H,*] inputs (q scaled; padding zeroed, so beta = 0 leaves the state alone), a
-    reset at `starts` [B,T] taken as a decay of 0. Returns (o [B,T,H,V], final state [B,H,V,K],
-    value-major as the chunked sweep's)."""
+def _token_scan(q, k, v, beta, log_gate, starts, state0, chunk):
+    """The forward on a CPU (see `chunked.swept`): `step.recurrence` token by token on float32
+    [B,T,H,*] inputs (q scaled; padding zeroed, so beta = 0 leaves the state alone), a reset at
+    `starts` [B,T] taken as a decay of 0. Returns (o [B,T,H,V], final state [B,H,V,K], the state
+    entering each `chunk`-token chunk [T/chunk,B,H,V,K]), value-major as the chunked sweep's."""
 
     def token_step(q, k, v, beta, log_gate, start, state):
         return recurrence(q, k, v, beta, jnp.where(start[:, None, None], -jnp.inf, log_gate), state)
 
-    out, final = chunked.scan_tokens(token_step, (q, k, v, beta[..., 0], log_gate), starts,
-                                     jnp.swapaxes(state0, -1, -2))
-    return out, jnp.swapaxes(final, -1, -2)
+    out, final, incoming = chunked.scan_tokens(token_step, (q, k, v, beta[..., 0], log_gate), starts,
+                                               jnp.swapaxes(state0, -1, -2), chunk)
+    return out, jnp.swapaxes(final, -1, -2), jnp.swapaxes(incoming, -1, -2)
 
 
 _swept = chunked.swept(_forward, _backward, LONGEST_CHUNK, value_major=True, token_scan=_token_scan)

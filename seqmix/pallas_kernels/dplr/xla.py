@@ -38,8 +38,8 @@ decay, never grow.
 Segments cut L, the reads of S and the writes into S' (`chunked.segment_masks`). Arrays are
 chunk-major (see `chunked`): q, k, a, b, log_g [N,B,H,C,K], v [N,B,H,C,V], groups [N,B,1,C,1],
 states [B,H,K,V], all float32. The forward pass keeps only the state entering each chunk; the
-backward pass recomputes the rest. Calls that are not differentiated run, on a CPU while the state
-is small, the recurrence token by token instead (`_token_scan`, `chunked.swept`).
+backward pass recomputes the rest. On a CPU while the state is small, the forward runs the
+recurrence token by token instead, keeping the same chunk states (`_token_scan`, `chunked.swept`).
 """
 
 import dataclasses
@@ -203,17 +203,17 @@ def _backward(q, k, v, a, b, log_g, groups, incoming, d_out, d_final):
     return (dq, dk, dv, da, db, d_log_g), d_state0
 
 
-def _token_scan(q, k, v, a, b, log_g, starts, state0):
-    """The undifferentiated forward on a CPU (see `chunked.swept`): `step.recurrence` token by token
-    on float32 [B,T,H,*] inputs (q scaled; padding zeroed, so it neither reads nor changes the
-    state), a reset at `starts` [B,T] taken as a decay of 0 and no read of the old state. Returns
-    (o [B,T,H,V], final state [B,H,K,V])."""
+def _token_scan(q, k, v, a, b, log_g, starts, state0, chunk):
+    """The forward on a CPU (see `chunked.swept`): `step.recurrence` token by token on float32
+    [B,T,H,*] inputs (q scaled; padding zeroed, so it neither reads nor changes the state), a reset
+    at `starts` [B,T] taken as a decay of 0 and no read of the old state. Returns (o [B,T,H,V],
+    final state [B,H,K,V], the state entering each `chunk`-token chunk [T/chunk,B,H,K,V])."""
 
     def token_step(q, k, v, a, b, log_g, start, state):
         reset = start[:, None, None]
         return recurrence(q, k, v, jnp.where(reset, 0.0, a), b, jnp.where(reset, -jnp.inf, log_g), state)
 
-    return chunked.scan_tokens(token_step, (q, k, v, a, b, log_g), starts, state0)
+    return chunked.scan_tokens(token_step, (q, k, v, a, b, log_g), starts, state0, chunk)
 
 
 _swept = chunked.swept(_forward, _backward, LONGEST_CHUNK, token_scan=_token_scan)
