@@ -18,7 +18,7 @@ counted from the chunk start), exact while that stays within `chunked.FACTORED_S
 (3.75 nats per token over 16 tokens; Kimi's gates, up to ~1.6 per token at initialisation, stay far
 inside). A key channel whose half decays by more ("steep") has its factor zeroed on that half (the
 rows of the first half, the columns of the second), which removes exactly the pairs inside it from
-the matmul; they are added elementwise, exp(G_i - G_j) on a masked [C/2, C/2, G] block (masked
+the matmul; they are added elementwise, exp(G_i - G_j) on a masked [G, C/2, C/2] block (masked
 before the exp) for each group of G = STEEP_GROUP steep channels of a half, in a loop that runs as
 many times as the block's steepest half needs (none where no channel is steep). Every
 exponential is <= 1 or bounded by e^60, so any decay, -8 nats per token included, is exact.
@@ -73,56 +73,68 @@ def _factors(to_here) -> _Factors:
     )
 
 
-# Steep channels are taken elementwise this many at a time per half chunk, steep ones first, so that
-# the pass costs what the most steep channels of any half in the block need rather than all K
-# whenever one is steep. Trained gates have a few steep keys in most halves (a 600-step KDA model on
-# held-out text: 0.4-2.9 of 32 keys per half on average, some in 42-94% of the halves). Measured
-# against one masked pass over all K channels (fwd+bwd at T = 4k, K = V = 64, see RESULTS): 0.5-0.6x
-# the time with 5% of the keys steep, level at 30%, 1.5-1.6x with every key steep, where the
-# groups' gathers repeat eight times what the single pass did once.
+# Steep channels are taken elementwise this many at a time per half chunk, so that the pass costs
+# what the most steep channels of any half in the block need rather than all K whenever one is
+# steep. Trained gates have a few steep keys in most halves (a 600-step KDA model on held-out text:
+# 0.4-2.9 of 32 keys per half on average, some in 42-94% of the halves); on its gates the delta
+# rule's fwd+bwd takes 0.48-0.60x the time of one masked pass over all K channels. At T = 4k,
+# K = V = 64 (see RESULTS): 0.5-0.6x with 5% of the keys steep, 0.8-0.9x with 30%, 1.1-1.9x with
+# every key steep, where eight groups pay eight times the fixed cost of a pass. 16 channels a
+# group: 0.60-0.67x with 5%, no better with all. A lax.cond choosing the single pass where the
+# groups would be many made XLA run both 1.5-2x slower.
 STEEP_GROUP = 8
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _SteepGroups:
-    """Each half's channels, steep ones first: order [..., 2, K] int32; steep [..., 2, K] bool in that
-    order; groups: how many STEEP_GROUP-wide groups hold every steep channel of the block (int32)."""
+    """rank [..., 2, K] int32: each half's steep channels numbered 0, 1, ... in key order, -1 for the
+    others; groups: how many STEEP_GROUP-wide groups hold every steep channel of the block (int32)."""
 
-    order: jax.Array
-    steep: jax.Array
+    rank: jax.Array
     groups: jax.Array
 
 
 def _steep_groups(steep) -> _SteepGroups:
-    order = jnp.argsort(~steep, axis=-1, stable=True).astype(jnp.int32)
-    most = jnp.max(jnp.sum(steep, axis=-1))
-    return _SteepGroups(order, jnp.take_along_axis(steep, order, axis=-1), (most + STEEP_GROUP - 1) // STEEP_GROUP)
+    """From steep [..., 2, K] bool (`_Factors.steep`)."""
+    counts = jnp.cumsum(steep, axis=-1, dtype=jnp.int32)
+    return _SteepGroups(jnp.where(steep, counts - 1, -1), (jnp.max(counts[..., -1]) + STEEP_GROUP - 1) // STEEP_GROUP)
 
 
-def _group(groups: _SteepGroups, index):
-    """The index-th group's channels [..., 2, G] and whether each is steep (False past K)."""
-    key_dim = groups.order.shape[-1]
-    ranks = index * STEEP_GROUP + jnp.arange(STEEP_GROUP)
-    within = ranks < key_dim
-    ranks = jnp.minimum(ranks, key_dim - 1)
-    take = lambda a: jnp.take(a, ranks, axis=-1)
-    return take(groups.order), take(groups.steep) & within
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Group:
+    """One group's channels of each half: channels [..., 2, G] int32, steep [..., 2, G] bool (False
+    where the group runs past the half's steep channels), one_hot [..., 2, G, K] float32."""
+
+    channels: jax.Array
+    steep: jax.Array
+    one_hot: jax.Array
+
+    def gathered(self, a):
+        """[..., C, K] -> the group's channels of each half, channel-major [..., 2, G, C/2] (the
+        elementwise passes below then run over [C/2, C/2] tiles, not over G minor lanes)."""
+        return jnp.swapaxes(jnp.take_along_axis(_halves(a), self.channels[..., None, :], axis=-1), -1, -2)
+
+    def scattered(self, d):
+        """[..., 2, G, C/2] -> [..., 2, C/2, K]: cotangents back onto all K channels."""
+        return chunked.mm_tn(d, self.one_hot)
 
 
-def _gathered(a, channels):
-    """[..., C, K] -> its halves' chosen channels [..., 2, C/2, G], channels [..., 2, G]."""
-    return jnp.take_along_axis(_halves(a), channels[..., None, :], axis=-1)
+def _group(groups: _SteepGroups, index) -> _Group:
+    """The index-th group: the steep channels ranked index * G to index * G + G - 1 in each half."""
+    hit = groups.rank[..., None, :] == index * STEEP_GROUP + jnp.arange(STEEP_GROUP)[:, None]  # [..., 2, G, K]
+    return _Group(jnp.argmax(hit, axis=-1), jnp.any(hit, axis=-1), hit.astype(jnp.float32))
 
 
-def _steep_decays(to_here, channels, steep):
-    """exp(G_i - G_j) [..., 2, C/2, C/2, G] on the chosen channels, for j < i inside one half on its
-    steep ones, 0 elsewhere (masked before the exp: every exponential <= 1)."""
-    gate = _gathered(to_here, channels)
-    size = gate.shape[-2]
+def _steep_decays(group: _Group, to_here):
+    """exp(G_i - G_j) [..., 2, G, C/2, C/2] on the group's channels for j < i inside one half, 0
+    elsewhere and on channels that are not steep (masked before the exp: every exponential <= 1)."""
+    gate = group.gathered(to_here)
+    size = gate.shape[-1]
     within = lax.broadcasted_iota(jnp.int32, (size, size), 0) > lax.broadcasted_iota(jnp.int32, (size, size), 1)
-    mask = within[..., None] & steep[..., :, None, None, :]
-    return jnp.exp(jnp.where(mask, gate[..., :, None, :] - gate[..., None, :, :], -jnp.inf))
+    mask = within & group.steep[..., None, None]
+    return jnp.exp(jnp.where(mask, gate[..., :, None] - gate[..., None, :], -jnp.inf))
 
 
 def _steep_pairs(rows, columns, to_here, groups: _SteepGroups):
@@ -130,10 +142,10 @@ def _steep_pairs(rows, columns, to_here, groups: _SteepGroups):
     channels only, [..., 2, C/2, C/2] each."""
 
     def add_group(index, sums):
-        channels, steep = _group(groups, index)
-        decays = _steep_decays(to_here, channels, steep)
-        xs, ys = [_gathered(x, channels) for x in rows], [_gathered(y, channels) for y in columns]
-        return [[s + jnp.sum(x[..., :, None, :] * y[..., None, :, :] * decays, axis=-1) for y, s in zip(ys, by_row)]
+        group = _group(groups, index)
+        decays = _steep_decays(group, to_here)
+        xs, ys = [group.gathered(x) for x in rows], [group.gathered(y) for y in columns]
+        return [[s + jnp.sum(x[..., :, None] * y[..., None, :] * decays, axis=-3) for y, s in zip(ys, by_row)]
                 for x, by_row in zip(xs, sums)]
 
     half = to_here.shape[-2] // 2
@@ -143,24 +155,21 @@ def _steep_pairs(rows, columns, to_here, groups: _SteepGroups):
 
 def _steep_pairs_backward(rows, columns, to_here, groups: _SteepGroups, d_halves):
     """(d_rows, d_columns [..., C, K]) of `_steep_pairs`, given its cotangents [[..., 2, C/2, C/2]]."""
-    key_dim = to_here.shape[-1]
 
     def add_group(index, grads):
-        channels, steep = _group(groups, index)
-        decays = _steep_decays(to_here, channels, steep)
-        xs, ys = [_gathered(x, channels) for x in rows], [_gathered(y, channels) for y in columns]
+        group = _group(groups, index)
+        decays = _steep_decays(group, to_here)
+        xs, ys = [group.gathered(x) for x in rows], [group.gathered(y) for y in columns]
         d_xs, d_ys = [0.0] * len(xs), [0.0] * len(ys)
         for r, x in enumerate(xs):
             for c, y in enumerate(ys):
-                weighted = d_halves[r][c][..., None] * decays  # [..., 2, C/2, C/2, G]
-                d_xs[r] = d_xs[r] + jnp.sum(weighted * y[..., None, :, :], axis=-2)
-                d_ys[c] = d_ys[c] + jnp.sum(weighted * x[..., :, None, :], axis=-3)
-        # Back from the group's channels to all K: [..., 2, C/2, G] x one-hot [..., 2, G, K].
-        one_hot = (channels[..., :, None] == jnp.arange(key_dim)).astype(jnp.float32)
-        return tuple([total + chunked.mm(d, one_hot) for total, d in zip(totals, ds)]
+                weighted = d_halves[r][c][..., None, :, :] * decays  # [..., 2, G, C/2, C/2]
+                d_xs[r] = d_xs[r] + jnp.sum(weighted * y[..., None, :], axis=-1)
+                d_ys[c] = d_ys[c] + jnp.sum(weighted * x[..., :, None], axis=-2)
+        return tuple([total + group.scattered(d) for total, d in zip(totals, ds)]
                      for totals, ds in zip(grads, (d_xs, d_ys)))
 
-    zeros = jnp.zeros(to_here.shape[:-2] + (2, to_here.shape[-2] // 2, key_dim), jnp.float32)
+    zeros = jnp.zeros(_halves(to_here).shape, jnp.float32)
     d_xs, d_ys = lax.fori_loop(0, groups.groups, add_group, ([zeros for _ in rows], [zeros for _ in columns]))
     return [d.reshape(to_here.shape) for d in d_xs], [d.reshape(to_here.shape) for d in d_ys]
 
