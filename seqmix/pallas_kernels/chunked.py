@@ -162,8 +162,9 @@ _CPU_BLOCK_ELEMENTS = 2**17  # elements of one [N, B, H, C, D] block array
 # cache: measured at T = 2k-4k, K = V = 64 (the chunked forward's time / the scan's), with B x H =
 # 4 / 8 / 16 / 32 state rows: DPLR 2.5 / 3.1 / 2.2 / 1.1, KDA 1.4 / 1.5 / 1.1 / 1.1-1.3, the gated
 # delta rule 1.8 / 1.6 / 1.1 / 0.56. Beyond 16 rows of 64 x 64 the chunked forward. Under a
-# backward pass the scan also emits the state entering each chunk: DPLR's fwd+bwd at T = 4k took
-# 0.85x the time it took after the chunked forward, KDA's about the same.
+# backward pass the scan also emits the state entering each chunk: fwd+bwd at T = 4k took 0.78-0.85x
+# the time it took after the chunked forward for DPLR, 0.94-0.95x for the gated delta rule, the
+# same for KDA.
 _CPU_TOKEN_SCAN_STATE_ELEMENTS = 2**16
 
 
