@@ -2,13 +2,19 @@
 both forms, delta rule, sigmoid-gated RMSNorm output) on random weights, over a packed row with
 padding, with as many and with more value heads than q/k heads (fla #624: NaN there)."""
 
+import functools
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 from mixer_checks import packed_row, recurrence_by_token, rel_err, with_random_weights
 
 from seqmix.configuration import build
+from seqmix.mixers import kda as kda_module
 from seqmix.mixers.kda import KDAConfig, KimiDeltaAttention
+from seqmix.pallas_kernels.delta import chunk_delta_rule
 from seqmix.models.config import ModelConfig
 
 MODEL = build(ModelConfig, {"d_model": 16, "n_heads": 2, "n_layers": 2}, "model")
@@ -58,3 +64,31 @@ def test_kda_matches_its_recurrence_on_a_packed_row(options):
     assert np.all(np.isfinite(np.asarray(y)))
     expected = kda_loop(mixer, x, segment_ids, options.get("gate_lower_bound"))
     assert rel_err(np.asarray(y)[real], expected[real]) < 1e-4
+
+
+def test_kda_trains_through_steep_keys_as_through_its_reference(monkeypatch):
+    """Under a lower bound of -5 nats a token, keys whose gate saturates (every fourth, by its
+    dt_bias) decay by more than 60 nats in a 16-token half chunk, which the xla path takes
+    elementwise, a few keys at a time (`per_key_decay`): the mixer's loss and every parameter's
+    gradient through the xla path match those through the token-by-token reference."""
+    mixer = with_random_weights(KimiDeltaAttention(MODEL, build(KDAConfig, {"gate_lower_bound": -5.0}, "mixer"),
+                                                   rngs=nnx.Rngs(0)), 3)
+    keys = np.arange(mixer.dt_bias[...].size).reshape(mixer.dt_bias[...].shape)
+    mixer.dt_bias[...] = jnp.asarray(np.where(keys % 4 == 0, 6.0, -1.0), jnp.float32)
+    x = jax.random.normal(jax.random.key(4), (2, 96, MODEL.d_model))
+    spans = np.asarray(mixer.log_decay(x)).reshape(2, 6, 16, mixer.heads, -1).sum(axis=2)
+    assert 0 < np.mean(spans < -60) < 0.5  # some keys steep, not all
+    weights = jax.random.normal(jax.random.key(5), x.shape)
+    graph, params, rest = nnx.split(mixer, nnx.Param, ...)
+
+    def loss(params):
+        y, _ = nnx.merge(graph, params, rest)(x)
+        return jnp.sum(y * weights)
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    monkeypatch.setattr(kda_module, "chunk_delta_rule", functools.partial(chunk_delta_rule, impl="reference"))
+    expected_value, expected_grads = jax.jit(jax.value_and_grad(loss))(params)
+    assert rel_err(value, expected_value) < 1e-4
+    expected = dict(nnx.to_flat_state(expected_grads))
+    for path, grad in nnx.to_flat_state(grads):
+        assert rel_err(grad[...], expected[path][...]) < 1e-4, path
