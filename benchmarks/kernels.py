@@ -121,12 +121,11 @@ def _kda_log_g(rng, shape):
     return jnp.asarray(-a * np.logaddexp(0.0, rng.normal(size=shape) + dt_bias), jnp.float32)
 
 
-def _rwkv7_inputs(rng, shape, steep_keys=False):
+def _rwkv7_inputs(rng, shape):
     """RWKV-7's a, b and log decay, [B,T,H,K] each: a = -kappa_hat, b = kappa_hat * alpha with the
     removal key kappa_hat L2-normalised and the in-context learning rate alpha = sigmoid(N(0, 1)) in
     (0, 1); log_g = -exp(-0.5 - softplus(-(w0 + x))) in (-e^-0.5, 0), w0 RWKV-7's decay_speed + 0.5
-    over the H*K channels of a middle layer (-6.5 to -1.5), x ~ N(0, 1) per token; steep_keys: a
-    few keys steeper (`_with_steep_keys`)."""
+    over the H*K channels of a middle layer (-6.5 to -1.5), x ~ N(0, 1) per token."""
     heads, key_dim = shape[2:]
     kappa = rng.normal(size=shape)
     kappa_hat = kappa / np.linalg.norm(kappa, axis=-1, keepdims=True)
@@ -134,19 +133,22 @@ def _rwkv7_inputs(rng, shape, steep_keys=False):
     channels = heads * key_dim
     w0 = -6.5 + 5.0 * (np.arange(channels) / (channels - 1)) ** (0.85 + 0.5**0.5)
     log_g = -np.exp(-0.5 - np.logaddexp(0.0, -(w0.reshape(heads, key_dim) + rng.normal(size=shape))))
-    inputs = {name: jnp.asarray(x, jnp.float32) for name, x in (("a", -kappa_hat), ("b", kappa_hat * alpha),
-                                                                 ("log_g", log_g))}
-    return dict(inputs, log_g=_with_steep_keys(rng, inputs["log_g"])) if steep_keys else inputs
+    return {name: jnp.asarray(x, jnp.float32)
+            for name, x in (("a", -kappa_hat), ("b", kappa_hat * alpha), ("log_g", log_g))}
 
 
-def _with_steep_keys(rng, log_g, share=0.05, span=16):
-    """log_g [B,T,H,K] with, in each span of 16 tokens, a random `share` of the keys decaying by 4
-    nats a token: past the 60 nats per half chunk beyond which the per-key `xla` paths take a key
-    elementwise (`per_key_decay`), as a trained model's gates are in most halves (a 600-step
-    kda_small on held-out text: 0.4-2.9 of its 32 keys per half on average, in 42-94% of halves)."""
+def _keyed(rng, gate: str, extras: dict, share=0.05, span=16) -> dict:
+    """The per-key families' extras for `gate`: as drawn ("key"), or ("steep") with, in each span of
+    16 tokens, a random `share` of the keys of log_g [B,T,H,K] decaying by 4 nats a token: past the
+    60 nats per half chunk beyond which the per-key `xla` paths take a key elementwise
+    (`per_key_decay`), as a trained model's gates are in most halves (a 600-step kda_small on
+    held-out text: 0.4-2.9 of its 32 keys per half on average, in 42-94% of halves)."""
+    if gate == "key":
+        return extras
+    log_g = extras["log_g"]
     batch, length, heads, key_dim = log_g.shape
     steep = np.repeat(rng.uniform(size=(batch, -(-length // span), heads, key_dim)) < share, span, axis=1)
-    return jnp.where(jnp.asarray(steep[:, :length]), jnp.minimum(log_g, -4.0), log_g)
+    return dict(extras, log_g=jnp.where(jnp.asarray(steep[:, :length]), jnp.minimum(log_g, -4.0), log_g))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,12 +210,12 @@ FAMILIES = {
     "kda": Family(
         op_name="chunk_delta_rule (per-key log_g, KDA)", op=delta.chunk_delta_rule,
         implementations=delta.IMPLEMENTATIONS, gates=("key", "steep"),
-        extras=lambda rng, shape, gate: {"beta": _beta(rng, shape[:3]), "log_g": _kda_log_g(rng, shape)
-                                         if gate == "key" else _with_steep_keys(rng, _kda_log_g(rng, shape))},
+        extras=lambda rng, shape, gate: _keyed(rng, gate, {"beta": _beta(rng, shape[:3]),
+                                                           "log_g": _kda_log_g(rng, shape)}),
         flops=_kda_flops, normalised_keys=True, longest_chunk=delta_xla.LONGEST_CHUNK),
     "dplr": Family(
         op_name="chunk_dplr (RWKV-7 inputs)", op=dplr.chunk_dplr, implementations=dplr.IMPLEMENTATIONS,
-        gates=("key", "steep"), extras=lambda rng, shape, gate: _rwkv7_inputs(rng, shape, gate == "steep"),
+        gates=("key", "steep"), extras=lambda rng, shape, gate: _keyed(rng, gate, _rwkv7_inputs(rng, shape)),
         flops=_dplr_flops,
         normalised_keys=False, longest_chunk=dplr_xla.LONGEST_CHUNK),
 }
