@@ -281,12 +281,16 @@ def main():
         if pallas and d > sweep_gpu.VALUE_BLOCK:
             rows.append(("pallas_gpu whole V", chunked("pallas_gpu"), d))
         fwd_bwd_times = {}
-        for name, fn, columns in [*rows, ("cudnn softmax", None, None)]:
-            fwd, fwd_bwd, flops, moved = cudnn if fn is None else timed(name, fn, columns)
+
+        def print_row(name, fwd, fwd_bwd, flops, moved):
             fwd_bwd_times[name] = fwd_bwd
             print(f"| {length} | {name} | {fwd * 1e3:.2f} | {fwd_bwd * 1e3:.2f} | {flops / fwd / 1e12:.1f} "
                   f"({flops / fwd / peak_flops:.0%}) | {moved / fwd / 1e9:.0f} ({moved / fwd / peak_bytes:.0%}) "
                   f"| {cudnn[1] / fwd_bwd:.2f}x |", flush=True)
+
+        for name, fn, columns in rows:
+            print_row(name, *timed(name, fn, columns))
+        print_row("cudnn softmax", *cudnn)
         if fla is not None:
             try:
                 fla_fwd, fla_fwd_bwd = fla(q, k, v, extras)

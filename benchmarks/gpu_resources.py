@@ -1,7 +1,7 @@
 """The Pallas GPU kernels' resources on Hopper, found on a CPU: shared memory, registers and spills.
 
-Each family's forward and backward kernels are lowered by jax for an abstract H100 (as
-`tests/pallas_kernels/test_lowering.py` does), and the Triton IR of each is compiled by the
+Each family's forward and backward kernels are lowered by jax for an abstract H100
+(`registry.lower_for_device`), and the Triton IR of each is compiled by the
 `triton` package for sm_90, with the warps and pipeline stages the kernel asks for; its `ptxas -v`
 gives registers, stack frame and spills. No GPU is needed, so a lent GPU's minutes need not find
 what this finds: a kernel whose shared memory exceeds the 227 KiB a Hopper block can have does not
@@ -39,7 +39,6 @@ from seqmix.pallas_kernels import registry, sweep_gpu
 
 HOPPER_SHARED_BYTES = 227 * 1024  # the most dynamic shared memory one block may opt into on sm_90
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
 
 
 def triton_modules(family_name: str, dim: int, length: int = 256, heads: int = 4) -> list[tuple[str, str, int, int]]:
@@ -58,15 +57,10 @@ def triton_modules(family_name: str, dim: int, length: int = 256, heads: int = 4
                                     heads, jnp.bfloat16)
     loss = lambda q, k, v, extras: jnp.sum(family.op(q, k, v, **extras, impl="pallas_gpu").astype(jnp.float32))
     triton_lowering.lower_jaxpr_to_triton_module = keep_module
-    interpret = registry.interpret_off_device
-    registry.interpret_off_device = lambda platform: False  # lower the kernels, not their interpreter
     try:
-        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=H100)):
-            text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(q, k, v, extras).lower(
-                lowering_platforms=("cuda",)).as_text()
+        text = registry.lower_for_device(jax.grad(loss, argnums=(0, 1, 2, 3)), (q, k, v, extras), "gpu").as_text()
     finally:
         triton_lowering.lower_jaxpr_to_triton_module = lower
-        registry.interpret_off_device = interpret
     configs = re.findall(r'name = "(\w+)", num_stages = (\d+) : i32, num_warps = (\d+) : i32', text)
     assert len(configs) == len(modules), (configs, len(modules))
     return [(name, module, int(warps), int(stages)) for (name, stages, warps), module in zip(configs, modules)]

@@ -20,8 +20,7 @@ from seqmix.pallas_kernels.gla import chunk_gla
 
 from kernel_checks import packed_segments
 
-H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-PLATFORMS = {"pallas_gpu": "cuda", "pallas_tpu": "tpu"}
+PLATFORMS = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}
 OPS = {
     "gla_key_gates": lambda q, k, v, gate, **kw: chunk_gla(q, k, v, log_g=gate, **kw),
     "gla_head_gates": lambda q, k, v, gate, **kw: chunk_gla(q, k, v, log_a=gate[..., 0], **kw),
@@ -30,12 +29,6 @@ OPS = {
     "dplr": lambda q, k, v, gate, **kw: chunk_dplr(q, k, v, -0.1 * jnp.exp(gate), 0.1 * jnp.exp(gate), log_g=gate,
                                                    **kw),
 }
-
-
-@pytest.fixture(autouse=True)
-def on_device(monkeypatch):
-    """Lower the kernels themselves, not their CPU interpreters."""
-    monkeypatch.setattr(registry, "interpret_off_device", lambda platform: False)
 
 
 # (op, G): G value heads read one q/k head (grouped value heads: the kernels' index maps share it).
@@ -57,10 +50,8 @@ def kernel_count(op, groups, impl, dtype, value_dim=32):
                                    output_final_state=True, chunk_size=32, impl=impl)
         return jnp.sum(out.astype(jnp.float32)) + jnp.sum(final_state)
 
-    # The abstract H100 stands in for the GPU the Triton lowering asks about; the TPU lowering asks nothing.
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=H100)):
-        lowered = jax.jit(jax.value_and_grad(loss, argnums=range(5))).trace(q, k, v, gate, state).lower(
-            lowering_platforms=(PLATFORMS[impl],))
+    lowered = registry.lower_for_device(jax.value_and_grad(loss, argnums=range(5)), (q, k, v, gate, state),
+                                        PLATFORMS[impl])
     return lowered.as_text().count({"pallas_gpu": "__gpu$xla.gpu.triton", "pallas_tpu": "tpu_custom_call"}[impl])
 
 

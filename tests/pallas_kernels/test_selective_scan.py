@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from kernel_checks import assert_gradients_match, assert_matches_reference, packed_segments, relative_error
-from test_lowering import H100
 
 from seqmix.pallas_kernels import registry
 from seqmix.pallas_kernels.selective_scan import selective_scan, selective_scan_step
@@ -93,9 +92,8 @@ def test_xla_and_pallas_gpu_match_the_reference_with_gradients(update):
 
 
 @pytest.mark.parametrize("update", ["mamba", "longhorn"])
-def test_pallas_gpu_lowers_to_triton(update, monkeypatch):
+def test_pallas_gpu_lowers_to_triton(update):
     """The kernel lowers for a GPU (an abstract H100), bfloat16 inputs, T not a power of two."""
-    monkeypatch.setattr(registry, "interpret_off_device", lambda platform: False)
     x, dt, A, B, C, h0 = (a if a is None or a.ndim < 3 else a.astype(jnp.bfloat16)
                           for a in inputs(update, 1, 75, 32, 16))
     segment_ids = packed_segments(np.random.default_rng(1), 1, 75)
@@ -105,9 +103,7 @@ def test_pallas_gpu_lowers_to_triton(update, monkeypatch):
                                   output_final_state=True, chunk_size=32, impl="pallas_gpu")
         return jnp.sum(y.astype(jnp.float32)) + jnp.sum(state)
 
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=H100)):
-        lowered = jax.jit(jax.value_and_grad(loss, argnums=range(5))).trace(x, dt, B, C, h0).lower(
-            lowering_platforms=("cuda",))
+    lowered = registry.lower_for_device(jax.value_and_grad(loss, argnums=range(5)), (x, dt, B, C, h0), "gpu")
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 1  # the forward kernel (the backward is XLA's)
 
 
