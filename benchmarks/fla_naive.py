@@ -74,7 +74,7 @@ def main():
 
         def forward_backward():
             leaves = {n: x.clone().requires_grad_(True) for n, x in inputs.items()}
-            form(leaves).sum().backward()
+            (form(leaves) * inputs["v"]).sum().backward()  # a random cotangent (kernels.random_cotangent_loss)
 
         results[name] = [forward, best_median(forward_backward, args.rounds, args.repeats)]
     np.savez(args.outputs, **outputs)

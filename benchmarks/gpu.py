@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import FAMILIES, Family, chosen_gate, random_inputs
+from kernels import FAMILIES, Family, chosen_gate, random_cotangent_loss, random_inputs
 from seqmix.pallas_kernels import sweep_gpu
 
 
@@ -181,7 +181,7 @@ def fla_timer(family_name: str):
         def run(backward):
             out = fla_op(q, k, v, extras)
             if backward:
-                out.float().sum().backward()
+                (out.float() * v.detach().float()).sum().backward()  # as `random_cotangent_loss`
             torch.cuda.synchronize()
 
         results = []
@@ -265,7 +265,7 @@ def main():
         def timed(name, fn, columns=sweep_gpu.VALUE_BLOCK):
             """(fwd s, fwd+bwd s, FLOPs, bytes moved) of fn, its Pallas GPU kernels traced with
             `columns` value columns per program."""
-            loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32))
+            loss = random_cotangent_loss(fn)
             with value_block(columns):
                 fwd = median_seconds(jax.jit(fn), q, k, v, extras)
                 fwd_bwd = median_seconds(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), q, k, v, extras)
