@@ -153,8 +153,10 @@ def _steep_pairs(rows, columns, to_here, groups: _SteepGroups):
     return lax.fori_loop(0, groups.groups, add_group, [[zeros for _ in columns] for _ in rows])
 
 
-def _steep_pairs_backward(rows, columns, to_here, groups: _SteepGroups, d_halves):
-    """(d_rows, d_columns [..., C, K]) of `_steep_pairs`, given its cotangents [[..., 2, C/2, C/2]]."""
+def _steep_pairs_backward(rows, columns, to_here, groups: _SteepGroups, d_halves, d_rows, d_columns):
+    """d_rows, d_columns [..., C, K] (the factored pass's) with the cotangents of `_steep_pairs` added,
+    given its cotangents [[..., 2, C/2, C/2]]. The loop starts from them, so where no channel is
+    steep they pass through untouched (no zeros, no additions)."""
 
     def add_group(index, grads):
         group = _group(groups, index)
@@ -169,8 +171,8 @@ def _steep_pairs_backward(rows, columns, to_here, groups: _SteepGroups, d_halves
         return tuple([total + group.scattered(d) for total, d in zip(totals, ds)]
                      for totals, ds in zip(grads, (d_xs, d_ys)))
 
-    zeros = jnp.zeros(_halves(to_here).shape, jnp.float32)
-    d_xs, d_ys = lax.fori_loop(0, groups.groups, add_group, ([zeros for _ in rows], [zeros for _ in columns]))
+    start = ([_halves(d) for d in d_rows], [_halves(d) for d in d_columns])
+    d_xs, d_ys = lax.fori_loop(0, groups.groups, add_group, start)
     return [d.reshape(to_here.shape) for d in d_xs], [d.reshape(to_here.shape) for d in d_ys]
 
 
@@ -227,10 +229,8 @@ def products_backward(rows, columns, to_here, earlier, d_products):
     d_x = [d_decayed[..., r * chunk:(r + 1) * chunk, :] * factors.rows for r in range(len(rows))]
     d_y = [d_grown[..., c * chunk:(c + 1) * chunk, :] * factors.columns for c in range(len(columns))]
 
-    d_steep_x, d_steep_y = _steep_pairs_backward(
-        rows, columns, to_here, _steep_groups(factors.steep), [[_diagonal_halves(d) for d in by_row] for by_row in d_off])
-    d_x = [d + s for d, s in zip(d_x, d_steep_x, strict=True)]
-    d_y = [d + s for d, s in zip(d_y, d_steep_y, strict=True)]
+    d_x, d_y = _steep_pairs_backward(rows, columns, to_here, _steep_groups(factors.steep),
+                                     [[_diagonal_halves(d) for d in by_row] for by_row in d_off], d_x, d_y)
     d_to_here = sum(x * d for x, d in zip(rows, d_x, strict=True)) - sum(y * d for y, d in zip(columns, d_y, strict=True))
     for r, x in enumerate(rows):
         for c, y in enumerate(columns):
