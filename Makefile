@@ -47,7 +47,8 @@ train: $(VENV)/.train-installed
 # one (tests/conftest.py).
 MESH_TESTS = tests/train/test_loss.py tests/train/test_sharding.py tests/train/test_activation_sharding.py \
 	tests/train/test_checkpoint.py tests/train/test_compile_only.py
-MODEL_TESTS_IN_GROUP_1 = tests/models/test_students.py tests/models/test_lm.py tests/models/test_attention.py
+MODEL_TESTS_IN_GROUP_1 = tests/models/test_students.py tests/models/test_lm.py tests/models/test_attention.py \
+	tests/models/test_seqmix_format.py
 MODEL_TESTS_IN_GROUP_3 = tests/models/test_linearize.py tests/models/test_hf.py
 TEST_GROUPS = "1:tests/layers tests/mixers tests/integrations tests/test_configuration.py tests/test_examples.py $(MODEL_TESTS_IN_GROUP_1)" \
 	"8:tests/pallas_kernels tests/models $(addprefix --ignore=,$(MODEL_TESTS_IN_GROUP_1) $(MODEL_TESTS_IN_GROUP_3)) $(MESH_TESTS)" \
