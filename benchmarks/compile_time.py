@@ -10,7 +10,7 @@ bodies and both branches of each conditional included) more than its size. Each 
 then compiled once; the CPU seconds are those of the whole process while it compiles (XLA compiles
 kernels on several threads), the wall seconds those of the call. Kernels: B=1, H=4, K=V=64, the
 gates of `kernels.py`, chunk 64 (at most the family's longest). Train steps: the trainer's own step
-(`training.stock_training`) on one batch of `--batch` rows of `--seq-len` tokens of the config's model.
+(`throughput.lowered_step`) on one batch of `--batch` rows of `--seq-len` tokens of the config's model.
 Run it in two checkouts side by side to compare them: the counts are exact, the seconds drift with
 the machine's load.
 """
@@ -23,10 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kernels
-from seqmix.configuration import build, load_yaml
-from seqmix.models.config import ModelConfig
-from throughput import CONFIGS
-from training import as_batch, stock_training
+from throughput import lowered_step
 
 PROGRAMS = [("gla", "key"), ("gla", "head"), ("delta", "head"), ("kda", "key"), ("dplr", "key")]
 TRAINED = ["gla_small", "gated_deltanet_small", "kda_small", "rwkv7_small", "mamba2_small"]
@@ -48,11 +45,8 @@ def kernel_program(family_name: str, gate: str, length: int):
 
 
 def train_step_program(name: str, batch: int, seq_len: int):
-    model = build(ModelConfig, load_yaml(CONFIGS / f"{name}.yaml"), name)
-    step, train_state = stock_training(model, steps=1, lr=1e-3, warmup_steps=0)
-    tokens = np.random.default_rng(0).integers(0, model.vocab_size, size=(batch, seq_len + 1))
-    batch = as_batch(tokens[:, :-1].astype(np.int32), tokens[:, 1:].astype(np.int32), np.ones((batch, seq_len), bool))
-    return step.lower(train_state.state, batch, None)
+    lowered, *_ = lowered_step(name, seq_len, batch * seq_len)
+    return lowered
 
 
 def main():

@@ -30,14 +30,21 @@ CONFIGS = pathlib.Path(__file__).parent.parent / "configs" / "models"
 MODELS = ["transformer_small", "gla_small", "gated_deltanet_small", "mamba2_small", "hybrid_small"]
 
 
-def compiled_step(name: str, length: int, tokens: int):
-    """(run: a zero-argument function doing one training step, peak bytes) for a model."""
+def lowered_step(name: str, length: int, tokens: int):
+    """(the trainer's step of configs/models/<name>.yaml lowered for a batch of max(1, tokens //
+    length) random rows of `length` tokens, the train state, the batch, its rows)."""
     config = build(ModelConfig, load_yaml(CONFIGS / f"{name}.yaml"), name)
     step, train_state = stock_training(config, steps=1_000_000, lr=1e-3, warmup_steps=0)
     batch = max(1, tokens // length)
     inputs = np.random.default_rng(0).integers(0, config.vocab_size, (batch, length + 1), dtype=np.int32)
     batch_arrays = as_batch(inputs[:, :-1], inputs[:, 1:], np.ones((batch, length), bool))
-    compiled = step.lower(train_state.state, batch_arrays, None).compile()
+    return step.lower(train_state.state, batch_arrays, None), train_state, batch_arrays, batch
+
+
+def compiled_step(name: str, length: int, tokens: int):
+    """(run: a zero-argument function doing one training step, peak bytes) for a model."""
+    lowered, train_state, batch_arrays, batch = lowered_step(name, length, tokens)
+    compiled = lowered.compile()
     memory = compiled.memory_analysis()
     peak = (memory.argument_size_in_bytes + memory.temp_size_in_bytes + memory.output_size_in_bytes
             - memory.alias_size_in_bytes)
