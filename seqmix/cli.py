@@ -124,17 +124,18 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _reference_model(source: str, run):
-    """The model of a run directory or a model directory (`from_pretrained`) to compare with
-    (default: the run's init_from)."""
+def _reference_model(source: str, run, option: str, model):
+    """(source, model) of a run directory or a model directory (`from_pretrained`) to compare the
+    run's `model` with (default: the run's init_from); `option` names the flag in errors."""
     from seqmix.models.hf import from_pretrained
 
     source = source or run.config.init_from
     if not source:
-        raise ConfigError("--agreement: name the reference model (the run has no init_from to default to)")
-    if (Path(source) / "config.yaml").is_file():
-        return source, _open_run(source).model
-    return source, from_pretrained(source)
+        raise ConfigError(f"{option}: name the reference model (the run has no init_from to default to)")
+    reference = _open_run(source).model if (Path(source) / "config.yaml").is_file() else from_pretrained(source)
+    if reference.embed_tokens.embedding.shape != model.embed_tokens.embedding.shape:
+        raise ConfigError(f"{option}: {source} has another vocabulary or width of embeddings than the run")
+    return source, reference
 
 
 def _held_out(run):
@@ -160,9 +161,7 @@ def cmd_eval(args) -> int:
     if args.agreement is not None:
         from seqmix.train.agreement import agreement, greedy_continuations, held_out_prompts
 
-        source, reference = _reference_model(args.agreement, run)
-        if reference.embed_tokens.embedding.shape != model.embed_tokens.embedding.shape:
-            raise ConfigError(f"--agreement: {source} has another vocabulary or width of embeddings than the run")
+        source, reference = _reference_model(args.agreement, run, "--agreement", model)
         prompts = held_out_prompts(text, args.prompts, 64)
         result = agreement(greedy_continuations(model, prompts, 32), greedy_continuations(reference, prompts, 32))
         print(f"agreement with {source} over {result.prompts} held-out prompts of 64 tokens: the first "
@@ -189,6 +188,15 @@ def cmd_eval(args) -> int:
     corpus = _held_out(run)
     if not corpus.eval_documents:
         raise ConfigError("data.eval_files: the run has no held-out documents to evaluate on")
+    if args.kl is not None:
+        from seqmix.train.evaluate import held_out_kl
+        from seqmix.train.inputs import eval_iterator
+
+        source, reference = _reference_model(args.kl, run, "--kl", model)
+        result = held_out_kl(model, reference, eval_iterator(run.config.data, corpus), run.config.eval_batches)
+        print(f"KL({source} || the run's model) over {int(result['tokens'])} held-out tokens: "
+              f"{result['kl']:.4g} nats/token")
+        return 0
     from seqmix.train.evaluate import run_held_out_loss
 
     result = run_held_out_loss(run, corpus)
@@ -365,8 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the tensors")
     export.set_defaults(func=cmd_export)
 
-    ev = commands.add_parser("eval", help="held-out loss and perplexity, multiple-choice accuracy, generation "
-                                          "agreement or pass-key retrieval of a trained model")
+    ev = commands.add_parser("eval", help="held-out loss and perplexity, KL from a reference, multiple-choice "
+                                          "accuracy, generation agreement or pass-key retrieval of a trained model")
     ev.add_argument("checkpoint", help="run directory (out_dir) or its checkpoints/ folder")
     ev.add_argument("--batches", type=int, default=None, help="held-out batches (default: the run's eval_batches)")
     ev.add_argument("--choices", action="append", metavar="TASK.jsonl",
@@ -374,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--agreement", nargs="?", const="", metavar="REFERENCE",
                     help="greedy continuations of held-out prompts compared with those of REFERENCE (a model "
                          "directory or run; default: the run's init_from, a linearized run's teacher) instead")
+    ev.add_argument("--kl", nargs="?", const="", metavar="REFERENCE",
+                    help="KL(REFERENCE || the run's model) of the next-token distributions per held-out token, "
+                         "over --batches (REFERENCE as for --agreement) instead")
     ev.add_argument("--prompts", type=int, default=32, help="--agreement: held-out prompts (64 tokens, continued 32)")
     ev.add_argument("--needle", nargs="+", type=int, metavar="LENGTH",
                     help="pass-key retrieval accuracy at these context lengths (tokens) instead")

@@ -65,6 +65,23 @@ def chunked_kl_sum(features: jax.Array, head: jax.Array, teacher_features: jax.A
     return total, jnp.sum(weights)
 
 
+# Tokens per block of a whole model's KL (as `loss_chunk_tokens`): no [B, T, vocab] logits of a large
+# vocabulary exist whole, for either model.
+KL_CHUNK_TOKENS = 2048
+
+
+@nnx.jit
+def model_kl_sum(student: LanguageModel, teacher: LanguageModel, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """(sum over the real tokens of KL(p_teacher || p_student) of the two models' next-token
+    distributions, the number of real tokens), float32 scalars, for a batch of [B, T] "inputs",
+    "segment_ids" and "positions" (as the input pipeline yields them); in blocks of KL_CHUNK_TOKENS."""
+    inputs = dict(segment_ids=batch["segment_ids"], positions=batch["positions"])
+    return chunked_kl_sum(student.features(batch["inputs"], **inputs), student.head_kernel(),
+                          teacher.features(batch["inputs"], **inputs), teacher.head_kernel(), batch["segment_ids"] != 0,
+                          chunk_tokens=KL_CHUNK_TOKENS, soft_cap=student.logit_soft_cap,
+                          teacher_soft_cap=teacher.logit_soft_cap)
+
+
 def relative_squared_error(output: jax.Array, target: jax.Array, real: jax.Array) -> jax.Array:
     """sum |output - target|^2 / sum |target|^2 over the real tokens (float32 scalar): a fit
     independent of the outputs' scale. output, target [B, T, D] (any float dtype), real [B, T] bool."""

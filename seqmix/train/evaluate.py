@@ -1,4 +1,4 @@
-"""Held-out loss and perplexity."""
+"""Held-out loss and perplexity, and the KL from a reference model (a linearized student's teacher)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from seqmix.layers.partitioning import using_rules
+from seqmix.models.lm import LanguageModel
+from seqmix.train.distillation import model_kl_sum
 from seqmix.train.inputs import Corpus, eval_iterator
 from seqmix.train.run_loader import LoadedRun
 from seqmix.train.sharding import batch_sharding
@@ -47,3 +49,17 @@ def run_held_out_loss(run: LoadedRun, corpus: Corpus) -> dict[str, float]:
                                     config.compute_dtype, config.loss_chunk_tokens, mlm)
         return held_out_loss(step, state, eval_iterator(config.data, corpus), batch_sharding(run.mesh),
                              config.eval_batches)
+
+
+def held_out_kl(model: LanguageModel, reference: LanguageModel, batches, max_batches: int) -> dict[str, float]:
+    """{"kl": mean KL(p_reference || p_model) of the next-token distributions, nats per real token;
+    "tokens": how many} over up to `max_batches` held-out batches (dicts of [B, T] "inputs",
+    "segment_ids", "positions"). Where held-out loss says how well each model predicts the text,
+    this says how closely the model predicts as the reference does: 0 for the reference itself."""
+    total, count = 0.0, 0.0
+    for batch in itertools.islice(batches, max_batches):
+        kl_sum, tokens = model_kl_sum(model, reference, batch)
+        total, count = total + float(kl_sum), count + float(tokens)
+    if count == 0:
+        raise ValueError("the held-out set produced no tokens to evaluate")
+    return {"kl": total / count, "tokens": count}

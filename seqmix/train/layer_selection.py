@@ -11,26 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import numpy as np
-from flax import nnx
 
 from seqmix.configuration import ConfigError
 from seqmix.models.config import ModelConfig
 from seqmix.models.linearize import linearize
 from seqmix.models.lm import LanguageModel
-from seqmix.train.distillation import chunked_kl_sum
-
-# Tokens per block of the KL (as `loss_chunk_tokens`): no [B, T, vocab] logits of a large
-# vocabulary exist whole, for either model.
-KL_CHUNK_TOKENS = 2048
-
-
-@nnx.jit
-def _kl_sum(student: LanguageModel, teacher: LanguageModel, batch: dict) -> tuple:
-    inputs = dict(segment_ids=batch["segment_ids"], positions=batch["positions"])
-    return chunked_kl_sum(student.features(batch["inputs"], **inputs), student.head_kernel(),
-                          teacher.features(batch["inputs"], **inputs), teacher.head_kernel(), batch["segment_ids"] != 0,
-                          chunk_tokens=KL_CHUNK_TOKENS, soft_cap=student.logit_soft_cap,
-                          teacher_soft_cap=teacher.logit_soft_cap)
+from seqmix.train.distillation import model_kl_sum
 
 
 def linearization_kl(teacher: LanguageModel, config: ModelConfig, method: str,
@@ -45,7 +31,7 @@ def linearization_kl(teacher: LanguageModel, config: ModelConfig, method: str,
         student, _ = linearize(teacher, config, method, keep=[index for index in attention if index != layer])
         total = count = 0.0
         for batch in batches:
-            kl, tokens = _kl_sum(student, teacher, batch)
+            kl, tokens = model_kl_sum(student, teacher, batch)
             total, count = total + float(kl), count + float(tokens)
         scores[layer] = total / count
     return scores

@@ -53,6 +53,13 @@ def test_linearize_trains_the_adapters_of_the_converted_model_only(tmp_path, cap
     assert re.fullmatch(rf"agreement with {tmp_path / 'teacher'} over 4 held-out prompts of 64 tokens: the first 32 "
                         r"generated tokens identical in \d+\.\d% of them; common prefix \d+\.\d tokens on average\n",
                         capsys.readouterr().out)
+    # And by how closely it predicts as its teacher does: KL from the teacher, and 0 from itself.
+    assert main(["eval", str(run), "--kl"]) == 0
+    from_teacher = re.fullmatch(rf"KL\({tmp_path / 'teacher'} \|\| the run's model\) over (\d+) held-out tokens: "
+                                r"(\S+) nats/token\n", capsys.readouterr().out)
+    assert from_teacher and int(from_teacher[1]) > 0 and float(from_teacher[2]) > 0, from_teacher
+    assert main(["eval", str(run), "--kl", str(run)]) == 0
+    assert capsys.readouterr().out.endswith(" held-out tokens: 0 nats/token\n")
     assert main(["eval", str(run), "--needle", "100", "--trials", "3"]) == 0
     assert re.fullmatch(r"needle \(pass key\) retrieval, 3 trials per length: 100 tokens \d+\.\d%\n",
                         capsys.readouterr().out)

@@ -176,6 +176,8 @@ def test_cli_generate_eval_and_errors(tmp_path, corpus, capsys):
                      r"\d+\.\d GiB, more than the \d+\.\d GiB free on cpu", capsys.readouterr().err)
     assert main(["eval", str(tmp_path), "--batches", "2"]) == 0
     assert "held-out loss" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path), "--kl"]) == 2  # trained from scratch: no teacher to default to
+    assert "--kl: name the reference model (the run has no init_from to default to)" in capsys.readouterr().err
     task = tmp_path / "task.jsonl"
     task.write_text('{"context": "KING HENRY", "choices": [":", " V."], "gold": 0}\n')
     assert main(["eval", str(tmp_path), "--choices", str(task)]) == 0
