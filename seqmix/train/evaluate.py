@@ -25,16 +25,23 @@ def to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> di
             for key, value in local_batch.items()}
 
 
+def _per_token(sums, batches, max_batches: int) -> tuple[float, float]:
+    """(mean per token, tokens) of `sums(index, batch) -> (sum over its tokens, tokens)` over up to
+    `max_batches` batches."""
+    total, count = 0.0, 0.0
+    for index, batch in enumerate(itertools.islice(batches, max_batches)):
+        batch_sum, tokens = sums(index, batch)
+        total, count = total + float(batch_sum), count + float(tokens)
+    if count == 0:
+        raise ValueError("the held-out set produced no tokens to evaluate")
+    return total / count, count
+
+
 def held_out_loss(eval_step, state, batches, sharding: NamedSharding, max_batches: int) -> dict[str, float]:
     """Mean token cross-entropy (nats) and perplexity over up to `max_batches` batches (each
     given to eval_step with its index: an MLM run's fixed masking)."""
-    total, count = 0.0, 0.0
-    for index, batch in enumerate(itertools.islice(batches, max_batches)):
-        loss_sum, tokens = eval_step(state, to_global(batch, sharding), index)
-        total, count = total + float(loss_sum), count + float(tokens)
-    if count == 0:
-        raise ValueError("the held-out set produced no tokens to evaluate")
-    loss = total / count
+    loss, count = _per_token(lambda index, batch: eval_step(state, to_global(batch, sharding), index), batches,
+                             max_batches)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_tokens": count}
 
 
@@ -56,10 +63,5 @@ def held_out_kl(model: LanguageModel, reference: LanguageModel, batches, max_bat
     "tokens": how many} over up to `max_batches` held-out batches (dicts of [B, T] "inputs",
     "segment_ids", "positions"). Where held-out loss says how well each model predicts the text,
     this says how closely the model predicts as the reference does: 0 for the reference itself."""
-    total, count = 0.0, 0.0
-    for batch in itertools.islice(batches, max_batches):
-        kl_sum, tokens = model_kl_sum(model, reference, batch)
-        total, count = total + float(kl_sum), count + float(tokens)
-    if count == 0:
-        raise ValueError("the held-out set produced no tokens to evaluate")
-    return {"kl": total / count, "tokens": count}
+    kl, count = _per_token(lambda _, batch: model_kl_sum(model, reference, batch), batches, max_batches)
+    return {"kl": kl, "tokens": count}
