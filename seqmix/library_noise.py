@@ -6,7 +6,10 @@ one line in which seqmix names the step, the directory and the cause. The comman
 them unless `--verbose` is given: the loggers of those libraries report only CRITICAL, and a
 traceback printed for an exception raised and caught nowhere in seqmix's own code (an orbax
 thread, an orphaned asyncio task, a closed event loop's callback) is dropped. A traceback through
-seqmix's code is always printed.
+seqmix's code is always printed. The garbage collector's warning "coroutine '...' was never
+awaited", for an orbax coroutine whose event loop closed before it ran, is dropped too (it may come
+at any point up to the interpreter's exit, after seqmix's own line); seqmix defines no coroutine, so
+every such warning is a library's.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import sys
 import threading
 import traceback
+import warnings
 from pathlib import Path
 
 NOISY_LOGGERS = ("absl", "asyncio", "orbax", "tensorstore")
@@ -35,6 +39,7 @@ def keep_library_noise_out() -> None:
     """Installs the filters described above, for the rest of the process."""
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
     print_uncaught, print_thread_error, print_unraisable = sys.excepthook, threading.excepthook, sys.unraisablehook
 
     def uncaught(kind, error, trace):
