@@ -234,23 +234,22 @@ def sweep_backward(block_backward, inputs, residuals, d_out, d_final, length: in
     return tuple(map(_joined, grads)), d_state0
 
 
-def scan_tokens(recurrence, inputs, starts, state, chunk: int):
-    """recurrence(*token, start, state) -> (out, state) run token by token over inputs [B,T,H,...],
-    T a multiple of `chunk`, start [B] bool: a segment starts at this token, where the recurrence
-    resets its state (per token, on the token's own vectors: a select over whole inputs before the
-    scan would be one more pass over each array). Returns (out [B,T,H,V], the final state, the state
-    entering each chunk-long span [T/chunk, ...] for a backward pass to start from)."""
+def scan_tokens(token_step, inputs, state, chunk: int):
+    """token_step(*token, state) -> (out, state) run token by token over inputs [B,T,H,...], T a
+    multiple of `chunk`. Returns (out [B,T,H,V], the final state, the state entering each
+    chunk-long span [T/chunk, ...] for a backward pass to start from). Resets at segment starts are
+    the caller's: a decay of 0 in the token's inputs, selected before the scan or per token."""
 
-    def token_step(state, token):
-        out, state = recurrence(*token, state)
+    def step(state, token):
+        out, state = token_step(*token, state)
         return state, out
 
     def chunk_step(state, tokens):
-        outgoing, out = lax.scan(token_step, state, tokens)
+        outgoing, out = lax.scan(step, state, tokens)
         return outgoing, (out, state)
 
     by_chunk = lambda x: jnp.swapaxes(x, 0, 1).reshape((x.shape[1] // chunk, chunk, x.shape[0]) + x.shape[2:])
-    final, (out, incoming) = lax.scan(chunk_step, state, tuple(map(by_chunk, (*inputs, starts))))
+    final, (out, incoming) = lax.scan(chunk_step, state, tuple(map(by_chunk, inputs)))
     return jnp.swapaxes(out.reshape((-1,) + out.shape[2:]), 0, 1), final, incoming
 
 

@@ -213,7 +213,7 @@ def _token_scan(q, k, v, a, b, log_g, starts, state0, chunk):
         reset = start[:, None, None]
         return recurrence(q, k, v, jnp.where(reset, 0.0, a), b, jnp.where(reset, -jnp.inf, log_g), state)
 
-    return chunked.scan_tokens(token_step, (q, k, v, a, b, log_g), starts, state0, chunk)
+    return chunked.scan_tokens(token_step, (q, k, v, a, b, log_g, starts), state0, chunk)
 
 
 _swept = chunked.swept(_forward, _backward, LONGEST_CHUNK, token_scan=_token_scan)
