@@ -118,7 +118,7 @@ def _token_scan(q, k, v, beta, log_gate, starts, state0, chunk):
     product, and the update S_t = e S + k u^T is the second pass. Everything that does not read the
     state (e, the two readers, q.k) is computed for all tokens before the scan. At T = 4k, B x H = 4,
     K = V = 64, side by side with `step.recurrence` scanned: the op's forward in 0.56-0.89x the time
-    (KDA and the gated delta rule), its fwd+bwd in 0.83-0.97x. (DPLR's recurrence already passes
+    (KDA and the gated delta rule), its fwd+bwd in 0.81-0.97x in most rounds. (DPLR's recurrence already passes
     three times, and the same rewrite left its time unchanged.)"""
     decay = jnp.exp(jnp.where(starts[..., None, None], -jnp.inf, log_gate))  # [B,T,H,W]
     readers = jnp.stack([k * decay, q * decay], axis=-2)  # [B,T,H,2,K]
