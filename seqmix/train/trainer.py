@@ -214,10 +214,15 @@ class Trainer:
                             f"do not fill one batch of {config.data.batch_size} rows of {config.data.seq_len} "
                             "tokens; give more held-out text or a smaller data.batch_size or data.seq_len")
         metrics = self.out_dir / "metrics.jsonl"
-        if resume and existing is None and metrics.is_file() and read_metrics(metrics):
-            raise ConfigError(f"--resume: {self.out_dir} holds the metrics of an earlier run but no checkpoint in "
-                              f"{self.checkpointer.directory} (deleted?), so nothing to resume from; remove "
-                              "metrics.jsonl to start afresh there, or choose another out_dir")
+        records = read_metrics(metrics) if resume and existing is None and metrics.is_file() else []
+        if records:
+            # Both causes leave the same files: a run stopped at once (a second stop request, a kill)
+            # before its first checkpoint, and checkpoints deleted since.
+            raise ConfigError(f"--resume: {self.out_dir} holds the metrics of an earlier run (to step "
+                              f"{records[-1]['step']}) but no checkpoint in {self.checkpointer.directory}: it "
+                              f"stopped before its first checkpoint (every {config.checkpoint.every_steps} steps), "
+                              "or its checkpoints were deleted. Nothing to resume from; remove metrics.jsonl to "
+                              "start afresh there, or choose another out_dir")
 
     def _start_run_files(self, last_step: int) -> tuple[Progress, float]:
         """Writes config.yaml, opens the metrics (process 0 alone writes the run's files), prints

@@ -69,7 +69,9 @@ def test_deleted_checkpoints_under_old_metrics_are_reported_not_restarted_over(t
     metrics = (run / "metrics.jsonl").read_text()
     code, err = resume(run, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert f"--resume: {run} holds the metrics of an earlier run but no checkpoint" in err
+    assert (f"--resume: {run} holds the metrics of an earlier run (to step 4) but no checkpoint in "
+            f"{run / 'checkpoints'}: it stopped before its first checkpoint (every 2 steps), or its checkpoints "
+            "were deleted") in err
     assert (run / "metrics.jsonl").read_text() == metrics
 
 
