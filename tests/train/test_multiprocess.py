@@ -151,6 +151,13 @@ def test_a_second_stop_request_exits_at_once_without_a_checkpoint(tmp_path):
     assert f"second stop request ({second.name}): exiting now without a checkpoint" in output, output[-3000:]
     assert "Traceback" not in output and "stopped by signal" not in output, output[-3000:]
     assert Checkpointer(run / "checkpoints").latest_step() is None
+    # Resuming it is refused before any step: its metrics stay, and the error says why none was saved.
+    metrics = (run / "metrics.jsonl").read_text()
+    [(code, output)] = finish([start(run, 0, 0, "steps=100000", processes=1, devices=1, options=("--resume",))])
+    assert code == 2 and "Traceback" not in output, output[-3000:]
+    assert re.search(rf"holds the metrics of an earlier run \(to step \d+\) but no checkpoint in {re.escape(str(run))}"
+                     r"/checkpoints: it stopped before its first checkpoint \(every 100000 steps\)", output), output
+    assert (run / "metrics.jsonl").read_text() == metrics
 
 
 @pytest.mark.faults
