@@ -16,7 +16,7 @@ from seqmix.configuration import ConfigError
 from seqmix.models.config import ModelConfig
 from seqmix.models.linearize import linearize
 from seqmix.models.lm import LanguageModel
-from seqmix.train.distillation import model_kl_sum
+from seqmix.train.evaluate import held_out_kl
 
 
 def linearization_kl(teacher: LanguageModel, config: ModelConfig, method: str,
@@ -29,11 +29,7 @@ def linearization_kl(teacher: LanguageModel, config: ModelConfig, method: str,
     scores = {}
     for layer in attention:
         student, _ = linearize(teacher, config, method, keep=[index for index in attention if index != layer])
-        total = count = 0.0
-        for batch in batches:
-            kl, tokens = model_kl_sum(student, teacher, batch)
-            total, count = total + float(kl), count + float(tokens)
-        scores[layer] = total / count
+        scores[layer] = held_out_kl(student, teacher, batches, len(batches))["kl"]
     return scores
 
 
