@@ -12,15 +12,17 @@ from seqmix.train.state import create_train_state
 from seqmix.train.step import make_train_step
 
 
-def stock_training(model: ModelConfig, *, steps: int, lr: float, warmup_steps: int, seed: int = 0):
+def stock_training(model: ModelConfig, *, steps: int, lr: float, warmup_steps: int, seed: int = 0,
+                   remat: bool = False):
     """(step, train_state) for training `model` from scratch (its weights from `seed`) for `steps`
     steps on the first device: AdamW (b2 0.999, weight decay 0.1 on matrices and embeddings), no
     gradient clipping, `warmup_steps` of linear warmup to `lr`, then a cosine decay to 0 (warmup
-    0: a constant `lr`). step(train_state.state, batch, None) -> (state, metrics) is jitted with
-    the state donated; batch: `as_batch`'s."""
+    0: a constant `lr`), the blocks rematerialised with `remat` (the run's option).
+    step(train_state.state, batch, None) -> (state, metrics) is jitted with the state donated;
+    batch: `as_batch`'s."""
     optim = OptimConfig(lr=lr, b2=0.999, grad_clip=0.0, warmup_steps=warmup_steps, min_lr_ratio=0.0,
                         schedule="cosine" if warmup_steps else "constant")
-    config = TrainConfig(model=model, optim=optim, steps=steps, seed=seed)
+    config = TrainConfig(model=model, optim=optim, steps=steps, seed=seed, remat=remat)
     mesh = make_mesh(config.mesh, jax.devices()[:1])
     train_state = create_train_state(config, mesh)
     return make_train_step(train_state, mesh, config.compute_dtype), train_state

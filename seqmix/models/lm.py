@@ -99,14 +99,28 @@ def soft_capped(logits: jax.Array, cap: float | None) -> jax.Array:
     return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
+def _block_output(layer: Block, x, segment_ids, positions):
+    """A block's output [B, T, D] in the training forward (no cache)."""
+    return layer(x, segment_ids=segment_ids, positions=positions)[0]
+
+
+# The same, with the block's activations recomputed from its input in the backward pass instead of
+# kept from the forward: a differentiated forward holds one [B, T, D] input per block, and the
+# activations of one block at a time, at the cost of running each block's forward twice.
+_rematerialised_block_output = nnx.remat(_block_output)
+
+
 class LanguageModel(nnx.Module):
     """tokens [B, T] int32 -> logits [B, T, vocab_size] float32.
 
     Parameters are float32; the model computes in the dtype of its parameters, so the trainer
     gets bfloat16 compute by casting a copy of them (see `seqmix.train.trainer`).
+    remat: the training forward rematerialises each block (`_rematerialised_block_output`): less
+    memory under a backward pass, the same values and gradients.
     """
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, remat: bool = False):
+        self.remat = remat
         self.embedding_multiplier, self.logit_multiplier = config.embedding_multiplier, config.logit_multiplier
         self.logit_soft_cap = config.logit_soft_cap
         self.embed_tokens = nnx.Embed(
@@ -154,10 +168,10 @@ class LanguageModel(nnx.Module):
         positions = _default_positions(segment_ids, positions)
         # Between blocks the hidden states are split like the batch (rows, and the length over a
         # sequence axis), whatever the layout of the weights each block meets.
+        block_output = _rematerialised_block_output if self.remat else _block_output
         x, outputs = constrained(self._embed(tokens), "batch", "length", None), []
         for layer in self.layers:
-            x, _ = layer(x, segment_ids=segment_ids, positions=positions)
-            x = constrained(x, "batch", "length", None)
+            x = constrained(block_output(layer, x, segment_ids, positions), "batch", "length", None)
             outputs.append(x)
         return outputs
 

@@ -223,6 +223,10 @@ class TrainConfig:
     compute_dtype: Literal["float32", "bfloat16"] = "float32"  # parameters stay float32
     # > 0: the loss over blocks of this many tokens, never the whole [B, T, vocab] logits (large vocabularies)
     loss_chunk_tokens: int = 0
+    # true: each block's activations recomputed in the backward pass instead of kept (`LanguageModel`'s
+    # remat): a train step's memory falls to about the blocks' inputs plus one block's work, for a
+    # second forward pass of every block
+    remat: bool = False
     # A Hugging Face checkpoint directory whose weights start the run (matched to the model by name);
     # without a `model`, the run's model is the checkpoint's
     init_from: str | None = None

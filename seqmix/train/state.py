@@ -61,9 +61,10 @@ def trainable_filter(config: TrainConfig) -> nnx.filterlib.Filter:
 
 
 def run_model(config: TrainConfig) -> LanguageModel:
-    """The model a run trains: `config.model` with the run's LoRA adapters, initialised from config.seed."""
+    """The model a run trains: `config.model` with the run's LoRA adapters, initialised from config.seed,
+    its blocks rematerialised under `config.remat`."""
     rngs = nnx.Rngs(config.seed)
-    model = LanguageModel(config.model, rngs=rngs)
+    model = LanguageModel(config.model, rngs=rngs, remat=config.remat)
     if config.lora is not None:
         add_lora(model, targets=config.lora.targets, rank=config.lora.rank, alpha=config.lora.alpha, rngs=rngs)
     return model

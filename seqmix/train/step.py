@@ -34,7 +34,11 @@ def _batch_loss(model_graphdef, params, rest, batch, compute_dtype, loss_chunk_t
         params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
         # Frozen weights (LoRA's base) compute in it too.
         rest = jax.tree.map(lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, rest)
-    model = nnx.merge(model_graphdef, params, rest)
+    # copy: the frozen weights' Variables in `rest` were made outside the gradient's trace, and a
+    # rematerialised block (the run's `remat`) writes its Variables back after recomputing them,
+    # which flax refuses for a Variable of another trace level ("Cannot mutate Param from a
+    # different trace level", found with LoRA and remat together).
+    model = nnx.merge(model_graphdef, params, rest, copy=True)
     scored = batch["segment_ids"] != 0
     if "loss_mask" in batch:  # the pipeline's: instructions score their responses only
         scored &= batch["loss_mask"] != 0

@@ -125,6 +125,35 @@ def test_sampling_respects_temperature_and_top_p():
     assert np.array_equal(*same)
 
 
+def test_remat_keeps_the_loss_the_auxiliary_losses_and_the_gradients():
+    """A rematerialised model (the run's `remat`) computes what the plain one does, a mixture of
+    experts' sown load-balancing loss included, on a packed row with padding; its forward holds
+    one checkpoint per block, which makes the backward pass recompute the block."""
+    options = {"d_model": 32, "n_layers": 2, "n_heads": 4, "mlp_hidden": 64, "layer_pattern": ["gated_deltanet", "attention"],
+               "moe": {"num_experts": 4, "top_k": 2, "expert_hidden": 16, "load_balance_weight": 0.01}}
+    config = build(ModelConfig, options, "model")
+    tokens = jax.random.randint(jax.random.key(4), (2, 24), 0, 256)
+    segment_ids = jnp.array([[1] * 10 + [2] * 11 + [0] * 3, [1] * 24])
+
+    def loss(model):
+        logits, sown = nnx.capture(model, nnx.Intermediate)(tokens, segment_ids=segment_ids)
+        aux = sum(jnp.sum(value) for value in jax.tree.leaves(sown))
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0]) + aux, aux
+
+    results = {}
+    for remat in (False, True):
+        model = LanguageModel(config, rngs=nnx.Rngs(0), remat=remat)
+        results[remat] = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
+        jaxpr = jax.make_jaxpr(lambda state: loss(nnx.merge(nnx.graphdef(model), state)))(nnx.state(model))
+        checkpoints = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "remat2"]  # jax.checkpoint's primitive
+        assert len(checkpoints) == (config.n_layers if remat else 0)
+    ((plain_loss, plain_aux), plain_grads), ((loss_value, aux), grads) = results[False], results[True]
+    assert float(plain_aux) > 0 and float(aux) == pytest.approx(float(plain_aux), rel=1e-6)
+    assert float(loss_value) == pytest.approx(float(plain_loss), rel=1e-6)
+    for plain_grad, grad in zip(jax.tree.leaves(plain_grads), jax.tree.leaves(grads), strict=True):
+        assert rel_err(grad, plain_grad) < 1e-5
+
+
 def test_post_norm_layers_normalise_what_they_add_and_pre_norm_layers_what_they_read():
     """OLMo-hybrid's layout: a pre-norm linear layer, then a post-norm attention layer whose
     mixer reads the raw residual stream, x + norm(attention(x)), then + norm(MLP(.)), every norm

@@ -2,6 +2,7 @@
 nothing allocated, trained or written, and XLA's bytes per device reported."""
 
 import math
+import re
 from pathlib import Path
 
 import jax
@@ -27,6 +28,20 @@ def test_compile_only_reports_memory_per_device_and_runs_nothing(tmp_path, capsy
     assert "compiled the train step for mesh data=2 x fsdp=4 x expert=1 x tensor=1 x sequence=1 (8 devices)" in out
     assert "per device: arguments" in out and "peak" in out
     assert not run.exists()
+
+
+def test_remat_cuts_the_train_steps_temporaries_to_under_half(tmp_path, capsys):
+    """`remat=true`, as a user asks for it: each block's activations are recomputed in the backward
+    pass, so the step keeps the blocks' inputs instead of their activations. At 4 layers of
+    attention over 256 tokens the activations are most of the temporaries (measured: 3.5x fewer
+    bytes at 512 tokens)."""
+    def temporaries(remat):
+        assert main(["train", "configs/runs/smoke.yaml", "mesh.data=8", "data.seq_len=256", "model.n_layers=4",
+                     f"remat={remat}", f"out_dir={tmp_path / remat}", "--compile-only"]) == 0
+        return float(re.search(r"temporaries ([\d.,]+) MiB", capsys.readouterr().out).group(1).replace(",", ""))
+
+    plain, rematerialised = temporaries("false"), temporaries("true")
+    assert rematerialised < 0.5 * plain, (rematerialised, plain)
 
 
 def test_fsdp_holds_a_quarter_of_the_state_per_device():

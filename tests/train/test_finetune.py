@@ -126,11 +126,12 @@ def test_falcon_h1_fine_tunes_and_samples_through_the_cli(tmp_path):
 
 def test_kimi_linear_fine_tunes_and_samples_through_the_cli(tmp_path):
     """As a process: `seqmix train` on Kimi Linear (KDA, MLA without positions, experts with
-    sigmoid routing, expert groups and shared experts), whose end-of-run sample decodes through
+    sigmoid routing, expert groups and shared experts), its blocks rematerialised (`remat=true`,
+    as a fine-tune of the full-size model would need), whose end-of-run sample decodes through
     the caches."""
     env = cli_env()
     train = subprocess.run([sys.executable, "-m", "seqmix.cli", "train", FINETUNE,
-                            *finetune_overrides(tmp_path, "kimi_linear")],
+                            *finetune_overrides(tmp_path, "kimi_linear"), "remat=true"],
                            env=env, capture_output=True, text=True, timeout=600)
     assert train.returncode == 0, train.stdout + train.stderr
     assert_the_loss_falls(tmp_path / "run")
