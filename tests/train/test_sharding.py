@@ -37,6 +37,7 @@ MODELS = {
     "gla": ["model.n_layers=1", "model.layer_pattern=[gla]", "model.mixers={}"],
     "gated_deltanet_hybrid": ["model.n_layers=2", "model.mixers={}", "model.layer_pattern=[gated_deltanet, attention]"],
 }
+MODELS["gated_deltanet_hybrid_remat"] = MODELS["gated_deltanet_hybrid"] + ["remat=true"]
 # A mixture of experts behind the attention layer: expert parallelism has a test of its own.
 MOE_MODEL = MODELS["attention"] + ["model.moe={num_experts: 4, top_k: 2, expert_hidden: 32, shared_hidden: 16}"]
 OVERRIDES = RUN + MODELS["attention"]
@@ -294,6 +295,15 @@ def test_train_step_matches_single_device(model, shape):
     result = setup.step(shape)
     assert float(result[2]["tokens"]) == float((segment_ids != 0).sum())
     _assert_same_step(result, reference)
+
+
+def test_a_rematerialised_step_split_over_the_sequence_matches_the_plain_step_on_one_device():
+    """`remat=true` recomputes each block in the backward pass, here with the delta-rule scan's
+    LASP-2 exchange of states across the sequence shards inside it: breaks if a recomputed block
+    differs from the forward it replaces on such a mesh."""
+    remat = setup_for("gated_deltanet_hybrid_remat")
+    assert remat.config.remat and not setup_for("gated_deltanet_hybrid").config.remat
+    _assert_same_step(remat.step((1, 2, 1, 4)), setup_for("gated_deltanet_hybrid").step((1, 1, 1, 1)))
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 1, 1, 4), (1, 2, 2, 1, 2)], ids=lambda s: "x".join(map(str, s)))
