@@ -24,6 +24,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax import lax
 
 from seqmix.configuration import require
 from seqmix.layers.linear import projection
@@ -31,6 +32,7 @@ from seqmix.layers.norms import RMSNorm
 from seqmix.layers.partitioning import constrained
 from seqmix.layers.rotary import apply_rotary, row_positions
 from seqmix.mixers.registry import register_mixer
+from seqmix.pallas_kernels.sequence_parallel import splits_sequence
 
 
 QKNorm = Literal["head", "projection"]
@@ -108,6 +110,70 @@ def softmax_attention(q, k, v, mask, scale):
     weights = jax.nn.softmax(grouped_logits(q, k, mask, scale), axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", weights, v, preferred_element_type=jnp.float32)
     return out.reshape(q.shape[:-1] + v.shape[-1:]).astype(q.dtype)
+
+
+# Query and key blocks of `blockwise_attention`, and the shortest sequence that takes it: on this
+# 2-core CPU (fwd+bwd, B = 2, H = 4, D = 32, against `softmax_attention` under the same mask) global
+# causal attention took 1.1-1.3x the time at T = 512, 0.7-1.05x at 1k, 0.75x at 2k and 0.5x at 4k,
+# with 8x to 17x fewer temporary bytes; a 512-token window 0.6x at 1k and 0.1x at 4k.
+ATTENTION_BLOCK = 256
+BLOCKWISE_FROM = 4 * ATTENTION_BLOCK
+
+
+def blockwise_attention(q, k, v, segment_ids, scale, *, window=None, causal=True, block=ATTENTION_BLOCK):
+    """`softmax_attention` of a whole sequence under `attention_mask`'s mask, never holding the
+    [T, T] logits: queries in blocks of `block` tokens, each reading the key blocks it can see with
+    an online softmax (running maximum and sum, rescaled per key block), and recomputed in the
+    backward pass (`jax.checkpoint`), so a differentiated call holds O(T) bytes. A window reads only
+    the ceil(W / block) + 1 key blocks that can hold its keys: O(T W) work instead of O(T^2).
+
+    q [B, T, H, D], k [B, T, H_kv, D], v [B, T, H_kv, Dv] (grouped heads as `softmax_attention`);
+    segment_ids [B, T] (0 = padding) or None. Returns [B, T, H, Dv] in q's dtype; a query that sees
+    no key (padding) gets 0 where `softmax_attention` averages every value (nothing reads either).
+    Not for a window without causality (each token would read keys at any distance ahead).
+    """
+    batch, length, heads, dim = q.shape
+    kv_heads, value_dim = k.shape[2], v.shape[-1]
+    padded = -(-length // block) * block
+    segments = jnp.ones((batch, length), jnp.int32) if segment_ids is None else segment_ids
+    pad = lambda a: jnp.pad(a, [(0, 0), (0, padded - length)] + [(0, 0)] * (a.ndim - 2))
+    q, k, v, segments = pad(q), pad(k), pad(v), pad(segments)  # padding: segment 0, which no query sees
+    blocks = padded // block
+    key_blocks = blocks if window is None else min(blocks, -(-window // block) + 1)
+    grouped = q.reshape(batch, blocks, block, kv_heads, heads // kv_heads, dim)
+    offsets = jnp.arange(block, dtype=jnp.int32)
+
+    @jax.checkpoint
+    def query_block(index):
+        queries = grouped[:, index]  # [B, block, H_kv, G, D]
+        q_index = jnp.broadcast_to(index * block + offsets, (batch, block))
+        q_segment = lax.dynamic_slice_in_dim(segments, index * block, block, axis=1)
+        first = 0 if window is None else jnp.maximum(index - key_blocks + 1, 0)
+
+        def read_key_block(carry, step):
+            peak, total, out = carry
+            start = (first + step) * block
+            keys, values, k_segment = (lax.dynamic_slice_in_dim(a, start, block, axis=1) for a in (k, v, segments))
+            mask = attention_mask(q_index, jnp.broadcast_to(start + offsets, (batch, block)), q_segment=q_segment,
+                                  k_segment=k_segment, window=window, causal=causal)
+            logits = jnp.einsum("btkgd,bskd->bkgts", queries, keys, preferred_element_type=jnp.float32) * scale
+            logits = jnp.where(mask[:, None, None], logits, -jnp.inf)
+            new_peak = jnp.maximum(peak, jnp.max(logits, axis=-1))
+            shift = jnp.where(jnp.isfinite(new_peak), new_peak, 0.0)  # no key seen yet: exp(-inf) = 0 below
+            weights = jnp.exp(logits - shift[..., None])
+            rescale = jnp.exp(peak - shift)
+            out = out * rescale[..., None] + jnp.einsum("bkgts,bskd->bkgtd", weights.astype(v.dtype), values,
+                                                        preferred_element_type=jnp.float32)
+            return (new_peak, total * rescale + jnp.sum(weights, axis=-1), out), None
+
+        shape = (batch, kv_heads, heads // kv_heads, block)
+        start = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros(shape + (value_dim,)))
+        (_, total, out), _ = lax.scan(read_key_block, start, jnp.arange(key_blocks))
+        out = out / jnp.where(total > 0, total, 1.0)[..., None]  # [B, H_kv, G, block, Dv]
+        return jnp.moveaxis(out, 3, 1).reshape(batch, block, heads, value_dim).astype(q.dtype)
+
+    out = lax.map(query_block, jnp.arange(blocks))  # [blocks, B, block, H, Dv]
+    return jnp.moveaxis(out, 0, 1).reshape(batch, padded, heads, value_dim)[:, :length]
 
 
 def grouped_logits(q, k, mask, scale):
@@ -238,6 +304,11 @@ class Attention(nnx.Module):
         batch, length = q.shape[:2]
         scale = self.head_dim ** -0.5
         if cache is None:
+            if (length >= BLOCKWISE_FROM and (self.causal or self.window is None)
+                    and not splits_sequence(jax.sharding.get_abstract_mesh(), length)):
+                # Long sequences in blocks (faster here, O(T) memory); a sequence split over devices
+                # stays whole, for XLA to partition.
+                return blockwise_attention(q, k, v, segment_ids, scale, window=self.window, causal=self.causal), None
             index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
             mask = attention_mask(index, index, q_segment=segment_ids, k_segment=segment_ids, window=self.window,
                                   causal=self.causal)

@@ -8,7 +8,9 @@ from flax import nnx
 
 from seqmix.configuration import build
 from seqmix.layers.rotary import apply_rotary
-from seqmix.mixers.attention import Attention, AttentionConfig
+from seqmix.mixers import attention
+from seqmix.mixers.attention import (Attention, AttentionConfig, attention_mask, blockwise_attention,
+                                     softmax_attention)
 from seqmix.models.config import ModelConfig
 
 
@@ -75,6 +77,56 @@ def test_packed_attention_matches_direct_implementation(window, causal):
     if not causal:
         with pytest.raises(ValueError, match="causal: false is not causal"):
             layer.init_cache(2, 13, jnp.float32)
+
+
+@pytest.mark.parametrize("window, causal", [(None, True), (5, True), (20, True), (None, False)])
+def test_blockwise_attention_matches_the_dense_form_with_its_gradients(window, causal):
+    """Blocks of 8 over 45 tokens (not a multiple of 8), grouped heads (4 query heads on 2 kv
+    heads), packed segments with padding inside and at the end of a row, windows shorter and
+    longer than a block: outputs and the gradients of q, k and v equal `softmax_attention`'s on the
+    real tokens, and a padding query, which sees no key, gets 0."""
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, 45, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, 45, 2, 8)), jnp.float32) for _ in range(2))
+    segment_ids = jnp.asarray([[1] * 12 + [0] * 3 + [2] * 25 + [0] * 5, [1] * 45], jnp.int32)
+    index = jnp.broadcast_to(jnp.arange(45, dtype=jnp.int32), (2, 45))
+    mask = attention_mask(index, index, q_segment=segment_ids, k_segment=segment_ids, window=window, causal=causal)
+    real = np.asarray(segment_ids != 0)
+    weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32) * real[..., None, None]
+    forms = {"dense": lambda q, k, v: softmax_attention(q, k, v, mask, 8**-0.5),
+             "blocks": lambda q, k, v: blockwise_attention(q, k, v, segment_ids, 8**-0.5, window=window,
+                                                           causal=causal, block=8)}
+    outputs = {name: jax.jit(form)(q, k, v) for name, form in forms.items()}
+    grads = {name: jax.jit(jax.grad(lambda q, k, v: jnp.sum(form(q, k, v) * weights), argnums=(0, 1, 2)))(q, k, v)
+             for name, form in forms.items()}
+    assert rel_err(np.asarray(outputs["blocks"])[real], np.asarray(outputs["dense"])[real]) < 1e-5
+    assert np.all(np.asarray(outputs["blocks"])[~real] == 0)
+    for blocks, dense in zip(grads["blocks"], grads["dense"], strict=True):
+        assert np.all(np.isfinite(np.asarray(blocks))) and rel_err(blocks, dense) < 1e-5
+
+
+@pytest.mark.parametrize("window", [None, 300])
+def test_long_inputs_take_the_blockwise_form_with_its_memory_and_the_same_output(monkeypatch, window):
+    """From attention.BLOCKWISE_FROM tokens the layer attends in blocks: the same output as the dense
+    form, and its gradient's compiled program keeps under half the temporary bytes."""
+    layer = make_attention(window)
+    x = jax.random.normal(jax.random.key(2), (1, attention.BLOCKWISE_FROM, 32))
+    graphdef, state = nnx.split(layer)
+
+    def compiled(state, x):
+        def loss(state, x):
+            return jnp.sum(nnx.merge(graphdef, state)(x)[0] ** 2)
+        return jax.jit(jax.value_and_grad(loss)).lower(state, x).compile()
+
+    blockwise = compiled(state, x)
+    monkeypatch.setattr(attention, "BLOCKWISE_FROM", 10**9)  # every length dense
+    dense = compiled(state, x)
+    (blockwise_loss, blockwise_grads), (dense_loss, dense_grads) = blockwise(state, x), dense(state, x)
+    assert float(blockwise_loss) == pytest.approx(float(dense_loss), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(blockwise_grads), jax.tree.leaves(dense_grads), strict=True):
+        assert rel_err(a, b) < 1e-4
+    blockwise_bytes, dense_bytes = (c.memory_analysis().temp_size_in_bytes for c in (blockwise, dense))
+    assert blockwise_bytes < 0.5 * dense_bytes, (blockwise_bytes, dense_bytes)
 
 
 def test_packed_rows_do_not_attend_across_segments():
