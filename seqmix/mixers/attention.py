@@ -128,11 +128,14 @@ def blockwise_attention(q, k, v, segment_ids, scale, *, window=None, causal=True
     the ceil(W / block) + 1 key blocks that can hold its keys: O(T W) work instead of O(T^2).
 
     q [B, T, H, D], k [B, T, H_kv, D], v [B, T, H_kv, Dv] (grouped heads as `softmax_attention`);
-    segment_ids [B, T] (0 = padding) or None. Returns [B, T, H, Dv] in q's dtype; a query that sees
-    no key (padding) gets 0 where `softmax_attention` averages every value (nothing reads either).
-    Not for a window without causality (each token would read keys at any distance ahead).
+    segment_ids [B, T] (0 = padding) or None. Returns [B, T, H, Dv] in q's dtype. Masked logits hold
+    float32's finite minimum (`grouped_logits`): keys a row masks count with weight 1 until its first
+    visible key, whose rescaling exp(minimum - peak) = 0 removes them exactly, and a query that sees
+    no key (padding) averages the values of the blocks it read, as `softmax_attention` averages every
+    value (nothing reads either). Not for a window without causality (each token would read keys at
+    any distance ahead).
     """
-    batch, length, heads, dim = q.shape
+    batch, length, heads, _ = q.shape
     kv_heads, value_dim = k.shape[2], v.shape[-1]
     padded = -(-length // block) * block
     segments = jnp.ones((batch, length), jnp.int32) if segment_ids is None else segment_ids
@@ -140,36 +143,33 @@ def blockwise_attention(q, k, v, segment_ids, scale, *, window=None, causal=True
     q, k, v, segments = pad(q), pad(k), pad(v), pad(segments)  # padding: segment 0, which no query sees
     blocks = padded // block
     key_blocks = blocks if window is None else min(blocks, -(-window // block) + 1)
-    grouped = q.reshape(batch, blocks, block, kv_heads, heads // kv_heads, dim)
     offsets = jnp.arange(block, dtype=jnp.int32)
+    in_block = lambda a, start: lax.dynamic_slice_in_dim(a, start, block, axis=1)
 
     @jax.checkpoint
     def query_block(index):
-        queries = grouped[:, index]  # [B, block, H_kv, G, D]
+        queries, q_segment = in_block(q, index * block), in_block(segments, index * block)
         q_index = jnp.broadcast_to(index * block + offsets, (batch, block))
-        q_segment = lax.dynamic_slice_in_dim(segments, index * block, block, axis=1)
         first = 0 if window is None else jnp.maximum(index - key_blocks + 1, 0)
 
         def read_key_block(carry, step):
             peak, total, out = carry
             start = (first + step) * block
-            keys, values, k_segment = (lax.dynamic_slice_in_dim(a, start, block, axis=1) for a in (k, v, segments))
+            k_segment = in_block(segments, start)
             mask = attention_mask(q_index, jnp.broadcast_to(start + offsets, (batch, block)), q_segment=q_segment,
                                   k_segment=k_segment, window=window, causal=causal)
-            logits = jnp.einsum("btkgd,bskd->bkgts", queries, keys, preferred_element_type=jnp.float32) * scale
-            logits = jnp.where(mask[:, None, None], logits, -jnp.inf)
+            logits = grouped_logits(queries, in_block(k, start), mask, scale)  # [B, H_kv, G, block, block]
             new_peak = jnp.maximum(peak, jnp.max(logits, axis=-1))
-            shift = jnp.where(jnp.isfinite(new_peak), new_peak, 0.0)  # no key seen yet: exp(-inf) = 0 below
-            weights = jnp.exp(logits - shift[..., None])
-            rescale = jnp.exp(peak - shift)
-            out = out * rescale[..., None] + jnp.einsum("bkgts,bskd->bkgtd", weights.astype(v.dtype), values,
+            weights = jnp.exp(logits - new_peak[..., None])
+            rescale = jnp.exp(peak - new_peak)
+            out = out * rescale[..., None] + jnp.einsum("bkgts,bskd->bkgtd", weights.astype(v.dtype), in_block(v, start),
                                                         preferred_element_type=jnp.float32)
             return (new_peak, total * rescale + jnp.sum(weights, axis=-1), out), None
 
         shape = (batch, kv_heads, heads // kv_heads, block)
-        start = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros(shape + (value_dim,)))
+        start = (jnp.full(shape, jnp.finfo(jnp.float32).min), jnp.zeros(shape), jnp.zeros(shape + (value_dim,)))
         (_, total, out), _ = lax.scan(read_key_block, start, jnp.arange(key_blocks))
-        out = out / jnp.where(total > 0, total, 1.0)[..., None]  # [B, H_kv, G, block, Dv]
+        out = out / total[..., None]  # [B, H_kv, G, block, Dv]; total >= 1: the peak's own weight
         return jnp.moveaxis(out, 3, 1).reshape(batch, block, heads, value_dim).astype(q.dtype)
 
     out = lax.map(query_block, jnp.arange(blocks))  # [blocks, B, block, H, Dv]
