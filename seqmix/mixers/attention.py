@@ -113,19 +113,22 @@ def softmax_attention(q, k, v, mask, scale):
 
 
 # Query and key blocks of `blockwise_attention`, and the shortest sequence that takes it: on this
-# 2-core CPU (fwd+bwd, B = 2, H = 4, D = 32, against `softmax_attention` under the same mask) global
-# causal attention took 1.1-1.3x the time at T = 512, 0.7-1.05x at 1k, 0.75x at 2k and 0.5x at 4k,
-# with 8x to 17x fewer temporary bytes; a 512-token window 0.6x at 1k and 0.1x at 4k.
+# 2-core CPU (fwd+bwd, B = 2, H = 4 over 2 kv heads, D = 32, packed rows, `benchmarks/attention.py`)
+# global causal attention took 1.08x the time of `softmax_attention` under the same mask at T = 512,
+# 0.73x at 768, 0.50x at 1k and 0.28x at 4k, with a tenth of its temporary bytes at 1k; a
+# 512-token window 0.67x at 768 and 0.11x at 4k.
 ATTENTION_BLOCK = 256
-BLOCKWISE_FROM = 4 * ATTENTION_BLOCK
+BLOCKWISE_FROM = 3 * ATTENTION_BLOCK
 
 
 def blockwise_attention(q, k, v, segment_ids, scale, *, window=None, causal=True, block=ATTENTION_BLOCK):
     """`softmax_attention` of a whole sequence under `attention_mask`'s mask, never holding the
     [T, T] logits: queries in blocks of `block` tokens, each reading the key blocks it can see with
-    an online softmax (running maximum and sum, rescaled per key block), and recomputed in the
-    backward pass (`jax.checkpoint`), so a differentiated call holds O(T) bytes. A window reads only
-    the ceil(W / block) + 1 key blocks that can hold its keys: O(T W) work instead of O(T^2).
+    an online softmax (running maximum and sum, rescaled per key block). The backward pass is
+    written out (flash attention's): it keeps only the output and each query's maximum and sum, and
+    recomputes each block's weights, so a differentiated call holds O(T) bytes. Causal attention
+    skips the key blocks after the query block (half the work), and a window reads only the
+    ceil(W / block) + 1 key blocks that can hold its keys: O(T W) work instead of O(T^2).
 
     q [B, T, H, D], k [B, T, H_kv, D], v [B, T, H_kv, Dv] (grouped heads as `softmax_attention`);
     segment_ids [B, T] (0 = padding) or None. Returns [B, T, H, Dv] in q's dtype. Masked logits hold
@@ -135,45 +138,148 @@ def blockwise_attention(q, k, v, segment_ids, scale, *, window=None, causal=True
     value (nothing reads either). Not for a window without causality (each token would read keys at
     any distance ahead).
     """
-    batch, length, heads, _ = q.shape
-    kv_heads, value_dim = k.shape[2], v.shape[-1]
+    length = q.shape[1]
     padded = -(-length // block) * block
-    segments = jnp.ones((batch, length), jnp.int32) if segment_ids is None else segment_ids
+    segments = jnp.ones(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
     pad = lambda a: jnp.pad(a, [(0, 0), (0, padded - length)] + [(0, 0)] * (a.ndim - 2))
-    q, k, v, segments = pad(q), pad(k), pad(v), pad(segments)  # padding: segment 0, which no query sees
-    blocks = padded // block
-    key_blocks = blocks if window is None else min(blocks, -(-window // block) + 1)
-    offsets = jnp.arange(block, dtype=jnp.int32)
-    in_block = lambda a, start: lax.dynamic_slice_in_dim(a, start, block, axis=1)
+    # Padding is segment 0, which no query sees.
+    attend = _blocks_of_attention(_BlockPairs(padded // block, block, window, causal), scale)
+    return attend(pad(q), pad(k), pad(v), pad(segments))[:, :length]
 
-    @jax.checkpoint
-    def query_block(index):
-        queries, q_segment = in_block(q, index * block), in_block(segments, index * block)
-        q_index = jnp.broadcast_to(index * block + offsets, (batch, block))
-        first = 0 if window is None else jnp.maximum(index - key_blocks + 1, 0)
 
-        def read_key_block(carry, step):
-            peak, total, out = carry
-            start = (first + step) * block
-            k_segment = in_block(segments, start)
-            mask = attention_mask(q_index, jnp.broadcast_to(start + offsets, (batch, block)), q_segment=q_segment,
-                                  k_segment=k_segment, window=window, causal=causal)
-            logits = grouped_logits(queries, in_block(k, start), mask, scale)  # [B, H_kv, G, block, block]
-            new_peak = jnp.maximum(peak, jnp.max(logits, axis=-1))
-            weights = jnp.exp(logits - new_peak[..., None])
-            rescale = jnp.exp(peak - new_peak)
-            out = out * rescale[..., None] + jnp.einsum("bkgts,bskd->bkgtd", weights.astype(v.dtype), in_block(v, start),
-                                                        preferred_element_type=jnp.float32)
-            return (new_peak, total * rescale + jnp.sum(weights, axis=-1), out), None
+@dataclasses.dataclass(frozen=True)
+class _BlockPairs:
+    """Which key blocks a query block reads in `blockwise_attention`: query block i reads key blocks
+    max(i - reach + 1, 0) ... i when causal (reach = every block, or the ceil(W / block) + 1 that can
+    hold a window's keys), every key block otherwise. The forward pass walks a query block's key
+    blocks and the backward pass a key block's query blocks, over the same pairs."""
 
-        shape = (batch, kv_heads, heads // kv_heads, block)
-        start = (jnp.full(shape, jnp.finfo(jnp.float32).min), jnp.zeros(shape), jnp.zeros(shape + (value_dim,)))
-        (_, total, out), _ = lax.scan(read_key_block, start, jnp.arange(key_blocks))
-        out = out / total[..., None]  # [B, H_kv, G, block, Dv]; total >= 1: the peak's own weight
-        return jnp.moveaxis(out, 3, 1).reshape(batch, block, heads, value_dim).astype(q.dtype)
+    blocks: int
+    block: int
+    window: int | None
+    causal: bool
 
-    out = lax.map(query_block, jnp.arange(blocks))  # [blocks, B, block, H, Dv]
-    return jnp.moveaxis(out, 0, 1).reshape(batch, padded, heads, value_dim)[:, :length]
+    @property
+    def reach(self) -> int:
+        return self.blocks if self.window is None else min(self.blocks, -(-self.window // self.block) + 1)
+
+    def key_blocks(self, query_block):
+        """(key block indices [reach] to walk, whether each is read [reach] bool)."""
+        if not self.causal:
+            return jnp.arange(self.blocks), jnp.ones((self.blocks,), bool)
+        indices = jnp.maximum(query_block - self.reach + 1, 0) + jnp.arange(self.reach)
+        return indices, indices <= query_block
+
+    def query_blocks(self, key_block):
+        """(query block indices [reach] to walk, whether each reads key_block [reach] bool)."""
+        if not self.causal:
+            return jnp.arange(self.blocks), jnp.ones((self.blocks,), bool)
+        indices = key_block + jnp.arange(self.reach)
+        return jnp.minimum(indices, self.blocks - 1), indices < self.blocks
+
+
+def _blocks_of_attention(pairs: _BlockPairs, scale):
+    """`blockwise_attention` on padded inputs (T a multiple of the block), with its backward pass."""
+    block, window, causal = pairs.block, pairs.window, pairs.causal
+    in_block = lambda a, index: lax.dynamic_slice_in_dim(a, index * block, block, axis=1)
+
+    def block_logits(q, k, segments, query_block, key_block):
+        """The masked logits [B, H_kv, G, block, block] of one query block against one key block,
+        and the mask."""
+        batch = q.shape[0]
+        positions = lambda index: jnp.broadcast_to(index * block + jnp.arange(block, dtype=jnp.int32), (batch, block))
+        mask = attention_mask(positions(query_block), positions(key_block), q_segment=in_block(segments, query_block),
+                              k_segment=in_block(segments, key_block), window=window, causal=causal)
+        return grouped_logits(in_block(q, query_block), in_block(k, key_block), mask, scale), mask
+
+    def forward(q, k, v, segments):
+        """(out [B, T, H, Dv] in q's dtype, each query's peak and total [blocks, B, H_kv, G, block]
+        float32: its largest logit, and the sum of its weights relative to that peak)."""
+        batch, length, heads, _ = q.shape
+        kv_heads, value_dim = k.shape[2], v.shape[-1]
+
+        def query_block(index):
+            def read_key_block(carry, key_block):
+                peak, total, out = carry
+                logits, _ = block_logits(q, k, segments, index, key_block)
+                new_peak = jnp.maximum(peak, jnp.max(logits, axis=-1))
+                weights = jnp.exp(logits - new_peak[..., None])
+                rescale = jnp.exp(peak - new_peak)
+                out = out * rescale[..., None] + jnp.einsum("bkgts,bskd->bkgtd", weights.astype(v.dtype),
+                                                            in_block(v, key_block), preferred_element_type=jnp.float32)
+                return new_peak, total * rescale + jnp.sum(weights, axis=-1), out
+
+            def step(carry, key_block_and_read):
+                key_block, read = key_block_and_read
+                return lax.cond(read, functools.partial(read_key_block, key_block=key_block), lambda c: c, carry), None
+
+            shape = (batch, kv_heads, heads // kv_heads, block)
+            start = (jnp.full(shape, jnp.finfo(jnp.float32).min), jnp.zeros(shape), jnp.zeros(shape + (value_dim,)))
+            (peak, total, out), _ = lax.scan(step, start, pairs.key_blocks(index))
+            out = out / total[..., None]  # [B, H_kv, G, block, Dv]; total >= 1: the peak's own weight
+            return jnp.moveaxis(out, 3, 1).reshape(batch, block, heads, value_dim).astype(q.dtype), peak, total
+
+        out, peak, total = lax.map(query_block, jnp.arange(pairs.blocks))  # out [blocks, B, block, H, Dv]
+        return jnp.moveaxis(out, 0, 1).reshape(batch, length, heads, value_dim), peak, total
+
+    def backward(q, k, v, segments, out, peak, total, d_out):
+        """(dq, dk, dv) in the inputs' dtypes: per key block, its query blocks' weights recomputed,
+        P = exp(logits - peak) / total, and dS = P (dP - rowsum(dO O)) on the visible keys."""
+        batch, length, heads, head_dim = q.shape
+        kv_heads, value_dim = k.shape[2], v.shape[-1]
+        grouped = lambda a: a.reshape(batch, block, kv_heads, heads // kv_heads, a.shape[-1])
+        # rowsum(dO O) = rowsum(dP P), per query [blocks, B, H_kv, G, block], as peak and total.
+        read_out = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+        read_out = jnp.moveaxis(read_out.reshape(batch, pairs.blocks, block, kv_heads, heads // kv_heads), 2, -1)
+        read_out = jnp.moveaxis(read_out, 1, 0)
+
+        def key_block(d_queries, index):
+            keys, values = in_block(k, index), in_block(v, index)
+
+            def read_by_query_block(carry, query_block):
+                d_queries, d_keys, d_values = carry
+                logits, mask = block_logits(q, k, segments, query_block, index)
+                weights = jnp.exp(logits - peak[query_block][..., None]) / total[query_block][..., None]
+                d_o = grouped(in_block(d_out, query_block)).astype(v.dtype)
+                d_values = d_values + jnp.einsum("bkgts,btkgd->bskd", weights.astype(v.dtype), d_o,
+                                                 preferred_element_type=jnp.float32)
+                d_weights = jnp.einsum("btkgd,bskd->bkgts", d_o, values, preferred_element_type=jnp.float32)
+                d_logits = jnp.where(mask[:, None, None], weights * (d_weights - read_out[query_block][..., None]),
+                                     0.0) * scale
+                d_keys = d_keys + jnp.einsum("bkgts,btkgd->bskd", d_logits.astype(q.dtype),
+                                             grouped(in_block(q, query_block)), preferred_element_type=jnp.float32)
+                d_q = jnp.einsum("bkgts,bskd->btkgd", d_logits.astype(k.dtype), keys, preferred_element_type=jnp.float32)
+                d_queries = lax.dynamic_update_slice_in_dim(
+                    d_queries, in_block(d_queries, query_block) + d_q.reshape(batch, block, heads, head_dim),
+                    query_block * block, axis=1)
+                return d_queries, d_keys, d_values
+
+            def step(carry, query_block_and_read):
+                query_block, read = query_block_and_read
+                return lax.cond(read, functools.partial(read_by_query_block, query_block=query_block),
+                                lambda c: c, carry), None
+
+            start = (d_queries, jnp.zeros((batch, block, kv_heads, head_dim)), jnp.zeros((batch, block, kv_heads, value_dim)))
+            (d_queries, d_keys, d_values), _ = lax.scan(step, start, pairs.query_blocks(index))
+            return d_queries, (d_keys, d_values)
+
+        d_queries, (d_keys, d_values) = lax.scan(key_block, jnp.zeros(q.shape), jnp.arange(pairs.blocks))
+        key_major = lambda a: jnp.moveaxis(a, 0, 1).reshape((batch, length) + a.shape[3:])
+        return d_queries.astype(q.dtype), key_major(d_keys).astype(k.dtype), key_major(d_values).astype(v.dtype)
+
+    @jax.custom_vjp
+    def attend(q, k, v, segments):
+        return forward(q, k, v, segments)[0]
+
+    def attend_forward(q, k, v, segments):
+        out, peak, total = forward(q, k, v, segments)
+        return out, (q, k, v, segments, out, peak, total)
+
+    def attend_backward(residuals, d_out):
+        return *backward(*residuals, d_out), None
+
+    attend.defvjp(attend_forward, attend_backward)
+    return attend
 
 
 def grouped_logits(q, k, mask, scale):

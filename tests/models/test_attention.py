@@ -106,6 +106,27 @@ def test_blockwise_attention_matches_the_dense_form_with_its_gradients(window, c
         assert np.all(np.isfinite(np.asarray(blocks))) and rel_err(blocks, dense) < 1e-5
 
 
+def test_blockwise_attention_in_bfloat16_keeps_its_dtypes_and_the_float32_values():
+    """bfloat16 q, k, v (its written-out backward casts the matmuls' operands to the inputs' dtype):
+    the output and every gradient come back in bfloat16, within bfloat16's rounding of the float32
+    dense form's, causal blocks skipped and read alike."""
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(1, 40, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(1, 40, 2, 8)), jnp.float32) for _ in range(2))
+    segment_ids = jnp.asarray([[1] * 17 + [2] * 23], jnp.int32)
+    index = jnp.broadcast_to(jnp.arange(40, dtype=jnp.int32), (1, 40))
+    mask = attention_mask(index, index, q_segment=segment_ids, k_segment=segment_ids)
+    weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+    dense = lambda q, k, v: jnp.sum(softmax_attention(q, k, v, mask, 8**-0.5) * weights)
+    blocks = lambda q, k, v: jnp.sum(blockwise_attention(q, k, v, segment_ids, 8**-0.5, block=8).astype(jnp.float32)
+                                     * weights)
+    expected = jax.grad(dense, argnums=(0, 1, 2))(q, k, v)
+    halves = [a.astype(jnp.bfloat16) for a in (q, k, v)]
+    assert blockwise_attention(*halves, segment_ids, 8**-0.5, block=8).dtype == jnp.bfloat16
+    for got, want in zip(jax.jit(jax.grad(blocks, argnums=(0, 1, 2)))(*halves), expected, strict=True):
+        assert got.dtype == jnp.bfloat16 and rel_err(got.astype(jnp.float32), want) < 3e-2
+
+
 @pytest.mark.parametrize("window", [None, 300])
 def test_long_inputs_take_the_blockwise_form_with_its_memory_and_the_same_output(monkeypatch, window):
     """From attention.BLOCKWISE_FROM tokens the layer attends in blocks: the same output as the dense
