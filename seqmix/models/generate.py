@@ -1,4 +1,5 @@
-"""Autoregressive generation: one chunked prefill, then cached one-token decode steps."""
+"""Autoregressive generation: a prefill of the prompts, in pieces of `PREFILL_CHUNK` tokens when
+they are longer, then cached one-token decode steps."""
 
 from __future__ import annotations
 
@@ -9,6 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+
+# The longest prompt prefilled in one call; a longer one goes through the model in pieces of this
+# many tokens (one compiled step, scanned), so that prefill holds one piece's activations, vocabulary
+# logits and attention logits against the cache: [B, PREFILL_CHUNK, S] per head instead of [B, P, S].
+PREFILL_CHUNK = 1024
 
 
 class CacheTooLarge(ValueError):
@@ -66,12 +73,14 @@ def compiled_length(length: int) -> int:
 def left_pad(prompts) -> tuple[jax.Array, jax.Array]:
     """Prompts of different lengths (a sequence of 1-D int sequences, or [B, P] when they share
     one length) -> (tokens [B, W] int32, segment_ids [B, W] int32), W = `compiled_length` of the
-    longest, each prompt aligned to the right and preceded by padding (segment 0), so that every
-    row's next token comes at the same index."""
+    longest (beyond `PREFILL_CHUNK`, a multiple of it), each prompt aligned to the right and
+    preceded by padding (segment 0), so that every row's next token comes at the same index."""
     rows = [np.asarray(prompt, np.int32).reshape(-1) for prompt in prompts]
     if not rows or min(len(row) for row in rows) == 0:
         raise ValueError(f"generate needs at least one prompt, each of >= 1 token; got lengths {[len(r) for r in rows]}")
     width = compiled_length(max(len(row) for row in rows))
+    if width > PREFILL_CHUNK:
+        width = -(-width // PREFILL_CHUNK) * PREFILL_CHUNK
     tokens = np.zeros((len(rows), width), np.int32)
     segment_ids = np.zeros((len(rows), width), np.int32)
     for b, row in enumerate(rows):
@@ -104,7 +113,7 @@ def generate(model: nnx.Module, prompts, max_new_tokens: int, *, rng: jax.Array,
     max_len = cache_length(model, batch, prompt_len, max_new_tokens, cache_dtype)
     padding = jnp.sum(segment_ids == 0, axis=1, dtype=jnp.int32)
 
-    logits, cache = _prefill(graphdef, state, tokens, segment_ids, max_len, cache_dtype)
+    logits, cache = _prefill(graphdef, state, tokens, segment_ids, max_len, cache_dtype, PREFILL_CHUNK)
     new_tokens = []
     for key in jax.random.split(rng, max_new_tokens):
         token = sample_token(logits, key, temperature, top_p)
@@ -116,13 +125,25 @@ def generate(model: nnx.Module, prompts, max_new_tokens: int, *, rng: jax.Array,
 
 # At module level, so that the programs are compiled once per model structure and shapes, not once
 # per call: the evaluations call `generate` once per batch of prompts, trial or request.
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "cache_dtype"))
-def _prefill(graphdef, state, tokens, segment_ids, max_len: int, cache_dtype):
-    """(logits [B, vocab] at each row's last prompt token, the cache after the prompt)."""
-    model = nnx.merge(graphdef, state)
-    cache = model.init_cache(tokens.shape[0], max_len, cache_dtype)
-    logits, cache = model.extend(tokens, cache, segment_ids, prompt_positions(segment_ids))
-    return logits[:, -1], cache
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "cache_dtype", "chunk"))
+def _prefill(graphdef, state, tokens, segment_ids, max_len: int, cache_dtype, chunk: int):
+    """(logits [B, vocab] at each row's last prompt token, the cache after the prompt): in one call
+    up to `chunk` tokens, else in pieces of `chunk` tokens (P a multiple of it, `left_pad`), the
+    cache carried from piece to piece."""
+    cache = nnx.merge(graphdef, state).init_cache(tokens.shape[0], max_len, cache_dtype)
+    positions = prompt_positions(segment_ids)
+    if tokens.shape[1] <= chunk:
+        logits, cache = nnx.merge(graphdef, state).extend(tokens, cache, segment_ids, positions)
+        return logits[:, -1], cache
+
+    def piece(cache, inputs):
+        tokens, segment_ids, positions = inputs
+        logits, cache = nnx.merge(graphdef, state).extend(tokens, cache, segment_ids, positions)
+        return cache, logits[:, -1]
+
+    in_pieces = lambda a: jnp.moveaxis(a.reshape(a.shape[0], -1, chunk), 1, 0)  # [P / chunk, B, chunk]
+    cache, last_logits = jax.lax.scan(piece, cache, (in_pieces(tokens), in_pieces(segment_ids), in_pieces(positions)))
+    return last_logits[-1], cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

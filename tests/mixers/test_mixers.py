@@ -17,6 +17,7 @@ from mixer_checks import rel_err
 from seqmix.configuration import build
 from seqmix.mixers import get_mixer, registered_mixers, registry
 from seqmix.mixers.state_tuning import InitialState
+from seqmix.models import generate as generation
 from seqmix.models.config import ModelConfig
 from seqmix.models.generate import generate, left_pad, prompt_positions
 from seqmix.models.lm import LanguageModel
@@ -227,11 +228,12 @@ def test_decode_and_prefill_equal_the_chunked_forward(case):
 
 
 @pytest.mark.parametrize("case", MIXED_CACHES)
-def test_prompts_of_different_lengths_batched_with_left_padding_equal_each_alone(case):
+def test_prompts_of_different_lengths_batched_with_left_padding_equal_each_alone(case, monkeypatch):
     """A batch of prompts of lengths 9 and 3 (left-padded) gives each row the logits it gets
     alone, for the prompt and a decode step after it, and `generate` continues the batch that
-    way, in models that hold every kind of cache (`MIXED_CACHES`), their recurrent layers starting
-    from learned states (which the padding must leave alone)."""
+    way, prefilling in two pieces of 8 tokens (the first all padding for the short prompt), in
+    models that hold every kind of cache (`MIXED_CACHES`), their recurrent layers starting from
+    learned states (which the padding must leave alone)."""
     model = model_for(case, learned_states=True)
     prompts = [tokens(10, (9,)), tokens(11, (3,))]
     padded, segment_ids = left_pad(prompts)
@@ -248,6 +250,7 @@ def test_prompts_of_different_lengths_batched_with_left_padding_equal_each_alone
             alone.append(logits[0])
         assert rel_err(batch_logits[row, -len(prompt):], jnp.concatenate(alone[:-1])) < 1e-4, row
         assert rel_err(step_logits[row], alone[-1]) < 1e-4, row
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", 8)
     continued = generate(model, prompts, 2, rng=jax.random.key(0), temperature=0.0)
     assert np.array_equal(continued, jnp.stack([greedy, jnp.argmax(step_logits[:, -1], axis=-1)], axis=1))
 

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from seqmix.configuration import build
+from seqmix.models import generate as generation
 from seqmix.models.config import ModelConfig
 from seqmix.models.generate import compiled_length, generate, sample_token
 from seqmix.models.lm import LanguageModel, positions_from_segments
@@ -108,6 +109,24 @@ def test_prompts_of_nearby_lengths_share_the_compiled_prefill_and_decode_step(ca
     # Causal: the greedy tokens of the padded prompt are the full forward's argmax, as unpadded.
     out = jnp.concatenate([prompt[None], new_tokens], axis=1)
     assert np.array_equal(new_tokens, jnp.argmax(forward(model, out)[:, 39:47], axis=-1))
+
+
+def test_a_prompt_longer_than_the_prefill_chunk_is_prefilled_in_pieces(monkeypatch):
+    """With `PREFILL_CHUNK` at 32, a prompt of 200 tokens (padded to 256) is prefilled in 8 pieces
+    of 32 tokens: the prefill program's temporary bytes (attention and vocabulary logits of one
+    piece) fall below a third of one call's, and the greedy continuation is the full forward's."""
+    model = tiny_model()
+    prompt = np.asarray(jax.random.randint(jax.random.key(7), (200,), 0, 256))
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", 32)
+    tokens, segment_ids = generation.left_pad([prompt])
+    assert tokens.shape == (1, 256)
+    graphdef, state = nnx.split(model)
+    temporaries = {chunk: generation._prefill.lower(graphdef, state, tokens, segment_ids, 264, jnp.float32, chunk)
+                   .compile().memory_analysis().temp_size_in_bytes for chunk in (32, 256)}
+    assert temporaries[32] < temporaries[256] / 3, temporaries
+    new_tokens = generate(model, [prompt], 4, rng=jax.random.key(0), temperature=0.0)
+    out = jnp.concatenate([prompt[None], new_tokens], axis=1)
+    assert np.array_equal(new_tokens, jnp.argmax(forward(model, out)[:, 199:203], axis=-1))
 
 
 def test_sampling_respects_temperature_and_top_p():
