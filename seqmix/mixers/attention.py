@@ -32,7 +32,7 @@ from seqmix.layers.norms import RMSNorm
 from seqmix.layers.partitioning import constrained
 from seqmix.layers.rotary import apply_rotary, row_positions
 from seqmix.mixers.registry import register_mixer
-from seqmix.pallas_kernels.sequence_parallel import splits_sequence
+from seqmix.pallas_kernels.sequence_parallel import SEQUENCE_AXIS, splits_sequence
 
 
 QKNorm = Literal["head", "projection"]
@@ -143,65 +143,103 @@ def blockwise_attention(q, k, v, segment_ids, scale, *, window=None, causal=True
     segments = jnp.ones(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
     pad = lambda a: jnp.pad(a, [(0, 0), (0, padded - length)] + [(0, 0)] * (a.ndim - 2))
     # Padding is segment 0, which no query sees.
-    attend = _blocks_of_attention(_BlockPairs(padded // block, block, window, causal), scale)
-    return attend(pad(q), pad(k), pad(v), pad(segments))[:, :length]
+    pairs = _BlockPairs(padded // block, padded // block, block, window, causal)
+    q, k, v, segments = pad(q), pad(k), pad(v), pad(segments)
+    return _blocks_of_attention(pairs, scale)(q, k, v, segments, segments, 0)[:, :length]
+
+
+def sequence_parallel_attention(q, k, v, segment_ids, scale, *, mesh, window=None, causal=True):
+    """`blockwise_attention` with T split over the mesh's sequence axis (LASP-2's form for softmax
+    layers): each device all-gathers the keys, values and segment ids (O(T) bytes) and attends its
+    own queries in blocks against them, so no device holds a [T / n, T] block of logits; the
+    gather's transpose sums each key's gradients back onto its shard. Shapes as
+    `blockwise_attention`; each device's share of T must be a multiple of ATTENTION_BLOCK
+    (`splits_sequence_in_blocks`)."""
+    block = ATTENTION_BLOCK
+    segments = jnp.ones(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
+    local_blocks = q.shape[1] // mesh.shape[SEQUENCE_AXIS] // block
+    pairs = _BlockPairs(local_blocks, local_blocks * mesh.shape[SEQUENCE_AXIS], block, window, causal)
+    attend = _blocks_of_attention(pairs, scale)
+
+    def shard(q, k, v, segments):
+        gathered = [lax.all_gather(a, SEQUENCE_AXIS, axis=1, tiled=True) for a in (k, v, segments)]
+        return attend(q, *gathered[:2], segments, gathered[2], lax.axis_index(SEQUENCE_AXIS) * local_blocks)
+
+    split = jax.sharding.PartitionSpec(None, SEQUENCE_AXIS)
+    return jax.shard_map(shard, mesh=mesh, in_specs=(split,) * 4, out_specs=split, axis_names={SEQUENCE_AXIS},
+                         check_vma=False)(q, k, v, segments)
+
+
+def splits_sequence_in_blocks(mesh, length: int) -> bool:
+    """Whether attention over T = `length` tokens runs `sequence_parallel_attention` under `mesh`:
+    the mesh splits the sequence (`splits_sequence`) into shares of whole blocks."""
+    return splits_sequence(mesh, length) and (length // mesh.shape[SEQUENCE_AXIS]) % ATTENTION_BLOCK == 0
 
 
 @dataclasses.dataclass(frozen=True)
 class _BlockPairs:
-    """Which key blocks a query block reads in `blockwise_attention`: query block i reads key blocks
-    max(i - reach + 1, 0) ... i when causal (reach = every block, or the ceil(W / block) + 1 that can
-    hold a window's keys), every key block otherwise. The forward pass walks a query block's key
-    blocks and the backward pass a key block's query blocks, over the same pairs."""
+    """Which key blocks a query block reads in `blockwise_attention`: the query block at global
+    block g reads key blocks max(g - reach + 1, 0) ... g when causal (reach = every block, or the
+    ceil(W / block) + 1 that can hold a window's keys), every key block otherwise. Queries are
+    `query_blocks` blocks from global block `first` on (a sequence shard's), keys `key_blocks`
+    from 0. The forward pass walks a query block's key blocks and the backward pass a key block's
+    query blocks, over the same pairs."""
 
-    blocks: int
+    query_blocks: int
+    key_blocks: int
     block: int
     window: int | None
     causal: bool
 
     @property
     def reach(self) -> int:
-        return self.blocks if self.window is None else min(self.blocks, -(-self.window // self.block) + 1)
+        return self.key_blocks if self.window is None else min(self.key_blocks, -(-self.window // self.block) + 1)
 
-    def key_blocks(self, query_block):
-        """(key block indices [reach] to walk, whether each is read [reach] bool)."""
+    def keys_of(self, query_block, first):
+        """(key block indices [reach] to walk, whether each is read [reach] bool) for local query
+        block `query_block` of queries starting at global block `first`."""
         if not self.causal:
-            return jnp.arange(self.blocks), jnp.ones((self.blocks,), bool)
-        indices = jnp.maximum(query_block - self.reach + 1, 0) + jnp.arange(self.reach)
-        return indices, indices <= query_block
+            return jnp.arange(self.key_blocks), jnp.ones((self.key_blocks,), bool)
+        here = first + query_block
+        indices = jnp.maximum(here - self.reach + 1, 0) + jnp.arange(self.reach)
+        return indices, indices <= here
 
-    def query_blocks(self, key_block):
-        """(query block indices [reach] to walk, whether each reads key_block [reach] bool)."""
+    def queries_of(self, key_block, first):
+        """(local query block indices [reach] to walk, whether each reads key_block [reach] bool)."""
         if not self.causal:
-            return jnp.arange(self.blocks), jnp.ones((self.blocks,), bool)
-        indices = key_block + jnp.arange(self.reach)
-        return jnp.minimum(indices, self.blocks - 1), indices < self.blocks
+            return jnp.arange(self.query_blocks), jnp.ones((self.query_blocks,), bool)
+        indices = key_block - first + jnp.arange(self.reach)
+        return jnp.clip(indices, 0, self.query_blocks - 1), (indices >= 0) & (indices < self.query_blocks)
 
 
 def _blocks_of_attention(pairs: _BlockPairs, scale):
-    """`blockwise_attention` on padded inputs (T a multiple of the block), with its backward pass."""
+    """attend(q, k, v, q_segments, k_segments, first): `blockwise_attention` of the queries q
+    [B, Tq, H, D] at global blocks first ... (a traced int32, 0 for a whole sequence) against keys
+    and values from position 0 (k [B, Tk, H_kv, D], v [B, Tk, H_kv, Dv]), Tq and Tk the pairs'
+    blocks, segments [B, Tq] and [B, Tk] int32; with its backward pass."""
     block, window, causal = pairs.block, pairs.window, pairs.causal
     in_block = lambda a, index: lax.dynamic_slice_in_dim(a, index * block, block, axis=1)
 
-    def block_logits(q, k, segments, query_block, key_block):
-        """The masked logits [B, H_kv, G, block, block] of one query block against one key block,
-        and the mask."""
+    def block_logits(q, k, q_segments, k_segments, first, query_block, key_block):
+        """The masked logits [B, H_kv, G, block, block] of one local query block against one key
+        block, and the mask."""
         batch = q.shape[0]
         positions = lambda index: jnp.broadcast_to(index * block + jnp.arange(block, dtype=jnp.int32), (batch, block))
-        mask = attention_mask(positions(query_block), positions(key_block), q_segment=in_block(segments, query_block),
-                              k_segment=in_block(segments, key_block), window=window, causal=causal)
+        mask = attention_mask(positions(first + query_block), positions(key_block),
+                              q_segment=in_block(q_segments, query_block), k_segment=in_block(k_segments, key_block),
+                              window=window, causal=causal)
         return grouped_logits(in_block(q, query_block), in_block(k, key_block), mask, scale), mask
 
-    def forward(q, k, v, segments):
-        """(out [B, T, H, Dv] in q's dtype, each query's peak and total [blocks, B, H_kv, G, block]
-        float32: its largest logit, and the sum of its weights relative to that peak)."""
+    def forward(q, k, v, q_segments, k_segments, first):
+        """(out [B, Tq, H, Dv] in q's dtype, each query's peak and total [Tq / block, B, H_kv, G,
+        block] float32: its largest logit, and the sum of its weights relative to that peak)."""
         batch, length, heads, _ = q.shape
         kv_heads, value_dim = k.shape[2], v.shape[-1]
 
         def query_block(index):
             def read_key_block(carry, key_block):
                 peak, total, out = carry
-                logits, _ = block_logits(q, k, segments, index, key_block)
+                logits, _ = block_logits(q, k, q_segments, k_segments, first, index, key_block)
                 new_peak = jnp.maximum(peak, jnp.max(logits, axis=-1))
                 weights = jnp.exp(logits - new_peak[..., None])
                 rescale = jnp.exp(peak - new_peak)
@@ -215,22 +253,22 @@ def _blocks_of_attention(pairs: _BlockPairs, scale):
 
             shape = (batch, kv_heads, heads // kv_heads, block)
             start = (jnp.full(shape, jnp.finfo(jnp.float32).min), jnp.zeros(shape), jnp.zeros(shape + (value_dim,)))
-            (peak, total, out), _ = lax.scan(step, start, pairs.key_blocks(index))
+            (peak, total, out), _ = lax.scan(step, start, pairs.keys_of(index, first))
             out = out / total[..., None]  # [B, H_kv, G, block, Dv]; total >= 1: the peak's own weight
             return jnp.moveaxis(out, 3, 1).reshape(batch, block, heads, value_dim).astype(q.dtype), peak, total
 
-        out, peak, total = lax.map(query_block, jnp.arange(pairs.blocks))  # out [blocks, B, block, H, Dv]
+        out, peak, total = lax.map(query_block, jnp.arange(pairs.query_blocks))  # out [blocks, B, block, H, Dv]
         return jnp.moveaxis(out, 0, 1).reshape(batch, length, heads, value_dim), peak, total
 
-    def backward(q, k, v, segments, out, peak, total, d_out):
+    def backward(q, k, v, q_segments, k_segments, first, out, peak, total, d_out):
         """(dq, dk, dv) in the inputs' dtypes: per key block, its query blocks' weights recomputed,
         P = exp(logits - peak) / total, and dS = P (dP - rowsum(dO O)) on the visible keys."""
         batch, length, heads, head_dim = q.shape
         kv_heads, value_dim = k.shape[2], v.shape[-1]
         grouped = lambda a: a.reshape(batch, block, kv_heads, heads // kv_heads, a.shape[-1])
-        # rowsum(dO O) = rowsum(dP P), per query [blocks, B, H_kv, G, block], as peak and total.
+        # rowsum(dO O) = rowsum(dP P), per query [Tq / block, B, H_kv, G, block], as peak and total.
         read_out = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-        read_out = jnp.moveaxis(read_out.reshape(batch, pairs.blocks, block, kv_heads, heads // kv_heads), 2, -1)
+        read_out = jnp.moveaxis(read_out.reshape(batch, pairs.query_blocks, block, kv_heads, heads // kv_heads), 2, -1)
         read_out = jnp.moveaxis(read_out, 1, 0)
 
         def key_block(d_queries, index):
@@ -238,7 +276,7 @@ def _blocks_of_attention(pairs: _BlockPairs, scale):
 
             def read_by_query_block(carry, query_block):
                 d_queries, d_keys, d_values = carry
-                logits, mask = block_logits(q, k, segments, query_block, index)
+                logits, mask = block_logits(q, k, q_segments, k_segments, first, query_block, index)
                 weights = jnp.exp(logits - peak[query_block][..., None]) / total[query_block][..., None]
                 d_o = grouped(in_block(d_out, query_block)).astype(v.dtype)
                 d_values = d_values + jnp.einsum("bkgts,btkgd->bskd", weights.astype(v.dtype), d_o,
@@ -260,23 +298,23 @@ def _blocks_of_attention(pairs: _BlockPairs, scale):
                                 lambda c: c, carry), None
 
             start = (d_queries, jnp.zeros((batch, block, kv_heads, head_dim)), jnp.zeros((batch, block, kv_heads, value_dim)))
-            (d_queries, d_keys, d_values), _ = lax.scan(step, start, pairs.query_blocks(index))
+            (d_queries, d_keys, d_values), _ = lax.scan(step, start, pairs.queries_of(index, first))
             return d_queries, (d_keys, d_values)
 
-        d_queries, (d_keys, d_values) = lax.scan(key_block, jnp.zeros(q.shape), jnp.arange(pairs.blocks))
-        key_major = lambda a: jnp.moveaxis(a, 0, 1).reshape((batch, length) + a.shape[3:])
+        d_queries, (d_keys, d_values) = lax.scan(key_block, jnp.zeros(q.shape), jnp.arange(pairs.key_blocks))
+        key_major = lambda a: jnp.moveaxis(a, 0, 1).reshape((batch, k.shape[1]) + a.shape[3:])
         return d_queries.astype(q.dtype), key_major(d_keys).astype(k.dtype), key_major(d_values).astype(v.dtype)
 
     @jax.custom_vjp
-    def attend(q, k, v, segments):
-        return forward(q, k, v, segments)[0]
+    def attend(q, k, v, q_segments, k_segments, first):
+        return forward(q, k, v, q_segments, k_segments, first)[0]
 
-    def attend_forward(q, k, v, segments):
-        out, peak, total = forward(q, k, v, segments)
-        return out, (q, k, v, segments, out, peak, total)
+    def attend_forward(q, k, v, q_segments, k_segments, first):
+        out, peak, total = forward(q, k, v, q_segments, k_segments, first)
+        return out, (q, k, v, q_segments, k_segments, first, out, peak, total)
 
     def attend_backward(residuals, d_out):
-        return *backward(*residuals, d_out), None
+        return *backward(*residuals, d_out), None, None, None
 
     attend.defvjp(attend_forward, attend_backward)
     return attend
@@ -410,11 +448,16 @@ class Attention(nnx.Module):
         batch, length = q.shape[:2]
         scale = self.head_dim ** -0.5
         if cache is None:
-            if (length >= BLOCKWISE_FROM and (self.causal or self.window is None)
-                    and not splits_sequence(jax.sharding.get_abstract_mesh(), length)):
+            mesh = jax.sharding.get_abstract_mesh()
+            if length >= BLOCKWISE_FROM and (self.causal or self.window is None):
                 # Long sequences in blocks (faster here, O(T) memory); a sequence split over devices
-                # stays whole, for XLA to partition.
-                return blockwise_attention(q, k, v, segment_ids, scale, window=self.window, causal=self.causal), None
+                # in whole blocks per device, or else left whole for XLA to partition.
+                if splits_sequence_in_blocks(mesh, length):
+                    return sequence_parallel_attention(q, k, v, segment_ids, scale, mesh=mesh, window=self.window,
+                                                       causal=self.causal), None
+                if not splits_sequence(mesh, length):
+                    return blockwise_attention(q, k, v, segment_ids, scale, window=self.window,
+                                               causal=self.causal), None
             index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
             mask = attention_mask(index, index, q_segment=segment_ids, k_segment=segment_ids, window=self.window,
                                   causal=self.causal)
