@@ -114,9 +114,9 @@ def softmax_attention(q, k, v, mask, scale):
 
 # Query and key blocks of `blockwise_attention`, and the shortest sequence that takes it: on this
 # 2-core CPU (fwd+bwd, B = 2, H = 4 over 2 kv heads, D = 32, packed rows, `benchmarks/attention.py`)
-# global causal attention took 1.08x the time of `softmax_attention` under the same mask at T = 512,
-# 0.73x at 768, 0.50x at 1k and 0.28x at 4k, with a tenth of its temporary bytes at 1k; a
-# 512-token window 0.67x at 768 and 0.11x at 4k.
+# global causal attention took 0.98x the time of `softmax_attention` under the same mask at T = 512,
+# 0.67x at 768, 0.48x at 1k and 0.31x at 4k, with an eighth of its temporary bytes at 1k; a
+# 512-token window 1.16x at 512, 0.65x at 768 and 0.12x at 4k.
 ATTENTION_BLOCK = 256
 BLOCKWISE_FROM = 3 * ATTENTION_BLOCK
 

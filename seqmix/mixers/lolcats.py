@@ -90,16 +90,16 @@ class LolcatsAttention(Attention, RecurrentMixer):
         q, k = rotate(self._heads(self.q_proj(x))), rotate(self._heads(self.k_proj(x)))
         v = self._heads(self.v_proj(x))
         if cache is None:
-            index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-            mask = attention_mask(index, index, q_segment=segment_ids, k_segment=segment_ids, window=self.window)
-            keys, values, window_cache = k, v, None
+            window_terms = _window_in_blocks(q, k, v, segment_ids, self.window, self.head_dim ** -0.5)
+            window_cache = None
             older_k, older_v, older_real = _delayed_tokens(k, v, segment_ids, self.window)
         else:
             real = jnp.ones((batch, length), bool) if segment_ids is None else segment_ids != 0
             keys, values, mask, window_cache = ring_window(k, v, real, cache.window, window=self.window)
+            window_terms = _window(grouped_logits(q, keys, mask, self.head_dim ** -0.5), values)
             older_k, older_v, older_real = _leaving_ring(keys, values, real, cache.window)
         older, recurrent_cache = self._older_tokens(q, older_k, older_v, older_real, cache, segment_ids)
-        out = self._combine(q, keys, values, mask, older)
+        out = self._combine(window_terms, older)
         if cache is not None:
             cache = WindowedRecurrentCache(recurrent=recurrent_cache, window=window_cache)
         return self.o_proj(out.astype(x.dtype).reshape(batch, length, -1)), cache
@@ -118,24 +118,57 @@ class LolcatsAttention(Attention, RecurrentMixer):
                           dict(q=self.q_map(q), k=keys, v=values), None if cache is None else cache.recurrent,
                           segment_ids if cache is None else None)
 
-    def _combine(self, q, keys, values, mask, older):
-        """o [B, T, H, d] float32: the window's terms over keys/values [B, S, H_kv, d] where mask
-        [B, T, S] allows, plus the older tokens' numerators and normaliser (`_older_tokens`)."""
-        batch, length, heads, dim = q.shape
-        logits = grouped_logits(q, keys, mask, self.head_dim ** -0.5)  # [B, H_kv, G, T, S]
-        # A padding query sees no key: its logits are all the finite minimum, its weights 1.
-        weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-        gamma = jax.nn.sigmoid(self.window_factor[...]).reshape(1, logits.shape[1], logits.shape[2], 1)
-        window_sum = (gamma * jnp.sum(weights, axis=-1)).transpose(0, 3, 1, 2).reshape(batch, length, heads, 1)
-        window_out = jnp.einsum("bkgts,bskd->btkgd", weights, values.astype(jnp.float32))
-        window_out = gamma.reshape(1, 1, *gamma.shape[1:3], 1) * window_out
-        numerator = window_out.reshape(batch, length, heads, dim) + older[..., :-1]
-        return numerator / (window_sum + older[..., -1:])
+    def _combine(self, window_terms, older):
+        """o [B, T, H, d] float32 from the window's terms (`_window`: numerators [B, H_kv, G, T, d]
+        and sums [B, H_kv, G, T] of exp(s_tj - c_t)), each scaled by its head's gamma, and the older
+        tokens' numerators and normaliser (`_older_tokens`)."""
+        window_out, window_sum = window_terms
+        batch, kv_heads, groups, length, dim = window_out.shape
+        gamma = jax.nn.sigmoid(self.window_factor[...]).reshape(kv_heads, groups, 1)
+        to_tokens = lambda a: jnp.moveaxis(gamma[..., None] * a, 3, 1).reshape(batch, length, kv_heads * groups, -1)
+        return (to_tokens(window_out) + older[..., :-1]) / (to_tokens(window_sum[..., None]) + older[..., -1:])
 
     def init_cache(self, batch: int, max_len: int, dtype) -> WindowedRecurrentCache:
         """An empty cache: a zero state and W empty slots per row, whatever max_len."""
         return WindowedRecurrentCache(recurrent=RecurrentMixer.init_cache(self, batch, max_len, dtype),
                                       window=Attention.init_cache(self, batch, max_len, dtype))
+
+
+def _window(logits, values):
+    """The window's terms from logits [B, H_kv, G, T, S] (masked at the finite minimum) and values
+    [B, S, H_kv, d]: (sum_j exp(s_tj - c_t) v_j [B, H_kv, G, T, d], sum_j exp(s_tj - c_t)
+    [B, H_kv, G, T]) float32. A padding query sees no key: its logits are all the minimum, its
+    weights 1."""
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    return jnp.einsum("bkgts,bskd->bkgtd", weights, values.astype(jnp.float32)), jnp.sum(weights, axis=-1)
+
+
+def _window_in_blocks(q, k, v, segment_ids, window: int, scale):
+    """`_window` of a whole sequence under sliding-window attention's mask, in blocks of W queries
+    against the 2W keys of their own block and the one before, which hold every key their windows
+    reach: [T, 2W] logits instead of [T, T]. q [B, T, H, d], k/v [B, T, H_kv, d], segment_ids
+    [B, T] or None; returns `_window`'s terms for the T queries."""
+    batch, length, heads, dim = q.shape
+    blocks = -(-length // window)
+    segments = jnp.ones((batch, length), jnp.int32) if segment_ids is None else segment_ids
+    # One block of padding (segment 0, which no query sees) before the first, to the end of the last.
+    pad = lambda a, before: jnp.pad(a, [(0, 0), (before, blocks * window - length)] + [(0, 0)] * (a.ndim - 2))
+    in_blocks = lambda a: a.reshape((batch, -1, window) + a.shape[2:])
+    with_previous = lambda a: jnp.concatenate([in_blocks(a)[:, :-1], in_blocks(a)[:, 1:]], axis=2)  # [B, n, 2W, ...]
+    keys, values, key_segments = (with_previous(pad(a, window)) for a in (k, v, segments))
+    queries, query_segments = in_blocks(pad(q, 0)), in_blocks(pad(segments, 0))
+    index = jnp.arange(blocks * window, dtype=jnp.int32).reshape(blocks, window)
+    key_index = jnp.concatenate([index - window, index], axis=1)
+    flat = lambda a: a.reshape((batch * blocks,) + a.shape[2:])  # one row per block
+    mask = attention_mask(flat(jnp.broadcast_to(index, (batch, blocks, window))),
+                          flat(jnp.broadcast_to(key_index, (batch, blocks, 2 * window))),
+                          q_segment=flat(query_segments), k_segment=flat(key_segments), window=window)
+    out, total = _window(grouped_logits(flat(queries), flat(keys), mask, scale), flat(values))
+    rows = lambda a: jnp.moveaxis(a.reshape((batch, blocks) + a.shape[1:]), 1, 3)  # blocks beside tokens
+    out, total = rows(out), rows(total)
+    tokens = blocks * window
+    return (out.reshape(out.shape[:3] + (tokens, dim))[..., :length, :],
+            total.reshape(total.shape[:3] + (tokens,))[..., :length])
 
 
 def _delayed_tokens(k, v, segment_ids, window: int):
