@@ -121,6 +121,25 @@ ATTENTION_BLOCK = 256
 BLOCKWISE_FROM = 3 * ATTENTION_BLOCK
 
 
+def sequence_attention(q, k, v, segment_ids, scale, *, window=None, causal=True):
+    """The training forward's attention over whole sequences under `attention_mask`'s mask, in the
+    form that suits the length and the ambient mesh: from BLOCKWISE_FROM tokens in blocks
+    (`blockwise_attention`: faster here, O(T) memory), split over the devices of a mesh whose
+    sequence axis splits T in whole blocks (`sequence_parallel_attention`) or left whole for XLA to
+    partition when it splits T otherwise; shorter sequences as dense logits (`softmax_attention`).
+    Shapes as `blockwise_attention`."""
+    batch, length = q.shape[:2]
+    mesh = jax.sharding.get_abstract_mesh()
+    if length >= BLOCKWISE_FROM and (causal or window is None):
+        if splits_sequence_in_blocks(mesh, length):
+            return sequence_parallel_attention(q, k, v, segment_ids, scale, mesh=mesh, window=window, causal=causal)
+        if not splits_sequence(mesh, length):
+            return blockwise_attention(q, k, v, segment_ids, scale, window=window, causal=causal)
+    index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    mask = attention_mask(index, index, q_segment=segment_ids, k_segment=segment_ids, window=window, causal=causal)
+    return softmax_attention(q, k, v, mask, scale)
+
+
 def blockwise_attention(q, k, v, segment_ids, scale, *, window=None, causal=True, block=ATTENTION_BLOCK):
     """`softmax_attention` of a whole sequence under `attention_mask`'s mask, never holding the
     [T, T] logits: queries in blocks of `block` tokens, each reading the key blocks it can see with
@@ -448,20 +467,7 @@ class Attention(nnx.Module):
         batch, length = q.shape[:2]
         scale = self.head_dim ** -0.5
         if cache is None:
-            mesh = jax.sharding.get_abstract_mesh()
-            if length >= BLOCKWISE_FROM and (self.causal or self.window is None):
-                # Long sequences in blocks (faster here, O(T) memory); a sequence split over devices
-                # in whole blocks per device, or else left whole for XLA to partition.
-                if splits_sequence_in_blocks(mesh, length):
-                    return sequence_parallel_attention(q, k, v, segment_ids, scale, mesh=mesh, window=self.window,
-                                                       causal=self.causal), None
-                if not splits_sequence(mesh, length):
-                    return blockwise_attention(q, k, v, segment_ids, scale, window=self.window,
-                                               causal=self.causal), None
-            index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-            mask = attention_mask(index, index, q_segment=segment_ids, k_segment=segment_ids, window=self.window,
-                                  causal=self.causal)
-            return softmax_attention(q, k, v, mask, scale), None
+            return sequence_attention(q, k, v, segment_ids, scale, window=self.window, causal=self.causal), None
         if not self.causal:
             raise ValueError(BIDIRECTIONAL_DECODE)
         real = jnp.ones((batch, length), bool) if segment_ids is None else segment_ids != 0

@@ -28,7 +28,7 @@ from seqmix.configuration import require
 from seqmix.layers.linear import projection
 from seqmix.layers.norms import RMSNorm
 from seqmix.layers.rotary import apply_rotary, row_positions
-from seqmix.mixers.attention import KVCache, appended, attention_mask, softmax_attention
+from seqmix.mixers.attention import KVCache, appended, sequence_attention
 from seqmix.mixers.registry import register_mixer
 
 LATENT_NORM_EPS = 1e-6  # kv_a_layernorm's and q_a_layernorm's, whatever the model's norm_eps
@@ -103,9 +103,8 @@ class MultiHeadLatentAttention(nnx.Module):
             kv = self.kv_b_proj(latent).reshape(batch, length, self.heads, self.nope_dim + self.value_dim)
             k = jnp.concatenate([kv[..., :self.nope_dim],
                                  jnp.broadcast_to(k_rope, (batch, length, self.heads, self.rope_dim))], axis=-1)
-            index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-            mask = attention_mask(index, index, q_segment=segment_ids, k_segment=segment_ids)
-            out = softmax_attention(jnp.concatenate([q_nope, q_rope], axis=-1), k, kv[..., self.nope_dim:], mask, scale)
+            out = sequence_attention(jnp.concatenate([q_nope, q_rope], axis=-1), k, kv[..., self.nope_dim:],
+                                     segment_ids, scale)
         else:
             out, cache = self._attend_to_latents(q_nope, q_rope, latent, k_rope, segment_ids, cache, scale)
         return self.o_proj(out.reshape(batch, length, -1)), cache

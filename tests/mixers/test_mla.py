@@ -3,6 +3,7 @@ the per-head expansion, the shared rotary key, optional query LoRA, with and wit
 on random weights over a packed row with padding; its decode cache holds latents, not keys and
 values (decode == forward: the mixer harness)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from mixer_checks import (causal_attention_by_query, packed_row, rel_err, rotate
                           with_random_weights)
 
 from seqmix.configuration import ConfigError, build
+from seqmix.mixers import attention
 from seqmix.mixers.mla import LATENT_NORM_EPS, MLAConfig, MultiHeadLatentAttention
 from seqmix.models.config import ModelConfig
 from seqmix.models.lm import positions_from_segments
@@ -61,6 +63,32 @@ def test_mla_matches_its_definition_on_a_packed_row(case):
     y, _ = mixer(x, segment_ids=segment_ids, positions=positions_from_segments(segment_ids))
     real = np.asarray(segment_ids) != 0
     assert rel_err(np.asarray(y)[real], mla_loop(mixer, options, x, segment_ids)[real]) < 1e-4
+
+
+def test_a_long_sequence_attends_in_blocks_with_the_dense_forms_output_and_gradients(monkeypatch):
+    """From `attention.BLOCKWISE_FROM` tokens MLA's training forward attends in blocks (keys of
+    Dn + Dr, values of Dv): the output and the gradients of its input and weights equal the dense
+    form's on a packed row, and the compiled gradient keeps under half the dense form's
+    temporaries."""
+    mixer = with_random_weights(MultiHeadLatentAttention(MODEL, build(MLAConfig, CASES["deepseek_rope"], "mixer"),
+                                                         rngs=nnx.Rngs(0)), 1)
+    graphdef, params = nnx.split(mixer)
+    length = attention.BLOCKWISE_FROM
+    x = jax.random.normal(jax.random.key(3), (1, length, MODEL.d_model))
+    segment_ids = jnp.asarray([[1] * 300 + [2] * (length - 310) + [0] * 10], jnp.int32)
+    probe = jax.random.normal(jax.random.key(4), x.shape) * (segment_ids != 0)[..., None]
+
+    def compiled():
+        return jax.jit(jax.value_and_grad(lambda params, x: jnp.sum(
+            nnx.merge(graphdef, params)(x, segment_ids=segment_ids)[0] * probe), argnums=(0, 1))).lower(params, x).compile()
+
+    blocks = compiled()
+    monkeypatch.setattr(attention, "BLOCKWISE_FROM", 10**9)
+    dense = compiled()
+    for got, want in zip(jax.tree.leaves(blocks(params, x)), jax.tree.leaves(dense(params, x)), strict=True):
+        assert rel_err(got, want) < 1e-4
+    blocks_bytes, dense_bytes = (c.memory_analysis().temp_size_in_bytes for c in (blocks, dense))
+    assert blocks_bytes < 0.5 * dense_bytes, (blocks_bytes, dense_bytes)
 
 
 def test_the_decode_cache_holds_one_latent_and_rotary_key_per_token():
