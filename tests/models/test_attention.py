@@ -127,10 +127,16 @@ def test_blockwise_attention_in_bfloat16_keeps_its_dtypes_and_the_float32_values
         assert got.dtype == jnp.bfloat16 and rel_err(got.astype(jnp.float32), want) < 3e-2
 
 
-@pytest.mark.parametrize("window", [None, 300])
+def test_a_window_shorter_than_a_block_takes_blocks_about_its_length():
+    assert [attention.block_for(w) for w in (None, 5, 64, 65, 128, 255, 256, 4096)] == [256, 64, 64, 128, 128, 256,
+                                                                                         256, 256]
+
+
+@pytest.mark.parametrize("window", [None, 64, 300])
 def test_long_inputs_take_the_blockwise_form_with_its_memory_and_the_same_output(monkeypatch, window):
-    """From attention.BLOCKWISE_FROM tokens the layer attends in blocks: the same output as the dense
-    form, and its gradient's compiled program keeps under half the temporary bytes."""
+    """From attention.BLOCKWISE_FROM tokens the layer attends in blocks (of 64 for a 64-token window,
+    `block_for`): the same output as the dense form, and its gradient's compiled program keeps
+    under half the temporary bytes."""
     layer = make_attention(window)
     x = jax.random.normal(jax.random.key(2), (1, attention.BLOCKWISE_FROM, 32))
     graphdef, state = nnx.split(layer)
