@@ -5,7 +5,7 @@ row per batch entry (8 documents), grouped heads (H = 4 query heads over 2 kv he
 jitted; the two take turns (`kernels.measure`). Temporary bytes are XLA's own count for the
 compiled fwd+bwd program.
 
-    python benchmarks/attention.py [--lengths 1024 4096] [--windows 0 512] [--batch 2]
+    python benchmarks/attention.py [--lengths 1024 4096] [--windows 0 64 512] [--batch 2]
 """
 
 import argparse
@@ -37,7 +37,7 @@ def fwd_bwd(attend, segment_ids, window, weights):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
-    parser.add_argument("--windows", type=int, nargs="+", default=[0, 512], help="0: global attention")
+    parser.add_argument("--windows", type=int, nargs="+", default=[0, 64, 512], help="0: global attention")
     parser.add_argument("--batch", type=int, default=2)
     args = parser.parse_args()
     print(f"causal attention fwd+bwd, B = {args.batch}, H = {HEADS} over {KV_HEADS} kv heads, D = {HEAD_DIM}, "

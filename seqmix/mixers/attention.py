@@ -13,6 +13,11 @@ W most recent of those (itself included); without causality, to every key of its
 to a KV cache of fixed capacity: every token for global attention, a ring buffer of the last W
 for windowed attention, each slot flagged real or padding so that left-padded prompts of
 different lengths share a batch.
+
+The training forward over whole sequences takes its form from the length and the mesh
+(`sequence_attention`): dense logits below BLOCKWISE_FROM tokens, else queries in blocks with an
+online softmax and a written-out backward pass (`blockwise_attention`, O(T) memory), split over the
+devices of a mesh whose sequence axis divides T in whole blocks (`sequence_parallel_attention`).
 """
 
 from __future__ import annotations
