@@ -127,22 +127,20 @@ def generate(model: nnx.Module, prompts, max_new_tokens: int, *, rng: jax.Array,
 # per call: the evaluations call `generate` once per batch of prompts, trial or request.
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "cache_dtype", "chunk"))
 def _prefill(graphdef, state, tokens, segment_ids, max_len: int, cache_dtype, chunk: int):
-    """(logits [B, vocab] at each row's last prompt token, the cache after the prompt): in one call
-    up to `chunk` tokens, else in pieces of `chunk` tokens (P a multiple of it, `left_pad`), the
-    cache carried from piece to piece."""
+    """(logits [B, vocab] at each row's last prompt token, the cache after the prompt): the prompt
+    in pieces of `chunk` tokens (one piece when it is no longer; P a multiple of it otherwise,
+    `left_pad`), the cache carried from piece to piece."""
     cache = nnx.merge(graphdef, state).init_cache(tokens.shape[0], max_len, cache_dtype)
-    positions = prompt_positions(segment_ids)
-    if tokens.shape[1] <= chunk:
-        logits, cache = nnx.merge(graphdef, state).extend(tokens, cache, segment_ids, positions)
-        return logits[:, -1], cache
+    size = min(chunk, tokens.shape[1])
 
     def piece(cache, inputs):
         tokens, segment_ids, positions = inputs
         logits, cache = nnx.merge(graphdef, state).extend(tokens, cache, segment_ids, positions)
         return cache, logits[:, -1]
 
-    in_pieces = lambda a: jnp.moveaxis(a.reshape(a.shape[0], -1, chunk), 1, 0)  # [P / chunk, B, chunk]
-    cache, last_logits = jax.lax.scan(piece, cache, (in_pieces(tokens), in_pieces(segment_ids), in_pieces(positions)))
+    in_pieces = lambda a: jnp.moveaxis(a.reshape(a.shape[0], -1, size), 1, 0)  # [P / size, B, size]
+    pieces = tuple(map(in_pieces, (tokens, segment_ids, prompt_positions(segment_ids))))
+    cache, last_logits = jax.lax.scan(piece, cache, pieces)
     return last_logits[-1], cache
 
 
