@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from seqmix.cli import main
+from seqmix.mixers import attention
 from seqmix.models.lm import LanguageModel
 from seqmix.train.compile_check import compile_train_step, parameter_counts
 from seqmix.train.config import MeshConfig, load_train_config
@@ -42,6 +43,24 @@ def test_remat_cuts_the_train_steps_temporaries_to_under_half(tmp_path, capsys):
 
     plain, rematerialised = temporaries("false"), temporaries("true")
     assert rematerialised < 0.5 * plain, (rematerialised, plain)
+
+
+def test_attention_split_over_the_sequence_runs_in_blocks_in_a_fraction_of_the_memory(tmp_path, capsys, monkeypatch):
+    """`seqmix train ... mesh.sequence=4 --compile-only` at 1,024 tokens, as a user sizes a
+    sequence-parallel run: attention runs `sequence_parallel_attention` (each device's queries in
+    blocks against the gathered keys) and the step keeps under half the temporaries of the dense
+    form that XLA partitions."""
+    def temporaries(name):
+        assert main(["train", "configs/runs/smoke.yaml", "mesh.data=2", "mesh.sequence=4", "data.seq_len=1024",
+                     "data.batch_size=2", f"out_dir={tmp_path / name}", "--compile-only"]) == 0
+        out = capsys.readouterr().out
+        assert "sequence=4 (8 devices)" in out
+        return float(re.search(r"temporaries ([\d.,]+) MiB", out).group(1).replace(",", ""))
+
+    blocks = temporaries("blocks")
+    monkeypatch.setattr(attention, "BLOCKWISE_FROM", 10**9)
+    dense = temporaries("dense")
+    assert blocks < 0.5 * dense, (blocks, dense)
 
 
 def test_fsdp_holds_a_quarter_of_the_state_per_device():

@@ -17,9 +17,10 @@ import seqmix
 from cli_env import cli_env
 from seqmix.cli import main
 from seqmix.mixers import attention
+from seqmix.models import generate as generation
 from seqmix.train.checkpoint import Checkpointer
 from seqmix.train.config import DataConfig, load_train_config
-from seqmix.train.data import prepare_shakespeare
+from seqmix.train.data import ByteTokenizer, prepare_shakespeare
 from seqmix.train.inputs import load_corpus
 from seqmix.train.trainer import Trainer, TrainingError
 
@@ -140,7 +141,9 @@ sys.exit(main(sys.argv[1:]))"""
 def test_a_long_context_run_trains_evaluates_and_samples_through_the_cli(tmp_path, capsys):
     """`seqmix train` at 1,024 tokens a row: both attention layers of transformer_tiny (a window of
     16 and global) attend in blocks (`attention.BLOCKWISE_FROM`), with `remat=true`; the loss falls,
-    the held-out loss is reported, and the end-of-run sample decodes through the caches."""
+    the held-out loss is reported, and the end-of-run sample decodes through the caches. Then
+    `seqmix generate` continues a prompt longer than `generate.PREFILL_CHUNK` (prefilled in pieces)
+    greedily, as the trained model's full forward does."""
     assert attention.BLOCKWISE_FROM <= 1024
     assert main(["train", SMOKE, f"out_dir={tmp_path}", "mesh.data=1", "data.seq_len=1024", "data.batch_size=2",
                  "steps=6", "optim.warmup_steps=1", "optim.lr=1e-2", "log_every=1", "eval_every=6", "eval_batches=1",
@@ -150,6 +153,15 @@ def test_a_long_context_run_trains_evaluates_and_samples_through_the_cli(tmp_pat
               if json.loads(line)["kind"] == "train"]
     assert len(losses) == 6 and losses[-1] < losses[0], losses
     assert re.search(r"held-out loss [\d.]+ nats/token", out) and "--- sample ---\nROMEO:" in out
+    valid = prepare_shakespeare(DataConfig().cache_dir) / "valid.jsonl"
+    prompt = "".join(json.loads(line)["text"] for line in valid.read_text().splitlines())[:1100]
+    assert len(prompt.encode()) > generation.PREFILL_CHUNK
+    assert main(["generate", str(tmp_path), "--prompt", prompt, "--max-new-tokens", "8", "--temperature", "0"]) == 0
+    model, _ = seqmix.load_run(tmp_path)
+    tokens = np.asarray([ByteTokenizer().encode(prompt)], np.int32)
+    for _ in range(8):
+        tokens = np.concatenate([tokens, np.argmax(np.asarray(model(tokens))[:, -1:], axis=-1)], axis=1)
+    assert capsys.readouterr().out.rstrip("\n") == ByteTokenizer().decode(tokens[0])
 
 
 def test_cli_generate_eval_and_errors(tmp_path, corpus, capsys):
